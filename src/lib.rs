@@ -1,0 +1,8 @@
+//! knots: serve, merge and evaluate sets of LoRA adapters on one base model.
+//!
+//! Data flow (see DESIGN.md): PEFT adapters are read by [`adapters`], merged by [`merge`]
+//! (KnOTS, TIES, DARE, task arithmetic) into a [`merge::MergedDelta`], which the model engine
+//! applies inside its linear layers.
+
+pub mod matrix;
+pub mod merge;
