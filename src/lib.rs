@@ -4,5 +4,7 @@
 //! (KnOTS, TIES, DARE, task arithmetic) into a [`merge::MergedDelta`], which the model engine
 //! applies inside its linear layers.
 
+pub mod adapters;
+pub mod cli;
 pub mod matrix;
 pub mod merge;

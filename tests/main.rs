@@ -1,1 +1,7 @@
+//! The one integration-test binary (each extra binary would link the whole stack again).
 
+mod adapter_io;
+mod cli;
+mod common;
+mod golden;
+mod properties;

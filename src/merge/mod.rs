@@ -1,5 +1,24 @@
 //! The merge engine: pure math from adapter factors to a [`MergedDelta`]. No I/O, no async.
+//!
+//! Step in the data flow: a resolved adapter set and its [`MergeParams`] become one
+//! `MergedDelta`, which the cache stores and the model engine applies.
 
+mod align;
+mod dare;
 mod delta;
+mod error;
+mod methods;
+mod params;
+mod plan;
+mod progress;
+mod ties;
+mod truncate;
 
+pub use align::{Alignment, Factors, SVD_CUT, align, align_with_cut, dense_concat};
 pub use delta::{MergedDelta, ModuleDelta};
+pub use error::MergeError;
+pub use params::{MergeOptions, MergeParams, Method};
+pub use methods::merge;
+pub use plan::MergeInput;
+pub use progress::{Progress, Silent};
+pub use truncate::{Truncated, truncate};

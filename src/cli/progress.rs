@@ -1,0 +1,65 @@
+//! Terminal progress bars for long CLI work. They appear only on a terminal and only once a
+//! stage has run for a moment, so short merges and piped output stay quiet.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::merge::Progress;
+
+/// How long a stage runs before its bar is drawn.
+const SHOW_AFTER: Duration = Duration::from_millis(300);
+
+/// A [`Progress`] that draws an indicatif bar on stderr.
+pub struct Bar {
+    // std Mutex: held only to swap the bar at a stage change, never across blocking work.
+    stage: Mutex<Option<Stage>>,
+}
+
+struct Stage {
+    bar: ProgressBar,
+    /// When the stage began; `None` once the bar is drawn.
+    hidden_since: Option<Instant>,
+}
+
+impl Bar {
+    pub fn new() -> Self {
+        Self { stage: Mutex::new(None) }
+    }
+
+    pub fn finish(&self) {
+        if let Ok(mut guard) = self.stage.lock()
+            && let Some(stage) = guard.take()
+        {
+            stage.bar.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, stage: &'static str, total: u64) {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+        let style = ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style.progress_chars("=> "));
+        bar.set_message(stage);
+        let stage = Stage { bar, hidden_since: Some(Instant::now()) };
+        if let Ok(mut guard) = self.stage.lock()
+            && let Some(old) = guard.replace(stage)
+        {
+            old.bar.finish_and_clear();
+        }
+    }
+
+    fn advance(&self, steps: u64) {
+        let Ok(mut guard) = self.stage.lock() else { return };
+        if let Some(stage) = guard.as_mut() {
+            stage.bar.inc(steps);
+            if stage.hidden_since.is_some_and(|t| t.elapsed() > SHOW_AFTER) {
+                stage.bar.set_draw_target(ProgressDrawTarget::stderr());
+                stage.hidden_since = None;
+            }
+        }
+    }
+}

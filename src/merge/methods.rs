@@ -1,0 +1,187 @@
+//! Each merge method from the plan to a [`MergedDelta`] (DESIGN.md §4).
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use super::align::{Alignment, Factors, align};
+use super::dare::{self, DareKey};
+use super::plan::{ModulePlan, Plan};
+use super::ties::{RepSource, Ties, ties_merge};
+use super::{MergeError, MergeInput, MergeParams, MergedDelta, Method, ModuleDelta, Progress};
+use crate::matrix::Matrix;
+
+/// Merges `inputs` with `params`. The result does not depend on the order of `inputs`.
+pub fn merge(
+    inputs: &[MergeInput<'_>],
+    params: &MergeParams,
+    progress: &dyn Progress,
+) -> Result<MergedDelta, MergeError> {
+    let plan = Plan::new(inputs)?;
+    let modules = match params.method {
+        Method::Ta | Method::KnotsTa => task_arithmetic(&plan, params.lambda),
+        Method::Dare => dare_sum(&plan, params, progress),
+        Method::Ties | Method::DareTies => dense_ties(&plan, params, progress),
+        Method::KnotsTies | Method::KnotsDareTies => knots_ties(&plan, params, progress)?,
+    };
+    let modules = plan.modules.iter().map(|m| m.path.to_string()).zip(modules).collect();
+    Ok(MergedDelta { modules })
+}
+
+/// `λ·Σ w_i·c_i·B_i·A_i` as `[λw_1c_1B_1 … λw_nc_nB_n] · [A_1; …; A_n]`, never dense.
+fn task_arithmetic(plan: &Plan<'_>, lambda: f64) -> Vec<ModuleDelta> {
+    plan.modules
+        .iter()
+        .map(|module| {
+            let scaled: Vec<Matrix> = module
+                .members
+                .iter()
+                .map(|m| {
+                    let mut b = m.lora.b.clone();
+                    b.scale((lambda * plan.weight(m.index) * m.lora.scale) as f32);
+                    b
+                })
+                .collect();
+            let b = Matrix::hstack(&scaled, module.shape.0);
+            let a = Matrix::vstack(module.members.iter().map(|m| &m.lora.a), module.shape.1);
+            ModuleDelta::LowRank { b, a }
+        })
+        .collect()
+}
+
+/// DARE on each dense update, then task arithmetic.
+fn dare_sum(plan: &Plan<'_>, params: &MergeParams, progress: &dyn Progress) -> Vec<ModuleDelta> {
+    let src = DenseReps { plan, params };
+    progress.start("merging", plan.modules.len() as u64);
+    (0..plan.modules.len())
+        .into_par_iter()
+        .map(|m| {
+            let (rows, cols) = plan.modules[m].shape;
+            let mut sum = vec![0.0f32; rows * cols];
+            for i in 0..plan.len() {
+                if let Some(rep) = src.rep(i, m) {
+                    let w = (params.lambda * plan.weight(i)) as f32;
+                    sum.iter_mut().zip(rep.iter()).for_each(|(s, x)| *s += w * x);
+                }
+            }
+            progress.advance(1);
+            dense(rows, cols, sum)
+        })
+        .collect()
+}
+
+/// TIES (after DARE for `dare-ties`) on the dense updates.
+fn dense_ties(plan: &Plan<'_>, params: &MergeParams, progress: &dyn Progress) -> Vec<ModuleDelta> {
+    let src = DenseReps { plan, params };
+    let merged = ties_merge(&src, &ties_settings(plan, params), progress);
+    plan.modules
+        .iter()
+        .zip(merged)
+        .map(|(module, values)| dense(module.shape.0, module.shape.1, values))
+        .collect()
+}
+
+/// KnOTS: align every module, TIES (after DARE for `knots-dare-ties`) on the aligned
+/// coordinates, and return `U · R` as low-rank factors.
+fn knots_ties(
+    plan: &Plan<'_>,
+    params: &MergeParams,
+    progress: &dyn Progress,
+) -> Result<Vec<ModuleDelta>, MergeError> {
+    progress.start("aligning", plan.modules.len() as u64);
+    let alignments = plan
+        .modules
+        .par_iter()
+        .map(|module| {
+            let aligned = align_module(module);
+            progress.advance(1);
+            aligned
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let src = AlignedReps { plan, params, alignments: &alignments };
+    let merged = ties_merge(&src, &ties_settings(plan, params), progress);
+    Ok(alignments
+        .into_iter()
+        .zip(plan.modules.iter().zip(merged))
+        .map(|(alignment, (module, values))| {
+            let a = Matrix::from_vec(alignment.rank(), module.shape.1, values)
+                .expect("TIES keeps the representation's length");
+            ModuleDelta::LowRank { b: alignment.u, a }
+        })
+        .collect())
+}
+
+fn align_module(module: &ModulePlan<'_>) -> Result<Alignment, MergeError> {
+    let factors: Vec<Factors<'_>> = module
+        .members
+        .iter()
+        .map(|m| Factors { b: &m.lora.b, a: &m.lora.a, scale: m.lora.scale })
+        .collect();
+    align(module.path, &factors)
+}
+
+fn ties_settings(plan: &Plan<'_>, params: &MergeParams) -> Ties {
+    let weights = plan.inputs.iter().map(|i| i.weight).collect();
+    Ties { density: params.density, lambda: params.lambda, weights }
+}
+
+fn dense(rows: usize, cols: usize, values: Vec<f32>) -> ModuleDelta {
+    ModuleDelta::Dense(Matrix::from_vec(rows, cols, values).expect("a module's dense length"))
+}
+
+/// Applies DARE to `rep` when the method uses it.
+fn maybe_dare<'a>(rep: Cow<'a, [f32]>, plan: &Plan<'_>, params: &MergeParams, i: usize, m: usize) -> Cow<'a, [f32]> {
+    if !params.method.uses_dare() || params.dare_p == 0.0 {
+        return rep;
+    }
+    let mut owned = rep.into_owned();
+    let key = DareKey { seed: params.seed, adapter: &plan.inputs[i].adapter.digest, module: plan.modules[m].path };
+    dare::apply(&mut owned, params.dare_p, key);
+    Cow::Owned(owned)
+}
+
+/// The dense updates `c_i·B_i·A_i`, computed when asked for.
+struct DenseReps<'p> {
+    plan: &'p Plan<'p>,
+    params: &'p MergeParams,
+}
+
+impl RepSource for DenseReps<'_> {
+    fn module_count(&self) -> usize {
+        self.plan.modules.len()
+    }
+
+    fn module_len(&self, m: usize) -> usize {
+        self.plan.modules[m].dense_len()
+    }
+
+    fn rep(&self, i: usize, m: usize) -> Option<Cow<'_, [f32]>> {
+        let member = self.plan.modules[m].members.iter().find(|x| x.index == i)?;
+        let mut update = member.lora.b.matmul(&member.lora.a);
+        update.scale(member.lora.scale as f32);
+        Some(maybe_dare(Cow::Owned(update.into_vec()), self.plan, self.params, i, m))
+    }
+}
+
+/// The KnOTS coordinates `rep_i = diag(s)·V_iᵀ` of every module.
+struct AlignedReps<'p> {
+    plan: &'p Plan<'p>,
+    params: &'p MergeParams,
+    alignments: &'p [Alignment],
+}
+
+impl RepSource for AlignedReps<'_> {
+    fn module_count(&self) -> usize {
+        self.alignments.len()
+    }
+
+    fn module_len(&self, m: usize) -> usize {
+        self.alignments[m].rank() * self.plan.modules[m].shape.1
+    }
+
+    fn rep(&self, i: usize, m: usize) -> Option<Cow<'_, [f32]>> {
+        let position = self.plan.modules[m].members.iter().position(|x| x.index == i)?;
+        let rep = Cow::Borrowed(self.alignments[m].reps[position].as_slice());
+        Some(maybe_dare(rep, self.plan, self.params, i, m))
+    }
+}
