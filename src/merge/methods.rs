@@ -98,9 +98,18 @@ fn knots_ties(
             aligned
         })
         .collect::<Result<Vec<_>, _>>()?;
+    Ok(ties_on_alignments(plan, params, alignments, progress))
+}
+
+fn ties_on_alignments(
+    plan: &Plan<'_>,
+    params: &MergeParams,
+    alignments: Vec<Alignment>,
+    progress: &dyn Progress,
+) -> Vec<ModuleDelta> {
     let src = AlignedReps { plan, params, alignments: &alignments };
     let merged = ties_merge(&src, &ties_settings(plan, params), progress);
-    Ok(alignments
+    alignments
         .into_iter()
         .zip(plan.modules.iter().zip(merged))
         .map(|(alignment, (module, values))| {
@@ -108,7 +117,7 @@ fn knots_ties(
                 .expect("TIES keeps the representation's length");
             ModuleDelta::LowRank { b: alignment.u, a }
         })
-        .collect())
+        .collect()
 }
 
 fn align_module(module: &ModulePlan<'_>) -> Result<Alignment, MergeError> {
@@ -183,5 +192,61 @@ impl RepSource for AlignedReps<'_> {
         let position = self.plan.modules[m].members.iter().position(|x| x.index == i)?;
         let rep = Cow::Borrowed(self.alignments[m].reps[position].as_slice());
         Some(maybe_dare(rep, self.plan, self.params, i, m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::{AdapterDigest, LoraAdapter, LoraModule};
+    use crate::merge::{MergeInput, MergeOptions, Silent};
+
+    fn adapter(name: &str, seed: u32) -> LoraAdapter {
+        // Deterministic pseudo-random values without a dependency on an RNG crate.
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state as f32 / u32::MAX as f32) - 0.5
+        };
+        let a = Matrix::from_fn(2, 6, |_, _| next());
+        let b = Matrix::from_fn(5, 2, |_, _| next());
+        let config = serde_json::from_str(r#"{"peft_type":"LORA","r":2,"lora_alpha":2,"target_modules":["q"]}"#).unwrap();
+        LoraAdapter {
+            name: name.into(),
+            path: name.into(),
+            config,
+            modules: [("q".to_string(), LoraModule { a, b, scale: 1.0 })].into(),
+            saved_modules: Default::default(),
+            digest: AdapterDigest([seed as u8; 32]),
+        }
+    }
+
+    /// Flipping the sign of one singular component (a column of U with the matching row of every
+    /// rep_i) is an equally valid SVD; the merge must not change.
+    #[test]
+    fn flipping_an_svd_component_does_not_change_the_merge() {
+        let adapters = [adapter("a", 1), adapter("b", 2), adapter("c", 3)];
+        let inputs: Vec<_> = adapters.iter().map(MergeInput::new).collect();
+        let plan = Plan::new(&inputs).unwrap();
+        for method in [Method::KnotsTies, Method::KnotsDareTies] {
+            let options = MergeOptions { density: Some(0.4), lambda: Some(0.7), ..Default::default() };
+            let params = MergeParams::new(method, options).unwrap();
+            let aligned = vec![align_module(&plan.modules[0]).unwrap()];
+            let mut flipped = aligned.clone();
+            for component in [0, 2] {
+                let k = flipped[0].rank();
+                let u = flipped[0].u.as_mut_slice();
+                u.iter_mut().skip(component).step_by(k).for_each(|x| *x = -*x);
+                for rep in &mut flipped[0].reps {
+                    let cols = rep.cols();
+                    rep.as_mut_slice()[component * cols..(component + 1) * cols].iter_mut().for_each(|x| *x = -*x);
+                }
+            }
+            let want = ties_on_alignments(&plan, &params, aligned, &Silent)[0].to_dense();
+            let got = ties_on_alignments(&plan, &params, flipped, &Silent)[0].to_dense();
+            assert!(got.relative_error(&want) < 1e-6, "{method}");
+        }
     }
 }
