@@ -29,12 +29,20 @@ pub struct ShapeError {
 
 impl Matrix {
     pub fn zeros(rows: usize, cols: usize) -> Self {
-        Self { rows, cols, data: vec![0.0; rows * cols] }
+        Self {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
     }
 
     pub fn from_vec(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self, ShapeError> {
         if rows.checked_mul(cols) != Some(data.len()) {
-            return Err(ShapeError { rows, cols, len: data.len() });
+            return Err(ShapeError {
+                rows,
+                cols,
+                len: data.len(),
+            });
         }
         Ok(Self { rows, cols, data })
     }
@@ -117,7 +125,11 @@ impl Matrix {
 
     /// Frobenius norm, accumulated in f64.
     pub fn frobenius(&self) -> f64 {
-        self.data.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+        self.data
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt()
     }
 
     /// `‖self − other‖_F / ‖other‖_F` (absolute error when `other` is zero).

@@ -12,7 +12,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value, json};
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Every tensor of a safetensors file as an f32 matrix (1-D tensors become one row).
@@ -23,7 +25,11 @@ pub fn read_matrices(path: &Path) -> BTreeMap<String, Matrix> {
         .into_iter()
         .map(|(key, view)| {
             assert_eq!(view.dtype(), Dtype::F32, "{key}");
-            let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let data: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             let (rows, cols) = match view.shape() {
                 [r, c] => (*r, *c),
                 [n] => (1, *n),
@@ -38,7 +44,12 @@ pub fn read_matrices(path: &Path) -> BTreeMap<String, Matrix> {
 pub fn write_raw_tensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, dtype, shape, data)| (k.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
+        .map(|(k, dtype, shape, data)| {
+            (
+                k.clone(),
+                TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
@@ -50,7 +61,11 @@ pub fn f32_bytes(m: &Matrix) -> Vec<u8> {
 /// Writes a PEFT adapter directory with `config` and f32 factors `modules[path] = (a, b)`.
 pub fn write_adapter(dir: &Path, config: &Value, modules: &[(&str, &Matrix, &Matrix)]) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
     let mut tensors = Vec::new();
     for (path, a, b) in modules {
         for (factor, m) in [("lora_A", a), ("lora_B", b)] {
@@ -71,7 +86,13 @@ pub fn random_matrix(rng: &mut ChaCha8Rng, rows: usize, cols: usize, scale: f32)
 }
 
 /// An in-memory adapter with random factors of rank `r` for each `(path, O, I)`.
-pub fn random_adapter(name: &str, seed: u64, r: usize, alpha: f64, modules: &[(&str, usize, usize)]) -> LoraAdapter {
+pub fn random_adapter(
+    name: &str,
+    seed: u64,
+    r: usize,
+    alpha: f64,
+    modules: &[(&str, usize, usize)],
+) -> LoraAdapter {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let config: AdapterConfig = serde_json::from_value(lora_config(r, alpha, &["proj"])).unwrap();
     let modules = modules
@@ -79,7 +100,14 @@ pub fn random_adapter(name: &str, seed: u64, r: usize, alpha: f64, modules: &[(&
         .map(|&(path, o, i)| {
             let a = random_matrix(&mut rng, r, i, 0.5);
             let b = random_matrix(&mut rng, o, r, 0.5);
-            (path.to_string(), LoraModule { a, b, scale: alpha / r as f64 })
+            (
+                path.to_string(),
+                LoraModule {
+                    a,
+                    b,
+                    scale: alpha / r as f64,
+                },
+            )
         })
         .collect();
     let mut digest = [0u8; 32];
@@ -95,8 +123,14 @@ pub fn random_adapter(name: &str, seed: u64, r: usize, alpha: f64, modules: &[(&
 }
 
 /// The largest relative Frobenius error over the modules of two deltas with the same modules.
-pub fn max_relative_error(got: &knots::merge::MergedDelta, want: &knots::merge::MergedDelta) -> f64 {
-    assert_eq!(got.modules.keys().collect::<Vec<_>>(), want.modules.keys().collect::<Vec<_>>());
+pub fn max_relative_error(
+    got: &knots::merge::MergedDelta,
+    want: &knots::merge::MergedDelta,
+) -> f64 {
+    assert_eq!(
+        got.modules.keys().collect::<Vec<_>>(),
+        want.modules.keys().collect::<Vec<_>>()
+    );
     got.modules
         .iter()
         .map(|(k, m)| m.to_dense().relative_error(&want.modules[k].to_dense()))

@@ -21,7 +21,12 @@ fn merge_case(name: &str) {
     let hp = &case["hyperparameters"];
     let out = tempfile::tempdir().unwrap();
     let args = MergeArgs {
-        adapters: case["adapters"].as_array().unwrap().iter().map(|a| dir.join(a.as_str().unwrap())).collect(),
+        adapters: case["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| dir.join(a.as_str().unwrap()))
+            .collect(),
         out: out.path().join("merged"),
         method: case["method"].as_str().unwrap().parse::<Method>().unwrap(),
         density: hp["density"].as_f64(),
@@ -36,11 +41,18 @@ fn merge_case(name: &str) {
 
     let got = read_matrices(&out.path().join("merged/delta.safetensors"));
     let want = read_matrices(&dir.join("expected.safetensors"));
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}: keys");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{name}: keys"
+    );
     let mut worst = 0.0f64;
     for (key, expected) in &want {
         let err = got[key].relative_error(expected);
-        assert!(err <= TOLERANCE, "{name}: {key}: relative error {err:.3e} > {TOLERANCE:e}");
+        assert!(
+            err <= TOLERANCE,
+            "{name}: {key}: relative error {err:.3e} > {TOLERANCE:e}"
+        );
         worst = worst.max(err);
     }
     eprintln!("{name}: worst relative error {worst:.2e}");
@@ -83,17 +95,28 @@ fn kept_ranks_and_singular_values_match_the_reference() {
             .map(|a| LoraAdapter::load(&dir.join(a.as_str().unwrap())).unwrap())
             .collect();
         let singular = read_matrices(&dir.join("singular_values.safetensors"));
-        for (key, kept) in case["expected_meta"]["kept_rank_per_key"].as_object().unwrap() {
+        for (key, kept) in case["expected_meta"]["kept_rank_per_key"]
+            .as_object()
+            .unwrap()
+        {
             let module = key.strip_suffix(".weight").unwrap();
             let factors: Vec<Factors<'_>> = adapters
                 .iter()
                 .map(|a| {
                     let m = &a.modules[module];
-                    Factors { b: &m.b, a: &m.a, scale: m.scale }
+                    Factors {
+                        b: &m.b,
+                        a: &m.a,
+                        scale: m.scale,
+                    }
                 })
                 .collect();
             let aligned = align(module, &factors).unwrap();
-            assert_eq!(aligned.rank() as u64, kept.as_u64().unwrap(), "{name}: {key}: kept rank");
+            assert_eq!(
+                aligned.rank() as u64,
+                kept.as_u64().unwrap(),
+                "{name}: {key}: kept rank"
+            );
             let want = singular[key].as_slice();
             for (j, (&s, &w)) in aligned.s.iter().zip(want).enumerate() {
                 let rel = (s - f64::from(w)).abs() / f64::from(w);

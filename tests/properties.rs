@@ -1,7 +1,9 @@
 //! Invariants of the merge methods on small random adapter sets.
 
 use knots::adapters::LoraAdapter;
-use knots::merge::{self, Factors, MergeInput, MergeOptions, MergeParams, MergedDelta, Method, Silent, align};
+use knots::merge::{
+    self, Factors, MergeInput, MergeOptions, MergeParams, MergedDelta, Method, Silent, align,
+};
 use proptest::prelude::*;
 
 use crate::common::{max_relative_error, random_adapter};
@@ -17,18 +19,34 @@ fn random_set(seed: u64, n: usize, out: usize, inp: usize) -> Vec<LoraAdapter> {
                 &[("layers.0.q", out, inp), ("layers.0.v", inp, out)]
             };
             let r = 1 + (seed as usize + i) % 3;
-            random_adapter(&format!("task_{i}"), seed * 31 + i as u64, r, 2.0 * r as f64, modules)
+            random_adapter(
+                &format!("task_{i}"),
+                seed * 31 + i as u64,
+                r,
+                2.0 * r as f64,
+                modules,
+            )
         })
         .collect()
 }
 
 fn run(adapters: &[LoraAdapter], method: Method, options: MergeOptions) -> MergedDelta {
     let inputs: Vec<_> = adapters.iter().map(MergeInput::new).collect();
-    merge::merge(&inputs, &MergeParams::new(method, options).unwrap(), &Silent).unwrap()
+    merge::merge(
+        &inputs,
+        &MergeParams::new(method, options).unwrap(),
+        &Silent,
+    )
+    .unwrap()
 }
 
 fn opts(lambda: f64, density: Option<f64>, dare_p: Option<f64>, seed: u64) -> MergeOptions {
-    MergeOptions { lambda: Some(lambda), density, dare_p, seed: Some(seed) }
+    MergeOptions {
+        lambda: Some(lambda),
+        density,
+        dare_p,
+        seed: Some(seed),
+    }
 }
 
 proptest! {
@@ -117,14 +135,25 @@ fn dare_is_unbiased_over_seeds() {
     for seed in 0..seeds {
         let delta = run(&adapters, Method::Dare, opts(1.0, None, Some(0.5), seed));
         let dense: MergedDelta = MergedDelta {
-            modules: delta.modules.iter().map(|(k, m)| (k.clone(), merge::ModuleDelta::Dense(m.to_dense()))).collect(),
+            modules: delta
+                .modules
+                .iter()
+                .map(|(k, m)| (k.clone(), merge::ModuleDelta::Dense(m.to_dense())))
+                .collect(),
         };
         mean = Some(match mean {
             None => dense,
             Some(mut acc) => {
                 for (k, m) in acc.modules.iter_mut() {
-                    let (merge::ModuleDelta::Dense(a), merge::ModuleDelta::Dense(b)) = (m, &dense.modules[k]) else { unreachable!() };
-                    a.as_mut_slice().iter_mut().zip(b.as_slice()).for_each(|(x, y)| *x += y);
+                    let (merge::ModuleDelta::Dense(a), merge::ModuleDelta::Dense(b)) =
+                        (m, &dense.modules[k])
+                    else {
+                        unreachable!()
+                    };
+                    a.as_mut_slice()
+                        .iter_mut()
+                        .zip(b.as_slice())
+                        .for_each(|(x, y)| *x += y);
                 }
                 acc
             }
@@ -139,7 +168,13 @@ fn dare_is_unbiased_over_seeds() {
     // Each entry's mean has a relative standard deviation of √(p/(1−p)/seeds) = 5 % here; without
     // the 1/(1−p) rescale the mean would be off by 50 %.
     let err = max_relative_error(&mean, &want);
-    assert!(err < 0.12, "mean of DARE over {seeds} seeds is {err:.3} away from the update");
+    assert!(
+        err < 0.12,
+        "mean of DARE over {seeds} seeds is {err:.3} away from the update"
+    );
     let single = run(&adapters, Method::Dare, opts(1.0, None, Some(0.5), 0));
-    assert!(max_relative_error(&single, &want) > 0.5, "one DARE draw should differ");
+    assert!(
+        max_relative_error(&single, &want) > 0.5,
+        "one DARE draw should differ"
+    );
 }

@@ -75,8 +75,11 @@ const UNSUPPORTED_OPTIONS: &[&str] = &[
 impl AdapterConfig {
     /// The first option that is set to something knots cannot honour, with its value.
     pub fn unsupported_option(&self) -> Option<String> {
-        if self.peft_type.to_ascii_uppercase() != "LORA" {
-            return Some(format!("peft_type {:?} (only LORA is supported)", self.peft_type));
+        if !self.peft_type.eq_ignore_ascii_case("LORA") {
+            return Some(format!(
+                "peft_type {:?} (only LORA is supported)",
+                self.peft_type
+            ));
         }
         if let Some(bias) = self.other.get("bias")
             && bias != &Value::from("none")
@@ -109,7 +112,11 @@ impl AdapterConfig {
     pub fn scale_for(&self, path: &str) -> f64 {
         let r = self.rank_for(path) as f64;
         let alpha = self.alpha_for(path);
-        if self.use_rslora { alpha / r.sqrt() } else { alpha / r }
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
     }
 }
 
@@ -168,17 +175,23 @@ mod tests {
 
     #[test]
     fn rslora_scales_by_the_square_root_of_the_rank() {
-        let c = config(r#"{"peft_type":"LORA","r":16,"lora_alpha":8,"target_modules":"all-linear","use_rslora":true}"#);
+        let c = config(
+            r#"{"peft_type":"LORA","r":16,"lora_alpha":8,"target_modules":"all-linear","use_rslora":true}"#,
+        );
         assert_eq!(c.scale_for("anything"), 2.0);
     }
 
     #[test]
     fn unsupported_options_are_named() {
-        let c = config(r#"{"peft_type":"LORA","r":8,"lora_alpha":8,"target_modules":["q"],"use_dora":true}"#);
+        let c = config(
+            r#"{"peft_type":"LORA","r":8,"lora_alpha":8,"target_modules":["q"],"use_dora":true}"#,
+        );
         assert_eq!(c.unsupported_option().as_deref(), Some("use_dora = true"));
         let c = config(r#"{"peft_type":"IA3","r":8,"lora_alpha":8,"target_modules":["q"]}"#);
         assert!(c.unsupported_option().unwrap().contains("IA3"));
-        let c = config(r#"{"peft_type":"LORA","r":8,"lora_alpha":8,"target_modules":["q"],"use_dora":false,"bias":"none","layer_replication":null}"#);
+        let c = config(
+            r#"{"peft_type":"LORA","r":8,"lora_alpha":8,"target_modules":["q"],"use_dora":false,"bias":"none","layer_replication":null}"#,
+        );
         assert_eq!(c.unsupported_option(), None);
     }
 }

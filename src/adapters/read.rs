@@ -42,20 +42,35 @@ pub(super) fn load(dir: &Path, name: String) -> Result<LoraAdapter, AdapterError
 }
 
 fn parse_config(path: &Path, bytes: &[u8]) -> Result<AdapterConfig, AdapterError> {
-    let json_err = |source| AdapterError::Json { path: path.to_path_buf(), source };
+    let json_err = |source| AdapterError::Json {
+        path: path.to_path_buf(),
+        source,
+    };
     let value: Value = serde_json::from_slice(bytes).map_err(json_err)?;
-    let peft_type = value.get("peft_type").and_then(Value::as_str).unwrap_or("<missing>");
+    let peft_type = value
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("<missing>");
     if !peft_type.eq_ignore_ascii_case("LORA") {
         let option = format!("peft_type {peft_type:?} (only LORA is supported)");
-        return Err(AdapterError::Unsupported { path: path.to_path_buf(), option });
+        return Err(AdapterError::Unsupported {
+            path: path.to_path_buf(),
+            option,
+        });
     }
     let config: AdapterConfig = serde_json::from_value(value).map_err(json_err)?;
     if let Some(option) = config.unsupported_option() {
-        return Err(AdapterError::Unsupported { path: path.to_path_buf(), option });
+        return Err(AdapterError::Unsupported {
+            path: path.to_path_buf(),
+            option,
+        });
     }
     if config.r == 0 {
         let option = "r = 0".to_string();
-        return Err(AdapterError::Unsupported { path: path.to_path_buf(), option });
+        return Err(AdapterError::Unsupported {
+            path: path.to_path_buf(),
+            option,
+        });
     }
     Ok(config)
 }
@@ -81,9 +96,18 @@ fn read_tensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>, AdapterErro
         })?;
         if let Some(index) = data.iter().position(|x| !x.is_finite()) {
             let value = data[index];
-            return Err(AdapterError::NonFinite { path: path.to_path_buf(), key, index, value });
+            return Err(AdapterError::NonFinite {
+                path: path.to_path_buf(),
+                key,
+                index,
+                value,
+            });
         }
-        out.push(RawTensor { key, shape: view.shape().to_vec(), data });
+        out.push(RawTensor {
+            key,
+            shape: view.shape().to_vec(),
+            data,
+        });
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
@@ -130,8 +154,15 @@ fn classify_key(key: &str, config: &AdapterConfig) -> Option<KeyKind> {
         && parts.last() == Some(&"weight")
         && (parts.len() == i + 2 || parts.len() == i + 3)
     {
-        let which = if parts[i] == "lora_A" { Factor::A } else { Factor::B };
-        return Some(KeyKind::Factor { module: parts[..i].join("."), which });
+        let which = if parts[i] == "lora_A" {
+            Factor::A
+        } else {
+            Factor::B
+        };
+        return Some(KeyKind::Factor {
+            module: parts[..i].join("."),
+            which,
+        });
     }
     let saved = config.modules_to_save.as_deref().unwrap_or_default();
     let name = rest.replace(".modules_to_save.default.", ".");
@@ -157,15 +188,28 @@ fn sort_tensors(
                 let slot = &mut factors.entry(module).or_default()[which as usize];
                 if slot.is_some() {
                     let reason = "names a factor that another key already gave".to_string();
-                    return Err(AdapterError::BadTensor { path: path.into(), key: tensor.key, reason });
+                    return Err(AdapterError::BadTensor {
+                        path: path.into(),
+                        key: tensor.key,
+                        reason,
+                    });
                 }
                 *slot = Some(tensor);
             }
             Some(KeyKind::Saved(name)) => {
-                saved.insert(name, SavedTensor { shape: tensor.shape, data: tensor.data });
+                saved.insert(
+                    name,
+                    SavedTensor {
+                        shape: tensor.shape,
+                        data: tensor.data,
+                    },
+                );
             }
             None => {
-                return Err(AdapterError::UnexpectedKey { path: path.into(), key: tensor.key });
+                return Err(AdapterError::UnexpectedKey {
+                    path: path.into(),
+                    key: tensor.key,
+                });
             }
         }
     }
@@ -199,7 +243,10 @@ fn build_module(
         (None, _) => return Err(missing("lora_B", "lora_A")),
     };
     if !config.target_modules.matches(module) {
-        return Err(AdapterError::Untargeted { path: path.into(), module: module.into() });
+        return Err(AdapterError::Untargeted {
+            path: path.into(),
+            module: module.into(),
+        });
     }
     let a = into_matrix(path, a)?;
     let b = into_matrix(path, b)?;
@@ -213,20 +260,29 @@ fn build_module(
     let expected = config.rank_for(module);
     if a.rows() != expected {
         let found = a.rows();
-        return Err(AdapterError::RankMismatch { path: path.into(), module: module.into(), expected, found });
+        return Err(AdapterError::RankMismatch {
+            path: path.into(),
+            module: module.into(),
+            expected,
+            found,
+        });
     }
-    Ok(LoraModule { a, b, scale: config.scale_for(module) })
+    Ok(LoraModule {
+        a,
+        b,
+        scale: config.scale_for(module),
+    })
 }
 
 fn into_matrix(path: &Path, t: RawTensor) -> Result<Matrix, AdapterError> {
     match t.shape[..] {
-        [rows, cols] if rows > 0 && cols > 0 => {
-            Ok(Matrix::from_vec(rows, cols, t.data).map_err(|e| AdapterError::BadTensor {
+        [rows, cols] if rows > 0 && cols > 0 => Ok(Matrix::from_vec(rows, cols, t.data).map_err(
+            |e| AdapterError::BadTensor {
                 path: path.into(),
                 key: t.key.clone(),
                 reason: e.to_string(),
-            })?)
-        }
+            },
+        )?),
         _ => Err(AdapterError::BadTensor {
             path: path.into(),
             key: t.key,

@@ -24,6 +24,9 @@ pub const RECORD_FILE: &str = "knots_merge.json";
 pub struct ExportInfo {
     pub base_model_name_or_path: Option<String>,
     pub task_type: Option<String>,
+    /// Whether the base stores these weights as `in × out` (GPT-2 `Conv1D`); the factors keep
+    /// the `O × r`, `r × I` layout either way.
+    pub fan_in_fan_out: bool,
     /// Written as `knots_merge.json` next to the tensors.
     pub record: Value,
 }
@@ -77,7 +80,9 @@ pub fn write_delta(delta: &MergedDelta, out: &Path, info: &ExportInfo) -> Result
 /// rank everywhere, so every module's scale is 1 and the factors are stored as computed.
 fn peft_config(ranks: &BTreeMap<String, usize>, info: &ExportInfo) -> Value {
     let mut counts: HashMap<usize, usize> = HashMap::new();
-    ranks.values().for_each(|&k| *counts.entry(k).or_default() += 1);
+    ranks
+        .values()
+        .for_each(|&k| *counts.entry(k).or_default() += 1);
     let r = counts
         .iter()
         .max_by_key(|&(&k, &count)| (count, k))
@@ -99,7 +104,7 @@ fn peft_config(ranks: &BTreeMap<String, usize>, info: &ExportInfo) -> Value {
         "target_modules": ranks.keys().collect::<Vec<_>>(),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": false,
+        "fan_in_fan_out": info.fan_in_fan_out,
         "use_rslora": false,
         "use_dora": false,
         "init_lora_weights": true,
@@ -109,8 +114,10 @@ fn peft_config(ranks: &BTreeMap<String, usize>, info: &ExportInfo) -> Value {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), AdapterError> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|source| AdapterError::Json { path: path.into(), source })?;
+    let text = serde_json::to_string_pretty(value).map_err(|source| AdapterError::Json {
+        path: path.into(),
+        source,
+    })?;
     std::fs::write(path, text + "\n").map_err(AdapterError::io(path))
 }
 
@@ -127,10 +134,15 @@ fn write_tensors(path: &Path, tensors: &[(String, &Matrix)]) -> Result<(), Adapt
             view.map(|v| (key.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AdapterError::Safetensors { path: path.into(), reason: e.to_string() })?;
+        .map_err(|e| AdapterError::Safetensors {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| AdapterError::Safetensors { path: path.into(), reason: e.to_string() })
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| AdapterError::Safetensors {
+        path: path.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// Runs `fill` on a fresh sibling directory of `out`, then renames it to `out`. `out` may exist
@@ -140,7 +152,12 @@ fn write_atomically(
     fill: impl FnOnce(&Path) -> Result<(), AdapterError>,
 ) -> Result<(), AdapterError> {
     let out_exists = out.exists();
-    if out_exists && std::fs::read_dir(out).map_err(AdapterError::io(out))?.next().is_some() {
+    if out_exists
+        && std::fs::read_dir(out)
+            .map_err(AdapterError::io(out))?
+            .next()
+            .is_some()
+    {
         return Err(AdapterError::OutputExists { path: out.into() });
     }
     let staging = staging_dir(out);
@@ -161,6 +178,9 @@ fn write_atomically(
 }
 
 fn staging_dir(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     out.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }

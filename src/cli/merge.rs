@@ -78,18 +78,30 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<MergeSummary> {
         .collect::<Result<Vec<_>, _>>()?;
     let weights = match &args.weights {
         Some(w) if w.len() != adapters.len() => {
-            bail!("invalid --weights: {} weights for {} adapters", w.len(), adapters.len())
+            bail!(
+                "invalid --weights: {} weights for {} adapters",
+                w.len(),
+                adapters.len()
+            )
         }
         Some(w) => w.clone(),
         None => vec![1.0; adapters.len()],
     };
-    let options = MergeOptions { lambda: args.lambda, density: args.density, dare_p: args.dare_p, seed: args.seed };
+    let options = MergeOptions {
+        lambda: args.lambda,
+        density: args.density,
+        dare_p: args.dare_p,
+        seed: args.seed,
+    };
     let params = MergeParams::new(args.method, options)?;
     if args.format == Format::Delta && args.rank.is_some() {
         bail!("--rank applies to --format peft only: a dense delta is written at full rank");
     }
     if args.format == Format::Peft && args.rank.is_none() && !params.method.is_low_rank() {
-        bail!("{} gives a dense result: pass --rank R to export it as a PEFT adapter, or --format delta", params.method);
+        bail!(
+            "{} gives a dense result: pass --rank R to export it as a PEFT adapter, or --format delta",
+            params.method
+        );
     }
     let inputs: Vec<MergeInput<'_>> = adapters
         .iter()
@@ -156,28 +168,47 @@ fn export_info(
         "truncation_relative_error": truncation_error,
     });
     ExportInfo {
-        base_model_name_or_path: adapters.iter().find_map(|a| a.config.base_model_name_or_path.clone()),
+        base_model_name_or_path: adapters
+            .iter()
+            .find_map(|a| a.config.base_model_name_or_path.clone()),
         task_type: adapters.iter().find_map(|a| a.config.task_type.clone()),
+        fan_in_fan_out: adapters.iter().any(|a| a.config.fan_in_fan_out),
         record,
     }
 }
 
 fn rank_histogram(delta: &MergedDelta) -> Vec<(Option<usize>, usize)> {
     let mut counts = std::collections::BTreeMap::new();
-    delta.modules.values().for_each(|m| *counts.entry(m.rank()).or_insert(0) += 1);
+    delta
+        .modules
+        .values()
+        .for_each(|m| *counts.entry(m.rank()).or_insert(0) += 1);
     counts.into_iter().collect()
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
-        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
 impl fmt::Display for MergeSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let p = &self.params;
-        write!(f, "merged {} adapters ({}) with {}: lambda {}", self.adapters.len(), self.adapters.join(", "), p.method, p.lambda)?;
+        write!(
+            f,
+            "merged {} adapters ({}) with {}: lambda {}",
+            self.adapters.len(),
+            self.adapters.join(", "),
+            p.method,
+            p.lambda
+        )?;
         if p.method.uses_ties() {
             write!(f, ", density {}", p.density)?;
         }
@@ -201,6 +232,12 @@ impl fmt::Display for MergeSummary {
             Format::Peft => "PEFT adapter",
             Format::Delta => "dense delta",
         };
-        writeln!(f, "wrote {format} to {} ({} bytes) in {:.3} s", self.out.display(), self.bytes, self.seconds)
+        writeln!(
+            f,
+            "wrote {format} to {} ({} bytes) in {:.3} s",
+            self.out.display(),
+            self.bytes,
+            self.seconds
+        )
     }
 }

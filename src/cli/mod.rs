@@ -6,7 +6,11 @@ mod progress;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "knots", version, about = "Merge LoRA adapters with KnOTS, TIES, DARE or task arithmetic")]
+#[command(
+    name = "knots",
+    version,
+    about = "Merge LoRA adapters with KnOTS, TIES, DARE or task arithmetic"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

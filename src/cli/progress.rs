@@ -25,7 +25,9 @@ struct Stage {
 
 impl Bar {
     pub fn new() -> Self {
-        Self { stage: Mutex::new(None) }
+        Self {
+            stage: Mutex::new(None),
+        }
     }
 
     pub fn finish(&self) {
@@ -44,7 +46,10 @@ impl Progress for Bar {
             .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style.progress_chars("=> "));
         bar.set_message(stage);
-        let stage = Stage { bar, hidden_since: Some(Instant::now()) };
+        let stage = Stage {
+            bar,
+            hidden_since: Some(Instant::now()),
+        };
         if let Ok(mut guard) = self.stage.lock()
             && let Some(old) = guard.replace(stage)
         {
@@ -53,7 +58,9 @@ impl Progress for Bar {
     }
 
     fn advance(&self, steps: u64) {
-        let Ok(mut guard) = self.stage.lock() else { return };
+        let Ok(mut guard) = self.stage.lock() else {
+            return;
+        };
         if let Some(stage) = guard.as_mut() {
             stage.bar.inc(steps);
             if stage.hidden_since.is_some_and(|t| t.elapsed() > SHOW_AFTER) {

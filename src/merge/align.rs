@@ -45,13 +45,19 @@ pub fn align(module: &str, factors: &[Factors<'_>]) -> Result<Alignment, MergeEr
 }
 
 /// [`align`], keeping the components with singular value above `cut`.
-pub fn align_with_cut(module: &str, factors: &[Factors<'_>], cut: f64) -> Result<Alignment, MergeError> {
+pub fn align_with_cut(
+    module: &str,
+    factors: &[Factors<'_>],
+    cut: f64,
+) -> Result<Alignment, MergeError> {
     let rows = factors[0].b.rows();
     let total_rank: usize = factors.iter().map(|f| f.a.rows()).sum();
     let mut b_cat = Mat::<f64>::zeros(rows, total_rank);
     let mut offset = 0;
     for f in factors {
-        b_cat.subcols_mut(offset, f.a.rows()).copy_from(to_f64(f.b.as_faer(), 1.0));
+        b_cat
+            .subcols_mut(offset, f.a.rows())
+            .copy_from(to_f64(f.b.as_faer(), 1.0));
         offset += f.a.rows();
     }
     let qr_b = b_cat.qr();
@@ -75,7 +81,9 @@ pub fn align_with_cut(module: &str, factors: &[Factors<'_>], cut: f64) -> Result
         offset += block.ncols();
     }
 
-    let svd = core.thin_svd().map_err(|_| MergeError::Svd { module: module.to_string() })?;
+    let svd = core.thin_svd().map_err(|_| MergeError::Svd {
+        module: module.to_string(),
+    })?;
     let s_all = svd.S().column_vector();
     let kept: Vec<usize> = (0..s_all.nrows()).filter(|&j| s_all[j] > cut).collect();
     let s: Vec<f64> = kept.iter().map(|&j| s_all[j]).collect();
@@ -108,7 +116,9 @@ pub fn dense_concat(factors: &[Factors<'_>]) -> Mat<f64> {
         let a: MatRef<'_, f32> = factor.a.as_faer();
         for i in 0..rows {
             for j in 0..cols {
-                let dot: f64 = (0..a.nrows()).map(|k| f64::from(b[(i, k)]) * f64::from(a[(k, j)])).sum();
+                let dot: f64 = (0..a.nrows())
+                    .map(|k| f64::from(b[(i, k)]) * f64::from(a[(k, j)]))
+                    .sum();
                 m[(i, f * cols + j)] = factor.scale * dot;
             }
         }

@@ -50,7 +50,11 @@ mod tests {
     const DIGEST: AdapterDigest = AdapterDigest([7; 32]);
 
     fn key(seed: u64, module: &str) -> DareKey<'_> {
-        DareKey { seed, adapter: &DIGEST, module }
+        DareKey {
+            seed,
+            adapter: &DIGEST,
+            module,
+        }
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub enum MergeError {
 
 impl MergeError {
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Self::InvalidParam { field, reason: reason.into() }
+        Self::InvalidParam {
+            field,
+            reason: reason.into(),
+        }
     }
 }

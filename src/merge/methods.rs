@@ -24,7 +24,12 @@ pub fn merge(
         Method::Ties | Method::DareTies => dense_ties(&plan, params, progress),
         Method::KnotsTies | Method::KnotsDareTies => knots_ties(&plan, params, progress)?,
     };
-    let modules = plan.modules.iter().map(|m| m.path.to_string()).zip(modules).collect();
+    let modules = plan
+        .modules
+        .iter()
+        .map(|m| m.path.to_string())
+        .zip(modules)
+        .collect();
     Ok(MergedDelta { modules })
 }
 
@@ -61,7 +66,9 @@ fn dare_sum(plan: &Plan<'_>, params: &MergeParams, progress: &dyn Progress) -> V
             for i in 0..plan.len() {
                 if let Some(rep) = src.rep(i, m) {
                     let w = (params.lambda * plan.weight(i)) as f32;
-                    sum.iter_mut().zip(rep.iter()).for_each(|(s, x)| *s += w * x);
+                    sum.iter_mut()
+                        .zip(rep.iter())
+                        .for_each(|(s, x)| *s += w * x);
                 }
             }
             progress.advance(1);
@@ -107,7 +114,11 @@ fn ties_on_alignments(
     alignments: Vec<Alignment>,
     progress: &dyn Progress,
 ) -> Vec<ModuleDelta> {
-    let src = AlignedReps { plan, params, alignments: &alignments };
+    let src = AlignedReps {
+        plan,
+        params,
+        alignments: &alignments,
+    };
     let merged = ties_merge(&src, &ties_settings(plan, params), progress);
     alignments
         .into_iter()
@@ -124,14 +135,22 @@ fn align_module(module: &ModulePlan<'_>) -> Result<Alignment, MergeError> {
     let factors: Vec<Factors<'_>> = module
         .members
         .iter()
-        .map(|m| Factors { b: &m.lora.b, a: &m.lora.a, scale: m.lora.scale })
+        .map(|m| Factors {
+            b: &m.lora.b,
+            a: &m.lora.a,
+            scale: m.lora.scale,
+        })
         .collect();
     align(module.path, &factors)
 }
 
 fn ties_settings(plan: &Plan<'_>, params: &MergeParams) -> Ties {
     let weights = plan.inputs.iter().map(|i| i.weight).collect();
-    Ties { density: params.density, lambda: params.lambda, weights }
+    Ties {
+        density: params.density,
+        lambda: params.lambda,
+        weights,
+    }
 }
 
 fn dense(rows: usize, cols: usize, values: Vec<f32>) -> ModuleDelta {
@@ -139,12 +158,22 @@ fn dense(rows: usize, cols: usize, values: Vec<f32>) -> ModuleDelta {
 }
 
 /// Applies DARE to `rep` when the method uses it.
-fn maybe_dare<'a>(rep: Cow<'a, [f32]>, plan: &Plan<'_>, params: &MergeParams, i: usize, m: usize) -> Cow<'a, [f32]> {
+fn maybe_dare<'a>(
+    rep: Cow<'a, [f32]>,
+    plan: &Plan<'_>,
+    params: &MergeParams,
+    i: usize,
+    m: usize,
+) -> Cow<'a, [f32]> {
     if !params.method.uses_dare() || params.dare_p == 0.0 {
         return rep;
     }
     let mut owned = rep.into_owned();
-    let key = DareKey { seed: params.seed, adapter: &plan.inputs[i].adapter.digest, module: plan.modules[m].path };
+    let key = DareKey {
+        seed: params.seed,
+        adapter: &plan.inputs[i].adapter.digest,
+        module: plan.modules[m].path,
+    };
     dare::apply(&mut owned, params.dare_p, key);
     Cow::Owned(owned)
 }
@@ -168,7 +197,13 @@ impl RepSource for DenseReps<'_> {
         let member = self.plan.modules[m].members.iter().find(|x| x.index == i)?;
         let mut update = member.lora.b.matmul(&member.lora.a);
         update.scale(member.lora.scale as f32);
-        Some(maybe_dare(Cow::Owned(update.into_vec()), self.plan, self.params, i, m))
+        Some(maybe_dare(
+            Cow::Owned(update.into_vec()),
+            self.plan,
+            self.params,
+            i,
+            m,
+        ))
     }
 }
 
@@ -189,7 +224,10 @@ impl RepSource for AlignedReps<'_> {
     }
 
     fn rep(&self, i: usize, m: usize) -> Option<Cow<'_, [f32]>> {
-        let position = self.plan.modules[m].members.iter().position(|x| x.index == i)?;
+        let position = self.plan.modules[m]
+            .members
+            .iter()
+            .position(|x| x.index == i)?;
         let rep = Cow::Borrowed(self.alignments[m].reps[position].as_slice());
         Some(maybe_dare(rep, self.plan, self.params, i, m))
     }
@@ -212,7 +250,10 @@ mod tests {
         };
         let a = Matrix::from_fn(2, 6, |_, _| next());
         let b = Matrix::from_fn(5, 2, |_, _| next());
-        let config = serde_json::from_str(r#"{"peft_type":"LORA","r":2,"lora_alpha":2,"target_modules":["q"]}"#).unwrap();
+        let config = serde_json::from_str(
+            r#"{"peft_type":"LORA","r":2,"lora_alpha":2,"target_modules":["q"]}"#,
+        )
+        .unwrap();
         LoraAdapter {
             name: name.into(),
             path: name.into(),
@@ -231,17 +272,26 @@ mod tests {
         let inputs: Vec<_> = adapters.iter().map(MergeInput::new).collect();
         let plan = Plan::new(&inputs).unwrap();
         for method in [Method::KnotsTies, Method::KnotsDareTies] {
-            let options = MergeOptions { density: Some(0.4), lambda: Some(0.7), ..Default::default() };
+            let options = MergeOptions {
+                density: Some(0.4),
+                lambda: Some(0.7),
+                ..Default::default()
+            };
             let params = MergeParams::new(method, options).unwrap();
             let aligned = vec![align_module(&plan.modules[0]).unwrap()];
             let mut flipped = aligned.clone();
             for component in [0, 2] {
                 let k = flipped[0].rank();
                 let u = flipped[0].u.as_mut_slice();
-                u.iter_mut().skip(component).step_by(k).for_each(|x| *x = -*x);
+                u.iter_mut()
+                    .skip(component)
+                    .step_by(k)
+                    .for_each(|x| *x = -*x);
                 for rep in &mut flipped[0].reps {
                     let cols = rep.cols();
-                    rep.as_mut_slice()[component * cols..(component + 1) * cols].iter_mut().for_each(|x| *x = -*x);
+                    rep.as_mut_slice()[component * cols..(component + 1) * cols]
+                        .iter_mut()
+                        .for_each(|x| *x = -*x);
                 }
             }
             let want = ties_on_alignments(&plan, &params, aligned, &Silent)[0].to_dense();

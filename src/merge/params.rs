@@ -54,12 +54,18 @@ impl Method {
 
     /// Whether the method trims and elects signs (and so reads `density`).
     pub fn uses_ties(self) -> bool {
-        matches!(self, Self::Ties | Self::DareTies | Self::KnotsTies | Self::KnotsDareTies)
+        matches!(
+            self,
+            Self::Ties | Self::DareTies | Self::KnotsTies | Self::KnotsDareTies
+        )
     }
 
     /// Whether the result is low-rank factors rather than dense matrices.
     pub fn is_low_rank(self) -> bool {
-        matches!(self, Self::Ta | Self::KnotsTa | Self::KnotsTies | Self::KnotsDareTies)
+        matches!(
+            self,
+            Self::Ta | Self::KnotsTa | Self::KnotsTies | Self::KnotsDareTies
+        )
     }
 
     /// The density used when none is given: 0.2 for trimming methods, 1 after DARE.
@@ -81,10 +87,16 @@ impl FromStr for Method {
     type Err = MergeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
-            let names: Vec<_> = Self::ALL.iter().map(|m| m.as_str()).collect();
-            MergeError::invalid("method", format!("unknown method {s:?}; expected one of {}", names.join(", ")))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|m| m.as_str()).collect();
+                MergeError::invalid(
+                    "method",
+                    format!("unknown method {s:?}; expected one of {}", names.join(", ")),
+                )
+            })
     }
 }
 
@@ -132,13 +144,22 @@ impl MergeParams {
 
     fn validate(&self) -> Result<(), MergeError> {
         if !self.lambda.is_finite() {
-            return Err(MergeError::invalid("lambda", format!("must be finite, got {}", self.lambda)));
+            return Err(MergeError::invalid(
+                "lambda",
+                format!("must be finite, got {}", self.lambda),
+            ));
         }
         if !(self.density > 0.0 && self.density <= 1.0) {
-            return Err(MergeError::invalid("density", format!("must be in (0, 1], got {}", self.density)));
+            return Err(MergeError::invalid(
+                "density",
+                format!("must be in (0, 1], got {}", self.density),
+            ));
         }
         if !(self.dare_p >= 0.0 && self.dare_p < 1.0) {
-            return Err(MergeError::invalid("dare_p", format!("must be in [0, 1), got {}", self.dare_p)));
+            return Err(MergeError::invalid(
+                "dare_p",
+                format!("must be in [0, 1), got {}", self.dare_p),
+            ));
         }
         Ok(())
     }
@@ -180,12 +201,48 @@ mod tests {
     #[test]
     fn out_of_range_values_name_their_field() {
         let cases = [
-            (MergeOptions { density: Some(0.0), ..Default::default() }, "density"),
-            (MergeOptions { density: Some(1.5), ..Default::default() }, "density"),
-            (MergeOptions { density: Some(f64::NAN), ..Default::default() }, "density"),
-            (MergeOptions { lambda: Some(f64::INFINITY), ..Default::default() }, "lambda"),
-            (MergeOptions { dare_p: Some(1.0), ..Default::default() }, "dare_p"),
-            (MergeOptions { dare_p: Some(-0.1), ..Default::default() }, "dare_p"),
+            (
+                MergeOptions {
+                    density: Some(0.0),
+                    ..Default::default()
+                },
+                "density",
+            ),
+            (
+                MergeOptions {
+                    density: Some(1.5),
+                    ..Default::default()
+                },
+                "density",
+            ),
+            (
+                MergeOptions {
+                    density: Some(f64::NAN),
+                    ..Default::default()
+                },
+                "density",
+            ),
+            (
+                MergeOptions {
+                    lambda: Some(f64::INFINITY),
+                    ..Default::default()
+                },
+                "lambda",
+            ),
+            (
+                MergeOptions {
+                    dare_p: Some(1.0),
+                    ..Default::default()
+                },
+                "dare_p",
+            ),
+            (
+                MergeOptions {
+                    dare_p: Some(-0.1),
+                    ..Default::default()
+                },
+                "dare_p",
+            ),
         ];
         for (options, field) in cases {
             match MergeParams::new(Method::Ties, options) {

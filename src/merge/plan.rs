@@ -16,7 +16,10 @@ pub struct MergeInput<'a> {
 
 impl<'a> MergeInput<'a> {
     pub fn new(adapter: &'a LoraAdapter) -> Self {
-        Self { adapter, weight: 1.0 }
+        Self {
+            adapter,
+            weight: 1.0,
+        }
     }
 }
 
@@ -59,11 +62,16 @@ impl<'a> Plan<'a> {
         inputs.sort_by(|a, b| a.adapter.name.cmp(&b.adapter.name));
         for pair in inputs.windows(2) {
             if pair[0].adapter.name == pair[1].adapter.name {
-                return Err(MergeError::DuplicateAdapter { adapter: pair[0].adapter.name.clone() });
+                return Err(MergeError::DuplicateAdapter {
+                    adapter: pair[0].adapter.name.clone(),
+                });
             }
         }
         if let Some(bad) = inputs.iter().find(|i| !i.weight.is_finite()) {
-            let reason = format!("weight of {} must be finite, got {}", bad.adapter.name, bad.weight);
+            let reason = format!(
+                "weight of {} must be finite, got {}",
+                bad.adapter.name, bad.weight
+            );
             return Err(MergeError::invalid("weights", reason));
         }
         let modules = group_modules(&inputs)?;

@@ -29,7 +29,11 @@ pub(crate) struct Ties {
 }
 
 /// Merges every module of `src`; returns one merged vector per module, already scaled by λ.
-pub(crate) fn ties_merge(src: &impl RepSource, ties: &Ties, progress: &dyn Progress) -> Vec<Vec<f32>> {
+pub(crate) fn ties_merge(
+    src: &impl RepSource,
+    ties: &Ties,
+    progress: &dyn Progress,
+) -> Vec<Vec<f32>> {
     let n = ties.weights.len();
     progress.start("trimming", n as u64);
     let thresholds: Vec<f32> = (0..n)
@@ -97,7 +101,12 @@ struct MergedModule {
     undecided: Vec<(usize, f32, f32)>,
 }
 
-fn merge_entries(reps: &[Option<Cow<'_, [f32]>>], thresholds: &[f32], weights: &[f32], len: usize) -> MergedModule {
+fn merge_entries(
+    reps: &[Option<Cow<'_, [f32]>>],
+    thresholds: &[f32],
+    weights: &[f32],
+    len: usize,
+) -> MergedModule {
     let mut values = vec![0.0f32; len];
     let mut sign_sum = 0i64;
     let mut undecided = Vec::new();
@@ -131,7 +140,11 @@ fn merge_entries(reps: &[Option<Cow<'_, [f32]>>], thresholds: &[f32], weights: &
             undecided.push((j, pos.value(), neg.value()));
         }
     }
-    MergedModule { values, sign_sum, undecided }
+    MergedModule {
+        values,
+        sign_sum,
+        undecided,
+    }
 }
 
 #[derive(Default)]
@@ -173,15 +186,29 @@ mod tests {
     }
 
     fn run(src: &Fixed, density: f64, lambda: f64, weights: &[f64]) -> Vec<Vec<f32>> {
-        ties_merge(src, &Ties { density, lambda, weights: weights.to_vec() }, &Silent)
+        ties_merge(
+            src,
+            &Ties {
+                density,
+                lambda,
+                weights: weights.to_vec(),
+            },
+            &Silent,
+        )
     }
 
     #[test]
     fn threshold_is_global_across_modules() {
         // One adapter, large values in module 0 only: D = 4, density 0.25 keeps ⌊1⌋ + 1 = 2.
-        let src = Fixed(vec![vec![Some(vec![5.0, 4.0])], vec![Some(vec![1.0, -2.0])]]);
+        let src = Fixed(vec![
+            vec![Some(vec![5.0, 4.0])],
+            vec![Some(vec![1.0, -2.0])],
+        ]);
         assert_eq!(trim_threshold(&src, 0, 0.25), 4.0);
-        assert_eq!(run(&src, 0.25, 1.0, &[1.0]), vec![vec![5.0, 4.0], vec![0.0, 0.0]]);
+        assert_eq!(
+            run(&src, 0.25, 1.0, &[1.0]),
+            vec![vec![5.0, 4.0], vec![0.0, 0.0]]
+        );
         assert_eq!(trim_threshold(&src, 0, 0.5), 2.0);
     }
 
@@ -195,7 +222,10 @@ mod tests {
     #[test]
     fn missing_modules_count_as_zeros() {
         // Adapter 0 lacks module 1 (two zeros): D = 4, density 0.5 → the 2nd smallest |x| = 0.
-        let src = Fixed(vec![vec![Some(vec![3.0, 1.0]), Some(vec![1.0, 1.0])], vec![None, Some(vec![2.0, 2.0])]]);
+        let src = Fixed(vec![
+            vec![Some(vec![3.0, 1.0]), Some(vec![1.0, 1.0])],
+            vec![None, Some(vec![2.0, 2.0])],
+        ]);
         assert_eq!(trim_threshold(&src, 0, 0.5), 0.0);
         assert_eq!(trim_threshold(&src, 1, 0.5), 1.0);
     }
@@ -203,7 +233,11 @@ mod tests {
     #[test]
     fn sign_election_and_disjoint_mean() {
         // Entry 0: +3 and -1 → sign +, mean of {3} = 3. Entry 1: +1, -4, -2 → sign −, mean -3.
-        let src = Fixed(vec![vec![Some(vec![3.0, 1.0]), Some(vec![-1.0, -4.0]), Some(vec![0.0, -2.0])]]);
+        let src = Fixed(vec![vec![
+            Some(vec![3.0, 1.0]),
+            Some(vec![-1.0, -4.0]),
+            Some(vec![0.0, -2.0]),
+        ]]);
         assert_eq!(run(&src, 1.0, 0.5, &[1.0, 1.0, 1.0]), vec![vec![1.5, -1.5]]);
     }
 
@@ -217,10 +251,19 @@ mod tests {
     #[test]
     fn exact_cancellation_takes_the_majority_sign() {
         // Entry 0 cancels exactly; entries 1 and 2 elect +, so entry 0 takes the positive mean.
-        let src = Fixed(vec![vec![Some(vec![1.0, 1.0, 2.0]), Some(vec![-1.0, 0.0, 0.0])]]);
+        let src = Fixed(vec![vec![
+            Some(vec![1.0, 1.0, 2.0]),
+            Some(vec![-1.0, 0.0, 0.0]),
+        ]]);
         assert_eq!(run(&src, 1.0, 1.0, &[1.0, 1.0]), vec![vec![1.0, 1.0, 2.0]]);
         // Majority negative: the negative mean.
-        let src = Fixed(vec![vec![Some(vec![1.0, -1.0, -2.0]), Some(vec![-1.0, 0.0, 0.0])]]);
-        assert_eq!(run(&src, 1.0, 1.0, &[1.0, 1.0]), vec![vec![-1.0, -1.0, -2.0]]);
+        let src = Fixed(vec![vec![
+            Some(vec![1.0, -1.0, -2.0]),
+            Some(vec![-1.0, 0.0, 0.0]),
+        ]]);
+        assert_eq!(
+            run(&src, 1.0, 1.0, &[1.0, 1.0]),
+            vec![vec![-1.0, -1.0, -2.0]]
+        );
     }
 }

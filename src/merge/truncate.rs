@@ -32,8 +32,15 @@ pub fn truncate(delta: &MergedDelta, rank: usize) -> Result<Truncated, MergeErro
         let a = Matrix::from_fn(r, vt.cols(), |i, j| vt.row(i)[j]);
         modules.insert(path.clone(), ModuleDelta::LowRank { b, a });
     }
-    let relative_error = if total_sq > 0.0 { ((total_sq - kept_sq).max(0.0) / total_sq).sqrt() } else { 0.0 };
-    Ok(Truncated { delta: MergedDelta { modules }, relative_error })
+    let relative_error = if total_sq > 0.0 {
+        ((total_sq - kept_sq).max(0.0) / total_sq).sqrt()
+    } else {
+        0.0
+    };
+    Ok(Truncated {
+        delta: MergedDelta { modules },
+        relative_error,
+    })
 }
 
 /// `(U, s, Vᵀ)` of one module's update, largest singular values first.
@@ -41,17 +48,25 @@ fn svd(path: &str, module: &ModuleDelta) -> Result<(Matrix, Vec<f64>, Matrix), M
     match module {
         ModuleDelta::LowRank { b, a } => {
             if a.rows() == 0 {
-                return Ok((Matrix::zeros(b.rows(), 0), Vec::new(), Matrix::zeros(0, a.cols())));
+                return Ok((
+                    Matrix::zeros(b.rows(), 0),
+                    Vec::new(),
+                    Matrix::zeros(0, a.cols()),
+                ));
             }
             let aligned = align_with_cut(path, &[Factors { b, a, scale: 1.0 }], 0.0)?;
             let rep = &aligned.reps[0];
             // rep = diag(s)·Vᵀ: divide the rows back out.
-            let vt = Matrix::from_fn(rep.rows(), rep.cols(), |i, j| (f64::from(rep.row(i)[j]) / aligned.s[i]) as f32);
+            let vt = Matrix::from_fn(rep.rows(), rep.cols(), |i, j| {
+                (f64::from(rep.row(i)[j]) / aligned.s[i]) as f32
+            });
             Ok((aligned.u, aligned.s, vt))
         }
         ModuleDelta::Dense(w) => {
             let m = Mat::<f64>::from_fn(w.rows(), w.cols(), |i, j| f64::from(w.row(i)[j]));
-            let svd = m.thin_svd().map_err(|_| MergeError::Svd { module: path.to_string() })?;
+            let svd = m.thin_svd().map_err(|_| MergeError::Svd {
+                module: path.to_string(),
+            })?;
             let s_all = svd.S().column_vector();
             let s: Vec<f64> = (0..s_all.nrows()).map(|j| s_all[j]).collect();
             let u = Matrix::from_faer(svd.U());
