@@ -48,6 +48,7 @@ fn adapters(modules: &[(String, usize, usize)]) -> Vec<LoraAdapter> {
                 config,
                 modules,
                 saved_modules: BTreeMap::new(),
+                task: None,
                 digest: AdapterDigest([i as u8; 32]),
             }
         })

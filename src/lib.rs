@@ -6,5 +6,7 @@
 
 pub mod adapters;
 pub mod cli;
+pub mod error;
 pub mod matrix;
 pub mod merge;
+pub mod server;

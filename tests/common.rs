@@ -118,6 +118,7 @@ pub fn random_adapter(
         config,
         modules,
         saved_modules: BTreeMap::new(),
+        task: None,
         digest: AdapterDigest(digest),
     }
 }

@@ -6,6 +6,7 @@
 mod config;
 mod error;
 mod read;
+mod registry;
 mod write;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 pub use config::{AdapterConfig, TargetModules};
 pub use error::AdapterError;
-pub use read::{CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE};
+pub use read::{CONFIG_FILE, PEFT_PREFIX, TASK_FILE, WEIGHTS_FILE};
+pub use registry::{Owner, Registered, Registry, owner_of, valid_name};
 pub use write::{DELTA_FILE, ExportInfo, write_delta, write_peft};
 
 use crate::matrix::Matrix;
@@ -76,7 +78,23 @@ pub struct LoraAdapter {
     pub modules: BTreeMap<String, LoraModule>,
     /// `modules_to_save` tensors, keyed `<module>.<param>` without the prefix.
     pub saved_modules: BTreeMap<String, SavedTensor>,
+    /// The classification task the adapter was trained for (`knots_task.json`), if recorded.
+    pub task: Option<TaskInfo>,
     pub digest: AdapterDigest,
+}
+
+/// `knots_task.json` beside an adapter: the task it solves and its labels, so a server can build
+/// its classification head.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskInfo {
+    /// Task name; defaults to the adapter's name.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Class names, in the order of the classifier's rows.
+    pub labels: Vec<String>,
+    /// Natural-language text per class for label-text heads; defaults to the labels.
+    #[serde(default)]
+    pub label_texts: Option<Vec<String>>,
 }
 
 impl LoraAdapter {

@@ -8,11 +8,15 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::{AdapterConfig, AdapterDigest, AdapterError, LoraAdapter, LoraModule, SavedTensor};
+use super::{
+    AdapterConfig, AdapterDigest, AdapterError, LoraAdapter, LoraModule, SavedTensor, TaskInfo,
+};
 use crate::matrix::Matrix;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Optional task description beside an adapter.
+pub const TASK_FILE: &str = "knots_task.json";
 /// The prefix PEFT puts in front of every module path it saves.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -26,6 +30,7 @@ pub(super) fn load(dir: &Path, name: String) -> Result<LoraAdapter, AdapterError
     let tensors = read_tensors(&weights_path, &weights_bytes)?;
     let (modules, saved_modules) = sort_tensors(&weights_path, &config, tensors)?;
 
+    let task = read_task(&dir.join(TASK_FILE))?;
     let mut hasher = Sha256::new();
     for bytes in [&config_bytes, &weights_bytes] {
         hasher.update((bytes.len() as u64).to_le_bytes());
@@ -37,8 +42,27 @@ pub(super) fn load(dir: &Path, name: String) -> Result<LoraAdapter, AdapterError
         config,
         modules,
         saved_modules,
+        task,
         digest: AdapterDigest(hasher.finalize().into()),
     })
+}
+
+fn read_task(path: &Path) -> Result<Option<TaskInfo>, AdapterError> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| AdapterError::Json {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AdapterError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 fn parse_config(path: &Path, bytes: &[u8]) -> Result<AdapterConfig, AdapterError> {

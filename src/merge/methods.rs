@@ -260,6 +260,7 @@ mod tests {
             config,
             modules: [("q".to_string(), LoraModule { a, b, scale: 1.0 })].into(),
             saved_modules: Default::default(),
+            task: None,
             digest: AdapterDigest([seed as u8; 32]),
         }
     }

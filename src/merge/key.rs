@@ -1,0 +1,262 @@
+//! `MergeKey`: the canonical identity of a merge, used as the cache key. Adapters are sorted by
+//! name and carry their content digests; floats are validated, `-0.0` is folded into `0.0`, and
+//! Hash and Eq both work on the same normalised bits. Parameters a method does not read are
+//! dropped, and `knots-ta` keys as `ta` (the same result), so equal merges share one entry.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use super::{MergeError, MergeParams, Method};
+use crate::adapters::AdapterDigest;
+
+/// One member of a keyed set: adapter name, content digest, weight bits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyMember {
+    pub name: String,
+    pub digest: AdapterDigest,
+    weight_bits: u64,
+}
+
+impl KeyMember {
+    pub fn weight(&self) -> f64 {
+        f64::from_bits(self.weight_bits)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MergeKey {
+    pub base: String,
+    pub members: Vec<KeyMember>,
+    pub method: Method,
+    params_bits: [u64; 4],
+}
+
+fn bits(x: f64) -> u64 {
+    (x + 0.0).to_bits()
+}
+
+impl MergeKey {
+    /// Builds the key of merging `members` (name, digest, weight) on `base` with `params`.
+    pub fn new(
+        base: &str,
+        members: impl IntoIterator<Item = (String, AdapterDigest, f64)>,
+        params: &MergeParams,
+    ) -> Result<Self, MergeError> {
+        let mut members: Vec<KeyMember> = members
+            .into_iter()
+            .map(|(name, digest, weight)| {
+                if weight.is_finite() {
+                    Ok(KeyMember {
+                        name,
+                        digest,
+                        weight_bits: bits(weight),
+                    })
+                } else {
+                    Err(MergeError::invalid(
+                        "weights",
+                        format!("weight of {name} must be finite, got {weight}"),
+                    ))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        if members.is_empty() {
+            return Err(MergeError::NoAdapters);
+        }
+        members.sort();
+        if let Some(pair) = members.windows(2).find(|p| p[0].name == p[1].name) {
+            return Err(MergeError::DuplicateAdapter {
+                adapter: pair[0].name.clone(),
+            });
+        }
+        let method = if params.method == Method::KnotsTa {
+            Method::Ta
+        } else {
+            params.method
+        };
+        let density = if method.uses_ties() {
+            params.density
+        } else {
+            1.0
+        };
+        let (dare_p, seed) = if method.uses_dare() {
+            (params.dare_p, params.seed)
+        } else {
+            (0.0, 0)
+        };
+        Ok(Self {
+            base: base.to_string(),
+            members,
+            method,
+            params_bits: [bits(params.lambda), bits(density), bits(dare_p), seed],
+        })
+    }
+
+    pub fn lambda(&self) -> f64 {
+        f64::from_bits(self.params_bits[0])
+    }
+
+    pub fn density(&self) -> f64 {
+        f64::from_bits(self.params_bits[1])
+    }
+
+    pub fn dare_p(&self) -> f64 {
+        f64::from_bits(self.params_bits[2])
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.params_bits[3]
+    }
+
+    /// A short stable identifier: the first 12 hex digits of SHA-256 over the canonical form.
+    pub fn id(&self) -> String {
+        let digest = Sha256::digest(self.to_string().as_bytes());
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether the adapter `name` takes part in this merge.
+    pub fn contains(&self, name: &str) -> bool {
+        self.members.iter().any(|m| m.name == name)
+    }
+}
+
+impl fmt::Display for MergeKey {
+    /// `base|a:w@digest+b:w@digest|method|lambda,density,dare_p,seed`, with 12 digest digits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}|", self.base)?;
+        for (i, m) in self.members.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "+" };
+            write!(
+                f,
+                "{sep}{}:{}@{}",
+                m.name,
+                m.weight(),
+                &m.digest.to_string()[..12]
+            )?;
+        }
+        write!(
+            f,
+            "|{}|{},{},{},{}",
+            self.method,
+            self.lambda(),
+            self.density(),
+            self.dare_p(),
+            self.seed()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::MergeOptions;
+
+    fn key(members: &[(&str, f64)], method: Method, options: MergeOptions) -> MergeKey {
+        let params = MergeParams::new(method, options).unwrap();
+        let members = members
+            .iter()
+            .map(|&(n, w)| (n.to_string(), AdapterDigest([n.len() as u8; 32]), w));
+        MergeKey::new("base", members, &params).unwrap()
+    }
+
+    #[test]
+    fn order_negative_zero_and_unused_parameters_do_not_matter() {
+        let a = key(
+            &[("x", 1.0), ("yy", 0.0)],
+            Method::Ta,
+            MergeOptions {
+                density: Some(0.3),
+                ..Default::default()
+            },
+        );
+        let b = key(
+            &[("yy", -0.0), ("x", 1.0)],
+            Method::KnotsTa,
+            MergeOptions::default(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.id(), b.id());
+        let c = key(
+            &[("x", 1.0), ("yy", 0.5)],
+            Method::Ta,
+            MergeOptions::default(),
+        );
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn parameters_a_method_reads_are_part_of_the_key() {
+        let d2 = key(
+            &[("x", 1.0)],
+            Method::Ties,
+            MergeOptions {
+                density: Some(0.2),
+                ..Default::default()
+            },
+        );
+        let d3 = key(
+            &[("x", 1.0)],
+            Method::Ties,
+            MergeOptions {
+                density: Some(0.3),
+                ..Default::default()
+            },
+        );
+        assert_ne!(d2, d3);
+        let s1 = key(
+            &[("x", 1.0)],
+            Method::Dare,
+            MergeOptions {
+                seed: Some(1),
+                ..Default::default()
+            },
+        );
+        let s2 = key(
+            &[("x", 1.0)],
+            Method::Dare,
+            MergeOptions {
+                seed: Some(2),
+                ..Default::default()
+            },
+        );
+        assert_ne!(s1, s2);
+    }
+
+    #[test]
+    fn a_changed_digest_is_a_different_key() {
+        let params = MergeParams::default();
+        let one = MergeKey::new(
+            "b",
+            [("x".to_string(), AdapterDigest([1; 32]), 1.0)],
+            &params,
+        )
+        .unwrap();
+        let two = MergeKey::new(
+            "b",
+            [("x".to_string(), AdapterDigest([2; 32]), 1.0)],
+            &params,
+        )
+        .unwrap();
+        assert_ne!(one, two);
+    }
+
+    #[test]
+    fn duplicates_and_bad_weights_are_rejected() {
+        let params = MergeParams::default();
+        let d = AdapterDigest([0; 32]);
+        let dup = MergeKey::new(
+            "b",
+            [("x".to_string(), d, 1.0), ("x".to_string(), d, 2.0)],
+            &params,
+        );
+        assert!(matches!(dup, Err(MergeError::DuplicateAdapter { .. })));
+        let nan = MergeKey::new("b", [("x".to_string(), d, f64::NAN)], &params);
+        assert!(matches!(
+            nan,
+            Err(MergeError::InvalidParam {
+                field: "weights",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,146 @@
+//! The boundary between HTTP and the model engine: what the server asks of a served base model.
+//! Routes depend only on this trait, so the API is testable against any implementation; calls
+//! are synchronous and heavy, and the server always makes them from blocking threads.
+
+use std::sync::Arc;
+
+use crate::merge::MergedDelta;
+
+/// What a base model is served for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseKind {
+    /// Text generation (completions, chat).
+    Generator,
+    /// Embeddings and classification.
+    Encoder,
+}
+
+/// A served base model.
+#[derive(Debug, Clone)]
+pub struct BaseInfo {
+    /// The id requests use in `model`.
+    pub id: String,
+    pub kind: BaseKind,
+    /// Tokens of prompt plus completion the model can attend to.
+    pub context_length: usize,
+    /// Other names adapters may give in `base_model_name_or_path` (an upstream repo id, …).
+    pub aliases: Vec<String>,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    /// Rendered with the model's chat template, with the generation prompt appended.
+    Chat(Vec<ChatMessage>),
+}
+
+/// Sampling settings, validated by the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// A generation request for the engine.
+#[derive(Debug, Clone)]
+pub struct GenerateJob {
+    pub base: String,
+    pub prompt: Prompt,
+    pub sampling: Sampling,
+    /// The update to apply (a merged set or one adapter); `None` for the base model.
+    pub delta: Option<Arc<MergedDelta>>,
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub finish_reason: FinishReason,
+}
+
+/// A classification head of one task.
+#[derive(Debug, Clone)]
+pub struct TaskHead {
+    pub task: String,
+    /// Class names, reported in scores.
+    pub labels: Vec<String>,
+    /// Text embedded per class by label-text heads (same order as `labels`).
+    pub label_texts: Vec<String>,
+    /// A trained linear classifier over the pooled output (`labels × hidden` weights and bias),
+    /// or `None` to score normalised label-text embeddings by scaled cosine.
+    pub classifier: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// The score of one (task, label).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LabelScore {
+    pub task: String,
+    pub label: String,
+    pub score: f32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The input cannot be served (e.g. a prompt longer than the context).
+    #[error("{message}")]
+    InvalidInput {
+        param: &'static str,
+        message: String,
+    },
+    /// The consumer went away and generation stopped.
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A served base model (or several) behind one interface.
+pub trait Backend: Send + Sync + 'static {
+    fn bases(&self) -> Vec<BaseInfo>;
+
+    /// Generates, passing each decoded piece of text to `on_text`; generation stops early, with
+    /// [`BackendError::Cancelled`], when `on_text` returns `false`.
+    fn generate(
+        &self,
+        job: &GenerateJob,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Finished, BackendError>;
+
+    /// Normalised embeddings of `inputs`, and the number of tokens read.
+    fn embed(
+        &self,
+        base: &str,
+        inputs: &[String],
+        delta: Option<&Arc<MergedDelta>>,
+    ) -> Result<(Vec<Vec<f32>>, usize), BackendError>;
+
+    /// Scores of every label of every head, per input.
+    fn classify(
+        &self,
+        base: &str,
+        inputs: &[String],
+        heads: &[TaskHead],
+        delta: Option<&Arc<MergedDelta>>,
+    ) -> Result<Vec<Vec<LabelScore>>, BackendError>;
+}

@@ -1,0 +1,188 @@
+//! The merge cache: `MergeKey` → merged delta, weighed in bytes. Concurrent requests for the
+//! same uncached set share one merge (`try_get_with`); the merge itself runs on a blocking
+//! thread, never on an async worker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use moka::future::Cache;
+
+use super::metrics;
+use crate::adapters::Registered;
+use crate::error::ApiError;
+use crate::merge::{self, MergeInput, MergeKey, MergeParams, MergedDelta, Silent};
+
+/// A finished merge as the cache holds it.
+#[derive(Debug)]
+pub struct CachedMerge {
+    pub key: MergeKey,
+    pub delta: Arc<MergedDelta>,
+    pub merge_ms: f64,
+}
+
+/// How a request got its merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    /// Another request was already merging this set; this one waited for it.
+    Coalesced,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Coalesced => "coalesced",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MergeCache {
+    cache: Cache<MergeKey, Arc<CachedMerge>>,
+}
+
+impl MergeCache {
+    pub fn new(max_bytes: u64) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &MergeKey, v: &Arc<CachedMerge>| {
+                u32::try_from(v.delta.bytes()).unwrap_or(u32::MAX)
+            })
+            .eviction_listener(|_k, _v, cause| {
+                if cause.was_evicted() {
+                    metrics::cache_eviction();
+                }
+            })
+            .build();
+        Self { cache }
+    }
+
+    /// The merge of `members` with `params` under `key`, computed at most once however many
+    /// requests ask for it at the same time.
+    pub async fn get_or_merge(
+        &self,
+        key: MergeKey,
+        members: Vec<(Arc<Registered>, f64)>,
+        params: MergeParams,
+    ) -> Result<(Arc<CachedMerge>, Outcome), ApiError> {
+        let present = self.cache.contains_key(&key);
+        let computed = Arc::new(AtomicBool::new(false));
+        let flag = computed.clone();
+        let merge_key = key.clone();
+        let entry = self
+            .cache
+            .try_get_with(key, async move {
+                flag.store(true, Ordering::SeqCst);
+                tokio::task::spawn_blocking(move || run_merge(merge_key, &members, &params))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("merge task failed: {e}")))?
+            })
+            .await
+            .map_err(|e: Arc<ApiError>| clone_error(&e))?;
+        let outcome = if computed.load(Ordering::SeqCst) {
+            Outcome::Miss
+        } else if present {
+            Outcome::Hit
+        } else {
+            Outcome::Coalesced
+        };
+        metrics::cache_outcome(outcome);
+        metrics::cache_bytes(self.weighted_bytes());
+        Ok((entry, outcome))
+    }
+
+    pub fn entries(&self) -> Vec<Arc<CachedMerge>> {
+        self.cache.iter().map(|(_, v)| v).collect()
+    }
+
+    /// Removes the entry whose key id is `id`; whether one was there.
+    pub async fn evict(&self, id: &str) -> bool {
+        let found: Vec<MergeKey> = self
+            .cache
+            .iter()
+            .filter(|(k, _)| k.id() == id)
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        for key in &found {
+            self.cache.invalidate(key).await;
+        }
+        self.cache.run_pending_tasks().await;
+        metrics::cache_bytes(self.weighted_bytes());
+        !found.is_empty()
+    }
+
+    /// Drops every merge that includes the adapter `name` (its contents changed or it is gone).
+    pub async fn evict_adapter(&self, name: &str) -> usize {
+        let found: Vec<MergeKey> = self
+            .cache
+            .iter()
+            .filter(|(k, _)| k.contains(name))
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        for key in &found {
+            self.cache.invalidate(key).await;
+        }
+        self.cache.run_pending_tasks().await;
+        metrics::cache_bytes(self.weighted_bytes());
+        found.len()
+    }
+
+    pub fn weighted_bytes(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies pending inserts and evictions (so sizes and counts are current).
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+}
+
+fn run_merge(
+    key: MergeKey,
+    members: &[(Arc<Registered>, f64)],
+    params: &MergeParams,
+) -> Result<Arc<CachedMerge>, ApiError> {
+    let started = Instant::now();
+    let inputs: Vec<MergeInput<'_>> = members
+        .iter()
+        .map(|(r, weight)| MergeInput {
+            adapter: &r.adapter,
+            weight: *weight,
+        })
+        .collect();
+    let delta = merge::merge(&inputs, params, &Silent)?;
+    let seconds = started.elapsed().as_secs_f64();
+    metrics::merge_done(params.method.as_str(), seconds);
+    tracing::info!(key = %key, id = %key.id(), ms = seconds * 1e3, bytes = delta.bytes(), "merged");
+    Ok(Arc::new(CachedMerge {
+        key,
+        delta: Arc::new(delta),
+        merge_ms: seconds * 1e3,
+    }))
+}
+
+/// `try_get_with` shares one error among all waiters; each gets its own copy.
+fn clone_error(e: &ApiError) -> ApiError {
+    match e {
+        ApiError::BadRequest { message, param } => ApiError::BadRequest {
+            message: message.clone(),
+            param: param.clone(),
+        },
+        ApiError::Internal { cause } => ApiError::Internal {
+            cause: cause.clone(),
+        },
+        other => ApiError::internal(other),
+    }
+}

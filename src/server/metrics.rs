@@ -1,0 +1,86 @@
+//! Prometheus metrics. One recorder per process (the exporter is global), rendered at
+//! `GET /metrics`. Names follow Prometheus conventions; `knots:lora_requests_info` mirrors vLLM's
+//! `vllm:lora_requests_info` so adapter-affinity routers can read which adapters are running.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use super::cache::Outcome;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder on first use and returns the handle that renders it.
+pub fn handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (an embedding program's): render an empty one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+pub fn request(route: &'static str, status: u16, seconds: f64) {
+    counter!("knots_requests_total", "route" => route, "status" => status.to_string()).increment(1);
+    histogram!("knots_request_duration_seconds", "route" => route).record(seconds);
+}
+
+pub fn tokens(kind: &'static str, n: usize) {
+    counter!("knots_tokens_total", "kind" => kind).increment(n as u64);
+}
+
+pub fn merge_done(method: &'static str, seconds: f64) {
+    counter!("knots_merges_total", "method" => method).increment(1);
+    histogram!("knots_merge_duration_seconds", "method" => method).record(seconds);
+}
+
+pub fn cache_outcome(outcome: Outcome) {
+    counter!("knots_merge_cache_requests_total", "outcome" => outcome.as_str()).increment(1);
+}
+
+pub fn cache_bytes(bytes: u64) {
+    gauge!("knots_merge_cache_bytes").set(bytes as f64);
+}
+
+pub fn cache_eviction() {
+    counter!("knots_merge_cache_evictions_total").increment(1);
+}
+
+/// Per-arm experiment counters.
+pub fn arm(experiment: &str, arm: &str, ok: bool, seconds: f64, tokens: usize) {
+    let labels = [
+        ("experiment", experiment.to_string()),
+        ("arm", arm.to_string()),
+    ];
+    counter!("knots_experiment_requests_total", &labels).increment(1);
+    if !ok {
+        counter!("knots_experiment_errors_total", &labels).increment(1);
+    }
+    histogram!("knots_experiment_duration_seconds", &labels).record(seconds);
+    counter!("knots_experiment_tokens_total", &labels).increment(tokens as u64);
+}
+
+/// vLLM's form: labels list the adapters of running and waiting requests, the value is the
+/// time of the update.
+pub fn lora_requests_info(running: &[String], waiting: &[String], max_lora: usize) {
+    let labels = [
+        ("running_lora_adapters", running.join(",")),
+        ("waiting_lora_adapters", waiting.join(",")),
+        ("max_lora", max_lora.to_string()),
+    ];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    gauge!("knots:lora_requests_info", &labels).set(now);
+}

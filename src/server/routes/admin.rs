@@ -1,0 +1,225 @@
+//! Adapter and merge administration: list, register, delete and reload adapters; list, warm and
+//! evict merges. Changing or removing an adapter drops every cached merge that used it.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::adapters::{LoraAdapter, Owner, Registered, owner_of, valid_name};
+use crate::error::ApiError;
+use crate::server::attach_base;
+use crate::server::auth::Caller;
+use crate::server::resolve::resolve;
+use crate::server::spec::MergeField;
+use crate::server::state::AppState;
+
+fn describe(a: &Registered) -> Value {
+    let ranks: std::collections::BTreeSet<usize> =
+        a.adapter.modules.values().map(|m| m.rank()).collect();
+    json!({
+        "name": a.name, "base": a.base, "sha256": a.adapter.digest.to_string(),
+        "owner": match &a.owner { Owner::Shared => None, Owner::Tenant(t) => Some(t) },
+        "modules": a.adapter.modules.len(), "ranks": ranks, "bytes": a.delta.bytes(),
+        "task": a.adapter.task.as_ref().and_then(|t| t.task.clone()).unwrap_or_else(|| a.name.clone()),
+    })
+}
+
+pub async fn list_adapters(State(state): State<AppState>, caller: Caller) -> Json<Value> {
+    let data: Vec<_> = state
+        .registry
+        .list()
+        .iter()
+        .filter(|a| caller.can_see(&a.owner))
+        .map(|a| describe(a))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub name: String,
+    /// A directory inside one of the server's adapter roots.
+    pub path: PathBuf,
+}
+
+/// Checks that `caller` is an admin and `name` a valid adapter name.
+fn manageable(caller: &Caller, name: &str) -> Result<(), ApiError> {
+    caller.require_admin()?;
+    if !valid_name(name) {
+        return Err(ApiError::bad(
+            "name",
+            format!(
+                "{:?} is not a valid adapter name",
+                name.escape_default().to_string()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    caller: Caller,
+    crate::server::wire::ApiJson(req): crate::server::wire::ApiJson<RegisterRequest>,
+) -> Result<Json<Value>, ApiError> {
+    manageable(&caller, &req.name)?;
+    if state.registry.get(&req.name).is_some() {
+        return Err(ApiError::Conflict {
+            what: format!("adapter {:?}", req.name),
+        });
+    }
+    let dir = allowed_dir(&state, &req.path)?;
+    let entry = load(&state, dir, req.name).await?;
+    let body = describe(&entry);
+    state.registry.insert(entry);
+    Ok(Json(body))
+}
+
+/// `path` canonicalised, if it lies inside an adapter root.
+fn allowed_dir(state: &AppState, path: &std::path::Path) -> Result<PathBuf, ApiError> {
+    let not_allowed = || ApiError::bad("path", "not a directory inside the server's adapter roots");
+    let dir = std::fs::canonicalize(path).map_err(|_| not_allowed())?;
+    let inside = state
+        .adapter_roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .any(|root| dir.starts_with(&root));
+    if inside && dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(not_allowed())
+    }
+}
+
+async fn load(state: &AppState, dir: PathBuf, name: String) -> Result<Registered, ApiError> {
+    let bases = state.bases.clone();
+    tokio::task::spawn_blocking(move || {
+        let adapter = LoraAdapter::load_named(&dir, name.clone())?;
+        let base = attach_base(&bases, &adapter).map_err(|reason| ApiError::bad("path", reason))?;
+        Ok(Registered::new(name, base, adapter))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("adapter load failed: {e}")))?
+}
+
+pub async fn delete_adapter(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    manageable(&caller, &name)?;
+    state
+        .registry
+        .remove(&name)
+        .ok_or_else(|| ApiError::not_found(format!("adapter {name:?}")))?;
+    let evicted = state.cache.evict_adapter(&name).await;
+    Ok(Json(json!({"deleted": name, "evicted_merges": evicted})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadRequest {
+    pub name: String,
+}
+
+pub async fn reload(
+    State(state): State<AppState>,
+    caller: Caller,
+    crate::server::wire::ApiJson(req): crate::server::wire::ApiJson<ReloadRequest>,
+) -> Result<Json<Value>, ApiError> {
+    manageable(&caller, &req.name)?;
+    let old = state
+        .registry
+        .get(&req.name)
+        .ok_or_else(|| ApiError::not_found(format!("adapter {:?}", req.name)))?;
+    let entry = load(&state, old.adapter.path.clone(), req.name.clone()).await?;
+    let changed = entry.adapter.digest != old.adapter.digest;
+    let body = describe(&entry);
+    state.registry.insert(entry);
+    let evicted = if changed {
+        state.cache.evict_adapter(&req.name).await
+    } else {
+        0
+    };
+    Ok(Json(
+        json!({"adapter": body, "changed": changed, "evicted_merges": evicted}),
+    ))
+}
+
+pub async fn list_merges(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    state.cache.sync().await;
+    let data: Vec<_> = state
+        .cache
+        .entries()
+        .iter()
+        .filter(|e| e.key.members.iter().all(|m| caller.can_see(&owner_of(&m.name))))
+        .map(|e| {
+            let adapters: Vec<_> = e.key.members.iter().map(|m| json!({"name": m.name, "weight": m.weight()})).collect();
+            json!({"id": e.key.id(), "key": e.key.to_string(), "base": e.key.base, "method": e.key.method.as_str(),
+                   "adapters": adapters, "bytes": e.delta.bytes(), "merge_ms": e.merge_ms})
+        })
+        .collect();
+    Ok(Json(
+        json!({"object": "list", "data": data, "bytes": state.cache.weighted_bytes()}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmRequest {
+    pub model: String,
+    #[serde(default)]
+    pub merge: Option<MergeField>,
+}
+
+/// Merges a set ahead of traffic.
+pub async fn warm(
+    State(state): State<AppState>,
+    caller: Caller,
+    crate::server::wire::ApiJson(req): crate::server::wire::ApiJson<WarmRequest>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let target = resolve(
+        &state,
+        &caller,
+        &req.model,
+        &req.merge.unwrap_or_default(),
+        None,
+    )
+    .await?;
+    let merge = target
+        .merge
+        .as_ref()
+        .ok_or_else(|| ApiError::bad("model", "names no adapter set to merge"))?;
+    Ok(Json(
+        json!({"id": merge.key_id, "outcome": merge.outcome.as_str(), "merge_ms": merge.merge_ms,
+                   "bytes": target.delta.as_ref().map_or(0, |d| d.bytes())}),
+    ))
+}
+
+pub async fn evict(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let visible = state.cache.entries().iter().any(|e| {
+        e.key.id() == id
+            && e.key
+                .members
+                .iter()
+                .all(|m| caller.can_see(&owner_of(&m.name)))
+    });
+    if !visible || !state.cache.evict(&id).await {
+        return Err(ApiError::not_found(format!("merge {id:?}")));
+    }
+    Ok(Json(json!({"evicted": id})))
+}

@@ -1,0 +1,145 @@
+//! Experiments: list, per-arm statistics, feedback, and the side-by-side compare call.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::generate::answer;
+use crate::error::ApiError;
+use crate::server::auth::Caller;
+use crate::server::backend::Prompt;
+use crate::server::experiments::Experiment;
+use crate::server::state::AppState;
+use crate::server::wire::{ApiJson, ChatRequest, SamplingFields, WireMessage};
+
+fn visible<'a>(
+    state: &'a AppState,
+    caller: &Caller,
+    name: &str,
+) -> Result<&'a Experiment, ApiError> {
+    state
+        .experiments
+        .get(name)
+        .filter(|e| caller.can_see(&e.owner))
+        .ok_or_else(|| ApiError::not_found(format!("experiment {name:?}")))
+}
+
+fn summary(e: &Experiment) -> Value {
+    let stats = e.stats();
+    let arms: Vec<_> = e
+        .arms
+        .iter()
+        .map(|a| {
+            let s = stats.get(&a.name).cloned().unwrap_or_default();
+            let mean = |sum: f64, n: u64| if n > 0 { Some(sum / n as f64) } else { None };
+            json!({"name": a.name, "model": a.model, "weight": a.weight, "requests": s.requests, "errors": s.errors,
+                   "mean_latency_seconds": mean(s.total_seconds, s.requests), "completion_tokens": s.completion_tokens,
+                   "feedback_count": s.feedback_count, "mean_feedback": mean(s.feedback_sum, s.feedback_count)})
+        })
+        .collect();
+    json!({"name": e.name, "model": format!("exp:{}", e.name), "arms": arms})
+}
+
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Json<Value> {
+    let data: Vec<_> = state
+        .experiments
+        .list
+        .iter()
+        .filter(|e| caller.can_see(&e.owner))
+        .map(summary)
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(summary(visible(&state, &caller, &name)?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feedback {
+    pub request_id: String,
+    pub score: f64,
+}
+
+pub async fn feedback(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(fb): ApiJson<Feedback>,
+) -> Result<Json<Value>, ApiError> {
+    let exp = visible(&state, &caller, &name)?;
+    if !fb.score.is_finite() {
+        return Err(ApiError::bad("score", "must be a finite number"));
+    }
+    let (served_by, arm) = state
+        .experiments
+        .served(&fb.request_id)
+        .filter(|(e, _)| e == &name)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "request {:?} of experiment {name:?}",
+                fb.request_id
+            ))
+        })?;
+    exp.feedback(&arm, fb.score);
+    Ok(Json(
+        json!({"experiment": served_by, "arm": arm, "recorded": true}),
+    ))
+}
+
+/// A compare body: a `prompt` (completion style) or `messages` (chat), plus sampling fields.
+#[derive(Debug, Deserialize)]
+pub struct CompareRequest {
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<WireMessage>>,
+    #[serde(flatten)]
+    pub fields: SamplingFields,
+}
+
+pub async fn compare(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<CompareRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let exp = visible(&state, &caller, &name)?;
+    let prompt = match (req.prompt, req.messages) {
+        (Some(p), None) => Prompt::Text(p),
+        (None, Some(messages)) => {
+            let chat = ChatRequest {
+                model: String::new(),
+                messages,
+                fields: SamplingFields::default(),
+            };
+            Prompt::Chat(chat.messages()?)
+        }
+        _ => {
+            return Err(ApiError::bad(
+                "prompt",
+                "give exactly one of prompt and messages",
+            ));
+        }
+    };
+    let sampling = req.fields.sampling(state.limits.default_max_tokens)?;
+    let mut answers = Vec::new();
+    for arm in &exp.arms {
+        let (text, finished, target) = answer(
+            &state,
+            &caller,
+            &arm.model,
+            prompt.clone(),
+            sampling.clone(),
+        )
+        .await?;
+        answers.push(json!({"arm": arm.name, "model": arm.model, "text": text, "finish_reason": finished.finish_reason,
+                            "usage": crate::server::wire::Usage::new(finished.prompt_tokens, finished.completion_tokens),
+                            "merge": target.merge_header()}));
+    }
+    Ok(Json(json!({"experiment": name, "answers": answers})))
+}

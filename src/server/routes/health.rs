@@ -1,0 +1,43 @@
+//! Liveness, readiness and metrics.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use crate::server::metrics;
+use crate::server::state::AppState;
+
+/// The process is up.
+pub async fn health() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+/// The server takes traffic: models are loaded and it is not shutting down.
+pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    if state.is_shutting_down() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting_down"})),
+        )
+    } else {
+        (
+            StatusCode::OK,
+            Json(
+                json!({"status": "ready", "bases": state.bases.len(), "adapters": state.registry.len()}),
+            ),
+        )
+    }
+}
+
+/// Prometheus text format.
+pub async fn prometheus() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        metrics::handle().render(),
+    )
+}

@@ -1,0 +1,120 @@
+//! The shared state of a running server and its limits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::auth::Keys;
+use super::backend::{Backend, BaseInfo};
+use super::bundles::Bundle;
+use super::cache::MergeCache;
+use super::experiments::Experiments;
+use super::inflight::InFlight;
+use crate::adapters::Registry;
+use crate::error::ApiError;
+
+/// Limits, validated at start-up.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Requests doing model work at once; more get 429.
+    pub max_concurrency: usize,
+    /// Adapters in one merged set.
+    pub max_set_size: usize,
+    pub request_timeout: Duration,
+    pub body_limit_bytes: usize,
+    /// `max_tokens` when a request gives none.
+    pub default_max_tokens: usize,
+    /// Inputs in one embeddings or classify request.
+    pub max_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 8,
+            max_set_size: 16,
+            request_timeout: Duration::from_secs(120),
+            body_limit_bytes: 1 << 20,
+            default_max_tokens: 256,
+            max_batch: 64,
+        }
+    }
+}
+
+/// Everything a handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub backend: Arc<dyn Backend>,
+    pub bases: Arc<Vec<BaseInfo>>,
+    pub registry: Arc<Registry>,
+    pub cache: MergeCache,
+    pub keys: Arc<Keys>,
+    pub bundles: Arc<Vec<Bundle>>,
+    pub experiments: Arc<Experiments>,
+    pub limits: Arc<Limits>,
+    /// Directories adapters may be registered from at run time.
+    pub adapter_roots: Arc<Vec<PathBuf>>,
+    pub inflight: Arc<InFlight>,
+    permits: Arc<Semaphore>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+/// The parts a server is built from.
+pub struct StateParts {
+    pub backend: Arc<dyn Backend>,
+    pub registry: Registry,
+    pub keys: Keys,
+    pub bundles: Vec<Bundle>,
+    pub experiments: Experiments,
+    pub limits: Limits,
+    pub merge_cache_bytes: u64,
+    pub adapter_roots: Vec<PathBuf>,
+}
+
+impl AppState {
+    pub fn new(parts: StateParts) -> Self {
+        // Install the metrics recorder before the first request records anything.
+        super::metrics::handle();
+        let bases = parts.backend.bases();
+        Self {
+            backend: parts.backend,
+            bases: Arc::new(bases),
+            registry: Arc::new(parts.registry),
+            cache: MergeCache::new(parts.merge_cache_bytes),
+            keys: Arc::new(parts.keys),
+            bundles: Arc::new(parts.bundles),
+            experiments: Arc::new(parts.experiments),
+            permits: Arc::new(Semaphore::new(parts.limits.max_concurrency)),
+            inflight: Arc::new(InFlight::new(parts.limits.max_concurrency)),
+            limits: Arc::new(parts.limits),
+            adapter_roots: Arc::new(parts.adapter_roots),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A slot for model work, or 429 when all are taken (503 while shutting down).
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if self.is_shutting_down() {
+            return Err(ApiError::ShuttingDown);
+        }
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)
+    }
+
+    pub fn base(&self, id: &str) -> Option<&BaseInfo> {
+        self.bases.iter().find(|b| b.id == id)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
