@@ -151,3 +151,42 @@ fn paths_may_not_leave_the_cache() {
     let err = load_task(&suite, suite.task("lang").unwrap(), &cache, false).unwrap_err();
     assert!(err.to_string().contains("without `..`"), "{err}");
 }
+
+#[test]
+fn knots_data_prints_the_suite_and_its_split_sizes() {
+    let dir = fixture("eval-mini");
+    let run = |extra: &[&str]| {
+        let suite = dir.join("suite.toml");
+        let cache = dir.join("cache");
+        let mut args = vec!["data", "--suite", suite.to_str().unwrap()];
+        args.extend(["--cache", cache.to_str().unwrap()]);
+        args.extend(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_knots"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let list = run(&["--list"]);
+    let out = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success());
+    assert!(
+        out.contains("yesno (2 classes; bigbench: bb/task.json)"),
+        "{out}"
+    );
+    let stats = run(&["--stats", "--task", "topic"]);
+    let out = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    assert!(out.contains("| topic | sport | 3 | 1 | 1 | 1 |"), "{out}");
+    assert!(
+        out.contains("1 tasks: 2 train, 2 val, 2 test examples"),
+        "{out}"
+    );
+    let unknown = run(&["--stats", "--task", "nope"]);
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success());
+    assert!(err.contains("unknown task \"nope\""), "{err}");
+}
