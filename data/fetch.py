@@ -18,8 +18,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
 import zipfile
+
+try:
+    import tomllib
+except ImportError:
+    sys.exit("error: data/fetch.py needs Python 3.11 or newer (for tomllib)")
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

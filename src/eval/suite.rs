@@ -108,9 +108,17 @@ impl Suite {
 
     /// Parses and validates suite text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, EvalError> {
-        let suite: Suite = toml::from_str(text).map_err(|e| EvalError::Suite {
-            file: path.to_owned(),
-            reason: e.message().to_owned(),
+        let suite: Suite = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            EvalError::Suite {
+                file: path.to_owned(),
+                reason: match line {
+                    Some(line) => format!("line {line}: {}", e.message().trim_end()),
+                    None => e.message().trim_end().to_owned(),
+                },
+            }
         })?;
         suite.validate().map_err(|reason| EvalError::Suite {
             file: path.to_owned(),

@@ -117,6 +117,10 @@ fn invalid_suites_are_refused_with_a_reason() {
             "csv",
         ),
         (good.replace("seed = 7", "seed = 7\ncolour = 1"), "colour"),
+        (
+            good.replace("max_chars = 60", "max_chars = \"sixty\""),
+            "line 3:",
+        ),
     ];
     for (text, needle) in cases {
         let reason = parse_err(&text);
