@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::EvalError;
 use super::sources::read_records;
-use super::split::{Example, Splits, dedup, split};
+use super::split::{Example, Splits, cap, dedup, split};
 use super::suite::{Suite, TaskDef};
 use super::text::{TextRules, clean};
 
@@ -40,7 +40,8 @@ impl TaskData {
     }
 }
 
-/// Reads, cleans and splits one task of `suite` from the cache at `cache`.
+/// Reads, cleans and splits one task of `suite` from the cache at `cache`; `quick` caps the
+/// full splits to the suite's `quick_caps` (subsets of the full splits).
 pub fn load_task(
     suite: &Suite,
     task: &TaskDef,
@@ -86,13 +87,11 @@ pub fn load_task(
             format!("class {class} has no examples"),
         ));
     }
-    let splits = split(
-        examples,
-        task.classes.len(),
-        suite.caps(quick),
-        suite.seed,
-        &task.name,
-    );
+    let n_classes = task.classes.len();
+    let mut splits = split(examples, n_classes, suite.caps, suite.seed, &task.name);
+    if quick {
+        splits = cap(splits, n_classes, suite.quick_caps);
+    }
     Ok(TaskData {
         name: task.name.clone(),
         classes: task.classes.iter().map(|c| c.name.clone()).collect(),

@@ -90,6 +90,28 @@ pub fn split(
     Splits { train, val, test }
 }
 
+/// Keeps at most `caps` examples per class in each split (the first ones, i.e. the lowest
+/// hashes). A `--quick` run caps the full splits this way, so its splits are subsets of the full
+/// run's: nothing a quick run trains on is in a full run's test split.
+pub fn cap(splits: Splits, n_classes: usize, caps: Caps) -> Splits {
+    let take = |split: Vec<Example>, max: usize| {
+        let mut seen = vec![0usize; n_classes];
+        let keep = |e: &Example| match seen.get_mut(e.label) {
+            Some(n) if *n < max => {
+                *n += 1;
+                true
+            }
+            _ => false,
+        };
+        split.into_iter().filter(keep).collect()
+    };
+    Splits {
+        train: take(splits.train, caps.train),
+        val: take(splits.val, caps.val),
+        test: take(splits.test, caps.test),
+    }
+}
+
 /// How many of a class's `n` examples go to (train, val, test): the caps when there are enough,
 /// otherwise the caps scaled down in proportion (each split keeps at least one example when
 /// `n >= 3`).

@@ -34,7 +34,8 @@ pub struct Suite {
     pub min_chars: usize,
     /// Per-class caps of a full run.
     pub caps: Caps,
-    /// Per-class caps of a `--quick` run.
+    /// Per-class caps of a `--quick` run, applied to the full splits (so a quick split is a
+    /// subset of the full one).
     pub quick_caps: Caps,
     #[serde(rename = "task")]
     pub tasks: Vec<TaskDef>,

@@ -84,3 +84,37 @@ fn loaded_tasks_never_repeat_a_text_across_splits() {
         assert_eq!(data.splits, again.splits);
     }
 }
+
+#[test]
+fn quick_splits_are_subsets_of_the_full_ones() {
+    let (suite, cache) = super::suite::mini();
+    for task in &suite.tasks {
+        let full = load_task(&suite, task, &cache, false).unwrap().splits;
+        let quick = load_task(&suite, task, &cache, true).unwrap().splits;
+        for (q, f) in [
+            (&quick.train, &full.train),
+            (&quick.val, &full.val),
+            (&quick.test, &full.test),
+        ] {
+            assert!(texts(q).is_subset(&texts(f)), "task {}", task.name);
+        }
+    }
+}
+
+#[test]
+fn capping_keeps_the_first_examples_of_each_class() {
+    let full = split(examples(300, 3), 3, CAPS, 4, "t");
+    let small = Caps {
+        train: 3,
+        val: 2,
+        test: 1,
+    };
+    let quick = knots::eval::split::cap(full.clone(), 3, small);
+    assert_eq!(quick.test.len(), 3);
+    assert_eq!(quick.val.len(), 6);
+    assert_eq!(quick.train.len(), 9);
+    let first_of = |s: &[Example], class| s.iter().find(|e| e.label == class).cloned();
+    for class in 0..3 {
+        assert_eq!(first_of(&quick.train, class), first_of(&full.train, class));
+    }
+}
