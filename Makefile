@@ -1,11 +1,16 @@
 # knots: build, test and example targets. `make test` is what CI runs (.ci/run).
 CARGO ?= cargo
+PYTHON ?= python3
 EXAMPLE_OUT ?= target/example-merge
 EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/task_*)
 
-.PHONY: test fmt lint doc unit bench merge-example clean-example
+.PHONY: test data fmt lint doc unit bench merge-example clean-example
 
-test: fmt lint doc unit
+test: data fmt lint doc unit
+
+# Fetches the benchmark's labelled texts into data/cache/ (sha256-checked; a no-op when present).
+data:
+	$(PYTHON) data/fetch.py
 
 fmt:
 	$(CARGO) fmt --check
@@ -16,7 +21,7 @@ lint:
 doc:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
 
-unit:
+unit: data
 	$(CARGO) test
 
 bench:

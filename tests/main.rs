@@ -3,6 +3,7 @@
 mod adapter_io;
 mod cli;
 mod common;
+mod eval;
 mod golden;
 mod properties;
 mod server;

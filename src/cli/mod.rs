@@ -1,5 +1,6 @@
 //! The command line: `knots <command>`. Every flag can also be set by an environment variable.
 
+pub mod data;
 pub mod merge;
 mod progress;
 
@@ -20,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Merge PEFT LoRA adapters and write the result as a PEFT adapter or a dense delta.
     Merge(merge::MergeArgs),
+    /// Show the benchmark's task suite and the split sizes of the fetched data.
+    Data(data::DataArgs),
 }
 
 /// Runs the parsed command line.
@@ -28,6 +31,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(args) => {
             let summary = merge::run(&args)?;
             print!("{summary}");
+            Ok(())
+        }
+        Command::Data(args) => {
+            print!("{}", data::run(&args)?);
             Ok(())
         }
     }

@@ -1,0 +1,202 @@
+//! The benchmark report: the measured numbers in one serialisable tree, rendered as markdown
+//! tables (for the README), JSON (for tools) and an SVG scaling chart ([`super::svg`]).
+//!
+//! Step in the data flow: last; it formats what the metrics computed and never computes a
+//! metric itself.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::merge::MergeParams;
+
+use super::metrics::Normalized;
+use super::stats::MeanCi;
+
+/// Everything one `knots eval` run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Task names, in the column order of every per-task vector.
+    pub tasks: Vec<String>,
+    /// Test accuracy of each task's own (fine-tuned) adapter.
+    pub individual: Vec<f64>,
+    pub methods: Vec<MethodResult>,
+    /// Joint Hits@1/3/5 of the ensemble baseline (each label's best individual score).
+    pub ensemble_joint: Option<Hits>,
+    pub scaling: Vec<ScalingSeries>,
+    /// Wall time of the whole run.
+    pub seconds: f64,
+}
+
+/// Results of one merge method.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodResult {
+    pub method: String,
+    /// The parameters the validation search chose.
+    pub params: ParamsRecord,
+    /// Test accuracy per task, knowing the task.
+    pub accuracy: Vec<f64>,
+    pub normalized: Normalized,
+    /// Joint evaluation over the union of all tasks' labels.
+    pub joint: Hits,
+}
+
+/// Merge parameters as recorded in the report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ParamsRecord {
+    pub lambda: f64,
+    pub density: f64,
+    pub dare_p: f64,
+    pub seed: u64,
+}
+
+impl From<&MergeParams> for ParamsRecord {
+    fn from(p: &MergeParams) -> Self {
+        Self {
+            lambda: p.lambda,
+            density: p.density,
+            dare_p: p.dare_p,
+            seed: p.seed,
+        }
+    }
+}
+
+/// Hits@1, @3 and @5.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Hits {
+    pub at1: f64,
+    pub at3: f64,
+    pub at5: f64,
+}
+
+/// One method's normalised accuracy as a function of the number k of merged tasks.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalingSeries {
+    pub method: String,
+    pub points: Vec<ScalingPoint>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ScalingPoint {
+    pub k: usize,
+    pub normalized: MeanCi,
+}
+
+/// A fraction as a percentage with one decimal.
+fn pct(x: f64) -> String {
+    format!("{:.1}", 100.0 * x)
+}
+
+impl Report {
+    /// Pretty-printed JSON.
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string_pretty(self)
+    }
+
+    /// The per-task, joint and scaling tables in markdown (percentages).
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        self.per_task_table(&mut md);
+        md.push('\n');
+        self.joint_table(&mut md);
+        if !self.scaling.is_empty() {
+            md.push('\n');
+            self.scaling_table(&mut md);
+        }
+        md
+    }
+
+    fn per_task_table(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "Per-task accuracy (%), normalised by each task's fine-tuned adapter (absolute in parentheses)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| method | params | {} | mean |",
+            self.tasks.join(" | ")
+        );
+        let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(self.tasks.len()));
+        let individual: Vec<String> = self.individual.iter().map(|&a| pct(a)).collect();
+        let mean = self.individual.iter().sum::<f64>() / self.individual.len().max(1) as f64;
+        let _ = writeln!(
+            md,
+            "| fine-tuned (absolute) | | {} | {} |",
+            individual.join(" | "),
+            pct(mean)
+        );
+        for m in &self.methods {
+            let cells: Vec<String> = m
+                .normalized
+                .per_task
+                .iter()
+                .zip(&m.accuracy)
+                .map(|(&n, &a)| format!("{} ({})", pct(n), pct(a)))
+                .collect();
+            let p = m.params;
+            let _ = writeln!(
+                md,
+                "| {} | λ {} d {} p {} | {} | {} |",
+                m.method,
+                p.lambda,
+                p.density,
+                p.dare_p,
+                cells.join(" | "),
+                pct(m.normalized.mean)
+            );
+        }
+    }
+
+    fn joint_table(&self, md: &mut String) {
+        let _ = writeln!(md, "Joint evaluation over all tasks' labels (%)\n");
+        let _ = writeln!(
+            md,
+            "| method | Hits@1 | Hits@3 | Hits@5 |\n|---|---|---|---|"
+        );
+        let row = |md: &mut String, name: &str, h: &Hits| {
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {} | {} |",
+                pct(h.at1),
+                pct(h.at3),
+                pct(h.at5)
+            );
+        };
+        if let Some(h) = &self.ensemble_joint {
+            row(md, "ensemble", h);
+        }
+        for m in &self.methods {
+            row(md, &m.method, &m.joint);
+        }
+    }
+
+    fn scaling_table(&self, md: &mut String) {
+        let mut ks: Vec<usize> = self
+            .scaling
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.k))
+            .collect();
+        ks.sort_unstable();
+        ks.dedup();
+        let _ = writeln!(
+            md,
+            "Normalised accuracy (%) of merges of k tasks: mean [95% CI, Student t]\n"
+        );
+        let header: Vec<String> = ks.iter().map(|k| format!("k = {k}")).collect();
+        let _ = writeln!(md, "| method | {} |", header.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(ks.len()));
+        for s in &self.scaling {
+            let cells: Vec<String> = ks
+                .iter()
+                .map(|k| match s.points.iter().find(|p| p.k == *k) {
+                    Some(p) => {
+                        let c = p.normalized;
+                        format!("{} [{}, {}]", pct(c.mean), pct(c.lo), pct(c.hi))
+                    }
+                    None => String::new(),
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", s.method, cells.join(" | "));
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The paper's greedy hyperparameter search, as a pure function over an evaluator closure.
+//!
+//! For a method: first λ over its grid (density and DARE p at the method's defaults), then, with
+//! the best λ fixed, the density (TIES-style methods) or the DARE drop rate p (DARE methods).
+//! A DARE configuration is scored as the best over several seeds, and the winning seed is kept.
+//! Ties between grid points keep the earlier (smaller) value.
+//!
+//! Step in the data flow: `knots eval` runs it on the validation split for every method, then
+//! evaluates the chosen parameters on the test split.
+
+use crate::merge::{MergeOptions, MergeParams, Method};
+
+use super::EvalError;
+
+/// The grids searched. [`SearchGrid::default`] is the paper's: λ and density 0.1–1.0, p 0.1–0.9
+/// in steps of 0.1, DARE seeds 0, 1, 2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchGrid {
+    pub lambdas: Vec<f64>,
+    pub densities: Vec<f64>,
+    pub dare_ps: Vec<f64>,
+    pub dare_seeds: Vec<u64>,
+}
+
+impl Default for SearchGrid {
+    fn default() -> Self {
+        let tenths = |from: u32, to: u32| (from..=to).map(|i| f64::from(i) / 10.0).collect();
+        Self {
+            lambdas: tenths(1, 10),
+            densities: tenths(1, 10),
+            dare_ps: tenths(1, 9),
+            dare_seeds: vec![0, 1, 2],
+        }
+    }
+}
+
+/// One evaluated point of the search.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Trial {
+    pub params: MergeParams,
+    pub score: f64,
+}
+
+/// What the search found: the best parameters, their score, and every point evaluated in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchOutcome {
+    pub best: MergeParams,
+    pub score: f64,
+    pub trials: Vec<Trial>,
+}
+
+/// Runs the greedy search for `method` over `grid`, calling `evaluate` once per point (and per
+/// seed for DARE methods). `evaluate` returns the validation score to maximise.
+pub fn greedy_search<F>(
+    method: Method,
+    grid: &SearchGrid,
+    mut evaluate: F,
+) -> Result<SearchOutcome, EvalError>
+where
+    F: FnMut(&MergeParams) -> Result<f64, EvalError>,
+{
+    if grid.lambdas.is_empty() || (method.uses_dare() && grid.dare_seeds.is_empty()) {
+        return Err(EvalError::metric("search", "an empty grid"));
+    }
+    let mut search = Search {
+        method,
+        seeds: &grid.dare_seeds,
+        trials: Vec::new(),
+        evaluate: &mut evaluate,
+    };
+    let base = MergeOptions::default();
+    let mut best = search.best_of(grid.lambdas.iter().map(|&l| MergeOptions {
+        lambda: Some(l),
+        ..base
+    }))?;
+    let lambda = Some(best.params.lambda);
+    let second: Vec<MergeOptions> = if method.uses_dare() {
+        let ps = grid.dare_ps.iter().map(|&p| MergeOptions {
+            lambda,
+            dare_p: Some(p),
+            ..base
+        });
+        ps.collect()
+    } else if method.uses_ties() {
+        let ds = grid.densities.iter().map(|&d| MergeOptions {
+            lambda,
+            density: Some(d),
+            ..base
+        });
+        ds.collect()
+    } else {
+        Vec::new()
+    };
+    if !second.is_empty() {
+        let candidate = search.best_of(second.into_iter())?;
+        if candidate.score > best.score {
+            best = candidate;
+        }
+    }
+    Ok(SearchOutcome {
+        best: best.params,
+        score: best.score,
+        trials: search.trials,
+    })
+}
+
+struct Search<'a, F> {
+    method: Method,
+    seeds: &'a [u64],
+    trials: Vec<Trial>,
+    evaluate: &'a mut F,
+}
+
+impl<F> Search<'_, F>
+where
+    F: FnMut(&MergeParams) -> Result<f64, EvalError>,
+{
+    /// The best of `points` (the first on ties).
+    fn best_of(&mut self, points: impl Iterator<Item = MergeOptions>) -> Result<Trial, EvalError> {
+        let mut best: Option<Trial> = None;
+        for options in points {
+            let trial = self.score(options)?;
+            if best.is_none_or(|b| trial.score > b.score) {
+                best = Some(trial);
+            }
+        }
+        best.ok_or_else(|| EvalError::metric("search", "an empty grid"))
+    }
+
+    /// Scores one point: once, or for DARE methods the best over the seeds.
+    fn score(&mut self, options: MergeOptions) -> Result<Trial, EvalError> {
+        let seeds: Vec<Option<u64>> = if self.method.uses_dare() {
+            self.seeds.iter().map(|&s| Some(s)).collect()
+        } else {
+            vec![None]
+        };
+        let mut best: Option<Trial> = None;
+        for seed in seeds {
+            let params = MergeParams::new(self.method, MergeOptions { seed, ..options })?;
+            let score = (self.evaluate)(&params)?;
+            if score.is_nan() {
+                return Err(EvalError::metric("search", "the evaluator returned NaN"));
+            }
+            let trial = Trial { params, score };
+            self.trials.push(trial);
+            if best.is_none_or(|b| score > b.score) {
+                best = Some(trial);
+            }
+        }
+        best.ok_or_else(|| EvalError::metric("search", "no DARE seeds"))
+    }
+}
