@@ -1,6 +1,7 @@
 //! The one integration-test binary (each extra binary would link the whole stack again).
 
 mod adapter_io;
+mod bad_input;
 mod cli;
 mod common;
 mod eval;

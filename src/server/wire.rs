@@ -30,7 +30,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
             .map(ApiJson)
             .map_err(|e| {
                 let path = e.path().to_string();
-                let param = if path == "." || path.is_empty() {
+                let param = if matches!(path.as_str(), "" | "." | "?") {
                     "body".to_string()
                 } else {
                     path
@@ -57,9 +57,13 @@ impl OneOrMany {
     }
 }
 
-/// Sampling fields shared by completions and chat.
+/// The body of `/v1/completions` (`prompt`), `/v1/chat/completions` (`messages`) and the
+/// experiments' compare call (either). One type without `flatten`, so a bad field is named.
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct SamplingFields {
+pub struct GenerationRequest {
+    pub model: Option<String>,
+    pub prompt: Option<OneOrMany>,
+    pub messages: Option<Vec<WireMessage>>,
     pub max_tokens: Option<i64>,
     /// The chat API's newer name for `max_tokens`.
     pub max_completion_tokens: Option<i64>,
@@ -82,7 +86,7 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-impl SamplingFields {
+impl GenerationRequest {
     /// Validated sampling settings; `default_max` when no `max_tokens` is given.
     pub fn sampling(&self, default_max: usize) -> Result<Sampling, ApiError> {
         if let Some(n) = self.n
@@ -146,14 +150,6 @@ impl SamplingFields {
     }
 }
 
-#[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
-    pub model: String,
-    pub prompt: OneOrMany,
-    #[serde(flatten)]
-    pub fields: SamplingFields,
-}
-
 /// A chat message's `content`: a string, or a list of parts of which text parts are used.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -176,20 +172,42 @@ pub struct WireMessage {
     pub content: Content,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    pub model: String,
-    pub messages: Vec<WireMessage>,
-    #[serde(flatten)]
-    pub fields: SamplingFields,
-}
+impl GenerationRequest {
+    /// `model`, which the generation endpoints require.
+    pub fn model(&self) -> Result<String, ApiError> {
+        self.model
+            .clone()
+            .ok_or_else(|| ApiError::bad("model", "is required"))
+    }
 
-impl ChatRequest {
+    /// The one `prompt` of a completion request.
+    pub fn prompt(&self) -> Result<String, ApiError> {
+        if self.messages.is_some() {
+            return Err(ApiError::bad(
+                "messages",
+                "belongs to /v1/chat/completions; give prompt",
+            ));
+        }
+        match self.prompt.clone().map(OneOrMany::into_vec).as_deref() {
+            Some([one]) => Ok(one.clone()),
+            Some(_) => Err(ApiError::bad("prompt", "exactly one prompt per request")),
+            None => Err(ApiError::bad("prompt", "is required")),
+        }
+    }
+
+    /// The validated chat `messages`.
     pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
-        if self.messages.is_empty() {
+        if self.prompt.is_some() {
+            return Err(ApiError::bad(
+                "prompt",
+                "belongs to /v1/completions; give messages",
+            ));
+        }
+        let messages = self.messages.as_deref().unwrap_or_default();
+        if messages.is_empty() {
             return Err(ApiError::bad("messages", "must not be empty"));
         }
-        self.messages
+        messages
             .iter()
             .enumerate()
             .map(|(i, m)| {

@@ -11,7 +11,7 @@ use crate::server::auth::Caller;
 use crate::server::backend::Prompt;
 use crate::server::experiments::Experiment;
 use crate::server::state::AppState;
-use crate::server::wire::{ApiJson, ChatRequest, SamplingFields, WireMessage};
+use crate::server::wire::{ApiJson, GenerationRequest};
 
 fn visible<'a>(
     state: &'a AppState,
@@ -93,40 +93,25 @@ pub async fn feedback(
     ))
 }
 
-/// A compare body: a `prompt` (completion style) or `messages` (chat), plus sampling fields.
-#[derive(Debug, Deserialize)]
-pub struct CompareRequest {
-    pub prompt: Option<String>,
-    pub messages: Option<Vec<WireMessage>>,
-    #[serde(flatten)]
-    pub fields: SamplingFields,
-}
-
 pub async fn compare(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-    ApiJson(req): ApiJson<CompareRequest>,
+    ApiJson(req): ApiJson<GenerationRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let exp = visible(&state, &caller, &name)?;
-    let prompt = match (req.prompt, req.messages) {
-        (Some(p), None) => Prompt::Text(p),
-        (None, Some(messages)) => {
-            let chat = ChatRequest {
-                model: String::new(),
-                messages,
-                fields: SamplingFields::default(),
-            };
-            Prompt::Chat(chat.messages()?)
-        }
-        _ => {
-            return Err(ApiError::bad(
-                "prompt",
-                "give exactly one of prompt and messages",
-            ));
-        }
+    if req.model.is_some() {
+        return Err(ApiError::bad(
+            "model",
+            "the arms name the models; leave model out",
+        ));
+    }
+    let prompt = if req.messages.is_some() {
+        Prompt::Chat(req.messages()?)
+    } else {
+        Prompt::Text(req.prompt()?)
     };
-    let sampling = req.fields.sampling(state.limits.default_max_tokens)?;
+    let sampling = req.sampling(state.limits.default_max_tokens)?;
     let mut answers = Vec::new();
     for arm in &exp.arms {
         let (text, finished, target) = answer(

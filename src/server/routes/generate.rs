@@ -21,10 +21,7 @@ use crate::server::backend::{BaseKind, Finished, GenerateJob, Prompt};
 use crate::server::metrics;
 use crate::server::resolve::{Target, resolve};
 use crate::server::state::AppState;
-use crate::server::wire::{
-    ApiJson, ChatRequest, CompletionRequest, SamplingFields, Usage, finish_str, request_id,
-    unix_now,
-};
+use crate::server::wire::{ApiJson, GenerationRequest, Usage, finish_str, request_id, unix_now};
 
 /// Which endpoint a generation answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,31 +33,19 @@ enum Kind {
 pub async fn completions(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(req): ApiJson<CompletionRequest>,
+    ApiJson(req): ApiJson<GenerationRequest>,
 ) -> Result<Response, ApiError> {
-    let mut prompts = req.prompt.into_vec();
-    if prompts.len() != 1 {
-        return Err(ApiError::bad("prompt", "exactly one prompt per request"));
-    }
-    let prompt = Prompt::Text(prompts.remove(0));
-    run(
-        state,
-        caller,
-        req.model,
-        prompt,
-        req.fields,
-        Kind::Completion,
-    )
-    .await
+    let prompt = Prompt::Text(req.prompt()?);
+    run(state, caller, req.model()?, prompt, req, Kind::Completion).await
 }
 
 pub async fn chat(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(req): ApiJson<ChatRequest>,
+    ApiJson(req): ApiJson<GenerationRequest>,
 ) -> Result<Response, ApiError> {
     let prompt = Prompt::Chat(req.messages()?);
-    run(state, caller, req.model, prompt, req.fields, Kind::Chat).await
+    run(state, caller, req.model()?, prompt, req, Kind::Chat).await
 }
 
 async fn run(
@@ -68,7 +53,7 @@ async fn run(
     caller: Caller,
     model: String,
     prompt: Prompt,
-    fields: SamplingFields,
+    fields: GenerationRequest,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let sampling = fields.sampling(state.limits.default_max_tokens)?;
