@@ -6,5 +6,6 @@ mod cli;
 mod common;
 mod eval;
 mod golden;
+mod openapi;
 mod properties;
 mod server;

@@ -102,31 +102,35 @@ async fn observe(req: Request, next: Next) -> Response {
     response
 }
 
+/// Every route `app` serves, as `(method, path)`; the OpenAPI document is checked against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/classify"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/adapters"),
+    ("POST", "/v1/adapters"),
+    ("POST", "/v1/adapters/reload"),
+    ("DELETE", "/v1/adapters/{*name}"),
+    ("GET", "/v1/merges"),
+    ("POST", "/v1/merges"),
+    ("DELETE", "/v1/merges/{id}"),
+    ("GET", "/v1/experiments"),
+    ("GET", "/v1/experiments/{name}"),
+    ("POST", "/v1/experiments/{name}/feedback"),
+    ("POST", "/v1/experiments/{name}/compare"),
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/metrics"),
+];
+
 /// A static label per known route (metrics labels must not grow with user input).
 fn route_label(route: &str) -> &'static str {
-    const ROUTES: &[&str] = &[
-        "/v1/completions",
-        "/v1/chat/completions",
-        "/v1/embeddings",
-        "/v1/classify",
-        "/v1/models",
-        "/v1/adapters",
-        "/v1/adapters/reload",
-        "/v1/adapters/{*name}",
-        "/v1/merges",
-        "/v1/merges/{id}",
-        "/v1/experiments",
-        "/v1/experiments/{name}",
-        "/v1/experiments/{name}/feedback",
-        "/v1/experiments/{name}/compare",
-        "/health",
-        "/ready",
-        "/metrics",
-    ];
     ROUTES
         .iter()
-        .find(|r| **r == route)
-        .copied()
+        .map(|(_, path)| *path)
+        .find(|p| *p == route)
         .unwrap_or("unmatched")
 }
 
