@@ -1,0 +1,289 @@
+//! `knots serve` configuration: one typed tree from flags, environment variables and an optional
+//! TOML file (flags and variables win over the file), validated before the server starts.
+//!
+//! ```toml
+//! models = ["smollm2-135m-instruct", "all-minilm-l6-v2"]
+//! adapters = "models/adapters"
+//! port = 8000
+//! merge_cache_bytes = 2147483648
+//!
+//! [[bundles]]
+//! name = "support"
+//! model = "sentiment+topic@knots-ties"
+//!
+//! [[experiments]]
+//! name = "merged-vs-single"
+//! arms = [{ name = "merged", model = "sentiment+topic" }, { name = "single", model = "sentiment" }]
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::server::bundles::{Bundle, BundleConfig};
+use crate::server::experiments::{Experiment, ExperimentConfig};
+use crate::server::state::Limits;
+
+/// `knots serve` flags. Every flag has an environment variable; unset values come from the
+/// `--config` file, then from the defaults shown.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Base model to serve (repeatable): a manifest id, a local directory, a GGUF file or a hub
+    /// repo id [default: smollm2-135m-instruct].
+    #[arg(long = "model", env = "KNOTS_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Directory of PEFT adapters: `<name>/` shared, `<tenant>/<name>/` owned by a tenant.
+    #[arg(long, env = "KNOTS_ADAPTERS")]
+    pub adapters: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "KNOTS_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on [default: 8000].
+    #[arg(long, env = "KNOTS_PORT")]
+    pub port: Option<u16>,
+    /// TOML file with any of these settings plus `[[bundles]]` and `[[experiments]]`.
+    #[arg(long, env = "KNOTS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// API keys file (TOML `[[keys]]` with key, tenant, role); without it the server is open.
+    #[arg(long, env = "KNOTS_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
+    /// Bytes of merged deltas kept in the cache [default: 2 GiB].
+    #[arg(long, env = "KNOTS_MERGE_CACHE_BYTES")]
+    pub merge_cache_bytes: Option<u64>,
+    /// Requests doing model work at once; more get 429 [default: 8].
+    #[arg(long, env = "KNOTS_MAX_CONCURRENCY")]
+    pub max_concurrency: Option<usize>,
+    /// Adapters in one merged set [default: 16].
+    #[arg(long, env = "KNOTS_MAX_SET_SIZE")]
+    pub max_set_size: Option<usize>,
+    /// Seconds a request may run [default: 120].
+    #[arg(long, env = "KNOTS_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<u64>,
+    /// Largest request body in bytes [default: 1 MiB].
+    #[arg(long, env = "KNOTS_BODY_LIMIT")]
+    pub body_limit: Option<usize>,
+    /// Seconds in-flight requests get to finish after SIGTERM [default: 30].
+    #[arg(long, env = "KNOTS_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<u64>,
+    /// `max_tokens` when a request gives none [default: 256].
+    #[arg(long, env = "KNOTS_DEFAULT_MAX_TOKENS")]
+    pub default_max_tokens: Option<usize>,
+    /// Directories adapters may be registered from at run time (repeatable) [default: --adapters].
+    #[arg(
+        long = "adapter-root",
+        env = "KNOTS_ADAPTER_ROOTS",
+        value_delimiter = ','
+    )]
+    pub adapter_roots: Vec<PathBuf>,
+    /// Device for the models: cpu or cuda:N [default: cpu].
+    #[arg(long, env = "KNOTS_DEVICE")]
+    pub device: Option<String>,
+}
+
+/// The `--config` file: the same settings, plus bundles and experiments.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    models: Vec<String>,
+    adapters: Option<PathBuf>,
+    host: Option<String>,
+    port: Option<u16>,
+    api_keys: Option<PathBuf>,
+    merge_cache_bytes: Option<u64>,
+    max_concurrency: Option<usize>,
+    max_set_size: Option<usize>,
+    request_timeout: Option<u64>,
+    body_limit: Option<usize>,
+    shutdown_grace: Option<u64>,
+    default_max_tokens: Option<usize>,
+    #[serde(default)]
+    adapter_roots: Vec<PathBuf>,
+    device: Option<String>,
+    #[serde(default)]
+    bundles: Vec<BundleConfig>,
+    #[serde(default)]
+    experiments: Vec<ExperimentConfig>,
+}
+
+/// The validated configuration a server starts from.
+#[derive(Debug)]
+pub struct ServeConfig {
+    pub models: Vec<String>,
+    pub adapters: Option<PathBuf>,
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Option<PathBuf>,
+    pub merge_cache_bytes: u64,
+    pub limits: Limits,
+    pub shutdown_grace: Duration,
+    pub adapter_roots: Vec<PathBuf>,
+    pub device: String,
+    pub bundles: Vec<Bundle>,
+    pub experiments: Vec<Experiment>,
+}
+
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+impl ServeConfig {
+    /// Merges flags over the file over the defaults, and validates the result.
+    pub fn resolve(args: ServeArgs) -> Result<Self, String> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                toml::from_str::<ConfigFile>(&text)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => ConfigFile::default(),
+        };
+        let defaults = Limits::default();
+        let models = first_nonempty(args.models, file.models)
+            .unwrap_or_else(|| vec![DEFAULT_MODEL.to_string()]);
+        let adapters = args.adapters.or(file.adapters);
+        let limits = Limits {
+            max_concurrency: positive(
+                "max_concurrency",
+                args.max_concurrency.or(file.max_concurrency),
+                defaults.max_concurrency,
+            )?,
+            max_set_size: positive(
+                "max_set_size",
+                args.max_set_size.or(file.max_set_size),
+                defaults.max_set_size,
+            )?,
+            request_timeout: Duration::from_secs(positive(
+                "request_timeout",
+                args.request_timeout.or(file.request_timeout),
+                120,
+            )?),
+            body_limit_bytes: positive(
+                "body_limit",
+                args.body_limit.or(file.body_limit),
+                defaults.body_limit_bytes,
+            )?,
+            default_max_tokens: positive(
+                "default_max_tokens",
+                args.default_max_tokens.or(file.default_max_tokens),
+                defaults.default_max_tokens,
+            )?,
+            max_batch: defaults.max_batch,
+        };
+        let adapter_roots = first_nonempty(args.adapter_roots, file.adapter_roots)
+            .unwrap_or_else(|| adapters.iter().cloned().collect());
+        let bundles = file
+            .bundles
+            .into_iter()
+            .map(Bundle::from_config)
+            .collect::<Result<Vec<_>, _>>()?;
+        let experiments = file
+            .experiments
+            .into_iter()
+            .map(Experiment::from_config)
+            .collect::<Result<Vec<_>, _>>()?;
+        unique("bundle", bundles.iter().map(|b| b.name.as_str()))?;
+        unique("experiment", experiments.iter().map(|e| e.name.as_str()))?;
+        Ok(Self {
+            models,
+            adapters,
+            host: args
+                .host
+                .or(file.host)
+                .unwrap_or_else(|| "127.0.0.1".to_string()),
+            port: args.port.or(file.port).unwrap_or(8000),
+            api_keys: args.api_keys.or(file.api_keys),
+            merge_cache_bytes: positive(
+                "merge_cache_bytes",
+                args.merge_cache_bytes.or(file.merge_cache_bytes),
+                2 << 30,
+            )?,
+            limits,
+            shutdown_grace: Duration::from_secs(
+                args.shutdown_grace.or(file.shutdown_grace).unwrap_or(30),
+            ),
+            adapter_roots,
+            device: args
+                .device
+                .or(file.device)
+                .unwrap_or_else(|| "cpu".to_string()),
+            bundles,
+            experiments,
+        })
+    }
+}
+
+fn first_nonempty<T>(a: Vec<T>, b: Vec<T>) -> Option<Vec<T>> {
+    [a, b].into_iter().find(|v| !v.is_empty())
+}
+
+fn positive<T: PartialOrd + Default + std::fmt::Display>(
+    name: &str,
+    value: Option<T>,
+    default: T,
+) -> Result<T, String> {
+    let v = value.unwrap_or(default);
+    if v > T::default() {
+        Ok(v)
+    } else {
+        Err(format!("invalid {name}: must be positive, got {v}"))
+    }
+}
+
+fn unique<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for n in names {
+        if !seen.insert(n) {
+            return Err(format!("{what} {n} is configured twice"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("knots.toml");
+        std::fs::write(
+            &path,
+            "port = 9000\nmax_concurrency = 4\n[[bundles]]\nname = \"b\"\nmodel = \"x+y\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_concurrency: Some(2),
+            ..Default::default()
+        };
+        let c = ServeConfig::resolve(args).unwrap();
+        assert_eq!(
+            (c.port, c.limits.max_concurrency, c.host.as_str()),
+            (9000, 2, "127.0.0.1")
+        );
+        assert_eq!(c.models, vec![DEFAULT_MODEL.to_string()]);
+        assert_eq!(c.bundles.len(), 1);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = ServeConfig::resolve(ServeArgs {
+            max_concurrency: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("max_concurrency"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let err = ServeConfig::resolve(ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("prot"), "{err}");
+    }
+}
