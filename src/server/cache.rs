@@ -101,26 +101,20 @@ impl MergeCache {
 
     /// Removes the entry whose key id is `id`; whether one was there.
     pub async fn evict(&self, id: &str) -> bool {
-        let found: Vec<MergeKey> = self
-            .cache
-            .iter()
-            .filter(|(k, _)| k.id() == id)
-            .map(|(k, _)| (*k).clone())
-            .collect();
-        for key in &found {
-            self.cache.invalidate(key).await;
-        }
-        self.cache.run_pending_tasks().await;
-        metrics::cache_bytes(self.weighted_bytes());
-        !found.is_empty()
+        self.evict_where(|k| k.id() == id).await > 0
     }
 
     /// Drops every merge that includes the adapter `name` (its contents changed or it is gone).
     pub async fn evict_adapter(&self, name: &str) -> usize {
+        self.evict_where(|k| k.contains(name)).await
+    }
+
+    /// Removes every entry whose key matches; how many there were.
+    async fn evict_where(&self, matches: impl Fn(&MergeKey) -> bool) -> usize {
         let found: Vec<MergeKey> = self
             .cache
             .iter()
-            .filter(|(k, _)| k.contains(name))
+            .filter(|(k, _)| matches(k))
             .map(|(k, _)| (*k).clone())
             .collect();
         for key in &found {

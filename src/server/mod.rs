@@ -9,7 +9,7 @@ pub mod backend;
 pub mod bundles;
 pub mod cache;
 pub mod experiments;
-mod inflight;
+pub mod inflight;
 pub mod metrics;
 pub mod resolve;
 pub mod routes;

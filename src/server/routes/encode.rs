@@ -12,6 +12,7 @@ use crate::server::auth::Caller;
 use crate::server::backend::{BaseKind, LabelScore, TaskHead};
 use crate::server::metrics;
 use crate::server::resolve::{Target, resolve};
+use crate::server::spec::MergeField;
 use crate::server::state::AppState;
 use crate::server::wire::{ApiJson, ClassifyRequest, EmbeddingsRequest, request_id};
 
@@ -34,11 +35,54 @@ fn inputs(
     Ok(inputs)
 }
 
+/// What an encoder request needs while it runs: its slot, its target and its in-flight mark.
+struct EncoderCall {
+    target: Target,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _running: crate::server::inflight::Running,
+}
+
+impl EncoderCall {
+    async fn start(
+        state: &AppState,
+        caller: &Caller,
+        model: &str,
+        merge: Option<&MergeField>,
+        user: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        let permit = state.admit()?;
+        let target = encoder_target(state, caller, model, merge, user).await?;
+        let running = state.inflight.start(target.adapter_names());
+        Ok(Self {
+            target,
+            _permit: permit,
+            _running: running,
+        })
+    }
+
+    /// Runs `work(backend, base, delta)` on a blocking thread under the request timeout.
+    async fn run<T: Send + 'static>(
+        &self,
+        state: &AppState,
+        work: impl FnOnce(
+            &dyn crate::server::backend::Backend,
+            &str,
+            Option<&std::sync::Arc<crate::merge::MergedDelta>>,
+        ) -> Result<T, crate::server::backend::BackendError>
+        + Send
+        + 'static,
+    ) -> Result<T, ApiError> {
+        let backend = state.backend.clone();
+        let (base, delta) = (self.target.base.clone(), self.target.delta.clone());
+        blocking(state, move || work(backend.as_ref(), &base, delta.as_ref())).await
+    }
+}
+
 async fn encoder_target(
     state: &AppState,
     caller: &Caller,
     model: &str,
-    req_merge: Option<&crate::server::spec::MergeField>,
+    req_merge: Option<&MergeField>,
     user: Option<&str>,
 ) -> Result<Target, ApiError> {
     let target = resolve(
@@ -72,8 +116,7 @@ pub async fn embeddings(
         ));
     }
     let inputs = inputs(&state, req.input)?;
-    let _permit = state.admit()?;
-    let target = encoder_target(
+    let call = EncoderCall::start(
         &state,
         &caller,
         &req.model,
@@ -81,13 +124,11 @@ pub async fn embeddings(
         req.user.as_deref(),
     )
     .await?;
-    let _running = state.inflight.start(target.adapter_names());
-    let backend = state.backend.clone();
-    let (base, delta) = (target.base.clone(), target.delta.clone());
-    let (vectors, tokens) = blocking(&state, move || {
-        backend.embed(&base, &inputs, delta.as_ref())
-    })
-    .await?;
+    let (vectors, tokens) = call
+        .run(&state, move |backend, base, delta| {
+            backend.embed(base, &inputs, delta)
+        })
+        .await?;
     metrics::tokens("prompt", tokens);
     let data: Vec<_> = vectors
         .iter()
@@ -95,7 +136,7 @@ pub async fn embeddings(
         .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
         .collect();
     let body = json!({"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
-    Ok((headers(&target, &request_id("emb")), Json(body)).into_response())
+    Ok((headers(&call.target, &request_id("emb")), Json(body)).into_response())
 }
 
 pub async fn classify(
@@ -114,8 +155,7 @@ pub async fn classify(
             ));
         }
     };
-    let _permit = state.admit()?;
-    let target = encoder_target(
+    let call = EncoderCall::start(
         &state,
         &caller,
         &req.model,
@@ -123,17 +163,15 @@ pub async fn classify(
         req.user.as_deref(),
     )
     .await?;
-    let heads = heads(&target.adapters, req.task.as_deref())?;
-    let _running = state.inflight.start(target.adapter_names());
-    let backend = state.backend.clone();
-    let (base, delta) = (target.base.clone(), target.delta.clone());
-    let scores = blocking(&state, move || {
-        backend.classify(&base, &inputs, &heads, delta.as_ref())
-    })
-    .await?;
+    let heads = heads(&call.target.adapters, req.task.as_deref())?;
+    let scores = call
+        .run(&state, move |backend, base, delta| {
+            backend.classify(base, &inputs, &heads, delta)
+        })
+        .await?;
     let results: Vec<_> = scores.into_iter().map(|s| ranked(s, top_k)).collect();
     let body = json!({"object": "list", "model": req.model, "task": req.task.as_deref().unwrap_or("joint"), "data": results});
-    Ok((headers(&target, &request_id("cls")), Json(body)).into_response())
+    Ok((headers(&call.target, &request_id("cls")), Json(body)).into_response())
 }
 
 /// The heads of the tasks asked for: one named task, or every task of the set (`joint`).
