@@ -4,9 +4,12 @@ PYTHON ?= python3
 EXAMPLE_OUT ?= target/example-merge
 EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/task_*)
 
+# `make models`: fetches the default base models into models/cache/.
+include models/models.mk
+
 .PHONY: test data fmt lint doc unit docker-lint bench merge-example clean-example
 
-test: data fmt lint doc docker-lint unit
+test: data models fmt lint doc docker-lint unit
 
 # Fetches the benchmark's labelled texts into data/cache/ (sha256-checked; a no-op when present).
 data:
