@@ -6,5 +6,6 @@
 
 pub mod adapters;
 pub mod cli;
+pub mod engine;
 pub mod matrix;
 pub mod merge;

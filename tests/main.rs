@@ -3,5 +3,6 @@
 mod adapter_io;
 mod cli;
 mod common;
+mod engine;
 mod golden;
 mod properties;

@@ -1,5 +1,6 @@
 //! The command line: `knots <command>`. Every flag can also be set by an environment variable.
 
+pub mod infer;
 pub mod merge;
 mod progress;
 
@@ -16,6 +17,12 @@ pub struct Cli {
 pub enum Command {
     /// Merge PEFT LoRA adapters and write the result as a PEFT adapter or a dense delta.
     Merge(merge::MergeArgs),
+    /// Generate text with a base model and an optional adapter set (streams to stdout).
+    Generate(infer::GenerateArgs),
+    /// Print sentence embeddings, one JSON array per line.
+    Embed(infer::EmbedArgs),
+    /// Classify texts with adapter heads or label-text heads.
+    Classify(infer::ClassifyArgs),
 }
 
 /// Runs the parsed command line.
@@ -26,5 +33,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{summary}");
             Ok(())
         }
+        Command::Generate(args) => infer::run_generate(&args),
+        Command::Embed(args) => infer::run_embed(&args),
+        Command::Classify(args) => infer::run_classify(&args),
     }
 }
