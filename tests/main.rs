@@ -4,6 +4,7 @@ mod adapter_io;
 mod bad_input;
 mod cli;
 mod common;
+mod engine;
 mod eval;
 mod golden;
 mod openapi;

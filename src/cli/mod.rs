@@ -1,6 +1,7 @@
 //! The command line: `knots <command>`. Every flag can also be set by an environment variable.
 
 pub mod data;
+pub mod infer;
 pub mod merge;
 mod progress;
 
@@ -23,6 +24,12 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Show the benchmark's task suite and the split sizes of the fetched data.
     Data(data::DataArgs),
+    /// Generate text with a base model and an optional adapter set (streams to stdout).
+    Generate(infer::GenerateArgs),
+    /// Print sentence embeddings, one JSON array per line.
+    Embed(infer::EmbedArgs),
+    /// Classify texts with adapter heads or label-text heads.
+    Classify(infer::ClassifyArgs),
 }
 
 /// Runs the parsed command line.
@@ -37,5 +44,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", data::run(&args)?);
             Ok(())
         }
+        Command::Generate(args) => infer::run_generate(&args),
+        Command::Embed(args) => infer::run_embed(&args),
+        Command::Classify(args) => infer::run_classify(&args),
     }
 }

@@ -1,0 +1,281 @@
+//! `knots generate`, `knots embed`, `knots classify`: one-off runs of the model engine, with an
+//! optional adapter set merged on the fly (the same delta path the server uses).
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::adapters::LoraAdapter;
+use crate::engine::{
+    self, DEFAULT_TEXT_SCALE, Encoder, Head, Message, SamplingParams, Scope, TextModel, classify,
+    generate, parse_device,
+};
+use crate::merge::{self, MergeInput, MergeOptions, MergeParams, MergedDelta, Method, Silent};
+
+/// Model, device and adapter set shared by the three commands.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Manifest id (models/manifest.toml, fetched if missing), local directory, GGUF file or hub repo id.
+    #[arg(long, env = "KNOTS_MODEL")]
+    pub model: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "KNOTS_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// PEFT adapter directories to apply (one: its own update; several: merged).
+    #[arg(long = "adapter", env = "KNOTS_ADAPTERS", value_delimiter = ',')]
+    pub adapters: Vec<PathBuf>,
+    /// Merge method for several adapters (or to force a merge of one) [default: knots-ties].
+    #[arg(long, env = "KNOTS_METHOD")]
+    pub method: Option<Method>,
+    /// TIES density in (0, 1] [default: the method's].
+    #[arg(long, env = "KNOTS_DENSITY")]
+    pub density: Option<f64>,
+    /// Merge scaling coefficient λ [default: 1].
+    #[arg(long, env = "KNOTS_LAMBDA")]
+    pub lambda: Option<f64>,
+    /// DARE drop probability [default: 0.1].
+    #[arg(long, env = "KNOTS_DARE_P")]
+    pub dare_p: Option<f64>,
+    /// DARE seed [default: 0].
+    #[arg(long, env = "KNOTS_MERGE_SEED")]
+    pub merge_seed: Option<u64>,
+}
+
+impl ModelArgs {
+    fn resolve(&self) -> anyhow::Result<(engine::ModelPath, candle_core::Device)> {
+        let device = parse_device(&self.device)?;
+        let path = engine::resolve(&self.model, &engine::models_dir())?;
+        Ok((path, device))
+    }
+
+    /// The adapters, and their delta (merged when there are several or `--method` is given).
+    fn delta(&self) -> anyhow::Result<(Vec<LoraAdapter>, Option<Arc<MergedDelta>>)> {
+        let adapters = self
+            .adapters
+            .iter()
+            .map(|d| LoraAdapter::load(d).with_context(|| format!("adapter {}", d.display())))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let delta = match (&adapters[..], self.method) {
+            ([], _) => None,
+            ([one], None) => Some(one.delta()),
+            (many, method) => {
+                let options = MergeOptions {
+                    lambda: self.lambda,
+                    density: self.density,
+                    dare_p: self.dare_p,
+                    seed: self.merge_seed,
+                };
+                let params =
+                    MergeParams::new(method.unwrap_or(MergeParams::DEFAULT_METHOD), options)?;
+                let inputs: Vec<MergeInput<'_>> = many.iter().map(MergeInput::new).collect();
+                Some(merge::merge(&inputs, &params, &Silent)?)
+            }
+        };
+        Ok((adapters, delta.map(Arc::new)))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt.
+    #[arg(long, env = "KNOTS_PROMPT")]
+    pub prompt: String,
+    /// Apply the model's chat template to the prompt as one user message.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, env = "KNOTS_MAX_TOKENS", default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, env = "KNOTS_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, env = "KNOTS_TOP_P", default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, env = "KNOTS_TOP_K")]
+    pub top_k: Option<usize>,
+    /// Sampling seed.
+    #[arg(long, env = "KNOTS_SEED")]
+    pub seed: Option<u64>,
+    /// Stop sequences (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print prompt/decode speed to stderr.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Streams the generated text to stdout.
+pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    let (path, device) = args.model.resolve()?;
+    let (_, delta) = args.model.delta()?;
+    let model = TextModel::load(&path, &device)?;
+    let loaded = delta.map(|d| model.load_delta(&d)).transpose()?;
+    let prompt = if args.chat {
+        model.encode_chat(&[Message::user(args.prompt.clone())])?
+    } else {
+        model.encode_plain(&args.prompt)?
+    };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+    };
+    let mut out = std::io::stdout().lock();
+    let gen_out = generate(
+        &model.model,
+        &model.tokenizer,
+        &prompt,
+        &params,
+        loaded.as_deref(),
+        |ev| {
+            // A closed stdout (e.g. `| head`) cancels generation.
+            match out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        },
+    )?;
+    let _ = writeln!(out);
+    if args.stats {
+        let n = gen_out.ids.len();
+        eprintln!(
+            "prompt {} tokens in {:.3} s ({:.1} tok/s); generated {n} tokens in {:.3} s ({:.1} tok/s); finish {:?}",
+            gen_out.prompt_tokens,
+            gen_out.prefill_secs,
+            gen_out.prompt_tokens as f64 / gen_out.prefill_secs.max(1e-9),
+            gen_out.decode_secs,
+            n.saturating_sub(1) as f64 / gen_out.decode_secs.max(1e-9),
+            gen_out.finish
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Texts to embed (one JSON array of floats per line on stdout).
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+}
+
+pub fn run_embed(args: &EmbedArgs) -> anyhow::Result<()> {
+    let (path, device) = args.model.resolve()?;
+    let (_, delta) = args.model.delta()?;
+    let encoder = Encoder::load(&path, &device)?;
+    let loaded = delta.map(|d| encoder.load_delta(&d)).transpose()?;
+    let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
+    let rows = encoder.embed(&texts, loaded.as_deref())?.to_vec2::<f32>()?;
+    for row in rows {
+        println!("{}", serde_json::to_string(&row)?);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Label-text head `task=label1,label2,…` (repeatable). Adapters with a saved classifier
+    /// add a head each, named after the adapter directory.
+    #[arg(long = "labels")]
+    pub labels: Vec<String>,
+    /// Names for the classes of adapter heads, `task=neg,pos` (repeatable).
+    #[arg(long = "head-labels")]
+    pub head_labels: Vec<String>,
+    /// A task name, or `joint` for the union of every task's labels.
+    #[arg(long, default_value = "joint")]
+    pub task: String,
+    #[arg(long, default_value_t = 3)]
+    pub top_k: usize,
+    /// Texts to classify (one JSON line each on stdout).
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+}
+
+fn parse_task_labels(spec: &str) -> anyhow::Result<(String, Vec<String>)> {
+    let Some((task, labels)) = spec.split_once('=') else {
+        bail!("expected task=label1,label2 but got {spec:?}");
+    };
+    let labels: Vec<String> = labels
+        .split(',')
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if task.is_empty() || labels.is_empty() {
+        bail!("expected task=label1,label2 but got {spec:?}");
+    }
+    Ok((task.to_string(), labels))
+}
+
+pub fn run_classify(args: &ClassifyArgs) -> anyhow::Result<()> {
+    let (path, device) = args.model.resolve()?;
+    let (adapters, delta) = args.model.delta()?;
+    let encoder = Encoder::load(&path, &device)?;
+    let loaded = delta.map(|d| encoder.load_delta(&d)).transpose()?;
+    let names: Vec<(String, Vec<String>)> = args
+        .head_labels
+        .iter()
+        .map(|s| parse_task_labels(s))
+        .collect::<anyhow::Result<_>>()?;
+    let mut heads = Vec::new();
+    for adapter in adapters.iter().filter(|a| !a.saved_modules.is_empty()) {
+        let labels = names
+            .iter()
+            .find(|(t, _)| *t == adapter.name)
+            .map(|(_, l)| l.clone());
+        heads.push(Head::from_saved(
+            &adapter.name,
+            &adapter.saved_modules,
+            labels,
+            &encoder,
+        )?);
+    }
+    for spec in &args.labels {
+        let (task, labels) = parse_task_labels(spec)?;
+        heads.push(Head::from_label_texts(
+            &task,
+            labels,
+            DEFAULT_TEXT_SCALE,
+            &encoder,
+            loaded.as_deref(),
+        )?);
+    }
+    if heads.is_empty() {
+        bail!("no heads: pass --labels task=a,b or an --adapter with a saved classifier");
+    }
+    let scope = if args.task == "joint" {
+        Scope::Joint
+    } else {
+        Scope::Task(args.task.clone())
+    };
+    let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
+    let ranked = classify(
+        &encoder,
+        &heads,
+        &scope,
+        &texts,
+        loaded.as_deref(),
+        args.top_k,
+    )?;
+    for (text, top) in texts.iter().zip(ranked) {
+        let top: Vec<_> = top
+            .iter()
+            .map(|s| serde_json::json!({"task": s.task, "label": s.label, "score": s.score, "logit": s.logit}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"text": text, "label": top.first().map(|t| t["label"].clone()), "top": top})
+        );
+    }
+    Ok(())
+}

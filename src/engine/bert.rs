@@ -1,0 +1,278 @@
+//! BERT encoder (all-MiniLM-L6-v2 and other BERT checkpoints): embeddings, post-norm attention
+//! blocks with a padding mask, exact-erf GELU, mean pooling + L2 normalisation as
+//! sentence-transformers does, and the `[CLS]` pooler a sequence-classification head reads.
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::error::{EngineError, Result};
+use super::linear::{LinearRegistry, LoadedDelta, LoraLinear};
+use super::weights::WeightStore;
+
+/// Masked attention logits; large enough to vanish under softmax, finite so no row is NaN.
+const MASKED: f64 = -1e9;
+
+fn default_ln_eps() -> f64 {
+    1e-12
+}
+
+/// The fields of a BERT `config.json` the model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+#[derive(Debug)]
+struct Norm {
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl Norm {
+    fn load(store: &WeightStore, path: &str, dim: usize) -> Result<Self> {
+        Ok(Self {
+            gamma: store.get(&format!("{path}.weight"), &[dim])?,
+            beta: store.get(&format!("{path}.bias"), &[dim])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.gamma, &self.beta, eps)?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    query: LoraLinear,
+    key: LoraLinear,
+    value: LoraLinear,
+    attn_out: LoraLinear,
+    attn_norm: Norm,
+    intermediate: LoraLinear,
+    output: LoraLinear,
+    out_norm: Norm,
+}
+
+/// A BERT encoder.
+#[derive(Debug)]
+pub struct Bert {
+    cfg: BertConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+    pooler: Option<LoraLinear>,
+    registry: LinearRegistry,
+    device: Device,
+}
+
+/// Padded ids and their attention mask.
+#[derive(Debug)]
+pub struct Batch {
+    pub ids: Tensor,
+    /// `(batch, seq)` with 1 for real tokens, 0 for padding (f32).
+    pub mask: Tensor,
+}
+
+impl Bert {
+    /// Builds the encoder; weight names may or may not carry a `bert.` prefix.
+    pub fn new(cfg: BertConfig, store: &WeightStore) -> Result<Self> {
+        if !matches!(cfg.hidden_act.as_deref(), None | Some("gelu")) {
+            return Err(EngineError::Unsupported {
+                message: format!("BERT activation {:?}", cfg.hidden_act),
+            });
+        }
+        let root = if store.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
+        let h = cfg.hidden_size;
+        let mut reg = LinearRegistry::default();
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("{root}encoder.layer.{i}");
+            let inter = cfg.intermediate_size;
+            layers.push(Layer {
+                query: reg.linear(store, &format!("{p}.attention.self.query"), (h, h), true)?,
+                key: reg.linear(store, &format!("{p}.attention.self.key"), (h, h), true)?,
+                value: reg.linear(store, &format!("{p}.attention.self.value"), (h, h), true)?,
+                attn_out: reg.linear(
+                    store,
+                    &format!("{p}.attention.output.dense"),
+                    (h, h),
+                    true,
+                )?,
+                attn_norm: Norm::load(store, &format!("{p}.attention.output.LayerNorm"), h)?,
+                intermediate: reg.linear(
+                    store,
+                    &format!("{p}.intermediate.dense"),
+                    (inter, h),
+                    true,
+                )?,
+                output: reg.linear(store, &format!("{p}.output.dense"), (h, inter), true)?,
+                out_norm: Norm::load(store, &format!("{p}.output.LayerNorm"), h)?,
+            });
+        }
+        let pooler_path = format!("{root}pooler.dense");
+        let pooler = if store.contains(&format!("{pooler_path}.weight")) {
+            Some(reg.linear(store, &pooler_path, (h, h), true)?)
+        } else {
+            None
+        };
+        let e = format!("{root}embeddings");
+        Ok(Self {
+            word: store.get(&format!("{e}.word_embeddings.weight"), &[cfg.vocab_size, h])?,
+            position: store.get(
+                &format!("{e}.position_embeddings.weight"),
+                &[cfg.max_position_embeddings, h],
+            )?,
+            token_type: store.get_any(&format!("{e}.token_type_embeddings.weight"))?,
+            emb_norm: Norm::load(store, &format!("{e}.LayerNorm"), h)?,
+            layers,
+            pooler,
+            registry: reg,
+            device: store.device().clone(),
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn registry(&self) -> &LinearRegistry {
+        &self.registry
+    }
+
+    /// Pads `seqs` (with id 0) into one batch.
+    pub fn batch(&self, seqs: &[Vec<u32>]) -> Result<Batch> {
+        let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if len == 0 {
+            return Err(EngineError::EmptyInput { what: "sequences" });
+        }
+        if len > self.cfg.max_position_embeddings {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: len,
+                context: self.cfg.max_position_embeddings,
+            });
+        }
+        let mut ids = Vec::with_capacity(seqs.len() * len);
+        let mut mask = Vec::with_capacity(seqs.len() * len);
+        for s in seqs {
+            ids.extend(
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, len - s.len())),
+            );
+            mask.extend((0..len).map(|i| if i < s.len() { 1f32 } else { 0.0 }));
+        }
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (seqs.len(), len), &self.device)?,
+            mask: Tensor::from_vec(mask, (seqs.len(), len), &self.device)?,
+        })
+    }
+
+    /// Last hidden states `(batch, seq, hidden)`.
+    pub fn hidden(&self, batch: &Batch, delta: Option<&LoadedDelta>) -> Result<Tensor> {
+        let (b, t) = batch.ids.dims2()?;
+        let eps = self.cfg.layer_norm_eps as f32;
+        let words = self
+            .word
+            .index_select(&batch.ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        let pos = self.position.narrow(0, 0, t)?;
+        let tt = self.token_type.narrow(0, 0, 1)?;
+        let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
+        let mut x = self.emb_norm.forward(&x, eps)?;
+        // (batch, 1, 1, seq): 0 where attended, MASKED at padding.
+        let bias = ((batch.mask.ones_like()? - &batch.mask)? * MASKED)?.reshape((b, 1, 1, t))?;
+        for layer in &self.layers {
+            x = self.layer(layer, &x, &bias, delta)?;
+        }
+        Ok(x)
+    }
+
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        delta: Option<&LoadedDelta>,
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let heads = self.cfg.num_attention_heads;
+        let hd = h / heads;
+        let split = |y: Tensor| -> Result<Tensor> {
+            Ok(y.reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(l.query.forward(x, delta)?)?;
+        let k = split(l.key.forward(x, delta)?)?;
+        let v = split(l.value.forward(x, delta)?)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let eps = self.cfg.layer_norm_eps as f32;
+        let x = l
+            .attn_norm
+            .forward(&(l.attn_out.forward(&ctx, delta)? + x)?, eps)?;
+        let inner = l.intermediate.forward(&x, delta)?.gelu_erf()?;
+        l.out_norm
+            .forward(&(l.output.forward(&inner, delta)? + x)?, eps)
+    }
+
+    /// Sentence embeddings: mean over real tokens, L2-normalised, `(batch, hidden)`.
+    pub fn embed(&self, batch: &Batch, delta: Option<&LoadedDelta>) -> Result<Tensor> {
+        mean_pool(&self.hidden(batch, delta)?, batch)
+    }
+
+    /// BERT's pooler output `tanh(dense(h[CLS]))`, `(batch, hidden)`.
+    pub fn pooled(&self, batch: &Batch, delta: Option<&LoadedDelta>) -> Result<Tensor> {
+        self.pool_cls(&self.hidden(batch, delta)?, delta)
+    }
+
+    /// The pooler applied to hidden states from [`Bert::hidden`].
+    pub fn pool_cls(&self, hidden: &Tensor, delta: Option<&LoadedDelta>) -> Result<Tensor> {
+        let pooler = self
+            .pooler
+            .as_ref()
+            .ok_or_else(|| EngineError::MissingWeight {
+                name: "pooler.dense.weight".into(),
+            })?;
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(pooler.forward(&cls, delta)?.tanh()?)
+    }
+}
+
+/// Mean of `hidden` over the real tokens of `batch`, L2-normalised (sentence-transformers'
+/// Pooling(mean) + Normalize).
+pub fn mean_pool(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let mask = batch.mask.unsqueeze(2)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
+    l2_normalise(&summed.broadcast_div(&counts)?)
+}
+
+/// Rows scaled to unit length (rows of zeros stay zero).
+pub fn l2_normalise(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    Ok(x.broadcast_div(&norm)?.to_dtype(DType::F32)?)
+}

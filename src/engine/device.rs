@@ -1,0 +1,33 @@
+//! `--device cpu | cuda | cuda:N` to a candle device.
+
+use candle_core::Device;
+
+use super::error::{EngineError, Result};
+
+/// Parses a device name; CUDA needs the crate's `cuda` feature.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let err = |message: &str| EngineError::Device {
+        spec: spec.to_string(),
+        message: message.to_string(),
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0).map_err(|e| err(&e.to_string())),
+        _ => {
+            let ordinal = spec
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| err("expected cpu, cuda or cuda:N"))?;
+            cuda(ordinal).map_err(|e| err(&e.to_string()))
+        }
+    }
+}
+
+fn cuda(ordinal: usize) -> candle_core::Result<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err(candle_core::Error::Msg(
+            "this build has no CUDA support (build with --features cuda) or no GPU".into(),
+        ));
+    }
+    Device::new_cuda(ordinal)
+}

@@ -1,0 +1,332 @@
+//! Llama-layout decoder (SmolLM2, TinyLlama, Llama-2/3 style configs): RMSNorm, rotary
+//! attention with grouped KV heads, SwiGLU MLP, optional tied embeddings, and a KV cache.
+//!
+//! Every projection is a [`LoraLinear`], so a request's delta reaches all of them through the
+//! one code path; the model itself is immutable and shared by concurrent requests.
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use super::error::{EngineError, Result};
+use super::linear::{LinearRegistry, LoadedDelta, LoraLinear};
+use super::rope::{Rope, RopeScaling, causal_mask};
+use super::weights::WeightStore;
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_context() -> usize {
+    2048
+}
+
+/// The fields of a Hugging Face Llama `config.json` the model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// transformers ≥ 5 nests `rope_theta` and the scaling here; older configs use
+    /// `rope_scaling`.
+    #[serde(default, alias = "rope_scaling")]
+    pub rope_parameters: Option<RopeScaling>,
+    #[serde(default = "default_context")]
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        let nested = self.rope_parameters.as_ref().and_then(|p| p.rope_theta);
+        self.rope_theta.or(nested).unwrap_or(10_000.0)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let (h, kv) = (self.num_attention_heads, self.kv_heads());
+        if h == 0 || kv == 0 || h % kv != 0 || self.head_dim() % 2 != 0 {
+            return Err(EngineError::Unsupported {
+                message: format!(
+                    "{h} attention heads, {kv} KV heads, head_dim {}",
+                    self.head_dim()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Keys and values of the positions seen so far, one entry per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q: LoraLinear,
+    k: LoraLinear,
+    v: LoraLinear,
+    o: LoraLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &mut Step<'_>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = ctx.rope.apply(
+            &split(self.q.forward(x, ctx.delta)?, self.heads)?,
+            ctx.offset,
+        )?;
+        let k = ctx.rope.apply(
+            &split(self.k.forward(x, ctx.delta)?, self.kv_heads)?,
+            ctx.offset,
+        )?;
+        let v = split(self.v.forward(x, ctx.delta)?, self.kv_heads)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        // Grouped heads: query head j uses KV head j / n_rep, so fold the n_rep query heads of a
+        // group into the sequence axis instead of copying K and V n_rep times.
+        let n_rep = self.heads / self.kv_heads;
+        let total = k.dim(2)?;
+        let q = q.reshape((b, self.kv_heads, n_rep * t, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if t > 1 {
+            let mask = ctx.mask(t)?;
+            scores = scores
+                .reshape((b, self.kv_heads, n_rep, t, total))?
+                .broadcast_add(&mask)?
+                .reshape((b, self.kv_heads, n_rep * t, total))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, self.heads, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
+        self.o.forward(&out, ctx.delta)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    gate: LoraLinear,
+    up: LoraLinear,
+    down: LoraLinear,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &mut Step<'_>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &self.input_norm, ctx.eps)?;
+        let x = (x + self.attn.forward(&h, ctx, cache)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.post_norm, ctx.eps)?;
+        let gated =
+            (self.gate.forward(&h, ctx.delta)?.silu()? * self.up.forward(&h, ctx.delta)?)?;
+        Ok((x + self.down.forward(&gated, ctx.delta)?)?)
+    }
+}
+
+/// Per-forward state shared by the layers.
+struct Step<'a> {
+    delta: Option<&'a LoadedDelta>,
+    rope: &'a Rope,
+    offset: usize,
+    eps: f32,
+    mask: Option<Tensor>,
+    device: &'a Device,
+}
+
+impl Step<'_> {
+    fn mask(&mut self, t: usize) -> Result<Tensor> {
+        if self.mask.is_none() {
+            self.mask = Some(causal_mask(t, self.offset, self.device)?);
+        }
+        self.mask
+            .clone()
+            .ok_or(EngineError::EmptyInput { what: "mask" })
+    }
+}
+
+/// A Llama-layout causal language model.
+#[derive(Debug)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: LoraLinear,
+    rope: Rope,
+    registry: LinearRegistry,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from Hugging Face-named weights (`model.layers.N…`).
+    pub fn new(cfg: LlamaConfig, mut store: WeightStore) -> Result<Self> {
+        cfg.validate()?;
+        let device = store.device().clone();
+        let (hid, hd) = (cfg.hidden_size, cfg.head_dim());
+        let embed = store.get("model.embed_tokens.weight", &[cfg.vocab_size, hid])?;
+        if cfg.tie_word_embeddings || !store.contains("lm_head.weight") {
+            store.insert("lm_head.weight", embed.clone());
+        }
+        let mut reg = LinearRegistry::default();
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+            let (qo, kvo) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+            let attn = Attention {
+                q: reg.linear(&store, &format!("{p}.self_attn.q_proj"), (qo, hid), ab)?,
+                k: reg.linear(&store, &format!("{p}.self_attn.k_proj"), (kvo, hid), ab)?,
+                v: reg.linear(&store, &format!("{p}.self_attn.v_proj"), (kvo, hid), ab)?,
+                o: reg.linear(&store, &format!("{p}.self_attn.o_proj"), (hid, qo), ab)?,
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.kv_heads(),
+                head_dim: hd,
+            };
+            let inter = cfg.intermediate_size;
+            blocks.push(Block {
+                input_norm: store.get(&format!("{p}.input_layernorm.weight"), &[hid])?,
+                attn,
+                post_norm: store.get(&format!("{p}.post_attention_layernorm.weight"), &[hid])?,
+                gate: reg.linear(&store, &format!("{p}.mlp.gate_proj"), (inter, hid), mb)?,
+                up: reg.linear(&store, &format!("{p}.mlp.up_proj"), (inter, hid), mb)?,
+                down: reg.linear(&store, &format!("{p}.mlp.down_proj"), (hid, inter), mb)?,
+            });
+        }
+        let lm_head = reg.linear(&store, "lm_head", (cfg.vocab_size, hid), false)?;
+        let rope = Rope::new(
+            hd,
+            cfg.rope_theta(),
+            cfg.rope_parameters.as_ref(),
+            cfg.max_position_embeddings,
+            &device,
+        )?;
+        Ok(Self {
+            norm: store.get("model.norm.weight", &[hid])?,
+            embed,
+            blocks,
+            lm_head,
+            rope,
+            registry: reg,
+            device,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The linear layers, for resolving and converting deltas.
+    pub fn registry(&self) -> &LinearRegistry {
+        &self.registry
+    }
+
+    /// Maximum number of positions (prompt plus generated tokens).
+    pub fn context_length(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    /// Runs `ids` (one sequence) after the cached positions and returns the logits of the last
+    /// position, `[vocab]`.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        delta: Option<&LoadedDelta>,
+    ) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(EngineError::EmptyInput { what: "token ids" });
+        }
+        let offset = cache.len;
+        if offset + ids.len() > self.context_length() {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: offset + ids.len(),
+                context: self.context_length(),
+            });
+        }
+        cache.layers.resize(self.blocks.len(), None);
+        let input = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&input, 0)?.unsqueeze(0)?;
+        let mut step = Step {
+            delta,
+            rope: &self.rope,
+            offset,
+            eps: self.cfg.rms_norm_eps as f32,
+            mask: None,
+            device: &self.device,
+        };
+        for (block, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, &mut step, layer_cache)?;
+        }
+        cache.len += ids.len();
+        let last = x.narrow(1, ids.len() - 1, 1)?;
+        let h = candle_nn::ops::rms_norm(&last, &self.norm, step.eps)?;
+        Ok(self.lm_head.forward(&h, delta)?.flatten_all()?)
+    }
+}
