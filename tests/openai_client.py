@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Drives a running `knots serve` with the official `openai` Python client.
+
+Usage: tests/openai_client.py BASE_URL   (e.g. http://127.0.0.1:8123/v1)
+
+The server must serve smollm2-135m-instruct with the adapters `shout` and `shout-half` (see
+scripts/serve_check.sh, which sets this up). Checks completions and chat, streamed and not, with
+`model` naming a merged set and `extra_body` merge parameters, and that errors surface as the
+client's typed exceptions. Exits non-zero on the first failure.
+"""
+
+import sys
+
+import openai
+
+
+def main(base_url: str) -> None:
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    merged = "shout+shout-half"
+    merge = {"merge": {"method": "ties", "density": 0.5, "lambda": 1.0}}
+
+    c = client.completions.create(model=merged, prompt="The capital of France is", max_tokens=8,
+                                  temperature=0, extra_body=merge)
+    assert c.choices[0].text, c
+    assert c.usage.completion_tokens >= 1, c.usage
+    print("completion:", repr(c.choices[0].text))
+
+    pieces = [ch.choices[0].text for ch in client.completions.create(
+        model=merged, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True,
+        extra_body=merge)]
+    assert "".join(pieces) == c.choices[0].text, (pieces, c.choices[0].text)
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model=merged + "@knots-ties", messages=messages, max_tokens=12,
+                                          temperature=0)
+    text = chat.choices[0].message.content
+    assert text and chat.choices[0].finish_reason in ("stop", "length"), chat
+    print("chat:", repr(text))
+
+    stream = client.chat.completions.create(model=merged + "@knots-ties", messages=messages, max_tokens=12,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    streamed, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            streamed.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(streamed) == text, (streamed, text)
+    assert usage is not None and usage.completion_tokens >= 1, usage
+
+    models = [m.id for m in client.models.list()]
+    assert "smollm2-135m-instruct" in models and "shout" in models, models
+
+    for call, exc in [
+        (lambda: client.completions.create(model="no-such-adapter", prompt="x", max_tokens=1), openai.NotFoundError),
+        (lambda: client.completions.create(model=merged, prompt="x", max_tokens=1,
+                                           extra_body={"merge": {"density": 0}}), openai.BadRequestError),
+        (lambda: client.chat.completions.create(model="shout@nope", messages=messages), openai.BadRequestError),
+    ]:
+        try:
+            call()
+        except exc as e:
+            assert e.body and "message" in e.body, e.body
+        else:
+            raise AssertionError(f"expected {exc.__name__}")
+    print("openai client: all checks passed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
