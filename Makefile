@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint bench merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint bench serve serve-check merge-example clean-example
 
 test: data models fmt lint doc docker-lint unit
 
@@ -42,3 +42,13 @@ merge-example: clean-example
 
 clean-example:
 	rm -rf $(EXAMPLE_OUT)
+
+# Serves the API on the default models with the example adapters in models/adapters/.
+SERVE_MODELS ?= smollm2-135m-instruct,all-minilm-l6-v2
+SERVE_PORT ?= 8000
+serve: models
+	$(CARGO) run --release --bin knots -- serve --model $(SERVE_MODELS) --adapters models/adapters --port $(SERVE_PORT)
+
+# End-to-end check of `knots serve`: the README's curl examples and the official openai client.
+serve-check: models
+	scripts/serve_check.sh

@@ -4,6 +4,7 @@ pub mod data;
 pub mod infer;
 pub mod merge;
 mod progress;
+pub mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -11,7 +12,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "knots",
     version,
-    about = "Merge LoRA adapters with KnOTS, TIES, DARE or task arithmetic"
+    about = "Serve, merge and evaluate sets of LoRA adapters (KnOTS, TIES, DARE, task arithmetic)"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -30,6 +31,8 @@ pub enum Command {
     Embed(infer::EmbedArgs),
     /// Classify texts with adapter heads or label-text heads.
     Classify(infer::ClassifyArgs),
+    /// Serve the OpenAI-compatible API; every request can name an adapter set to merge.
+    Serve(crate::config::ServeArgs),
 }
 
 /// Runs the parsed command line.
@@ -47,5 +50,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => infer::run_generate(&args),
         Command::Embed(args) => infer::run_embed(&args),
         Command::Classify(args) => infer::run_classify(&args),
+        Command::Serve(args) => serve::run(args),
     }
 }

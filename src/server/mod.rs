@@ -8,6 +8,7 @@ pub mod auth;
 pub mod backend;
 pub mod bundles;
 pub mod cache;
+pub mod engine_backend;
 pub mod experiments;
 pub mod inflight;
 pub mod metrics;

@@ -1,0 +1,73 @@
+//! `knots serve`: load the base models and adapters, then serve the API until SIGTERM.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::adapters::Registry;
+use crate::config::{ServeArgs, ServeConfig};
+use crate::server::auth::Keys;
+use crate::server::backend::Backend;
+use crate::server::engine_backend::EngineBackend;
+use crate::server::experiments::Experiments;
+use crate::server::state::{AppState, StateParts};
+use crate::server::{attach_base, serve, shutdown_signal};
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig::resolve(args).map_err(anyhow::Error::msg)?;
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(start(config))
+}
+
+async fn start(config: ServeConfig) -> anyhow::Result<()> {
+    let (models, device) = (config.models.clone(), config.device.clone());
+    let backend =
+        tokio::task::spawn_blocking(move || EngineBackend::load(&models, &device)).await??;
+    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let bases = backend.bases();
+    let registry = match &config.adapters {
+        Some(dir) => Registry::load_dir(dir, &|a| attach_base(&bases, a))?,
+        None => Registry::default(),
+    };
+    let keys = match &config.api_keys {
+        Some(path) => Keys::load(path).map_err(anyhow::Error::msg)?,
+        None => {
+            tracing::warn!(
+                "no --api-keys file: the server is open to every caller, with admin rights"
+            );
+            Keys::open()
+        }
+    };
+    tracing::info!(
+        adapters = registry.len(),
+        bundles = config.bundles.len(),
+        experiments = config.experiments.len(),
+        "registry loaded"
+    );
+    let state = AppState::new(StateParts {
+        backend,
+        registry,
+        keys,
+        bundles: config.bundles,
+        experiments: Experiments::new(config.experiments),
+        limits: config.limits,
+        merge_cache_bytes: config.merge_cache_bytes,
+        adapter_roots: config.adapter_roots,
+    });
+    let address = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    tracing::info!(%address, "serving");
+    serve(listener, state, shutdown_signal(), config.shutdown_grace).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
