@@ -13,3 +13,4 @@ pub mod eval;
 pub mod matrix;
 pub mod merge;
 pub mod server;
+pub mod train;

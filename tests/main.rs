@@ -10,3 +10,4 @@ mod golden;
 mod openapi;
 mod properties;
 mod server;
+mod train;

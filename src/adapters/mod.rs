@@ -17,7 +17,7 @@ pub use config::{AdapterConfig, TargetModules};
 pub use error::AdapterError;
 pub use read::{CONFIG_FILE, PEFT_PREFIX, TASK_FILE, WEIGHTS_FILE};
 pub use registry::{Owner, Registered, Registry, owner_of, valid_name};
-pub use write::{DELTA_FILE, ExportInfo, write_delta, write_peft};
+pub use write::{DELTA_FILE, ExportInfo, RECORD_FILE, write_delta, write_peft};
 
 use crate::matrix::Matrix;
 use crate::merge::{MergedDelta, ModuleDelta};

@@ -27,8 +27,9 @@ pub struct ExportInfo {
     /// Whether the base stores these weights as `in × out` (GPT-2 `Conv1D`); the factors keep
     /// the `O × r`, `r × I` layout either way.
     pub fan_in_fan_out: bool,
-    /// Written as `knots_merge.json` next to the tensors.
-    pub record: Value,
+    /// JSON files written next to the tensors, `(file name, content)`: `knots_merge.json` for a
+    /// merge, `training.json` and `knots_task.json` for a trained adapter.
+    pub records: Vec<(&'static str, Value)>,
 }
 
 /// Writes `delta` as a PEFT LoRA adapter (`r = lora_alpha = k`, so the scale is 1). Every
@@ -56,7 +57,7 @@ pub fn write_peft(delta: &MergedDelta, out: &Path, info: &ExportInfo) -> Result<
     write_atomically(out, |dir| {
         write_json(&dir.join(CONFIG_FILE), &config)?;
         write_tensors(&dir.join(WEIGHTS_FILE), &tensors)?;
-        write_json(&dir.join(RECORD_FILE), &info.record)
+        write_records(dir, info)
     })
 }
 
@@ -71,7 +72,7 @@ pub fn write_delta(delta: &MergedDelta, out: &Path, info: &ExportInfo) -> Result
     let tensors: Vec<(String, &Matrix)> = dense.iter().map(|(k, m)| (k.clone(), m)).collect();
     write_atomically(out, |dir| {
         write_tensors(&dir.join(DELTA_FILE), &tensors)?;
-        write_json(&dir.join(RECORD_FILE), &info.record)
+        write_records(dir, info)
     })
 }
 
@@ -147,6 +148,12 @@ fn write_tensors(path: &Path, tensors: &[(String, &Matrix)]) -> Result<(), Adapt
 
 /// Runs `fill` on a fresh sibling directory of `out`, then renames it to `out`. `out` may exist
 /// only as an empty directory; on any error the sibling is removed.
+fn write_records(dir: &Path, info: &ExportInfo) -> Result<(), AdapterError> {
+    info.records
+        .iter()
+        .try_for_each(|(name, value)| write_json(&dir.join(name), value))
+}
+
 fn write_atomically(
     out: &Path,
     fill: impl FnOnce(&Path) -> Result<(), AdapterError>,

@@ -247,7 +247,6 @@ pub fn run_classify(args: &ClassifyArgs) -> anyhow::Result<()> {
             labels,
             DEFAULT_TEXT_SCALE,
             &encoder,
-            loaded.as_deref(),
         )?);
     }
     if heads.is_empty() {

@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use super::progress::Bar;
-use crate::adapters::{ExportInfo, LoraAdapter, write_delta, write_peft};
+use crate::adapters::{ExportInfo, LoraAdapter, RECORD_FILE, write_delta, write_peft};
 use crate::merge::{self, MergeInput, MergeOptions, MergeParams, MergedDelta, Method, truncate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -173,7 +173,7 @@ fn export_info(
             .find_map(|a| a.config.base_model_name_or_path.clone()),
         task_type: adapters.iter().find_map(|a| a.config.task_type.clone()),
         fan_in_fan_out: adapters.iter().any(|a| a.config.fan_in_fan_out),
-        record,
+        records: vec![(RECORD_FILE, record)],
     }
 }
 

@@ -1,10 +1,12 @@
 //! The command line: `knots <command>`. Every flag can also be set by an environment variable.
 
 pub mod data;
+pub mod eval;
 pub mod infer;
 pub mod merge;
 mod progress;
 pub mod serve;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +33,10 @@ pub enum Command {
     Embed(infer::EmbedArgs),
     /// Classify texts with adapter heads or label-text heads.
     Classify(infer::ClassifyArgs),
+    /// Train LoRA adapters on the benchmark's tasks (writes PEFT adapters with training records).
+    Train(train::TrainArgs),
+    /// Run the benchmark: merge the task adapters with every method, evaluate per task and jointly.
+    Eval(eval::EvalArgs),
     /// Serve the OpenAI-compatible API; every request can name an adapter set to merge.
     Serve(crate::config::ServeArgs),
 }
@@ -51,5 +57,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(args) => infer::run_embed(&args),
         Command::Classify(args) => infer::run_classify(&args),
         Command::Serve(args) => serve::run(args),
+        Command::Eval(args) => {
+            print!("{}", eval::run(&args)?);
+            Ok(())
+        }
+        Command::Train(args) => train::run(&args),
     }
 }

@@ -70,3 +70,14 @@ impl Progress for Bar {
         }
     }
 }
+
+/// A bar for training steps that shows the latest loss (drawn only on a terminal).
+pub fn loss_bar(task: &str, steps: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64);
+    let style =
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} loss {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_prefix(task.to_string());
+    bar
+}

@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
-use super::linear::{LinearRegistry, LoadedDelta, LoraLinear};
+use super::linear::{LinearRegistry, LoadedDelta, LoraLinear, needs_gradients};
+use super::ops;
 use super::weights::WeightStore;
 
 /// Masked attention logits; large enough to vanish under softmax, finite so no row is NaN.
@@ -47,8 +48,8 @@ impl Norm {
         })
     }
 
-    fn forward(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.gamma, &self.beta, eps)?)
+    fn forward(&self, x: &Tensor, eps: f32, grad: bool) -> Result<Tensor> {
+        ops::layer_norm(x, &self.gamma, &self.beta, eps, grad)
     }
 }
 
@@ -200,7 +201,7 @@ impl Bert {
         let pos = self.position.narrow(0, 0, t)?;
         let tt = self.token_type.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
-        let mut x = self.emb_norm.forward(&x, eps)?;
+        let mut x = self.emb_norm.forward(&x, eps, needs_gradients(delta))?;
         // (batch, 1, 1, seq): 0 where attended, MASKED at padding.
         let bias = ((batch.mask.ones_like()? - &batch.mask)? * MASKED)?.reshape((b, 1, 1, t))?;
         for layer in &self.layers {
@@ -228,15 +229,16 @@ impl Bert {
         let k = split(l.key.forward(x, delta)?)?;
         let v = split(l.value.forward(x, delta)?)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let grad = needs_gradients(delta);
+        let probs = ops::softmax_last(&scores, grad)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         let eps = self.cfg.layer_norm_eps as f32;
         let x = l
             .attn_norm
-            .forward(&(l.attn_out.forward(&ctx, delta)? + x)?, eps)?;
+            .forward(&(l.attn_out.forward(&ctx, delta)? + x)?, eps, grad)?;
         let inner = l.intermediate.forward(&x, delta)?.gelu_erf()?;
         l.out_norm
-            .forward(&(l.output.forward(&inner, delta)? + x)?, eps)
+            .forward(&(l.output.forward(&inner, delta)? + x)?, eps, grad)
     }
 
     /// Sentence embeddings: mean over real tokens, L2-normalised, `(batch, hidden)`.

@@ -99,19 +99,20 @@ impl Head {
         })
     }
 
-    /// A head from label texts (embedded with `delta`, normalised).
+    /// A head from label texts, embedded by the base encoder and normalised. The head is
+    /// frozen: adapters are trained against these base embeddings (`knots train`), so an
+    /// adapter or merged set changes the texts' side only, as in the KnOTS paper's protocol.
     pub fn from_label_texts(
         task: &str,
         labels: Vec<String>,
         scale: f32,
         encoder: &Encoder,
-        delta: Option<&LoadedDelta>,
     ) -> Result<Self> {
         if labels.is_empty() {
             return Err(EngineError::EmptyInput { what: "labels" });
         }
         let texts: Vec<&str> = labels.iter().map(String::as_str).collect();
-        let embeddings = encoder.embed(&texts, delta)?;
+        let embeddings = encoder.embed(&texts, None)?;
         Ok(Self {
             task: task.to_string(),
             labels,

@@ -28,6 +28,9 @@ enum LayerDelta {
 #[derive(Debug)]
 pub struct LoadedDelta {
     layers: Vec<Option<LayerDelta>>,
+    /// Built from trainable variables: the model then uses ops that have gradients (composite
+    /// softmax and norms instead of the fused kernels).
+    differentiable: bool,
 }
 
 impl LoadedDelta {
@@ -39,6 +42,16 @@ impl LoadedDelta {
     pub fn modules(&self) -> usize {
         self.layers.iter().filter(|l| l.is_some()).count()
     }
+
+    /// Whether gradients flow through this delta (see [`LinearRegistry::trainable_delta`]).
+    pub fn differentiable(&self) -> bool {
+        self.differentiable
+    }
+}
+
+/// Whether a forward pass must use ops with gradients.
+pub fn needs_gradients(delta: Option<&LoadedDelta>) -> bool {
+    delta.is_some_and(LoadedDelta::differentiable)
 }
 
 /// The linear layers of a model, by module path (the weight name without `.weight`).
@@ -132,7 +145,40 @@ impl LinearRegistry {
             }
             layers[id] = Some(layer_delta(d, device)?);
         }
-        Ok(LoadedDelta { layers })
+        Ok(LoadedDelta {
+            layers,
+            differentiable: false,
+        })
+    }
+
+    /// `O × I` shape of the linear layer `module`, if the model has it.
+    pub fn shape(&self, module: &str) -> Option<(usize, usize)> {
+        self.resolve(module).map(|i| self.shapes[i])
+    }
+
+    /// A delta from trainable factors `(module, a: r × I, b: O × r)`, the update being
+    /// `scale · b·a`. Gradients flow back to `a` and `b`.
+    pub fn trainable_delta(
+        &self,
+        factors: &[(String, Tensor, Tensor)],
+        scale: f64,
+    ) -> Result<LoadedDelta> {
+        let mut layers: Vec<Option<LayerDelta>> = vec![None; self.shapes.len()];
+        for (module, a, b) in factors {
+            let id = self
+                .resolve(module)
+                .ok_or_else(|| EngineError::UnknownModule {
+                    module: module.clone(),
+                })?;
+            layers[id] = Some(LayerDelta::LowRank {
+                a_t: a.t()?,
+                b_t: (b * scale)?.t()?,
+            });
+        }
+        Ok(LoadedDelta {
+            layers,
+            differentiable: true,
+        })
     }
 
     /// How many converted deltas are held.

@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
-use super::linear::{LinearRegistry, LoadedDelta, LoraLinear};
+use super::linear::{LinearRegistry, LoadedDelta, LoraLinear, needs_gradients};
+use super::ops;
 use super::rope::{Rope, RopeScaling, causal_mask};
 use super::weights::WeightStore;
 
@@ -124,10 +125,12 @@ impl Attention {
         let q = ctx.rope.apply(
             &split(self.q.forward(x, ctx.delta)?, self.heads)?,
             ctx.offset,
+            ctx.grad,
         )?;
         let k = ctx.rope.apply(
             &split(self.k.forward(x, ctx.delta)?, self.kv_heads)?,
             ctx.offset,
+            ctx.grad,
         )?;
         let v = split(self.v.forward(x, ctx.delta)?, self.kv_heads)?;
         let (k, v) = match cache.take() {
@@ -149,7 +152,7 @@ impl Attention {
                 .broadcast_add(&mask)?
                 .reshape((b, self.kv_heads, n_rep * t, total))?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = ops::softmax_last(&scores, ctx.grad)?;
         let out = probs
             .matmul(&v)?
             .reshape((b, self.heads, t, self.head_dim))?
@@ -176,9 +179,9 @@ impl Block {
         ctx: &mut Step<'_>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.input_norm, ctx.eps)?;
+        let h = ops::rms_norm(x, &self.input_norm, ctx.eps, ctx.grad)?;
         let x = (x + self.attn.forward(&h, ctx, cache)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.post_norm, ctx.eps)?;
+        let h = ops::rms_norm(&x, &self.post_norm, ctx.eps, ctx.grad)?;
         let gated =
             (self.gate.forward(&h, ctx.delta)?.silu()? * self.up.forward(&h, ctx.delta)?)?;
         Ok((x + self.down.forward(&gated, ctx.delta)?)?)
@@ -191,6 +194,8 @@ struct Step<'a> {
     rope: &'a Rope,
     offset: usize,
     eps: f32,
+    /// Use ops with gradients (the delta is trainable).
+    grad: bool,
     mask: Option<Tensor>,
     device: &'a Device,
 }
@@ -318,6 +323,7 @@ impl Llama {
             rope: &self.rope,
             offset,
             eps: self.cfg.rms_norm_eps as f32,
+            grad: needs_gradients(delta),
             mask: None,
             device: &self.device,
         };
@@ -326,7 +332,7 @@ impl Llama {
         }
         cache.len += ids.len();
         let last = x.narrow(1, ids.len() - 1, 1)?;
-        let h = candle_nn::ops::rms_norm(&last, &self.norm, step.eps)?;
+        let h = ops::rms_norm(&last, &self.norm, step.eps, step.grad)?;
         Ok(self.lm_head.forward(&h, delta)?.flatten_all()?)
     }
 }

@@ -68,11 +68,11 @@ impl Rope {
     }
 
     /// Rotates `x: (batch, heads, seq, head_dim)` for positions `offset..offset + seq`.
-    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    pub fn apply(&self, x: &Tensor, offset: usize, grad: bool) -> Result<Tensor> {
         let seq = x.dim(2)?;
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        super::ops::rope(&x.contiguous()?, &cos, &sin, grad)
     }
 }
 

@@ -6,6 +6,7 @@
 //! and [`split`]) → a model scores the splits → [`metrics`] and [`stats`] → [`Report`] (markdown,
 //! JSON, [`svg`]). The search ([`greedy_search`]) picks merge parameters on the validation split.
 
+mod bench;
 mod error;
 mod load;
 pub mod metrics;
@@ -18,6 +19,7 @@ mod suite;
 pub mod svg;
 pub mod text;
 
+pub use bench::{Bench, BenchSettings};
 pub use error::EvalError;
 pub use load::{TaskData, load_suite, load_task};
 pub use report::Report;

@@ -260,7 +260,7 @@ impl Backend for EngineBackend {
             .map_err(backend_error)?;
         let built = heads
             .iter()
-            .map(|h| build_head(h, encoder, delta.as_deref()))
+            .map(|h| build_head(h, encoder))
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
@@ -289,11 +289,7 @@ impl Backend for EngineBackend {
     }
 }
 
-fn build_head(
-    h: &TaskHead,
-    encoder: &Encoder,
-    delta: Option<&engine::LoadedDelta>,
-) -> Result<Head, EngineError> {
+fn build_head(h: &TaskHead, encoder: &Encoder) -> Result<Head, EngineError> {
     match &h.classifier {
         Some((weight, bias)) => {
             let hidden = weight.len() / h.labels.len().max(1);
@@ -323,7 +319,6 @@ fn build_head(
                 h.label_texts.clone(),
                 DEFAULT_TEXT_SCALE,
                 encoder,
-                delta,
             )?;
             head.labels = h.labels.clone();
             Ok(head)

@@ -98,7 +98,6 @@ fn label_text_heads_score_per_task_and_jointly() {
         vec!["food".into(), "animals".into(), "movies".into()],
         DEFAULT_TEXT_SCALE,
         encoder,
-        None,
     )
     .unwrap();
     let mood = Head::from_label_texts(
@@ -106,7 +105,6 @@ fn label_text_heads_score_per_task_and_jointly() {
         vec!["happy".into(), "sad".into()],
         DEFAULT_TEXT_SCALE,
         encoder,
-        None,
     )
     .unwrap();
     let texts = [

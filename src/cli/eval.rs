@@ -1,0 +1,124 @@
+//! `knots eval`: the benchmark. Loads the suite's test and validation splits and each task's
+//! encoder adapter, searches every method's merge parameters on validation, and writes the
+//! per-task, joint and scaling results as markdown, JSON and an SVG chart.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::progress::Bar;
+use crate::adapters::LoraAdapter;
+use crate::engine::{self, Encoder, parse_device};
+use crate::eval::{Bench, BenchSettings, Suite, TaskDef, load_task, svg};
+use crate::merge::Method;
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Directory holding one encoder adapter per task, `<dir>/<task>` (`knots train` writes them).
+    #[arg(long, env = "KNOTS_ADAPTERS", default_value = "models/adapters")]
+    pub adapters: PathBuf,
+    /// The encoder the adapters were trained on.
+    #[arg(long, env = "KNOTS_MODEL", default_value = "all-minilm-l6-v2")]
+    pub model: String,
+    /// Tasks to evaluate (repeatable or comma-separated) [default: every task of the suite].
+    #[arg(long = "task", env = "KNOTS_TASKS", value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// Merge methods to compare [default: ta, ties, dare-ties, knots-ties, knots-dare-ties].
+    #[arg(long = "method", value_delimiter = ',')]
+    pub methods: Vec<Method>,
+    /// Small splits, coarse grids and a short scaling study (what CI runs).
+    #[arg(long, env = "KNOTS_QUICK")]
+    pub quick: bool,
+    /// Where report.md, report.json and scaling.svg go.
+    #[arg(long, default_value = "target/eval")]
+    pub out: PathBuf,
+    #[arg(long, env = "KNOTS_SUITE", default_value = "data/suite.toml")]
+    pub suite: PathBuf,
+    #[arg(long, env = "KNOTS_DATA_CACHE", default_value = "data/cache")]
+    pub cache: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "KNOTS_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+/// Runs the benchmark; returns the markdown report.
+pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
+    let suite = Suite::load(&args.suite)?;
+    let defs: Vec<&TaskDef> = if args.tasks.is_empty() {
+        suite.tasks.iter().collect()
+    } else {
+        args.tasks
+            .iter()
+            .map(|t| {
+                suite
+                    .task(t)
+                    .with_context(|| format!("no task {t:?} in {}", args.suite.display()))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    if defs.len() < 2 {
+        bail!(
+            "the benchmark merges tasks: give at least 2 (got {})",
+            defs.len()
+        );
+    }
+    let tasks = defs
+        .iter()
+        .map(|d| {
+            load_task(&suite, d, &args.cache, args.quick)
+                .with_context(|| format!("task {} (run `make data`)", d.name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let adapters = defs
+        .iter()
+        .map(|d| {
+            let dir = args.adapters.join(&d.name);
+            LoraAdapter::load(&dir).with_context(|| {
+                format!(
+                    "adapter for task {} (train it with `knots train --task {}`)",
+                    d.name, d.name
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let label_texts: Vec<Vec<String>> = defs
+        .iter()
+        .map(|d| d.classes.iter().map(|c| c.label_text.clone()).collect())
+        .collect();
+    let device = parse_device(&args.device)?;
+    let encoder = Encoder::load(
+        &engine::resolve(&args.model, &engine::models_dir())?,
+        &device,
+    )?;
+    let mut settings = if args.quick {
+        BenchSettings::quick(tasks.len())
+    } else {
+        BenchSettings::full(tasks.len())
+    };
+    if !args.methods.is_empty() {
+        settings.methods = args.methods.clone();
+    }
+    let bar = Bar::new();
+    let bench = Bench::new(&encoder, &tasks, &adapters, &label_texts, &bar)?;
+    let report = bench.run(&settings)?;
+    bar.finish();
+    let markdown = format!(
+        "{}\nRun: {} tasks, {} test examples, {:.0} s{}.\n",
+        report.to_markdown(),
+        tasks.len(),
+        tasks.iter().map(|t| t.splits.test.len()).sum::<usize>(),
+        report.seconds,
+        if args.quick { ", --quick" } else { "" }
+    );
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let write = |name: &str, text: &str| {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    write("report.md", &markdown)?;
+    write("report.json", &report.to_json()?)?;
+    write("scaling.svg", &svg::scaling_svg(&report.scaling))?;
+    Ok(markdown)
+}

@@ -1,0 +1,49 @@
+//! The few ops where candle has a fused kernel without a backward pass. Inference uses the fused
+//! kernels; a forward pass through trainable factors (`knots train`) uses composite forms built
+//! from differentiable primitives. Both compute the same function.
+
+use candle_core::{D, Tensor};
+
+use super::error::Result;
+
+/// Softmax over the last axis.
+pub fn softmax_last(x: &Tensor, grad: bool) -> Result<Tensor> {
+    Ok(if grad {
+        candle_nn::ops::softmax(x, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(x)?
+    })
+}
+
+/// Layer normalisation over the last axis.
+pub fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    grad: bool,
+) -> Result<Tensor> {
+    Ok(if grad {
+        candle_nn::ops::layer_norm_slow(x, gamma, beta, eps)?
+    } else {
+        candle_nn::ops::layer_norm(x, gamma, beta, eps)?
+    })
+}
+
+/// RMS normalisation over the last axis.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, grad: bool) -> Result<Tensor> {
+    Ok(if grad {
+        candle_nn::ops::rms_norm_slow(x, weight, eps)?
+    } else {
+        candle_nn::ops::rms_norm(x, weight, eps)?
+    })
+}
+
+/// Rotary embedding of `x: (batch, heads, seq, head_dim)` (non-interleaved halves).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: bool) -> Result<Tensor> {
+    Ok(if grad {
+        candle_nn::rotary_emb::rope_slow(x, cos, sin)?
+    } else {
+        candle_nn::rotary_emb::rope(x, cos, sin)?
+    })
+}
