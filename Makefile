@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint bench serve serve-check merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint bench serve serve-check adapters eval merge-example clean-example
 
 test: data models fmt lint doc docker-lint unit
 
@@ -52,3 +52,14 @@ serve: models
 # End-to-end check of `knots serve`: the README's curl examples and the official openai client.
 serve-check: models
 	scripts/serve_check.sh
+
+# Re-trains the committed adapters in models/adapters/ (encoders for every suite task, causal-LM
+# adapters for three) with the settings they were trained with.
+adapters: data models
+	$(CARGO) run --release --bin knots -- train --max-train 480 --learning-rate 2e-3 --out-dir models/adapters
+	$(CARGO) run --release --bin knots -- train --causal --task sentiment,news,language --max-train 96 \
+		--max-val 40 --batch-size 8 --learning-rate 2e-3 --out-dir models/adapters
+
+# The benchmark on the committed adapters: target/eval/{report.md,report.json,scaling.svg}.
+eval: data models
+	$(CARGO) run --release --bin knots -- eval --out target/eval

@@ -28,8 +28,15 @@ pub struct EvalArgs {
     #[arg(long = "method", value_delimiter = ',')]
     pub methods: Vec<Method>,
     /// Small splits, coarse grids and a short scaling study (what CI runs).
-    #[arg(long, env = "KNOTS_QUICK")]
+    #[arg(long, env = "KNOTS_QUICK", conflicts_with = "paper")]
     pub quick: bool,
+    /// The paper's full protocol: every test example, 0.1-step grids, 3 DARE seeds, scaling at
+    /// every k (many hours on 2 CPU cores).
+    #[arg(long)]
+    pub paper: bool,
+    /// Test examples per task [default: 100; 48 with --quick; all with --paper].
+    #[arg(long)]
+    pub test_per_task: Option<usize>,
     /// Where report.md, report.json and scaling.svg go.
     #[arg(long, default_value = "target/eval")]
     pub out: PathBuf,
@@ -93,9 +100,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
     )?;
     let mut settings = if args.quick {
         BenchSettings::quick(tasks.len())
+    } else if args.paper {
+        BenchSettings::paper(tasks.len())
     } else {
-        BenchSettings::full(tasks.len())
+        BenchSettings::standard(tasks.len())
     };
+    if let Some(n) = args.test_per_task {
+        settings.test_per_task = n;
+    }
     if !args.methods.is_empty() {
         settings.methods = args.methods.clone();
     }
@@ -107,7 +119,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
         "{}\nRun: {} tasks, {} test examples, {:.0} s{}.\n",
         report.to_markdown(),
         tasks.len(),
-        tasks.iter().map(|t| t.splits.test.len()).sum::<usize>(),
+        tasks
+            .iter()
+            .map(|t| t.splits.test.len().min(settings.test_per_task))
+            .sum::<usize>(),
         report.seconds,
         if args.quick { ", --quick" } else { "" }
     );

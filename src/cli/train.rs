@@ -50,6 +50,9 @@ pub struct TrainArgs {
     /// Use at most this many training examples per task (a seeded sample).
     #[arg(long)]
     pub max_train: Option<usize>,
+    /// Measure validation accuracy on at most this many examples per task.
+    #[arg(long)]
+    pub max_val: Option<usize>,
     #[arg(long)]
     pub learning_rate: Option<f64>,
     #[arg(long)]
@@ -131,6 +134,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         let mut data = load_task(&suite, def, &args.cache, args.quick)
             .with_context(|| format!("task {} (run `make data` first)", def.name))?;
         sample_train(&mut data, args.max_train, args.seed);
+        if let Some(max) = args.max_val {
+            data.splits.val.truncate(max);
+        }
         let (name, task_type) = if args.causal {
             (format!("{}-lm", def.name), "CAUSAL_LM")
         } else {

@@ -15,7 +15,7 @@ use crate::adapters::LoraAdapter;
 use crate::engine::{Encoder, EngineError, LoadedDelta};
 use crate::merge::{self, MergeInput, MergeParams, MergedDelta, Method, Progress, Silent};
 
-use super::metrics::{JointLabels, ensemble_max, hits_at, normalized_accuracy};
+use super::metrics::{JointLabels, accuracy, ensemble_max, hits_at, normalized_accuracy};
 use super::report::{Hits, MethodResult, Report, ScalingPoint, ScalingSeries};
 use super::search::{SearchGrid, greedy_search};
 use super::split::Example;
@@ -30,6 +30,8 @@ const BATCH: usize = 64;
 pub struct BenchSettings {
     pub methods: Vec<Method>,
     pub grid: SearchGrid,
+    /// Test examples per task (the first ones of each split, classes interleaved by hash).
+    pub test_per_task: usize,
     /// Validation examples per task used by the search.
     pub search_per_task: usize,
     /// Numbers k of merged tasks for the scaling study (each at most the number of tasks).
@@ -42,8 +44,11 @@ pub struct BenchSettings {
 }
 
 impl BenchSettings {
-    /// The paper's protocol: full grids, scaling over every k from 2 to n.
-    pub fn full(tasks: usize) -> Self {
+    /// The default run (about half an hour on 2 CPU cores with the 8-task suite): 100 test and
+    /// 20 validation examples per task, grids in steps of 0.2, one DARE seed, scaling at
+    /// k = 2, 4, 6, … n over 3 combinations each.
+    pub fn standard(tasks: usize) -> Self {
+        let fifths = |from: u32, to: u32| (from..=to).map(|i| f64::from(i) / 5.0).collect();
         Self {
             methods: vec![
                 Method::Ta,
@@ -52,12 +57,32 @@ impl BenchSettings {
                 Method::KnotsTies,
                 Method::KnotsDareTies,
             ],
+            grid: SearchGrid {
+                lambdas: fifths(1, 5),
+                densities: fifths(1, 5),
+                dare_ps: vec![0.1, 0.3, 0.5, 0.7, 0.9],
+                dare_seeds: vec![0],
+            },
+            test_per_task: 100,
+            search_per_task: 20,
+            scaling_ks: (2..=tasks).step_by(2).chain([tasks]).collect(),
+            scaling_combinations: 3,
+            scaling_per_task: 20,
+            seed: 0,
+        }
+    }
+
+    /// The paper's protocol on every test example: λ and density 0.1–1.0, p 0.1–0.9, DARE
+    /// best of 3 seeds, scaling at every k over 5 combinations (many hours on 2 CPU cores).
+    pub fn paper(tasks: usize) -> Self {
+        Self {
             grid: SearchGrid::default(),
-            search_per_task: 80,
+            test_per_task: usize::MAX,
+            search_per_task: 100,
             scaling_ks: (2..=tasks).collect(),
             scaling_combinations: 5,
             scaling_per_task: 60,
-            seed: 0,
+            ..Self::standard(tasks)
         }
     }
 
@@ -70,11 +95,12 @@ impl BenchSettings {
                 dare_ps: vec![0.2],
                 dare_seeds: vec![0],
             },
+            test_per_task: 48,
             search_per_task: 8,
             scaling_ks: vec![2, tasks],
             scaling_combinations: 2,
             scaling_per_task: 8,
-            ..Self::full(tasks)
+            ..Self::standard(tasks)
         }
     }
 }
@@ -110,6 +136,24 @@ impl EvalSet {
 
     fn len(&self) -> usize {
         self.texts.len()
+    }
+
+    /// The first `cap` texts of each task, and their rows in `self`.
+    fn prefix(&self, cap: usize) -> (Self, Vec<usize>) {
+        let mut seen = std::collections::HashMap::new();
+        let rows: Vec<usize> = (0..self.len())
+            .filter(|&i| {
+                let n = seen.entry(self.task[i]).or_insert(0usize);
+                *n += 1;
+                *n <= cap
+            })
+            .collect();
+        let set = Self {
+            texts: rows.iter().map(|&i| self.texts[i].clone()).collect(),
+            task: rows.iter().map(|&i| self.task[i]).collect(),
+            label: rows.iter().map(|&i| self.label[i]).collect(),
+        };
+        (set, rows)
     }
 }
 
@@ -178,14 +222,26 @@ impl<'a> Bench<'a> {
             let loaded: Option<LoadedDelta> = delta
                 .map(|d| registry.convert(d, self.encoder.model.device()))
                 .transpose()?;
-            let mut rows = Vec::with_capacity(set.len());
-            for chunk in set.texts.chunks(BATCH) {
-                let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                rows.extend(
-                    self.encoder
-                        .embed(&texts, loaded.as_ref())?
-                        .to_vec2::<f32>()?,
-                );
+            // Batches of similar length waste less compute on padding.
+            let ids = self
+                .encoder
+                .encode(&set.texts.iter().map(String::as_str).collect::<Vec<_>>())?;
+            let mut order: Vec<usize> = (0..set.len()).collect();
+            order.sort_by_key(|&i| ids[i].len());
+            let mut rows = vec![Vec::new(); set.len()];
+            for chunk in order.chunks(BATCH) {
+                let batch = self
+                    .encoder
+                    .model
+                    .batch(&chunk.iter().map(|&i| ids[i].clone()).collect::<Vec<_>>())?;
+                let emb = self
+                    .encoder
+                    .model
+                    .embed(&batch, loaded.as_ref())?
+                    .to_vec2::<f32>()?;
+                for (&i, row) in chunk.iter().zip(emb) {
+                    rows[i] = row;
+                }
             }
             Ok(rows)
         };
@@ -203,17 +259,22 @@ impl<'a> Bench<'a> {
     }
 
     /// Accuracy of each task in `tasks` on its examples of `set`, knowing the task.
-    fn accuracy(&self, set: &EvalSet, emb: &Embeddings, tasks: &[usize]) -> Vec<f64> {
+    fn accuracy(
+        &self,
+        set: &EvalSet,
+        emb: &Embeddings,
+        tasks: &[usize],
+    ) -> Result<Vec<f64>, EvalError> {
         tasks
             .iter()
             .map(|&t| {
-                let (mut right, mut total) = (0usize, 0usize);
-                for i in (0..set.len()).filter(|&i| set.task[i] == t) {
-                    let scores: Vec<f32> = self.heads[t].iter().map(|h| dot(&emb[i], h)).collect();
-                    right += usize::from(crate::engine::argmax(&scores) as usize == set.label[i]);
-                    total += 1;
-                }
-                right as f64 / total.max(1) as f64
+                let rows: Vec<usize> = (0..set.len()).filter(|&i| set.task[i] == t).collect();
+                let scores: Vec<Vec<f32>> = rows
+                    .iter()
+                    .map(|&i| self.heads[t].iter().map(|h| dot(&emb[i], h)).collect())
+                    .collect();
+                let gold: Vec<usize> = rows.iter().map(|&i| set.label[i]).collect();
+                accuracy(&scores, &gold)
             })
             .collect()
     }
@@ -252,7 +313,7 @@ impl<'a> Bench<'a> {
         individual: &[f64],
     ) -> Result<f64, EvalError> {
         let emb = self.embed(set, Some(&self.merge(subset, params)?))?;
-        let accuracy = self.accuracy(set, &emb, subset);
+        let accuracy = self.accuracy(set, &emb, subset)?;
         let own: Vec<f64> = subset.iter().map(|&t| individual[t]).collect();
         Ok(normalized_accuracy(&accuracy, &own)?.mean)
     }
@@ -262,34 +323,29 @@ impl<'a> Bench<'a> {
         let started = Instant::now();
         let n = self.tasks.len();
         let all: Vec<usize> = (0..n).collect();
-        let test = EvalSet::new(self.tasks, &all, |t| &t.splits.test, usize::MAX);
+        let test = EvalSet::new(self.tasks, &all, |t| &t.splits.test, settings.test_per_task);
         let val = EvalSet::new(
             self.tasks,
             &all,
             |t| &t.splits.val,
             settings.search_per_task,
         );
-        let small = EvalSet::new(
-            self.tasks,
-            &all,
-            |t| &t.splits.test,
-            settings.scaling_per_task,
-        );
+        let (small, small_rows) = test.prefix(settings.scaling_per_task);
 
-        self.progress.start("individual", 3 * n as u64);
+        self.progress.start("individual", 2 * n as u64);
         let mut individual = Vec::with_capacity(n);
         let mut individual_val = Vec::with_capacity(n);
         let mut individual_small = Vec::with_capacity(n);
         let mut per_adapter_joint = Vec::with_capacity(n);
         for t in 0..n {
             let delta = self.adapters[t].delta();
-            let emb = self.embed(&test, Some(&delta))?;
-            individual.push(self.accuracy(&test, &emb, &[t])[0]);
-            per_adapter_joint.push(self.joint_scores(&test, &emb).0);
+            let emb_test = self.embed(&test, Some(&delta))?;
+            individual.push(self.accuracy(&test, &emb_test, &[t])?[0]);
+            per_adapter_joint.push(self.joint_scores(&test, &emb_test).0);
             let emb = self.embed(&val, Some(&delta))?;
-            individual_val.push(self.accuracy(&val, &emb, &[t])[0]);
-            let emb = self.embed(&small, Some(&delta))?;
-            individual_small.push(self.accuracy(&small, &emb, &[t])[0]);
+            individual_val.push(self.accuracy(&val, &emb, &[t])?[0]);
+            let emb: Embeddings = small_rows.iter().map(|&i| emb_test[i].clone()).collect();
+            individual_small.push(self.accuracy(&small, &emb, &[t])?[0]);
         }
         let gold = self.joint_scores(&test, &vec![Vec::new(); test.len()]).1;
         let ensemble = ensemble_max(&per_adapter_joint)?;
@@ -334,7 +390,7 @@ impl<'a> Bench<'a> {
             self.merged_score(val, &all, params, individual_val)
         })?;
         let emb = self.embed(test, Some(&self.merge(&all, &outcome.best)?))?;
-        let accuracy = self.accuracy(test, &emb, &all);
+        let accuracy = self.accuracy(test, &emb, &all)?;
         let normalized = normalized_accuracy(&accuracy, individual)?;
         let (scores, gold) = self.joint_scores(test, &emb);
         Ok(MethodResult {

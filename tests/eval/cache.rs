@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use knots::eval::{Suite, load_suite};
 
-fn repo(path: &str) -> PathBuf {
+pub fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 

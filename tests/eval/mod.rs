@@ -2,6 +2,7 @@
 //! real fetched suite (when `make data` has run), metrics against hand-computed values, the
 //! greedy search and the reports.
 
+mod bench;
 mod cache;
 mod metrics;
 mod report;
