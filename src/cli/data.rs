@@ -46,7 +46,7 @@ pub fn run(args: &DataArgs) -> anyhow::Result<String> {
     }
 }
 
-fn selected<'a>(suite: &'a Suite, names: &[String]) -> anyhow::Result<Vec<&'a TaskDef>> {
+pub(crate) fn selected<'a>(suite: &'a Suite, names: &[String]) -> anyhow::Result<Vec<&'a TaskDef>> {
     if names.is_empty() {
         return Ok(suite.tasks.iter().collect());
     }

@@ -10,7 +10,7 @@ use clap::Args;
 use super::progress::Bar;
 use crate::adapters::LoraAdapter;
 use crate::engine::{self, Encoder, parse_device};
-use crate::eval::{Bench, BenchSettings, Suite, TaskDef, load_task, svg};
+use crate::eval::{Bench, BenchSettings, Suite, load_task, svg};
 use crate::merge::Method;
 
 #[derive(Debug, Clone, Args)]
@@ -52,18 +52,7 @@ pub struct EvalArgs {
 /// Runs the benchmark; returns the markdown report.
 pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
     let suite = Suite::load(&args.suite)?;
-    let defs: Vec<&TaskDef> = if args.tasks.is_empty() {
-        suite.tasks.iter().collect()
-    } else {
-        args.tasks
-            .iter()
-            .map(|t| {
-                suite
-                    .task(t)
-                    .with_context(|| format!("no task {t:?} in {}", args.suite.display()))
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
+    let defs = super::data::selected(&suite, &args.tasks)?;
     if defs.len() < 2 {
         bail!(
             "the benchmark merges tasks: give at least 2 (got {})",

@@ -104,18 +104,7 @@ enum Base {
 /// Runs `knots train`, printing one summary line per trained adapter as it is written.
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let suite = Suite::load(&args.suite)?;
-    let tasks: Vec<&crate::eval::TaskDef> = if args.tasks.is_empty() {
-        suite.tasks.iter().collect()
-    } else {
-        args.tasks
-            .iter()
-            .map(|t| {
-                suite
-                    .task(t)
-                    .with_context(|| format!("no task {t:?} in {}", args.suite.display()))
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
+    let tasks = super::data::selected(&suite, &args.tasks)?;
     let cfg = args.config();
     let model_id = args.model_id();
     let device = parse_device(&args.device)?;

@@ -2,13 +2,10 @@
 //! with the chat template) with the class's label word. The loss is the cross-entropy of the
 //! label word's first token at the answer position; accuracy ranks only the task's label words.
 
-use std::time::Instant;
-
 use candle_core::Tensor;
-use candle_nn::Optimizer;
 
 use super::TrainError;
-use super::classify::{adamw, batches};
+use super::fit::Run;
 use super::lora::LoraFactors;
 use super::record::{StepReport, TrainConfig, TrainRecord};
 use crate::engine::{KvCache, LoadedDelta, Message, TextModel};
@@ -113,60 +110,22 @@ pub fn train_causal(
     cfg: &TrainConfig,
     on_step: &mut dyn FnMut(StepReport),
 ) -> Result<(LoraFactors, TrainRecord), TrainError> {
-    cfg.validate()?;
-    if task.train.is_empty() {
-        return Err(TrainError::Invalid(format!(
-            "task {}: no training examples",
-            task.task
-        )));
-    }
-    let started = Instant::now();
-    let device = model.model.device();
     let answers = answer_tokens(model, task.label_words)?;
-    let base_val_accuracy = label_word_accuracy(model, task, &answers, None, task.val)?;
-    let registry = model.model.registry();
-    let factors = LoraFactors::new(
-        registry,
-        &cfg.targets,
-        cfg.rank,
-        cfg.alpha,
-        cfg.seed,
-        device,
-    )?;
-    let mut optimizer = adamw(&factors, cfg)?;
-    let steps = cfg.steps(task.train.len());
-    let mut loss_curve = Vec::with_capacity(steps);
-    for (step, batch) in batches(task.train.len(), cfg, steps)
-        .into_iter()
-        .enumerate()
-    {
-        let examples: Vec<&Example> = batch.iter().map(|&i| &task.train[i]).collect();
-        let delta = factors.trainable(registry)?;
-        let loss = causal_loss(model, &delta, task, &answers, &examples)?;
-        optimizer.backward_step(&loss)?;
-        let loss = loss.to_scalar::<f32>()?;
-        loss_curve.push(loss);
-        on_step(StepReport {
-            step: step + 1,
-            steps,
-            loss,
-        });
-    }
-    let trained = registry.convert(&factors.to_delta()?, device)?;
-    let val_accuracy = label_word_accuracy(model, task, &answers, Some(&trained), task.val)?;
-    let record = TrainRecord {
-        knots_version: env!("CARGO_PKG_VERSION"),
-        task: task.task.to_string(),
+    let run = Run {
+        task: task.task,
         kind: "causal-label-word",
-        base_model: base_model.to_string(),
+        base_model,
         train_examples: task.train.len(),
         val_examples: task.val.len(),
-        steps,
-        config: cfg.clone(),
-        loss_curve,
-        val_accuracy,
-        base_val_accuracy,
-        wall_seconds: started.elapsed().as_secs_f64(),
+        cfg,
+        registry: model.model.registry(),
+        device: model.model.device(),
     };
-    Ok((factors, record))
+    let loss = |delta: &LoadedDelta, batch: &[usize]| {
+        let examples: Vec<&Example> = batch.iter().map(|&i| &task.train[i]).collect();
+        causal_loss(model, delta, task, &answers, &examples)
+    };
+    let accuracy =
+        |delta: Option<&LoadedDelta>| label_word_accuracy(model, task, &answers, delta, task.val);
+    run.fit(loss, accuracy, on_step)
 }

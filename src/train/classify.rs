@@ -1,15 +1,10 @@
 //! Encoder classification with a frozen label-text head: logits = scale · cos(text, label text),
 //! cross-entropy over the task's classes; only the LoRA factors train.
 
-use std::time::Instant;
-
 use candle_core::Tensor;
-use candle_nn::Optimizer;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 
 use super::TrainError;
+use super::fit::Run;
 use super::lora::LoraFactors;
 use super::record::{StepReport, TrainConfig, TrainRecord};
 use crate::engine::{Encoder, Head, LoadedDelta, head_logits, mean_pool};
@@ -96,96 +91,31 @@ pub fn train_classifier(
     cfg: &TrainConfig,
     on_step: &mut dyn FnMut(StepReport),
 ) -> Result<(LoraFactors, TrainRecord), TrainError> {
-    cfg.validate()?;
-    if data.train.is_empty() {
-        return Err(TrainError::Invalid(format!(
-            "task {}: no training examples",
-            data.task
-        )));
-    }
-    let started = Instant::now();
-    let device = encoder.model.device();
     let head = label_head(encoder, data, cfg.head_scale)?;
     let texts: Vec<&str> = data.label_texts.iter().map(String::as_str).collect();
     let label_embeddings = encoder.embed(&texts, None)?.detach();
-    let base_val_accuracy = accuracy(encoder, &head, None, data.val)?;
-
-    let registry = encoder.model.registry();
-    let factors = LoraFactors::new(
-        registry,
-        &cfg.targets,
-        cfg.rank,
-        cfg.alpha,
-        cfg.seed,
-        device,
-    )?;
-    let mut optimizer = adamw(&factors, cfg)?;
-    let steps = cfg.steps(data.train.len());
-    let mut loss_curve = Vec::with_capacity(steps);
-    for (step, batch) in batches(data.train.len(), cfg, steps)
-        .into_iter()
-        .enumerate()
-    {
+    let run = Run {
+        task: data.task,
+        kind: "encoder-label-text-head",
+        base_model,
+        train_examples: data.train.len(),
+        val_examples: data.val.len(),
+        cfg,
+        registry: encoder.model.registry(),
+        device: encoder.model.device(),
+    };
+    let loss = |delta: &LoadedDelta, batch: &[usize]| {
         let texts: Vec<&str> = batch.iter().map(|&i| data.train[i].text.as_str()).collect();
         let labels: Vec<u32> = batch.iter().map(|&i| data.train[i].label as u32).collect();
-        let delta = factors.trainable(registry)?;
-        let loss = classification_loss(
+        classification_loss(
             encoder,
-            &delta,
+            delta,
             &label_embeddings,
             cfg.head_scale,
             &texts,
             &labels,
-        )?;
-        optimizer.backward_step(&loss)?;
-        let loss = loss.to_scalar::<f32>()?;
-        loss_curve.push(loss);
-        on_step(StepReport {
-            step: step + 1,
-            steps,
-            loss,
-        });
-    }
-    let trained = registry.convert(&factors.to_delta()?, device)?;
-    let val_accuracy = accuracy(encoder, &head, Some(&trained), data.val)?;
-    let record = TrainRecord {
-        knots_version: env!("CARGO_PKG_VERSION"),
-        task: data.task.to_string(),
-        kind: "encoder-label-text-head",
-        base_model: base_model.to_string(),
-        train_examples: data.train.len(),
-        val_examples: data.val.len(),
-        steps,
-        config: cfg.clone(),
-        loss_curve,
-        val_accuracy,
-        base_val_accuracy,
-        wall_seconds: started.elapsed().as_secs_f64(),
+        )
     };
-    Ok((factors, record))
-}
-
-pub(super) fn adamw(
-    factors: &LoraFactors,
-    cfg: &TrainConfig,
-) -> Result<candle_nn::AdamW, TrainError> {
-    let params = candle_nn::ParamsAdamW {
-        lr: cfg.learning_rate,
-        weight_decay: cfg.weight_decay,
-        ..Default::default()
-    };
-    Ok(candle_nn::AdamW::new(factors.vars(), params)?)
-}
-
-/// Example indices of each step: seeded shuffles of the training split, one per epoch.
-pub(super) fn batches(examples: usize, cfg: &TrainConfig, steps: usize) -> Vec<Vec<usize>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
-    let mut out = Vec::with_capacity(steps);
-    while out.len() < steps {
-        let mut order: Vec<usize> = (0..examples).collect();
-        order.shuffle(&mut rng);
-        out.extend(order.chunks(cfg.batch_size).map(<[usize]>::to_vec));
-    }
-    out.truncate(steps);
-    out
+    let accuracy = |delta: Option<&LoadedDelta>| accuracy(encoder, &head, delta, data.val);
+    run.fit(loss, accuracy, on_step)
 }

@@ -12,6 +12,7 @@
 
 mod causal;
 mod classify;
+mod fit;
 mod lora;
 mod record;
 
