@@ -56,9 +56,9 @@ serve-check: models
 # Re-trains the committed adapters in models/adapters/ (encoders for every suite task, causal-LM
 # adapters for three) with the settings they were trained with.
 adapters: data models
-	$(CARGO) run --release --bin knots -- train --max-train 480 --learning-rate 2e-3 --out-dir models/adapters
+	$(CARGO) run --release --bin knots -- train --max-train 480 --max-val 100 --learning-rate 2e-3 --out-dir models/adapters
 	$(CARGO) run --release --bin knots -- train --causal --task sentiment,news,language --max-train 96 \
-		--max-val 40 --batch-size 8 --learning-rate 2e-3 --out-dir models/adapters
+		--max-val 30 --batch-size 4 --learning-rate 5e-4 --out-dir models/adapters
 
 # The benchmark on the committed adapters: target/eval/{report.md,report.json,scaling.svg}.
 eval: data models

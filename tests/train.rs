@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 use knots::adapters::LoraAdapter;
-use knots::engine::{Encoder, TextModel};
+use knots::engine::{Encoder, KvCache, TextModel};
 use knots::eval::Example;
 use knots::train::{
     CausalTask, Classification, LoraFactors, TrainConfig, answer_tokens, causal_loss,
@@ -161,13 +161,13 @@ fn causal_training_lowers_the_label_word_loss() {
         prompt: "Is this sentence negative or positive? Answer with one word.\n{text}",
         label_words: &words,
         train: &train,
-        val: &train,
+        val: &train[..2],
     };
     let answers = answer_tokens(model, &words).unwrap();
     assert_ne!(answers[0], answers[1]);
     let cfg = TrainConfig {
-        batch_size: 8,
-        max_steps: Some(4),
+        batch_size: 4,
+        max_steps: Some(3),
         epochs: 4,
         learning_rate: 2e-3,
         ..TrainConfig::causal_default()
