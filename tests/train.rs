@@ -198,4 +198,24 @@ fn causal_training_lowers_the_label_word_loss() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(after < before, "loss {before} -> {after}");
+
+    // The differentiable forward and the inference forward of the exported update agree.
+    let registry = model.model.registry();
+    let exported = registry
+        .convert(&factors.to_delta().unwrap(), model.model.device())
+        .unwrap();
+    let ids = model.encode_plain("The weather today is").unwrap();
+    let logits = |d: &knots::engine::LoadedDelta| -> Vec<f32> {
+        let out = model
+            .model
+            .forward(&ids, &mut KvCache::default(), Some(d))
+            .unwrap();
+        out.to_vec1().unwrap()
+    };
+    let diff = crate::engine::max_abs_diff(&logits(&delta), &logits(&exported));
+    eprintln!("training vs inference forward: max abs diff {diff:e}");
+    assert!(
+        diff < 1e-3,
+        "training and inference forwards differ by {diff}"
+    );
 }
