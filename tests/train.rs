@@ -6,8 +6,8 @@ use knots::adapters::LoraAdapter;
 use knots::engine::{Encoder, KvCache, TextModel};
 use knots::eval::Example;
 use knots::train::{
-    CausalTask, Classification, LoraFactors, TrainConfig, answer_tokens, causal_loss,
-    classification_loss, train_causal, train_classifier,
+    CausalTask, Classification, LoraFactors, TrainConfig, answer_tokens, batch_gradients,
+    causal_loss, classification_loss, train_causal, train_classifier,
 };
 
 use crate::engine::{minilm, reference_json, smollm2};
@@ -95,6 +95,57 @@ fn lora_gradients_match_finite_differences() {
         }
     }
     assert_eq!(checked, 8);
+}
+
+/// A batch split into micro-batches of 1 and 2 examples gives the loss and gradients of one
+/// pass over the whole batch.
+#[test]
+fn micro_batches_sum_to_the_batch_gradient() {
+    let encoder: &Encoder = minilm();
+    let registry = encoder.model.registry();
+    let device = encoder.model.device();
+    let factors = LoraFactors::new(registry, &["query".to_string()], 4, 4.0, 3, device).unwrap();
+    for var in factors.vars().iter().skip(1).step_by(2) {
+        var.set(&(Tensor::randn(0f32, 0.05, var.shape(), device).unwrap()))
+            .unwrap();
+    }
+    let examples = polarity_examples();
+    let (_, label_texts) = labels();
+    let label_texts: Vec<&str> = label_texts.iter().map(String::as_str).collect();
+    let heads = encoder.embed(&label_texts, None).unwrap();
+    let mut loss = |delta: &knots::engine::LoadedDelta, batch: &[usize]| {
+        let texts: Vec<&str> = batch.iter().map(|&i| examples[i].text.as_str()).collect();
+        let gold: Vec<u32> = batch.iter().map(|&i| examples[i].label as u32).collect();
+        classification_loss(encoder, delta, &heads, 20.0, &texts, &gold)
+    };
+    let vars = factors.vars();
+    let delta = factors.trainable(registry).unwrap();
+    let batch = [0, 5, 11, 23, 31];
+    let (whole, whole_grads) = batch_gradients(&vars, &delta, &batch, 5, &mut loss).unwrap();
+    for micro in [1, 2] {
+        let (value, grads) = batch_gradients(&vars, &delta, &batch, micro, &mut loss).unwrap();
+        assert!(
+            (value - whole).abs() < 1e-5,
+            "micro {micro}: loss {value} vs {whole}"
+        );
+        for var in &vars {
+            let a = grads
+                .get(var.as_tensor())
+                .expect("every factor gets a gradient");
+            let b = whole_grads.get(var.as_tensor()).unwrap();
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = b.abs().unwrap().max_all().unwrap();
+            let (diff, scale) = (
+                diff.to_scalar::<f32>().unwrap(),
+                scale.to_scalar::<f32>().unwrap(),
+            );
+            assert!(scale > 0.0, "the gradient is not trivially zero");
+            assert!(
+                diff <= 1e-4 * scale,
+                "micro {micro}: gradient differs by {diff} (scale {scale})"
+            );
+        }
+    }
 }
 
 #[test]

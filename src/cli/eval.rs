@@ -9,8 +9,13 @@ use clap::Args;
 
 use super::progress::Bar;
 use crate::adapters::LoraAdapter;
-use crate::engine::{self, Encoder, parse_device};
-use crate::eval::{Bench, BenchSettings, Suite, load_task, svg};
+use candle_core::Device;
+
+use crate::engine::{self, Encoder, TextModel, parse_device};
+use crate::eval::{
+    Bench, BenchSettings, LabelWordBench, LabelWordReport, LabelWordSettings, LabelWordTask, Suite,
+    TaskData, TaskDef, load_task, svg,
+};
 use crate::merge::Method;
 
 #[derive(Debug, Clone, Args)]
@@ -44,6 +49,13 @@ pub struct EvalArgs {
     pub suite: PathBuf,
     #[arg(long, env = "KNOTS_DATA_CACHE", default_value = "data/cache")]
     pub cache: PathBuf,
+    /// The causal LM of the label-word benchmark, run on every selected task with a causal
+    /// adapter `<adapters>/<task>-lm` (at least 2 needed).
+    #[arg(long, env = "KNOTS_LM_MODEL", default_value = "smollm2-135m-instruct")]
+    pub lm_model: String,
+    /// Skip the causal-LM label-word benchmark.
+    #[arg(long)]
+    pub no_label_words: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "KNOTS_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -102,7 +114,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
     }
     let bar = Bar::new();
     let bench = Bench::new(&encoder, &tasks, &adapters, &label_texts, &bar)?;
-    let report = bench.run(&settings)?;
+    let mut report = bench.run(&settings)?;
+    if !args.no_label_words {
+        report.label_words = label_words(args, &defs, &tasks, &settings.methods, &device, &bar)?;
+    }
     bar.finish();
     let markdown = format!(
         "{}\nRun: {} tasks, {} test examples, {:.0} s{}.\n",
@@ -125,4 +140,56 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
     write("report.json", &report.to_json()?)?;
     write("scaling.svg", &svg::scaling_svg(&report.scaling))?;
     Ok(markdown)
+}
+
+/// The label-word benchmark over the selected tasks that have a causal adapter; `None` (with a
+/// note on stderr) when fewer than two do.
+fn label_words(
+    args: &EvalArgs,
+    defs: &[&TaskDef],
+    tasks: &[TaskData],
+    methods: &[Method],
+    device: &Device,
+    progress: &Bar,
+) -> anyhow::Result<Option<LabelWordReport>> {
+    let mut adapters = Vec::new();
+    for (def, data) in defs.iter().zip(tasks) {
+        let dir = args.adapters.join(format!("{}-lm", def.name));
+        if dir.is_dir() {
+            let adapter = LoraAdapter::load(&dir)
+                .with_context(|| format!("causal adapter {}", dir.display()))?;
+            adapters.push((def, data, adapter));
+        }
+    }
+    if adapters.len() < 2 {
+        eprintln!(
+            "label-word benchmark skipped: {} of the selected tasks have a causal adapter \
+             (<task>-lm) in {}; 2 are needed",
+            adapters.len(),
+            args.adapters.display()
+        );
+        return Ok(None);
+    }
+    let lm_tasks: Vec<LabelWordTask<'_>> = adapters
+        .iter()
+        .map(|(def, data, adapter)| LabelWordTask {
+            name: &def.name,
+            prompt: &def.prompt,
+            label_words: def.classes.iter().map(|c| c.label_word.clone()).collect(),
+            val: &data.splits.val,
+            test: &data.splits.test,
+            adapter,
+        })
+        .collect();
+    let model = TextModel::load(
+        &engine::resolve(&args.lm_model, &engine::models_dir())?,
+        device,
+    )?;
+    let settings = if args.quick {
+        LabelWordSettings::quick(methods.to_vec())
+    } else {
+        LabelWordSettings::standard(methods.to_vec())
+    };
+    let bench = LabelWordBench::new(&model, &lm_tasks, progress)?;
+    Ok(Some(bench.run(&args.lm_model, &settings)?))
 }

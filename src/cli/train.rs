@@ -57,6 +57,10 @@ pub struct TrainArgs {
     pub learning_rate: Option<f64>,
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Examples per forward/backward pass within a batch (less memory, same gradients)
+    /// [default: the batch size for encoders, 1 for --causal].
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
     /// LoRA rank [default: 16 for encoders, 8 for --causal].
     #[arg(long)]
     pub rank: Option<usize>,
@@ -81,6 +85,9 @@ impl TrainArgs {
         cfg.max_steps = self.max_steps;
         cfg.learning_rate = self.learning_rate.unwrap_or(cfg.learning_rate);
         cfg.batch_size = self.batch_size.unwrap_or(cfg.batch_size);
+        cfg.micro_batch_size =
+            self.micro_batch_size
+                .unwrap_or(if self.causal { 1 } else { cfg.batch_size });
         cfg.rank = self.rank.unwrap_or(cfg.rank);
         cfg.alpha = self.alpha.unwrap_or(cfg.alpha);
         cfg.seed = self.seed;

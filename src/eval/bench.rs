@@ -379,6 +379,7 @@ impl<'a> Bench<'a> {
             methods,
             ensemble_joint,
             scaling,
+            label_words: None,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -483,7 +484,7 @@ impl<'a> Bench<'a> {
 }
 
 /// Evaluations the greedy search makes for `method` (for the progress bar).
-fn search_points(method: Method, grid: &SearchGrid) -> u64 {
+pub(super) fn search_points(method: Method, grid: &SearchGrid) -> u64 {
     let seeds = if method.uses_dare() {
         grid.dare_seeds.len()
     } else {

@@ -8,6 +8,7 @@
 
 mod bench;
 mod error;
+mod label_words;
 mod load;
 pub mod metrics;
 pub mod report;
@@ -21,8 +22,9 @@ pub mod text;
 
 pub use bench::{Bench, BenchSettings};
 pub use error::EvalError;
+pub use label_words::{LabelWordBench, LabelWordSettings, LabelWordTask};
 pub use load::{TaskData, load_suite, load_task};
-pub use report::Report;
+pub use report::{LabelWordReport, Report};
 pub use search::{SearchGrid, SearchOutcome, Trial, greedy_search};
 pub use split::{Example, Splits};
 pub use suite::{Caps, ClassDef, SourceDef, Suite, TaskDef, default_paths};

@@ -24,6 +24,9 @@ pub struct Report {
     /// Joint Hits@1/3/5 of the ensemble baseline (each label's best individual score).
     pub ensemble_joint: Option<Hits>,
     pub scaling: Vec<ScalingSeries>,
+    /// The causal-LM label-word benchmark, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_words: Option<LabelWordReport>,
     /// Wall time of the whole run.
     pub seconds: f64,
 }
@@ -39,6 +42,28 @@ pub struct MethodResult {
     pub normalized: Normalized,
     /// Joint evaluation over the union of all tasks' labels.
     pub joint: Hits,
+}
+
+/// What the causal benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelWordReport {
+    pub base_model: String,
+    pub tasks: Vec<String>,
+    /// Test label-word accuracy of the base model and of each task's own adapter.
+    pub base: Vec<f64>,
+    pub individual: Vec<f64>,
+    pub methods: Vec<LabelWordMethod>,
+    pub test_per_task: usize,
+    pub seconds: f64,
+}
+
+/// One merge method's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelWordMethod {
+    pub method: String,
+    pub params: ParamsRecord,
+    pub accuracy: Vec<f64>,
+    pub normalized: Normalized,
 }
 
 /// Merge parameters as recorded in the report.
@@ -87,6 +112,54 @@ fn pct(x: f64) -> String {
     format!("{:.1}", 100.0 * x)
 }
 
+/// A method's row of a per-task table: normalised accuracy per task, absolute in parentheses.
+fn method_row(md: &mut String, name: &str, p: &ParamsRecord, n: &Normalized, accuracy: &[f64]) {
+    let cells: Vec<String> = n
+        .per_task
+        .iter()
+        .zip(accuracy)
+        .map(|(&n, &a)| format!("{} ({})", pct(n), pct(a)))
+        .collect();
+    let _ = writeln!(
+        md,
+        "| {name} | λ {} d {} p {} | {} | {} |",
+        p.lambda,
+        p.density,
+        p.dare_p,
+        cells.join(" | "),
+        pct(n.mean)
+    );
+}
+
+/// A row of absolute accuracies with their mean.
+fn absolute_row(md: &mut String, name: &str, accuracy: &[f64]) {
+    let cells: Vec<String> = accuracy.iter().map(|&a| pct(a)).collect();
+    let mean = accuracy.iter().sum::<f64>() / accuracy.len().max(1) as f64;
+    let _ = writeln!(md, "| {name} | | {} | {} |", cells.join(" | "), pct(mean));
+}
+
+impl LabelWordReport {
+    fn table(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "Label-word accuracy (%) of merged {} adapters, normalised by each task's own adapter \
+             (absolute in parentheses; {} test prompts per task)\n",
+            self.base_model, self.test_per_task
+        );
+        let _ = writeln!(
+            md,
+            "| method | params | {} | mean |",
+            self.tasks.join(" | ")
+        );
+        let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(self.tasks.len()));
+        absolute_row(md, "base model (absolute)", &self.base);
+        absolute_row(md, "own adapter (absolute)", &self.individual);
+        for m in &self.methods {
+            method_row(md, &m.method, &m.params, &m.normalized, &m.accuracy);
+        }
+    }
+}
+
 impl Report {
     /// Pretty-printed JSON.
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
@@ -103,6 +176,10 @@ impl Report {
             md.push('\n');
             self.scaling_table(&mut md);
         }
+        if let Some(lw) = &self.label_words {
+            md.push('\n');
+            lw.table(&mut md);
+        }
         md
     }
 
@@ -117,33 +194,9 @@ impl Report {
             self.tasks.join(" | ")
         );
         let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(self.tasks.len()));
-        let individual: Vec<String> = self.individual.iter().map(|&a| pct(a)).collect();
-        let mean = self.individual.iter().sum::<f64>() / self.individual.len().max(1) as f64;
-        let _ = writeln!(
-            md,
-            "| fine-tuned (absolute) | | {} | {} |",
-            individual.join(" | "),
-            pct(mean)
-        );
+        absolute_row(md, "fine-tuned (absolute)", &self.individual);
         for m in &self.methods {
-            let cells: Vec<String> = m
-                .normalized
-                .per_task
-                .iter()
-                .zip(&m.accuracy)
-                .map(|(&n, &a)| format!("{} ({})", pct(n), pct(a)))
-                .collect();
-            let p = m.params;
-            let _ = writeln!(
-                md,
-                "| {} | λ {} d {} p {} | {} | {} |",
-                m.method,
-                p.lambda,
-                p.density,
-                p.dare_p,
-                cells.join(" | "),
-                pct(m.normalized.mean)
-            );
+            method_row(md, &m.method, &m.params, &m.normalized, &m.accuracy);
         }
     }
 

@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
 use candle_nn::Optimizer;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -59,7 +60,8 @@ impl Run<'_> {
             weight_decay: cfg.weight_decay,
             ..Default::default()
         };
-        let mut optimizer = candle_nn::AdamW::new(factors.vars(), params)?;
+        let vars = factors.vars();
+        let mut optimizer = candle_nn::AdamW::new(vars.clone(), params)?;
         let steps = cfg.steps(self.train_examples);
         let mut loss_curve = Vec::with_capacity(steps);
         for (step, batch) in batches(self.train_examples, cfg, steps)
@@ -67,9 +69,9 @@ impl Run<'_> {
             .enumerate()
         {
             let delta = factors.trainable(self.registry)?;
-            let value = loss(&delta, &batch)?;
-            optimizer.backward_step(&value)?;
-            let value = value.to_scalar::<f32>()?;
+            let (value, grads) =
+                batch_gradients(&vars, &delta, &batch, cfg.micro_batch_size, &mut loss)?;
+            optimizer.step(&grads)?;
             loss_curve.push(value);
             on_step(StepReport {
                 step: step + 1,
@@ -95,6 +97,37 @@ impl Run<'_> {
         };
         Ok((factors, record))
     }
+}
+
+/// The mean loss over `batch` and its gradients for `vars`, summed over micro-batches of
+/// `micro` examples (each weighted by its share of the batch), so the result equals one
+/// backward pass over the whole batch while only one micro-batch's graph is alive at a time.
+pub fn batch_gradients(
+    vars: &[Var],
+    delta: &LoadedDelta,
+    batch: &[usize],
+    micro: usize,
+    loss: &mut impl FnMut(&LoadedDelta, &[usize]) -> Result<Tensor, TrainError>,
+) -> Result<(f32, GradStore), TrainError> {
+    let mut total = GradStore::default();
+    let mut mean = 0f32;
+    for chunk in batch.chunks(micro.max(1)) {
+        let share = chunk.len() as f64 / batch.len() as f64;
+        let value = (loss(delta, chunk)? * share)?;
+        mean += value.to_scalar::<f32>()?;
+        let mut grads = value.backward()?;
+        for var in vars {
+            let Some(grad) = grads.remove(var.as_tensor()) else {
+                continue;
+            };
+            let sum = match total.remove(var.as_tensor()) {
+                Some(acc) => (acc + grad)?,
+                None => grad,
+            };
+            total.insert(var.as_tensor(), sum);
+        }
+    }
+    Ok((mean, total))
 }
 
 /// Example indices of each step: seeded shuffles of the training split, one per epoch.

@@ -21,6 +21,7 @@ use crate::engine::EngineError;
 
 pub use causal::{CausalTask, answer_tokens, causal_loss, label_word_accuracy, train_causal};
 pub use classify::{Classification, accuracy, classification_loss, label_head, train_classifier};
+pub use fit::batch_gradients;
 pub use lora::LoraFactors;
 pub use record::{StepReport, TrainConfig, TrainRecord};
 

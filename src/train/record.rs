@@ -12,6 +12,9 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub batch_size: usize,
+    /// Examples per forward/backward pass; a step sums the gradients of its micro-batches, so
+    /// only one micro-batch's graph is alive at a time.
+    pub micro_batch_size: usize,
     /// Passes over the training split (the last one may stop early at `max_steps`).
     pub epochs: usize,
     pub max_steps: Option<usize>,
@@ -32,6 +35,7 @@ impl TrainConfig {
             learning_rate: 1e-3,
             weight_decay: 0.0,
             batch_size: 16,
+            micro_batch_size: 16,
             epochs: 1,
             max_steps: None,
             seed: 0,
@@ -49,6 +53,7 @@ impl TrainConfig {
                 .to_vec(),
             learning_rate: 1e-3,
             batch_size: 8,
+            micro_batch_size: 1,
             ..Self::encoder_default()
         }
     }
@@ -62,8 +67,9 @@ impl TrainConfig {
 
     pub(crate) fn validate(&self) -> Result<(), super::TrainError> {
         let bad = |m: &str| Err(super::TrainError::Invalid(m.to_string()));
-        if self.rank == 0 || self.batch_size == 0 || self.epochs == 0 {
-            return bad("rank, batch size and epochs must be at least 1");
+        if self.rank == 0 || self.batch_size == 0 || self.micro_batch_size == 0 || self.epochs == 0
+        {
+            return bad("rank, batch size, micro-batch size and epochs must be at least 1");
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad("the learning rate must be a positive number");

@@ -63,3 +63,65 @@ fn bench_reports_per_task_joint_and_scaling_results() {
         assert!(point.normalized.mean > 0.0, "{}", m.method);
     }
 }
+
+/// The causal label-word benchmark on real prompts with the committed `sentiment-lm` adapter,
+/// standing for two tasks: task arithmetic at λ 0.5 of an adapter with itself is that adapter,
+/// so every task's merged accuracy equals its own and normalises to exactly 1.
+#[test]
+fn label_word_bench_normalises_by_each_tasks_own_adapter() {
+    use knots::eval::{LabelWordBench, LabelWordSettings, LabelWordTask};
+    use knots::train::{CausalTask, answer_tokens, label_word_accuracy};
+
+    let suite = Suite::load(&repo("data/suite.toml")).unwrap();
+    let def = suite.task("sentiment").unwrap();
+    let data = load_task(&suite, def, &repo("data/cache"), true).expect("run `make data`");
+    let adapter = LoraAdapter::load(&repo("models/adapters/sentiment-lm")).unwrap();
+    let words: Vec<String> = def.classes.iter().map(|c| c.label_word.clone()).collect();
+    let again = LoraAdapter {
+        name: "sentiment-lm-again".into(),
+        ..adapter.clone()
+    };
+    let task = |name, adapter| LabelWordTask {
+        name,
+        prompt: &def.prompt,
+        label_words: words.clone(),
+        val: &data.splits.val,
+        test: &data.splits.test,
+        adapter,
+    };
+    let tasks = [task("sentiment", &adapter), task("sentiment-again", &again)];
+    let model = crate::engine::smollm2();
+    let bench = LabelWordBench::new(model, &tasks, &Silent).unwrap();
+    let settings = LabelWordSettings {
+        grid: SearchGrid {
+            lambdas: vec![0.5],
+            densities: vec![1.0],
+            dare_ps: vec![0.1],
+            dare_seeds: vec![0],
+        },
+        test_per_task: 4,
+        search_per_task: 2,
+        ..LabelWordSettings::quick(vec![Method::Ta])
+    };
+    let report = bench.run("smollm2-135m-instruct", &settings).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+
+    let answers = answer_tokens(model, &words).unwrap();
+    let causal = CausalTask {
+        task: "sentiment",
+        prompt: &def.prompt,
+        label_words: &words,
+        train: &[],
+        val: &[],
+    };
+    let base = label_word_accuracy(model, &causal, &answers, None, &data.splits.test[..4]).unwrap();
+    assert_eq!(report.base, vec![base, base]);
+    assert_eq!(report.individual[0], report.individual[1]);
+    let ta = &report.methods[0];
+    assert_eq!(ta.method, "ta");
+    assert_eq!(ta.params.lambda, 0.5);
+    for (t, &acc) in ta.accuracy.iter().enumerate() {
+        assert_eq!(acc, report.individual[t], "task {t}");
+        assert!((ta.normalized.per_task[t] - 1.0).abs() < 1e-12);
+    }
+}

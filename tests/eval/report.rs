@@ -1,7 +1,10 @@
 //! Reports: markdown tables, JSON, and a well-formed SVG with one line per method.
 
 use knots::eval::metrics::Normalized;
-use knots::eval::report::{Hits, MethodResult, ParamsRecord, Report, ScalingPoint, ScalingSeries};
+use knots::eval::report::{
+    Hits, LabelWordMethod, LabelWordReport, MethodResult, ParamsRecord, Report, ScalingPoint,
+    ScalingSeries,
+};
 use knots::eval::stats::MeanCi;
 use knots::eval::svg::scaling_svg;
 
@@ -27,14 +30,15 @@ fn series(method: &str, base: f64) -> ScalingSeries {
 }
 
 fn report() -> Report {
+    let params = ParamsRecord {
+        lambda: 0.6,
+        density: 0.2,
+        dare_p: 0.1,
+        seed: 0,
+    };
     let method = |name: &str, n: f64| MethodResult {
         method: name.into(),
-        params: ParamsRecord {
-            lambda: 0.6,
-            density: 0.2,
-            dare_p: 0.1,
-            seed: 0,
-        },
+        params,
         accuracy: vec![0.5, 0.6],
         normalized: Normalized {
             per_task: vec![n, n],
@@ -60,6 +64,23 @@ fn report() -> Report {
             series("knots-ties", 1.05),
             series("a<b&c", 0.9),
         ],
+        label_words: Some(LabelWordReport {
+            base_model: "smollm2-135m-instruct".into(),
+            tasks: vec!["sentiment".into(), "language".into()],
+            base: vec![0.8, 0.5],
+            individual: vec![0.9, 1.0],
+            methods: vec![LabelWordMethod {
+                method: "knots-ties".into(),
+                params,
+                accuracy: vec![0.45, 0.8],
+                normalized: Normalized {
+                    per_task: vec![0.5, 0.8],
+                    mean: 0.65,
+                },
+            }],
+            test_per_task: 40,
+            seconds: 2.0,
+        }),
         seconds: 1.0,
     }
 }
@@ -161,8 +182,21 @@ fn markdown_and_json_carry_every_number() {
         "{md}"
     );
     assert!(md.contains("| ties | 90.0 [87.0, 93.0] |"), "{md}");
+    assert!(
+        md.contains("| method | params | sentiment | language | mean |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| base model (absolute) | | 80.0 | 50.0 | 65.0 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| knots-ties | λ 0.6 d 0.2 p 0.1 | 50.0 (45.0) | 80.0 (80.0) | 65.0 |"),
+        "{md}"
+    );
     let json: serde_json::Value = serde_json::from_str(&r.to_json().unwrap()).unwrap();
     assert_eq!(json["methods"][1]["method"], "knots-ties");
     assert_eq!(json["methods"][1]["joint"]["at3"], 0.6);
     assert_eq!(json["scaling"][0]["points"][0]["k"], 2);
+    assert_eq!(json["label_words"]["individual"][1], 1.0);
 }
