@@ -7,14 +7,15 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use super::data::SuiteArgs;
 use super::progress::Bar;
 use crate::adapters::LoraAdapter;
 use candle_core::Device;
 
 use crate::engine::{self, Encoder, TextModel, parse_device};
 use crate::eval::{
-    Bench, BenchSettings, LabelWordBench, LabelWordReport, LabelWordSettings, LabelWordTask, Suite,
-    TaskData, TaskDef, load_task, svg,
+    Bench, BenchSettings, LabelWordBench, LabelWordReport, LabelWordSettings, LabelWordTask,
+    TaskData, TaskDef, svg,
 };
 use crate::merge::Method;
 
@@ -26,18 +27,14 @@ pub struct EvalArgs {
     /// The encoder the adapters were trained on.
     #[arg(long, env = "KNOTS_MODEL", default_value = "all-minilm-l6-v2")]
     pub model: String,
-    /// Tasks to evaluate (repeatable or comma-separated) [default: every task of the suite].
-    #[arg(long = "task", env = "KNOTS_TASKS", value_delimiter = ',')]
-    pub tasks: Vec<String>,
+    #[command(flatten)]
+    pub suite: SuiteArgs,
     /// Merge methods to compare [default: ta, ties, dare-ties, knots-ties, knots-dare-ties].
     #[arg(long = "method", value_delimiter = ',')]
     pub methods: Vec<Method>,
-    /// Small splits, coarse grids and a short scaling study (what CI runs).
-    #[arg(long, env = "KNOTS_QUICK", conflicts_with = "paper")]
-    pub quick: bool,
     /// The paper's full protocol: every test example, 0.1-step grids, 3 DARE seeds, scaling at
     /// every k (many hours on 2 CPU cores).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "quick")]
     pub paper: bool,
     /// Test examples per task [default: 60; 48 with --quick; all with --paper].
     #[arg(long)]
@@ -45,10 +42,6 @@ pub struct EvalArgs {
     /// Where report.md, report.json and scaling.svg go.
     #[arg(long, default_value = "target/eval")]
     pub out: PathBuf,
-    #[arg(long, env = "KNOTS_SUITE", default_value = "data/suite.toml")]
-    pub suite: PathBuf,
-    #[arg(long, env = "KNOTS_DATA_CACHE", default_value = "data/cache")]
-    pub cache: PathBuf,
     /// The causal LM of the label-word benchmark, run on every selected task with a causal
     /// adapter `<adapters>/<task>-lm` (at least 2 needed).
     #[arg(long, env = "KNOTS_LM_MODEL", default_value = "smollm2-135m-instruct")]
@@ -63,8 +56,8 @@ pub struct EvalArgs {
 
 /// Runs the benchmark; returns the markdown report.
 pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
-    let suite = Suite::load(&args.suite)?;
-    let defs = super::data::selected(&suite, &args.tasks)?;
+    let suite = args.suite.load_suite()?;
+    let defs = args.suite.selected(&suite)?;
     if defs.len() < 2 {
         bail!(
             "the benchmark merges tasks: give at least 2 (got {})",
@@ -73,10 +66,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
     }
     let tasks = defs
         .iter()
-        .map(|d| {
-            load_task(&suite, d, &args.cache, args.quick)
-                .with_context(|| format!("task {} (run `make data`)", d.name))
-        })
+        .map(|d| args.suite.load(&suite, d))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let adapters = defs
         .iter()
@@ -99,7 +89,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
         &engine::resolve(&args.model, &engine::models_dir())?,
         &device,
     )?;
-    let mut settings = if args.quick {
+    let mut settings = if args.suite.quick {
         BenchSettings::quick(tasks.len())
     } else if args.paper {
         BenchSettings::paper(tasks.len())
@@ -128,7 +118,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
             .map(|t| t.splits.test.len().min(settings.test_per_task))
             .sum::<usize>(),
         report.seconds,
-        if args.quick { ", --quick" } else { "" }
+        if args.suite.quick { ", --quick" } else { "" }
     );
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -185,7 +175,7 @@ fn label_words(
         &engine::resolve(&args.lm_model, &engine::models_dir())?,
         device,
     )?;
-    let settings = if args.quick {
+    let settings = if args.suite.quick {
         LabelWordSettings::quick(methods.to_vec())
     } else {
         LabelWordSettings::standard(methods.to_vec())

@@ -8,10 +8,11 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::json;
 
+use super::data::SuiteArgs;
 use super::progress::loss_bar;
 use crate::adapters::{ExportInfo, TASK_FILE, write_peft};
 use crate::engine::{self, Encoder, TextModel, parse_device};
-use crate::eval::{Suite, TaskData, load_task};
+use crate::eval::TaskData;
 use crate::train::{
     CausalTask, Classification, LoraFactors, StepReport, TrainConfig, TrainRecord, train_causal,
     train_classifier,
@@ -22,9 +23,8 @@ pub const TRAINING_FILE: &str = "training.json";
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// Suite tasks to train (repeatable, or comma-separated) [default: every task].
-    #[arg(long = "task", env = "KNOTS_TASKS", value_delimiter = ',')]
-    pub tasks: Vec<String>,
+    #[command(flatten)]
+    pub suite: SuiteArgs,
     /// Train causal-LM adapters (prompt → label word) instead of encoder classifiers.
     #[arg(long)]
     pub causal: bool,
@@ -34,13 +34,6 @@ pub struct TrainArgs {
     /// Where adapters go: `<out-dir>/<task>` (encoders) or `<out-dir>/<task>-lm` (--causal).
     #[arg(long, env = "KNOTS_OUT_DIR", default_value = "models/adapters")]
     pub out_dir: PathBuf,
-    #[arg(long, env = "KNOTS_SUITE", default_value = "data/suite.toml")]
-    pub suite: PathBuf,
-    #[arg(long, env = "KNOTS_DATA_CACHE", default_value = "data/cache")]
-    pub cache: PathBuf,
-    /// Train on the small `--quick` splits.
-    #[arg(long, env = "KNOTS_QUICK")]
-    pub quick: bool,
     /// Passes over the training split [default: 1].
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -110,8 +103,8 @@ enum Base {
 
 /// Runs `knots train`, printing one summary line per trained adapter as it is written.
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
-    let suite = Suite::load(&args.suite)?;
-    let tasks = super::data::selected(&suite, &args.tasks)?;
+    let suite = args.suite.load_suite()?;
+    let tasks = args.suite.selected(&suite)?;
     let cfg = args.config();
     let model_id = args.model_id();
     let device = parse_device(&args.device)?;
@@ -127,8 +120,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         .and_then(|m| m.hf_repo)
         .unwrap_or_else(|| model_id.to_string());
     for def in tasks {
-        let mut data = load_task(&suite, def, &args.cache, args.quick)
-            .with_context(|| format!("task {} (run `make data` first)", def.name))?;
+        let mut data = args.suite.load(&suite, def)?;
         sample_train(&mut data, args.max_train, args.seed);
         if let Some(max) = args.max_val {
             data.splits.val.truncate(max);
