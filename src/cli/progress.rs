@@ -1,6 +1,8 @@
 //! Terminal progress bars for long CLI work. They appear only on a terminal and only once a
-//! stage has run for a moment, so short merges and piped output stay quiet.
+//! stage has run for a moment, so short merges stay quiet. When stderr is not a terminal (CI
+//! logs, background runs), each finished stage of a long run prints one plain line instead.
 
+use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,9 +20,25 @@ pub struct Bar {
 }
 
 struct Stage {
+    name: &'static str,
     bar: ProgressBar,
     /// When the stage began; `None` once the bar is drawn.
     hidden_since: Option<Instant>,
+}
+
+impl Stage {
+    fn end(self) {
+        self.bar.finish_and_clear();
+        let elapsed = self.bar.elapsed();
+        if elapsed > SHOW_AFTER && !std::io::stderr().is_terminal() {
+            eprintln!(
+                "{}: {} steps in {:.1} s",
+                self.name,
+                self.bar.position(),
+                elapsed.as_secs_f64()
+            );
+        }
+    }
 }
 
 impl Bar {
@@ -34,7 +52,7 @@ impl Bar {
         if let Ok(mut guard) = self.stage.lock()
             && let Some(stage) = guard.take()
         {
-            stage.bar.finish_and_clear();
+            stage.end();
         }
     }
 }
@@ -47,13 +65,14 @@ impl Progress for Bar {
         bar.set_style(style.progress_chars("=> "));
         bar.set_message(stage);
         let stage = Stage {
+            name: stage,
             bar,
             hidden_since: Some(Instant::now()),
         };
         if let Ok(mut guard) = self.stage.lock()
             && let Some(old) = guard.replace(stage)
         {
-            old.bar.finish_and_clear();
+            old.end();
         }
     }
 
@@ -69,6 +88,12 @@ impl Progress for Bar {
             }
         }
     }
+}
+
+/// Whether a step of `steps` gets a plain log line (about every tenth, when stderr is no
+/// terminal and the bar is hidden).
+pub fn log_step(step: usize, steps: usize) -> bool {
+    (step % (steps / 10).max(1) == 0 || step == steps) && !std::io::stderr().is_terminal()
 }
 
 /// A bar for training steps that shows the latest loss (drawn only on a terminal).

@@ -9,7 +9,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::data::SuiteArgs;
-use super::progress::loss_bar;
+use super::progress::{log_step, loss_bar};
 use crate::adapters::{ExportInfo, TASK_FILE, write_peft};
 use crate::engine::{self, Encoder, TextModel, parse_device};
 use crate::eval::TaskData;
@@ -134,6 +134,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         let mut on_step = |s: StepReport| {
             bar.set_position(s.step as u64);
             bar.set_message(format!("{:.4}", s.loss));
+            if log_step(s.step, s.steps) {
+                eprintln!(
+                    "{}: step {}/{} loss {:.4}",
+                    def.name, s.step, s.steps, s.loss
+                );
+            }
         };
         let labels = def
             .class_names()
