@@ -57,8 +57,8 @@ serve-check: models
 # adapters for three) with the settings they were trained with.
 adapters: data models
 	$(CARGO) run --release --bin knots -- train --max-train 480 --max-val 100 --learning-rate 2e-3 --out-dir models/adapters
-	$(CARGO) run --release --bin knots -- train --causal --task sentiment,news,language --max-train 96 \
-		--max-val 30 --batch-size 4 --learning-rate 5e-4 --out-dir models/adapters
+	$(CARGO) run --release --bin knots -- train --causal --task sentiment,news,language --max-train 160 \
+		--max-val 40 --batch-size 8 --micro-batch-size 1 --learning-rate 3e-4 --out-dir models/adapters
 
 # The benchmark on the committed adapters: target/eval/{report.md,report.json,scaling.svg}.
 eval: data models

@@ -1,6 +1,7 @@
 //! `knots eval`: the benchmark. Loads the suite's test and validation splits and each task's
-//! encoder adapter, searches every method's merge parameters on validation, and writes the
-//! per-task, joint and scaling results as markdown, JSON and an SVG chart.
+//! adapters, searches every method's merge parameters on validation, and writes the results as
+//! markdown, JSON and an SVG chart: per-task, joint and scaling results of the encoder
+//! adapters, and the label-word accuracy of merged causal-LM adapters.
 
 use std::path::PathBuf;
 
@@ -15,9 +16,18 @@ use candle_core::Device;
 use crate::engine::{self, Encoder, TextModel, parse_device};
 use crate::eval::{
     Bench, BenchSettings, LabelWordBench, LabelWordReport, LabelWordSettings, LabelWordTask,
-    TaskData, TaskDef, svg,
+    Report, TaskData, TaskDef, svg,
 };
 use crate::merge::Method;
+
+/// The two benchmarks `knots eval` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Benchmark {
+    /// Encoder adapters with label-text heads: per-task, joint and scaling results.
+    Encoder,
+    /// Causal-LM adapters (`<task>-lm`): label-word accuracy of their merges.
+    LabelWords,
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
@@ -46,15 +56,15 @@ pub struct EvalArgs {
     /// adapter `<adapters>/<task>-lm` (at least 2 needed).
     #[arg(long, env = "KNOTS_LM_MODEL", default_value = "smollm2-135m-instruct")]
     pub lm_model: String,
-    /// Skip the causal-LM label-word benchmark.
-    #[arg(long)]
-    pub no_label_words: bool,
+    /// Benchmarks to run (repeatable or comma-separated) [default: both].
+    #[arg(long = "bench", value_delimiter = ',')]
+    pub benches: Vec<Benchmark>,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "KNOTS_DEVICE", default_value = "cpu")]
     pub device: String,
 }
 
-/// Runs the benchmark; returns the markdown report.
+/// Runs the selected benchmarks; returns the markdown report.
 pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
     let suite = args.suite.load_suite()?;
     let defs = args.suite.selected(&suite)?;
@@ -68,6 +78,83 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
         .iter()
         .map(|d| args.suite.load(&suite, d))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = args.settings(tasks.len());
+    let device = parse_device(&args.device)?;
+    let runs = |b: Benchmark| args.benches.is_empty() || args.benches.contains(&b);
+    let bar = Bar::new();
+    let mut markdown = String::new();
+    let mut json = serde_json::Map::new();
+    let mut scaling = None;
+    if runs(Benchmark::Encoder) {
+        let report = encoder_bench(args, &defs, &tasks, &settings, &device, &bar)?;
+        let examples: usize = tasks
+            .iter()
+            .map(|t| t.splits.test.len().min(settings.test_per_task))
+            .sum();
+        markdown += &format!(
+            "{}\nRun: {} tasks, {examples} test examples, {:.0} s{}.\n",
+            report.to_markdown(),
+            tasks.len(),
+            report.seconds,
+            if args.suite.quick { ", --quick" } else { "" }
+        );
+        scaling = Some(svg::scaling_svg(&report.scaling));
+        json.insert("encoder".into(), serde_json::to_value(&report)?);
+    }
+    if runs(Benchmark::LabelWords)
+        && let Some(report) = label_words(args, &defs, &tasks, &settings.methods, &device, &bar)?
+    {
+        markdown += &format!(
+            "\n{}\nRun: {} tasks, {:.0} s.\n",
+            report.to_markdown(),
+            report.tasks.len(),
+            report.seconds
+        );
+        json.insert("label_words".into(), serde_json::to_value(&report)?);
+    }
+    bar.finish();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let write = |name: &str, text: &str| {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    write("report.md", &markdown)?;
+    write("report.json", &serde_json::to_string_pretty(&json)?)?;
+    if let Some(svg) = scaling {
+        write("scaling.svg", &svg)?;
+    }
+    Ok(markdown)
+}
+
+impl EvalArgs {
+    fn settings(&self, tasks: usize) -> BenchSettings {
+        let mut settings = if self.suite.quick {
+            BenchSettings::quick(tasks)
+        } else if self.paper {
+            BenchSettings::paper(tasks)
+        } else {
+            BenchSettings::standard(tasks)
+        };
+        if let Some(n) = self.test_per_task {
+            settings.test_per_task = n;
+        }
+        if !self.methods.is_empty() {
+            settings.methods = self.methods.clone();
+        }
+        settings
+    }
+}
+
+/// The encoder benchmark: every task's adapter `<adapters>/<task>` with its label-text head.
+fn encoder_bench(
+    args: &EvalArgs,
+    defs: &[&TaskDef],
+    tasks: &[TaskData],
+    settings: &BenchSettings,
+    device: &Device,
+    progress: &Bar,
+) -> anyhow::Result<Report> {
     let adapters = defs
         .iter()
         .map(|d| {
@@ -84,52 +171,12 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<String> {
         .iter()
         .map(|d| d.classes.iter().map(|c| c.label_text.clone()).collect())
         .collect();
-    let device = parse_device(&args.device)?;
     let encoder = Encoder::load(
         &engine::resolve(&args.model, &engine::models_dir())?,
-        &device,
+        device,
     )?;
-    let mut settings = if args.suite.quick {
-        BenchSettings::quick(tasks.len())
-    } else if args.paper {
-        BenchSettings::paper(tasks.len())
-    } else {
-        BenchSettings::standard(tasks.len())
-    };
-    if let Some(n) = args.test_per_task {
-        settings.test_per_task = n;
-    }
-    if !args.methods.is_empty() {
-        settings.methods = args.methods.clone();
-    }
-    let bar = Bar::new();
-    let bench = Bench::new(&encoder, &tasks, &adapters, &label_texts, &bar)?;
-    let mut report = bench.run(&settings)?;
-    if !args.no_label_words {
-        report.label_words = label_words(args, &defs, &tasks, &settings.methods, &device, &bar)?;
-    }
-    bar.finish();
-    let markdown = format!(
-        "{}\nRun: {} tasks, {} test examples, {:.0} s{}.\n",
-        report.to_markdown(),
-        tasks.len(),
-        tasks
-            .iter()
-            .map(|t| t.splits.test.len().min(settings.test_per_task))
-            .sum::<usize>(),
-        report.seconds,
-        if args.suite.quick { ", --quick" } else { "" }
-    );
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let write = |name: &str, text: &str| {
-        let path = args.out.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
-    };
-    write("report.md", &markdown)?;
-    write("report.json", &report.to_json()?)?;
-    write("scaling.svg", &svg::scaling_svg(&report.scaling))?;
-    Ok(markdown)
+    let bench = Bench::new(&encoder, tasks, &adapters, &label_texts, progress)?;
+    Ok(bench.run(settings)?)
 }
 
 /// The label-word benchmark over the selected tasks that have a causal adapter; `None` (with a

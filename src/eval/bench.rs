@@ -379,7 +379,6 @@ impl<'a> Bench<'a> {
             methods,
             ensemble_joint,
             scaling,
-            label_words: None,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -24,9 +24,6 @@ pub struct Report {
     /// Joint Hits@1/3/5 of the ensemble baseline (each label's best individual score).
     pub ensemble_joint: Option<Hits>,
     pub scaling: Vec<ScalingSeries>,
-    /// The causal-LM label-word benchmark, when it ran.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub label_words: Option<LabelWordReport>,
     /// Wall time of the whole run.
     pub seconds: f64,
 }
@@ -139,7 +136,9 @@ fn absolute_row(md: &mut String, name: &str, accuracy: &[f64]) {
 }
 
 impl LabelWordReport {
-    fn table(&self, md: &mut String) {
+    /// The per-task table in markdown (percentages).
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
         let _ = writeln!(
             md,
             "Label-word accuracy (%) of merged {} adapters, normalised by each task's own adapter \
@@ -152,11 +151,12 @@ impl LabelWordReport {
             self.tasks.join(" | ")
         );
         let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(self.tasks.len()));
-        absolute_row(md, "base model (absolute)", &self.base);
-        absolute_row(md, "own adapter (absolute)", &self.individual);
+        absolute_row(&mut md, "base model (absolute)", &self.base);
+        absolute_row(&mut md, "own adapter (absolute)", &self.individual);
         for m in &self.methods {
-            method_row(md, &m.method, &m.params, &m.normalized, &m.accuracy);
+            method_row(&mut md, &m.method, &m.params, &m.normalized, &m.accuracy);
         }
+        md
     }
 }
 
@@ -175,10 +175,6 @@ impl Report {
         if !self.scaling.is_empty() {
             md.push('\n');
             self.scaling_table(&mut md);
-        }
-        if let Some(lw) = &self.label_words {
-            md.push('\n');
-            lw.table(&mut md);
         }
         md
     }

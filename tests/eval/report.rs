@@ -64,24 +64,33 @@ fn report() -> Report {
             series("knots-ties", 1.05),
             series("a<b&c", 0.9),
         ],
-        label_words: Some(LabelWordReport {
-            base_model: "smollm2-135m-instruct".into(),
-            tasks: vec!["sentiment".into(), "language".into()],
-            base: vec![0.8, 0.5],
-            individual: vec![0.9, 1.0],
-            methods: vec![LabelWordMethod {
-                method: "knots-ties".into(),
-                params,
-                accuracy: vec![0.45, 0.8],
-                normalized: Normalized {
-                    per_task: vec![0.5, 0.8],
-                    mean: 0.65,
-                },
-            }],
-            test_per_task: 40,
-            seconds: 2.0,
-        }),
         seconds: 1.0,
+    }
+}
+
+fn label_word_report() -> LabelWordReport {
+    let params = ParamsRecord {
+        lambda: 0.6,
+        density: 0.2,
+        dare_p: 0.1,
+        seed: 0,
+    };
+    LabelWordReport {
+        base_model: "smollm2-135m-instruct".into(),
+        tasks: vec!["sentiment".into(), "language".into()],
+        base: vec![0.8, 0.5],
+        individual: vec![0.9, 1.0],
+        methods: vec![LabelWordMethod {
+            method: "knots-ties".into(),
+            params,
+            accuracy: vec![0.45, 0.8],
+            normalized: Normalized {
+                per_task: vec![0.5, 0.8],
+                mean: 0.65,
+            },
+        }],
+        test_per_task: 40,
+        seconds: 2.0,
     }
 }
 
@@ -182,6 +191,15 @@ fn markdown_and_json_carry_every_number() {
         "{md}"
     );
     assert!(md.contains("| ties | 90.0 [87.0, 93.0] |"), "{md}");
+    let json: serde_json::Value = serde_json::from_str(&r.to_json().unwrap()).unwrap();
+    assert_eq!(json["methods"][1]["method"], "knots-ties");
+    assert_eq!(json["methods"][1]["joint"]["at3"], 0.6);
+    assert_eq!(json["scaling"][0]["points"][0]["k"], 2);
+}
+
+#[test]
+fn the_label_word_table_carries_base_own_and_merged_accuracy() {
+    let md = label_word_report().to_markdown();
     assert!(
         md.contains("| method | params | sentiment | language | mean |"),
         "{md}"
@@ -194,9 +212,8 @@ fn markdown_and_json_carry_every_number() {
         md.contains("| knots-ties | λ 0.6 d 0.2 p 0.1 | 50.0 (45.0) | 80.0 (80.0) | 65.0 |"),
         "{md}"
     );
-    let json: serde_json::Value = serde_json::from_str(&r.to_json().unwrap()).unwrap();
-    assert_eq!(json["methods"][1]["method"], "knots-ties");
-    assert_eq!(json["methods"][1]["joint"]["at3"], 0.6);
-    assert_eq!(json["scaling"][0]["points"][0]["k"], 2);
-    assert_eq!(json["label_words"]["individual"][1], 1.0);
+    assert!(
+        md.contains("| own adapter (absolute) | | 90.0 | 100.0 | 95.0 |"),
+        "{md}"
+    );
 }
