@@ -5,7 +5,10 @@
 //! list their records. Per class, examples are ordered by that hash; the test split takes the
 //! first ones, validation the next, training the rest up to the caps. So while a class has enough
 //! examples for all its caps, raising the training cap never moves an example out of the test
-//! split. A class with fewer examples has its caps scaled down in proportion ([`allocate`]). Texts are deduplicated before
+//! split. A class with fewer examples has its caps scaled down in proportion ([`allocate`]).
+//! Validation and test are then ordered by a second, independent hash, so the first N examples
+//! of either (what a benchmark with a per-task budget reads) are a uniform sample of it; training
+//! stays in allocation order (training draws seeded samples of it). Texts are deduplicated before
 //! splitting, so no text appears in two splits (a text seen with two different classes is
 //! dropped as ambiguous).
 //!
@@ -83,15 +86,26 @@ pub fn split(
         splits[1].extend(rest.by_ref().take(val));
         splits[0].extend(rest.take(train));
     }
-    let [train, val, test] = splits.map(|mut s| {
+    let [train, val, test] = splits;
+    let by_hash = |mut s: Vec<(u64, Example)>| {
         s.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.text.cmp(&b.1.text)));
-        s.into_iter().map(|(_, e)| e).collect()
-    });
-    Splits { train, val, test }
+        s.into_iter().map(|(_, e)| e).collect::<Vec<_>>()
+    };
+    // A class with many examples fills its caps with lower hashes than a small class, so in the
+    // allocation hash's order a prefix of validation or test would be mostly the largest class.
+    let shuffled = |s: Vec<(u64, Example)>| {
+        let order = order_hash(seed, task);
+        by_hash(s.into_iter().map(|(_, e)| (order(&e.text), e)).collect())
+    };
+    Splits {
+        train: by_hash(train),
+        val: shuffled(val),
+        test: shuffled(test),
+    }
 }
 
-/// Keeps at most `caps` examples per class in each split (the first ones, i.e. the lowest
-/// hashes). A `--quick` run caps the full splits this way, so its splits are subsets of the full
+/// Keeps at most `caps` examples per class in each split (the first ones in the split's
+/// order). A `--quick` run caps the full splits this way, so its splits are subsets of the full
 /// run's: nothing a quick run trains on is in a full run's test split.
 pub fn cap(splits: Splits, n_classes: usize, caps: Caps) -> Splits {
     let take = |split: Vec<Example>, max: usize| {
@@ -129,6 +143,13 @@ pub fn allocate(n: usize, caps: Caps) -> (usize, usize, usize) {
     let test = test.min(n);
     let val = val.min(n - test);
     (n - test - val, val, test)
+}
+
+/// The order of the validation and test splits: a second hash, independent of the one that
+/// allocated the examples, so every prefix of a split is a uniform sample of it (classes in the
+/// split's proportions).
+fn order_hash<'a>(seed: u64, task: &'a str) -> impl Fn(&str) -> u64 + 'a {
+    move |text| split_hash(seed, &format!("{task}\u{0}order"), text)
 }
 
 /// The position of a text in its class's order: the first 8 bytes of

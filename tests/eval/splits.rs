@@ -118,3 +118,34 @@ fn capping_keeps_the_first_examples_of_each_class() {
         assert_eq!(first_of(&quick.train, class), first_of(&full.train, class));
     }
 }
+
+/// A prefix of validation or test is a uniform sample of the split: with one class ten times
+/// larger than the other, the first examples still hold both classes in the split's proportions
+/// (in allocation order they would all be the large class's, whose caps fill with lower hashes).
+#[test]
+fn a_prefix_of_validation_or_test_samples_every_class() {
+    let mut data: Vec<Example> = examples(3300, 1);
+    for e in data.iter_mut().skip(3000) {
+        e.label = 1;
+    }
+    let caps = Caps {
+        train: 300,
+        val: 100,
+        test: 200,
+    };
+    let s = split(data, 2, caps, 0, "imbalanced");
+    for (name, split, small) in [("test", &s.test, 100), ("val", &s.val, 50)] {
+        let total = split.len();
+        let in_split = split.iter().filter(|e| e.label == 1).count();
+        let in_prefix = split[..60].iter().filter(|e| e.label == 1).count();
+        assert_eq!(
+            in_split, small,
+            "{name}: the small class's share of the split"
+        );
+        let expected = 60.0 * in_split as f64 / total as f64;
+        assert!(
+            (in_prefix as f64 - expected).abs() <= 10.0,
+            "{name}: {in_prefix} of the first 60 are the small class, expected about {expected:.0}"
+        );
+    }
+}
