@@ -171,7 +171,17 @@ pub struct Bench<'a> {
     progress: &'a dyn Progress,
 }
 
-fn model_error(e: EngineError) -> EvalError {
+/// A small subset on which an adapter gets nothing right cannot normalise a score; the
+/// adapter's accuracy on the whole test split stands in for each such zero.
+pub(super) fn stand_in_for_zeros(subset: &mut [f64], whole: &[f64]) {
+    for (sub, whole) in subset.iter_mut().zip(whole) {
+        if *sub <= 0.0 {
+            *sub = *whole;
+        }
+    }
+}
+
+pub(super) fn model_error(e: EngineError) -> EvalError {
     EvalError::metric("model", e.to_string())
 }
 
@@ -347,15 +357,8 @@ impl<'a> Bench<'a> {
             let emb: Embeddings = small_rows.iter().map(|&i| emb_test[i].clone()).collect();
             individual_small.push(self.accuracy(&small, &emb, &[t])?[0]);
         }
-        // A small subset on which an adapter gets nothing right cannot normalise a score; its
-        // accuracy on the whole test set stands in.
-        for (sub, whole) in [&mut individual_val, &mut individual_small]
-            .into_iter()
-            .flat_map(|v| v.iter_mut().zip(&individual))
-        {
-            if *sub <= 0.0 {
-                *sub = *whole;
-            }
+        for sub in [&mut individual_val, &mut individual_small] {
+            stand_in_for_zeros(sub, &individual);
         }
         let gold = self.joint_scores(&test, &vec![Vec::new(); test.len()]).1;
         let ensemble = ensemble_max(&per_adapter_joint)?;

@@ -15,7 +15,7 @@ use crate::engine::{LoadedDelta, TextModel};
 use crate::merge::{self, MergeInput, MergeParams, MergedDelta, Method, Progress, Silent};
 use crate::train::{CausalTask, TrainError, answer_tokens, label_word_accuracy};
 
-use super::bench::search_points;
+use super::bench::{model_error, search_points, stand_in_for_zeros};
 use super::metrics::normalized_accuracy;
 use super::report::{LabelWordMethod, LabelWordReport};
 use super::search::{SearchGrid, greedy_search};
@@ -145,7 +145,7 @@ impl<'a> LabelWordBench<'a> {
         delta
             .map(|d| registry.convert(d, self.model.model.device()))
             .transpose()
-            .map_err(|e| EvalError::metric("model", e.to_string()))
+            .map_err(model_error)
     }
 
     fn accuracy(
@@ -199,15 +199,9 @@ impl<'a> LabelWordBench<'a> {
         for (t, task) in self.tasks.iter().enumerate() {
             let own = self.load(Some(&task.adapter.delta()))?;
             individual.push(self.accuracy(t, own.as_ref(), test)?);
-            // A validation sample the adapter gets nothing right cannot normalise a score; its
-            // test accuracy stands in.
-            let own_val = self.accuracy(t, own.as_ref(), val)?;
-            individual_val.push(if own_val > 0.0 {
-                own_val
-            } else {
-                individual[t]
-            });
+            individual_val.push(self.accuracy(t, own.as_ref(), val)?);
         }
+        stand_in_for_zeros(&mut individual_val, &individual);
         let mut methods = Vec::with_capacity(settings.methods.len());
         for &method in &settings.methods {
             let points = search_points(method, &settings.grid) + 1;

@@ -29,13 +29,17 @@ fn series(method: &str, base: f64) -> ScalingSeries {
     }
 }
 
-fn report() -> Report {
-    let params = ParamsRecord {
+fn params() -> ParamsRecord {
+    ParamsRecord {
         lambda: 0.6,
         density: 0.2,
         dare_p: 0.1,
         seed: 0,
-    };
+    }
+}
+
+fn report() -> Report {
+    let params = params();
     let method = |name: &str, n: f64| MethodResult {
         method: name.into(),
         params,
@@ -69,12 +73,7 @@ fn report() -> Report {
 }
 
 fn label_word_report() -> LabelWordReport {
-    let params = ParamsRecord {
-        lambda: 0.6,
-        density: 0.2,
-        dare_p: 0.1,
-        seed: 0,
-    };
+    let params = params();
     LabelWordReport {
         base_model: "smollm2-135m-instruct".into(),
         tasks: vec!["sentiment".into(), "language".into()],
