@@ -22,7 +22,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::engine::{EngineLimits, WeightFormat};
 use crate::server::bundles::{Bundle, BundleConfig};
+use crate::server::engine_backend::EngineOptions;
 use crate::server::experiments::{Experiment, ExperimentConfig};
 use crate::server::state::Limits;
 
@@ -52,7 +54,7 @@ pub struct ServeArgs {
     /// Bytes of merged deltas kept in the cache [default: 2 GiB].
     #[arg(long, env = "KNOTS_MERGE_CACHE_BYTES")]
     pub merge_cache_bytes: Option<u64>,
-    /// Requests doing model work at once; more get 429 [default: 8].
+    /// Encoder (embeddings, classify) requests in flight at once; more get 429 [default: 64].
     #[arg(long, env = "KNOTS_MAX_CONCURRENCY")]
     pub max_concurrency: Option<usize>,
     /// Adapters in one merged set [default: 16].
@@ -80,6 +82,22 @@ pub struct ServeArgs {
     /// Device for the models: cpu or cuda:N [default: cpu].
     #[arg(long, env = "KNOTS_DEVICE")]
     pub device: Option<String>,
+    /// Base projection weights: `native` keeps a GGUF model's quantized blocks, `f32`
+    /// dequantizes them [default: native].
+    #[arg(long, env = "KNOTS_DTYPE")]
+    pub dtype: Option<String>,
+    /// Generation requests that may wait per model; beyond it, 429 [default: 512].
+    #[arg(long, env = "KNOTS_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Sequences a model's engine runs at once [default: 32].
+    #[arg(long, env = "KNOTS_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Tokens one engine step runs: decode tokens plus prompt chunks [default: 256].
+    #[arg(long, env = "KNOTS_MAX_STEP_TOKENS")]
+    pub max_step_tokens: Option<usize>,
+    /// Bytes of KV cache per generation model [default: 1 GiB].
+    #[arg(long, env = "KNOTS_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<usize>,
 }
 
 /// The `--config` file: the same settings, plus bundles and experiments.
@@ -102,6 +120,11 @@ struct ConfigFile {
     #[serde(default)]
     adapter_roots: Vec<PathBuf>,
     device: Option<String>,
+    dtype: Option<String>,
+    max_queue: Option<usize>,
+    max_batch: Option<usize>,
+    max_step_tokens: Option<usize>,
+    kv_cache_bytes: Option<usize>,
     #[serde(default)]
     bundles: Vec<BundleConfig>,
     #[serde(default)]
@@ -121,6 +144,7 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     pub adapter_roots: Vec<PathBuf>,
     pub device: String,
+    pub engine: EngineOptions,
     pub bundles: Vec<Bundle>,
     pub experiments: Vec<Experiment>,
 }
@@ -140,6 +164,7 @@ impl ServeConfig {
             None => ConfigFile::default(),
         };
         let defaults = Limits::default();
+        let engine = engine_options(&args, &file)?;
         let models = first_nonempty(args.models, file.models)
             .unwrap_or_else(|| vec![DEFAULT_MODEL.to_string()]);
         let adapters = args.adapters.or(file.adapters);
@@ -208,10 +233,41 @@ impl ServeConfig {
                 .device
                 .or(file.device)
                 .unwrap_or_else(|| "cpu".to_string()),
+            engine,
             bundles,
             experiments,
         })
     }
+}
+
+/// The engine settings: flags over the file over the defaults.
+fn engine_options(args: &ServeArgs, file: &ConfigFile) -> Result<EngineOptions, String> {
+    let d = EngineLimits::default();
+    let format: WeightFormat = match args.dtype.as_ref().or(file.dtype.as_ref()) {
+        Some(s) => s.parse().map_err(|e| format!("invalid dtype: {e}"))?,
+        None => WeightFormat::default(),
+    };
+    let limits = EngineLimits {
+        max_queue: positive("max_queue", args.max_queue.or(file.max_queue), d.max_queue)?,
+        max_batch: positive("max_batch", args.max_batch.or(file.max_batch), d.max_batch)?,
+        step_tokens: positive(
+            "max_step_tokens",
+            args.max_step_tokens.or(file.max_step_tokens),
+            d.step_tokens,
+        )?,
+        kv_cache_bytes: positive(
+            "kv_cache_bytes",
+            args.kv_cache_bytes.or(file.kv_cache_bytes),
+            d.kv_cache_bytes,
+        )?,
+    };
+    if limits.step_tokens < limits.max_batch {
+        return Err(format!(
+            "invalid max_step_tokens: {} is below max_batch {} (every running sequence needs a token per step)",
+            limits.step_tokens, limits.max_batch
+        ));
+    }
+    Ok(EngineOptions { format, limits })
 }
 
 fn first_nonempty<T>(a: Vec<T>, b: Vec<T>) -> Option<Vec<T>> {

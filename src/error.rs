@@ -176,6 +176,8 @@ impl From<BackendError> for ApiError {
                 param: Some(param.to_string()),
             },
             BackendError::Cancelled => Self::internal("generation cancelled"),
+            BackendError::Overloaded(_) => Self::Overloaded,
+            BackendError::Timeout => Self::Timeout,
             BackendError::Failed(cause) => Self::Internal { cause },
         }
     }

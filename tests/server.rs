@@ -23,11 +23,23 @@ use serde_json::{Value, json};
 use crate::common::{lora_config, random_matrix, write_adapter};
 
 /// Generates `max_tokens` words named after the prompt and the delta, so tests can tell which
-/// update served a request. Prompts containing `slow` take 50 ms a token; `panic!` panics.
+/// update served a request. Prompts containing `slow` take 50 ms a token; `panic!` panics. Like a
+/// full engine queue, it refuses a generation while `max_running` are running.
 #[derive(Default)]
 pub struct TestBackend {
-    cancelled: AtomicUsize,
+    cancelled: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    max_running: usize,
     seen: Mutex<Vec<Option<f64>>>,
+}
+
+/// Counts a running generation until dropped.
+struct RunningGuard(Arc<AtomicUsize>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn fingerprint(delta: Option<&Arc<MergedDelta>>) -> Option<f64> {
@@ -57,11 +69,7 @@ impl Backend for TestBackend {
         ]
     }
 
-    fn generate(
-        &self,
-        job: &GenerateJob,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Finished, BackendError> {
+    fn generate(&self, job: GenerateJob) -> Result<GenStream, BackendError> {
         let prompt = match &job.prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Chat(m) => m
@@ -81,37 +89,49 @@ impl Backend for TestBackend {
                 message: format!("{prompt_tokens} tokens exceed the context of 64"),
             });
         }
+        if self.running.fetch_add(1, Ordering::SeqCst) >= self.max_running {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            return Err(BackendError::Overloaded("queue full".into()));
+        }
+        let guard = RunningGuard(self.running.clone());
         let fp = fingerprint(job.delta.as_ref());
         self.seen.lock().unwrap().push(fp);
-        let mut text = String::new();
-        for i in 0..job.sampling.max_tokens {
-            if prompt.contains("slow") {
-                std::thread::sleep(Duration::from_millis(50));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let counter = self.cancelled.clone();
+        let sampling = job.sampling.clone();
+        std::thread::spawn(move || {
+            let _guard = guard;
+            let mut text = String::new();
+            for i in 0..sampling.max_tokens {
+                if prompt.contains("slow") {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let piece = match (i, fp) {
+                    (0, Some(f)) => format!("delta{f:.6} "),
+                    (0, None) => "base ".to_string(),
+                    _ => format!("w{i} "),
+                };
+                text.push_str(&piece);
+                if sampling.stop.iter().any(|s| text.contains(s.as_str())) {
+                    let _ = tx.send(GenEvent::Done(Finished {
+                        prompt_tokens,
+                        completion_tokens: i + 1,
+                        finish_reason: FinishReason::Stop,
+                    }));
+                    return;
+                }
+                if tx.send(GenEvent::Text(piece)).is_err() {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
             }
-            let piece = match (i, fp) {
-                (0, Some(f)) => format!("delta{f:.6} "),
-                (0, None) => "base ".to_string(),
-                _ => format!("w{i} "),
-            };
-            text.push_str(&piece);
-            if let Some(stop) = job.sampling.stop.iter().find(|s| text.contains(s.as_str())) {
-                let _ = stop;
-                return Ok(Finished {
-                    prompt_tokens,
-                    completion_tokens: i + 1,
-                    finish_reason: FinishReason::Stop,
-                });
-            }
-            if !on_text(&piece) {
-                self.cancelled.fetch_add(1, Ordering::SeqCst);
-                return Err(BackendError::Cancelled);
-            }
-        }
-        Ok(Finished {
-            prompt_tokens,
-            completion_tokens: job.sampling.max_tokens,
-            finish_reason: FinishReason::Length,
-        })
+            let _ = tx.send(GenEvent::Done(Finished {
+                prompt_tokens,
+                completion_tokens: sampling.max_tokens,
+                finish_reason: FinishReason::Length,
+            }));
+        });
+        Ok(rx)
     }
 
     fn embed(
@@ -119,6 +139,7 @@ impl Backend for TestBackend {
         _base: &str,
         inputs: &[String],
         delta: Option<&Arc<MergedDelta>>,
+        _deadline: std::time::Instant,
     ) -> Result<(Vec<Vec<f32>>, usize), BackendError> {
         let fp = fingerprint(delta).unwrap_or(0.0) as f32;
         let vectors = inputs
@@ -137,6 +158,7 @@ impl Backend for TestBackend {
         inputs: &[String],
         heads: &[TaskHead],
         _delta: Option<&Arc<MergedDelta>>,
+        _deadline: std::time::Instant,
     ) -> Result<Vec<Vec<LabelScore>>, BackendError> {
         Ok(inputs
             .iter()
@@ -224,7 +246,10 @@ pub async fn start(limits: Limits) -> TestServer {
     adapter(&root.join("globex/secret"), 21, "org/gen-base", None);
     adapter(&dir.path().join("spare/extra"), 30, "org/gen-base", None);
 
-    let backend = Arc::new(TestBackend::default());
+    let backend = Arc::new(TestBackend {
+        max_running: limits.max_concurrency,
+        ..TestBackend::default()
+    });
     let bases = backend.bases();
     let registry = Registry::load_dir(&root, &|a| attach_base(&bases, a)).unwrap();
     let keys_file = dir.path().join("keys.toml");

@@ -28,9 +28,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn start(config: ServeConfig) -> anyhow::Result<()> {
-    let (models, device) = (config.models.clone(), config.device.clone());
+    let (models, device, engine) = (config.models.clone(), config.device.clone(), config.engine);
     let backend =
-        tokio::task::spawn_blocking(move || EngineBackend::load(&models, &device)).await??;
+        tokio::task::spawn_blocking(move || EngineBackend::load(&models, &device, engine))
+            .await??;
     let backend: Arc<dyn Backend> = Arc::new(backend);
     let bases = backend.bases();
     let registry = match &config.adapters {

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
-use super::linear::{LinearRegistry, LoadedDelta, LoraLinear, needs_gradients};
+use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear};
 use super::ops;
 use super::weights::WeightStore;
 
@@ -192,6 +192,12 @@ impl Bert {
 
     /// Last hidden states `(batch, seq, hidden)`.
     pub fn hidden(&self, batch: &Batch, delta: Option<&LoadedDelta>) -> Result<Tensor> {
+        self.hidden_with(batch, Deltas::Uniform(delta))
+    }
+
+    /// Last hidden states with a delta per row group; a row is one token position, sequence
+    /// `i`'s rows being `i·seq..(i + 1)·seq`.
+    pub fn hidden_with(&self, batch: &Batch, deltas: Deltas<'_>) -> Result<Tensor> {
         let (b, t) = batch.ids.dims2()?;
         let eps = self.cfg.layer_norm_eps as f32;
         let words = self
@@ -201,11 +207,11 @@ impl Bert {
         let pos = self.position.narrow(0, 0, t)?;
         let tt = self.token_type.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
-        let mut x = self.emb_norm.forward(&x, eps, needs_gradients(delta))?;
+        let mut x = self.emb_norm.forward(&x, eps, deltas.need_gradients())?;
         // (batch, 1, 1, seq): 0 where attended, MASKED at padding.
         let bias = ((batch.mask.ones_like()? - &batch.mask)? * MASKED)?.reshape((b, 1, 1, t))?;
         for layer in &self.layers {
-            x = self.layer(layer, &x, &bias, delta)?;
+            x = self.layer(layer, &x, &bias, deltas)?;
         }
         Ok(x)
     }
@@ -215,7 +221,7 @@ impl Bert {
         l: &Layer,
         x: &Tensor,
         bias: &Tensor,
-        delta: Option<&LoadedDelta>,
+        deltas: Deltas<'_>,
     ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let heads = self.cfg.num_attention_heads;
@@ -225,20 +231,20 @@ impl Bert {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = split(l.query.forward(x, delta)?)?;
-        let k = split(l.key.forward(x, delta)?)?;
-        let v = split(l.value.forward(x, delta)?)?;
+        let q = split(l.query.forward_with(x, deltas)?)?;
+        let k = split(l.key.forward_with(x, deltas)?)?;
+        let v = split(l.value.forward_with(x, deltas)?)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
-        let grad = needs_gradients(delta);
+        let grad = deltas.need_gradients();
         let probs = ops::softmax_last(&scores, grad)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         let eps = self.cfg.layer_norm_eps as f32;
         let x = l
             .attn_norm
-            .forward(&(l.attn_out.forward(&ctx, delta)? + x)?, eps, grad)?;
-        let inner = l.intermediate.forward(&x, delta)?.gelu_erf()?;
+            .forward(&(l.attn_out.forward_with(&ctx, deltas)? + x)?, eps, grad)?;
+        let inner = l.intermediate.forward_with(&x, deltas)?.gelu_erf()?;
         l.out_norm
-            .forward(&(l.output.forward(&inner, delta)? + x)?, eps, grad)
+            .forward(&(l.output.forward_with(&inner, deltas)? + x)?, eps, grad)
     }
 
     /// Sentence embeddings: mean over real tokens, L2-normalised, `(batch, hidden)`.
@@ -253,6 +259,11 @@ impl Bert {
 
     /// The pooler applied to hidden states from [`Bert::hidden`].
     pub fn pool_cls(&self, hidden: &Tensor, delta: Option<&LoadedDelta>) -> Result<Tensor> {
+        self.pool_cls_with(hidden, Deltas::Uniform(delta))
+    }
+
+    /// The pooler with a delta per row group (row `i` is sequence `i`'s `[CLS]`).
+    pub fn pool_cls_with(&self, hidden: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
         let pooler = self
             .pooler
             .as_ref()
@@ -260,7 +271,7 @@ impl Bert {
                 name: "pooler.dense.weight".into(),
             })?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        Ok(pooler.forward(&cls, delta)?.tanh()?)
+        Ok(pooler.forward_with(&cls, deltas)?.tanh()?)
     }
 }
 

@@ -54,6 +54,16 @@ pub enum EngineError {
     Head { message: String },
     #[error("device {spec:?}: {message}")]
     Device { spec: String, message: String },
+    #[error(
+        "a sequence of up to {positions} positions does not fit in the KV cache ({capacity} positions); lower max_tokens or raise --kv-cache-bytes"
+    )]
+    CacheTooSmall { positions: usize, capacity: usize },
+    #[error("the engine's waiting queue is full ({limit} requests)")]
+    QueueFull { limit: usize },
+    #[error("the request's deadline passed")]
+    Timeout,
+    #[error("the engine loop has stopped")]
+    Stopped,
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -6,8 +6,9 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use super::error::{EngineError, Result};
+use super::kv::{BLOCK_POSITIONS, KvPool, SeqCache};
 use super::linear::LoadedDelta;
-use super::llama::{KvCache, Llama};
+use super::llama::{Llama, StepSeq};
 use super::sampling::{Sampler, SamplingParams};
 use super::tokenizer::TextTokenizer;
 
@@ -50,7 +51,8 @@ pub struct Generation {
     pub decode_secs: f64,
 }
 
-/// Generates from `prompt` (token ids) with `delta` applied in every linear layer.
+/// Generates from `prompt` (token ids) with `delta` applied in every linear layer: one sequence
+/// through the serving engine's batched forward, on a cache sized for it.
 pub fn generate(
     model: &Llama,
     tokenizer: &TextTokenizer,
@@ -60,52 +62,51 @@ pub fn generate(
     mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
 ) -> Result<Generation> {
     params.validate()?;
-    if prompt.is_empty() {
-        return Err(EngineError::EmptyInput { what: "prompt" });
-    }
     let context = model.context_length();
-    if prompt.len() >= context {
-        return Err(EngineError::PromptTooLong {
-            prompt_tokens: prompt.len(),
-            context,
-        });
-    }
-    let mut sampler = Sampler::new(params);
-    let mut cache = KvCache::default();
+    check_prompt(prompt, context)?;
+    let positions = (prompt.len() + params.max_tokens).min(context);
+    let shape = model.kv_shape();
+    let mut pool = KvPool::new(shape, positions.div_ceil(BLOCK_POSITIONS) * shape.block_bytes());
+    let mut cache = pool
+        .reserve(positions)
+        .ok_or(EngineError::CacheTooSmall {
+            positions,
+            capacity: 0,
+        })?;
+    let mut run = |tokens: &[u32], cache: &mut SeqCache| -> Result<Vec<f32>> {
+        pool.grow(cache, cache.len() + tokens.len())?;
+        let seq = StepSeq {
+            cache,
+            tokens,
+            delta,
+            logits: true,
+        };
+        Ok(model.step(&mut [seq])?.flatten_all()?.to_vec1::<f32>()?)
+    };
     let start = Instant::now();
-    let mut logits = model.forward(prompt, &mut cache, delta)?.to_vec1::<f32>()?;
+    let mut logits = run(prompt, &mut cache)?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let mut text = TextTracker::new(&params.stop);
-    let mut ids = Vec::new();
+    let mut decoder = Decoder::new(params);
     let finish = loop {
-        let id = sampler.sample(&logits);
-        ids.push(id);
-        if tokenizer.eos_ids.contains(&id) {
-            break FinishReason::Eos;
+        let step = decoder.accept(&logits, tokenizer, cache.len() < context)?;
+        if step.finish != Some(FinishReason::Eos) {
+            let event = TokenEvent {
+                id: Some(step.id),
+                text: step.fresh,
+            };
+            if on_token(event).is_break() {
+                break FinishReason::Cancelled;
+            }
         }
-        let step = text.push(tokenizer, &ids[..])?;
-        if on_token(TokenEvent {
-            id: Some(id),
-            text: step.fresh,
-        })
-        .is_break()
-        {
-            break FinishReason::Cancelled;
+        if let Some(finish) = step.finish {
+            break finish;
         }
-        if step.stopped {
-            break FinishReason::Stop;
-        }
-        if ids.len() >= params.max_tokens {
-            break FinishReason::Length;
-        }
-        if cache.len() >= context {
-            break FinishReason::ContextFull;
-        }
-        logits = model.forward(&[id], &mut cache, delta)?.to_vec1::<f32>()?;
+        let id = step.id;
+        logits = run(&[id], &mut cache)?;
     };
     if finish != FinishReason::Cancelled {
-        let rest = text.flush();
+        let rest = decoder.flush();
         if !rest.is_empty() {
             let _ = on_token(TokenEvent {
                 id: None,
@@ -113,9 +114,10 @@ pub fn generate(
             });
         }
     }
+    let (ids, text) = decoder.finish();
     Ok(Generation {
         ids,
-        text: text.finish(),
+        text,
         finish,
         prompt_tokens: prompt.len(),
         prefill_secs,
@@ -123,9 +125,105 @@ pub fn generate(
     })
 }
 
+/// A prompt the model can continue: not empty and shorter than the context.
+pub fn check_prompt(prompt: &[u32], context: usize) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(EngineError::EmptyInput { what: "prompt" });
+    }
+    if prompt.len() >= context {
+        return Err(EngineError::PromptTooLong {
+            prompt_tokens: prompt.len(),
+            context,
+        });
+    }
+    Ok(())
+}
+
+/// The decoding state of one sequence: sampler, generated ids, text and stop detection.
+#[derive(Debug)]
+pub struct Decoder {
+    sampler: Sampler,
+    text: TextTracker,
+    ids: Vec<u32>,
+    max_tokens: usize,
+}
+
+/// What one sampled token did.
+#[derive(Debug)]
+pub struct Accepted<'a> {
+    pub id: u32,
+    /// Text made final by this token.
+    pub fresh: &'a str,
+    /// Set when generation ends with this token.
+    pub finish: Option<FinishReason>,
+}
+
+impl Decoder {
+    pub fn new(params: &SamplingParams) -> Self {
+        Self {
+            sampler: Sampler::new(params),
+            text: TextTracker::new(params.stop.clone()),
+            ids: Vec::new(),
+            max_tokens: params.max_tokens,
+        }
+    }
+
+    /// Samples the next token from `logits`; `room` says whether the context can take it.
+    pub fn accept(
+        &mut self,
+        logits: &[f32],
+        tokenizer: &TextTokenizer,
+        room: bool,
+    ) -> Result<Accepted<'_>> {
+        let id = self.sampler.sample(logits);
+        self.ids.push(id);
+        if tokenizer.eos_ids.contains(&id) {
+            return Ok(Accepted {
+                id,
+                fresh: "",
+                finish: Some(FinishReason::Eos),
+            });
+        }
+        let step = self.text.push(tokenizer, &self.ids)?;
+        let finish = if step.stopped {
+            Some(FinishReason::Stop)
+        } else if self.ids.len() >= self.max_tokens {
+            Some(FinishReason::Length)
+        } else if !room {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        Ok(Accepted {
+            id,
+            fresh: step.fresh,
+            finish,
+        })
+    }
+
+    /// Generated tokens, not counting a final end-of-sequence token.
+    pub fn completion_tokens(&self, tokenizer: &TextTokenizer) -> usize {
+        match self.ids.last() {
+            Some(id) if tokenizer.eos_ids.contains(id) => self.ids.len() - 1,
+            _ => self.ids.len(),
+        }
+    }
+
+    /// Text held back (a possible stop-sequence start) that is final now that generation ended.
+    pub fn flush(&mut self) -> &str {
+        self.text.flush()
+    }
+
+    /// The generated ids (with a final EOS) and text (without EOS or stop sequence).
+    pub fn finish(self) -> (Vec<u32>, String) {
+        (self.ids, self.text.finish())
+    }
+}
+
 /// Decoded text so far, what was already delivered, and stop-sequence detection.
-struct TextTracker<'s> {
-    stop: &'s [String],
+#[derive(Debug)]
+struct TextTracker {
+    stop: Vec<String>,
     text: String,
     delivered: usize,
     stopped_at: Option<usize>,
@@ -136,8 +234,8 @@ struct Step<'a> {
     stopped: bool,
 }
 
-impl<'s> TextTracker<'s> {
-    fn new(stop: &'s [String]) -> Self {
+impl TextTracker {
+    fn new(stop: Vec<String>) -> Self {
         Self {
             stop,
             text: String::new(),

@@ -1,21 +1,28 @@
-//! GGUF files (llama.cpp): metadata to a [`LlamaConfig`], tensors dequantized to f32 and renamed
-//! to the Hugging Face layout, and the tokenizer arrays.
+//! GGUF files (llama.cpp): metadata to a [`LlamaConfig`], tensors renamed to the Hugging Face
+//! layout, and the tokenizer arrays.
+//!
+//! With [`WeightFormat::Native`] the projection weights keep their quantized blocks (types without
+//! a fast CPU kernel, such as Q4_1, are re-quantized to Q8_0, whose error is below the source's);
+//! embeddings and norms are dequantized to f32. With [`WeightFormat::F32`] everything is f32.
 //!
 //! llama.cpp's converter permutes the rows of `q_proj` and `k_proj` for its rotary layout; this
 //! undoes it so adapters trained on the Hugging Face layout apply unchanged: within each head,
 //! GGUF row `2·i + j` holds Hugging Face row `j·(head_dim/2) + i`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::error::{EngineError, Result};
 use super::llama::LlamaConfig;
-use super::weights::WeightStore;
+use super::weights::{WeightFormat, WeightStore};
 
 /// A GGUF file's header, with the path it came from.
 pub struct GgufFile {
@@ -155,11 +162,18 @@ impl GgufFile {
         })
     }
 
-    /// Every tensor, dequantized to f32, un-permuted and under its Hugging Face name.
-    pub fn load_weights(&self, cfg: &LlamaConfig, device: &Device) -> Result<WeightStore> {
+    /// Every tensor the model uses, un-permuted and under its Hugging Face name: projections
+    /// quantized or f32 as `format` says, everything else f32.
+    pub fn load_weights(
+        &self,
+        cfg: &LlamaConfig,
+        device: &Device,
+        format: WeightFormat,
+    ) -> Result<WeightStore> {
         let file = File::open(&self.path).map_err(|e| EngineError::io(&self.path, e))?;
         let mut reader = BufReader::new(file);
-        let mut tensors = HashMap::new();
+        let mut store = WeightStore::new(HashMap::new(), device.clone());
+        let tied = !self.content.tensor_infos.contains_key("output.weight");
         for name in self.content.tensor_infos.keys() {
             let Some(hf) = hf_name(name) else { continue };
             let q = self
@@ -168,16 +182,95 @@ impl GgufFile {
                 .map_err(|e| {
                     EngineError::format("GGUF tensor", &self.path, format!("{name}: {e}"))
                 })?;
-            let mut t = q.dequantize(&Device::Cpu)?;
-            if name.ends_with("attn_q.weight") {
-                t = unpermute(&t, cfg.num_attention_heads)?;
+            let heads = if name.ends_with("attn_q.weight") {
+                Some(cfg.num_attention_heads)
             } else if name.ends_with("attn_k.weight") {
-                t = unpermute(&t, cfg.kv_heads())?;
+                Some(cfg.kv_heads())
+            } else {
+                None
+            };
+            let projection = hf.ends_with("_proj.weight") || hf == "lm_head.weight";
+            let embedding = hf == "model.embed_tokens.weight";
+            if format == WeightFormat::Native && (projection || (embedding && tied)) {
+                if let Some(kept) = keep_quantized(&q, heads, device)? {
+                    let as_name = if embedding { "lm_head.weight" } else { &hf };
+                    store.insert_quantized(as_name, Arc::new(kept));
+                    if projection {
+                        continue;
+                    }
+                }
             }
-            tensors.insert(hf, t.to_device(device)?);
+            let mut t = q.dequantize(&Device::Cpu)?;
+            if let Some(heads) = heads {
+                t = unpermute(&t, heads)?;
+            }
+            store.insert(hf, t.to_device(device)?);
         }
-        Ok(WeightStore::new(tensors, device.clone()))
+        Ok(store)
     }
+}
+
+/// Quantized types with a fast CPU kernel in candle; other block types are re-quantized to Q8_0.
+fn has_fast_kernel(dtype: GgmlDType) -> bool {
+    use GgmlDType as D;
+    matches!(
+        dtype,
+        D::Q4_0 | D::Q8_0 | D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K | D::Q8K
+    )
+}
+
+/// `q` kept quantized on `device` (rows un-permuted for `heads` when given), or `None` for float
+/// types, which are better served as f32.
+fn keep_quantized(q: &QTensor, heads: Option<usize>, device: &Device) -> Result<Option<QTensor>> {
+    let dtype = q.dtype();
+    if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        return Ok(None);
+    }
+    let (rows, cols) = q.shape().dims2()?;
+    if !has_fast_kernel(dtype) || cols % dtype.block_size() != 0 {
+        let mut t = q.dequantize(&Device::Cpu)?;
+        if let Some(heads) = heads {
+            t = unpermute(&t, heads)?;
+        }
+        let requantized = QTensor::quantize(&t, GgmlDType::Q8_0)?;
+        return Ok(Some(on_device(&requantized, device)?));
+    }
+    let Some(heads) = heads else {
+        return Ok(Some(on_device(q, device)?));
+    };
+    let data = q.data()?;
+    let row_bytes = data.len() / rows;
+    let order = unpermuted_rows(rows, heads)?;
+    let mut bytes = Vec::with_capacity(data.len());
+    for src in order {
+        bytes.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
+    Ok(Some(QTensor::new(storage, (rows, cols))?))
+}
+
+/// A CPU quantized tensor moved to `device` (the same tensor on the CPU).
+fn on_device(q: &QTensor, device: &Device) -> Result<QTensor> {
+    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+    Ok(QTensor::new(storage, q.shape().clone())?)
+}
+
+/// For each Hugging Face row, the GGUF row that holds it (see the module docs).
+fn unpermuted_rows(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    if heads == 0 || rows % (2 * heads) != 0 {
+        return Err(EngineError::Unsupported {
+            message: format!("cannot un-permute {rows} rows into {heads} heads"),
+        });
+    }
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    Ok((0..rows)
+        .map(|r| {
+            let (h, within) = (r / head_dim, r % head_dim);
+            let (j, i) = (within / half, within % half);
+            h * head_dim + 2 * i + j
+        })
+        .collect())
 }
 
 /// llama.cpp tensor names to Hugging Face names (`None` for tensors the model does not use).

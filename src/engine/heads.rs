@@ -139,6 +139,42 @@ pub struct Scored {
     pub score: f32,
 }
 
+/// What heads read of a batch of texts: mean-pooled normalised embeddings `(texts, hidden)` and,
+/// for trained classifiers, BERT's pooler output.
+#[derive(Debug, Clone)]
+pub struct Features {
+    pub mean: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+impl Features {
+    /// Runs the encoder over `texts` with `delta` (the pooler only when `pooled`).
+    pub fn compute(
+        encoder: &Encoder,
+        texts: &[&str],
+        delta: Option<&LoadedDelta>,
+        pooled: bool,
+    ) -> Result<Self> {
+        let batch = encoder.model.batch(&encoder.encode(texts)?)?;
+        let hidden = encoder.model.hidden(&batch, delta)?;
+        Ok(Self {
+            mean: mean_pool(&hidden, &batch)?,
+            pooled: if pooled {
+                Some(encoder.model.pool_cls(&hidden, delta)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// Whether any of `heads` reads the pooler output.
+pub fn needs_pooled<'a>(heads: impl IntoIterator<Item = &'a Head>) -> bool {
+    heads
+        .into_iter()
+        .any(|h| matches!(h.kind, Kind::Linear { .. }))
+}
+
 /// Logits of each text for each head, `heads × (texts × labels)`.
 pub fn head_logits(
     encoder: &Encoder,
@@ -146,19 +182,18 @@ pub fn head_logits(
     texts: &[&str],
     delta: Option<&LoadedDelta>,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
-    let batch = encoder.model.batch(&encoder.encode(texts)?)?;
-    let hidden = encoder.model.hidden(&batch, delta)?;
-    let mut pooled = None;
-    let mut mean = None;
+    let pooled = needs_pooled(heads.iter().copied());
+    logits_of(heads, &Features::compute(encoder, texts, delta, pooled)?)
+}
+
+fn logits_of(heads: &[&Head], features: &Features) -> Result<Vec<Vec<Vec<f32>>>> {
     heads
         .iter()
         .map(|head| {
             let logits = match &head.kind {
                 Kind::Linear { weight, bias } => {
-                    if pooled.is_none() {
-                        pooled = Some(encoder.model.pool_cls(&hidden, delta)?);
-                    }
-                    let x = pooled
+                    let x = features
+                        .pooled
                         .as_ref()
                         .ok_or(EngineError::EmptyInput { what: "pooled" })?;
                     let y = x.matmul(&weight.t()?)?;
@@ -168,13 +203,7 @@ pub fn head_logits(
                     }
                 }
                 Kind::LabelText { embeddings, scale } => {
-                    if mean.is_none() {
-                        mean = Some(mean_pool(&hidden, &batch)?);
-                    }
-                    let x = mean
-                        .as_ref()
-                        .ok_or(EngineError::EmptyInput { what: "pooled" })?;
-                    (x.matmul(&embeddings.t()?)? * f64::from(*scale))?
+                    (features.mean.matmul(&embeddings.t()?)? * f64::from(*scale))?
                 }
             };
             Ok(logits.to_vec2::<f32>()?)
@@ -198,8 +227,17 @@ pub fn classify(
     if chosen.is_empty() {
         return Err(head_error(format!("no head for {scope:?}")));
     }
-    let logits = head_logits(encoder, &chosen, texts, delta)?;
-    let ranked = (0..texts.len())
+    let pooled = needs_pooled(chosen.iter().copied());
+    let features = Features::compute(encoder, texts, delta, pooled)?;
+    rank(&chosen, &features, top_k)
+}
+
+/// Ranks the labels of every head for each text of `features`; `top_k` per text, best first.
+pub fn rank(heads: &[&Head], features: &Features, top_k: usize) -> Result<Vec<Vec<Scored>>> {
+    let chosen = heads;
+    let texts = features.mean.dim(0)?;
+    let logits = logits_of(chosen, features)?;
+    let ranked = (0..texts)
         .map(|i| {
             let mut all: Vec<Scored> = chosen
                 .iter()

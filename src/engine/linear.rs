@@ -4,11 +4,17 @@
 //! weight is shared by every request; a request's delta arrives as a [`LoadedDelta`]: the
 //! [`MergedDelta`] converted once to tensors on the model's device and indexed by layer, so a
 //! forward pass never looks modules up by name and never re-uploads the factors.
+//!
+//! The base weight is either an f32 tensor or a quantized one (GGUF blocks behind candle's
+//! quantized matmul); deltas always stay f32. A batched forward of the serving engine mixes rows
+//! of different adapter sets: the base projection runs once over every row, then each distinct
+//! delta is applied to its own rows only (gather, `x·aᵀ·bᵀ`, scatter-add), see [`Deltas`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 
-use candle_core::{Device, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module, Tensor};
 
 use super::error::{EngineError, Result};
 use super::weights::WeightStore;
@@ -73,7 +79,11 @@ impl LinearRegistry {
         shape: (usize, usize),
         bias: bool,
     ) -> Result<LoraLinear> {
-        let weight = store.get(&format!("{path}.weight"), &[shape.0, shape.1])?;
+        let name = format!("{path}.weight");
+        let weight = match store.get_quantized(&name, &[shape.0, shape.1])? {
+            Some(q) => BaseWeight::Quantized(QMatMul::from_arc(q)?),
+            None => BaseWeight::Dense(store.get(&name, &[shape.0, shape.1])?),
+        };
         let bias = if bias {
             Some(store.get(&format!("{path}.bias"), &[shape.0])?)
         } else {
@@ -82,7 +92,12 @@ impl LinearRegistry {
         let id = self.shapes.len();
         self.index.insert(path.to_string(), id);
         self.shapes.push(shape);
-        Ok(LoraLinear { weight, bias, id })
+        Ok(LoraLinear {
+            weight,
+            bias,
+            id,
+            out_dim: shape.0,
+        })
     }
 
     /// Module paths of every linear layer.
@@ -204,41 +219,168 @@ fn layer_delta(d: &ModuleDelta, device: &Device) -> Result<LayerDelta> {
     })
 }
 
+/// The shared base weight of a linear layer.
+#[derive(Debug, Clone)]
+enum BaseWeight {
+    /// `O × I` f32.
+    Dense(Tensor),
+    /// Quantized blocks (`O × I`), multiplied by candle's quantized matmul.
+    Quantized(QMatMul),
+}
+
+/// Which delta applies to which rows of a `(rows, I)` input.
+#[derive(Debug, Clone, Copy)]
+pub enum Deltas<'a> {
+    /// Every row uses this delta, or the base alone.
+    Uniform(Option<&'a LoadedDelta>),
+    /// Rows grouped by delta; rows in no group use the base alone.
+    Grouped(&'a [RowGroup<'a>]),
+}
+
+impl Deltas<'_> {
+    /// Whether a forward pass must use ops with gradients (a trainable uniform delta).
+    pub fn need_gradients(&self) -> bool {
+        matches!(self, Deltas::Uniform(d) if needs_gradients(*d))
+    }
+}
+
+/// The rows of a batch that share one delta.
+#[derive(Debug, Clone)]
+pub struct RowGroup<'a> {
+    pub delta: &'a LoadedDelta,
+    /// Row indices, `u32`, on the model's device.
+    pub rows: Tensor,
+    /// Whether the group holds every row of the batch (then no gather or scatter is needed).
+    pub all: bool,
+}
+
+impl<'a> RowGroup<'a> {
+    /// A group of `rows` out of a batch of `batch_rows`.
+    pub fn new(
+        delta: &'a LoadedDelta,
+        rows: &[u32],
+        batch_rows: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            delta,
+            rows: Tensor::new(rows, device)?,
+            all: rows.len() == batch_rows,
+        })
+    }
+}
+
+/// Rows of the batch grouped by delta (compared by address), for [`Deltas::Grouped`].
+pub fn row_groups<'a>(
+    deltas: impl Iterator<Item = (Option<&'a LoadedDelta>, std::ops::Range<usize>)>,
+    rows: usize,
+    device: &Device,
+) -> Result<Vec<RowGroup<'a>>> {
+    let mut by_delta: Vec<(&'a LoadedDelta, Vec<u32>)> = Vec::new();
+    for (delta, range) in deltas {
+        let Some(delta) = delta else { continue };
+        let rows = range.map(|r| r as u32);
+        match by_delta.iter_mut().find(|(d, _)| std::ptr::eq(*d, delta)) {
+            Some((_, list)) => list.extend(rows),
+            None => by_delta.push((delta, rows.collect())),
+        }
+    }
+    by_delta
+        .into_iter()
+        .map(|(delta, list)| RowGroup::new(delta, &list, rows, device))
+        .collect()
+}
+
 /// A linear layer whose weight is shared and whose per-request delta is applied on the fly.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    /// `O × I`.
-    weight: Tensor,
+    weight: BaseWeight,
     bias: Option<Tensor>,
     /// Index into a [`LoadedDelta`].
     id: usize,
+    out_dim: usize,
 }
 
 impl LoraLinear {
     /// `x: (…, I)` to `(…, O)`, adding the layer's part of `delta` when there is one.
     pub fn forward(&self, x: &Tensor, delta: Option<&LoadedDelta>) -> Result<Tensor> {
+        self.forward_with(x, Deltas::Uniform(delta))
+    }
+
+    /// `x: (…, I)` to `(…, O)`, rows (all leading axes flattened) taking their deltas from
+    /// `deltas`.
+    pub fn forward_with(&self, x: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (lead, in_dim) = dims.split_at(dims.len().saturating_sub(1));
         let rows: usize = lead.iter().product();
         let in_dim = in_dim.first().copied().unwrap_or(0);
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        match delta.and_then(|d| d.layer(self.id)) {
-            Some(LayerDelta::LowRank { a_t, b_t }) => y = (y + x2.matmul(a_t)?.matmul(b_t)?)?,
-            Some(LayerDelta::Dense { w_t }) => y = (y + x2.matmul(w_t)?)?,
-            None => {}
-        }
+        let y = self.forward_rows(&x.reshape((rows, in_dim))?, deltas)?;
         let mut out_dims = lead.to_vec();
-        out_dims.push(self.weight.dim(0)?);
+        out_dims.push(self.out_dim);
         Ok(y.reshape(out_dims)?)
     }
 
-    /// The shared base weight, `O × I`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// `x: (rows, I)` to `(rows, O)`: the base projection over every row, then each delta over
+    /// its own rows.
+    pub fn forward_rows(&self, x: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
+        let mut y = self.base(x)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        match deltas {
+            Deltas::Uniform(None) => Ok(y),
+            Deltas::Uniform(Some(d)) => match d.layer(self.id) {
+                Some(layer) => Ok((y + layer.apply(x)?)?),
+                None => Ok(y),
+            },
+            Deltas::Grouped(groups) => {
+                for g in groups {
+                    let Some(layer) = g.delta.layer(self.id) else {
+                        continue;
+                    };
+                    y = if g.all {
+                        (y + layer.apply(x)?)?
+                    } else {
+                        let part = layer.apply(&x.index_select(&g.rows, 0)?)?;
+                        y.index_add(&g.rows, &part, 0)?
+                    };
+                }
+                Ok(y)
+            }
+        }
+    }
+
+    fn base(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.weight {
+            BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
+            BaseWeight::Quantized(q) => q.forward(&x.contiguous()?)?,
+        })
+    }
+
+    /// Whether the base weight is kept quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, BaseWeight::Quantized(_))
+    }
+
+    /// Bytes the base weight occupies.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            BaseWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                w.elem_count() * w.dtype().size_in_bytes()
+            }
+        }
+    }
+}
+
+impl LayerDelta {
+    /// `x·aᵀ·bᵀ` or `x·ΔWᵀ` for `x: (rows, I)`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            LayerDelta::LowRank { a_t, b_t } => x.matmul(a_t)?.matmul(b_t)?,
+            LayerDelta::Dense { w_t } => x.matmul(w_t)?,
+        })
     }
 }
 

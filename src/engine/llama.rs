@@ -3,14 +3,22 @@
 //!
 //! Every projection is a [`LoraLinear`], so a request's delta reaches all of them through the
 //! one code path; the model itself is immutable and shared by concurrent requests.
+//!
+//! Two forwards share the blocks: [`Llama::forward`] runs one sequence with a tensor KV cache and
+//! ops that have gradients when the delta is trainable (training, evaluation, reference checks);
+//! [`Llama::step`] is the serving engine's batched forward over many sequences, each with its own
+//! delta and paged cache (see `kv`).
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
-use super::linear::{LinearRegistry, LoadedDelta, LoraLinear, needs_gradients};
+use super::kv::{self, KvShape, QueryRow, SeqCache};
+use super::linear::{
+    Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups,
+};
 use super::ops;
-use super::rope::{Rope, RopeScaling, causal_mask};
+use super::rope::{Rope, RopeScaling, RowAngles, causal_mask, rope_rows};
 use super::weights::WeightStore;
 
 fn default_eps() -> f64 {
@@ -162,6 +170,62 @@ impl Attention {
     }
 }
 
+/// What every layer of a batched step shares.
+struct BatchCtx<'a> {
+    deltas: Deltas<'a>,
+    angles: RowAngles,
+    eps: f32,
+    device: &'a Device,
+}
+
+impl Attention {
+    /// Batched attention: `x: (rows, hidden)` holds the new tokens of `seqs` in order; their keys
+    /// and values are written to each sequence's cache in `layer`, then each row attends to its
+    /// own sequence.
+    fn step(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        ctx: &BatchCtx<'_>,
+        seqs: &mut [StepSeq<'_>],
+    ) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let q = rope_rows(&self.q.forward_rows(x, ctx.deltas)?, self.heads, &ctx.angles)?;
+        let k = rope_rows(&self.k.forward_rows(x, ctx.deltas)?, self.kv_heads, &ctx.angles)?;
+        let v = self.v.forward_rows(x, ctx.deltas)?;
+        let (k, v) = (host(&k)?, host(&v)?);
+        let kv_dim = self.kv_heads * self.head_dim;
+        let mut row = 0;
+        for s in seqs.iter_mut() {
+            let start = s.cache.len();
+            for i in 0..s.tokens.len() {
+                let at = row * kv_dim..(row + 1) * kv_dim;
+                s.cache
+                    .write(layer, start + i, &k[at.clone()], &v[at.clone()]);
+                row += 1;
+            }
+        }
+        let queries: Vec<QueryRow<'_>> = seqs
+            .iter()
+            .flat_map(|s| {
+                let start = s.cache.len();
+                (0..s.tokens.len()).map(move |i| QueryRow {
+                    cache: &*s.cache,
+                    position: start + i,
+                })
+            })
+            .collect();
+        let out = kv::attend(layer, self.heads, &host(&q)?, &queries);
+        let out = Tensor::from_vec(out, (rows, self.heads * self.head_dim), ctx.device)?;
+        self.o.forward_rows(&out, ctx.deltas)
+    }
+}
+
+/// A tensor's values on the host, row-major.
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
 #[derive(Debug)]
 struct Block {
     input_norm: Tensor,
@@ -186,6 +250,35 @@ impl Block {
             (self.gate.forward(&h, ctx.delta)?.silu()? * self.up.forward(&h, ctx.delta)?)?;
         Ok((x + self.down.forward(&gated, ctx.delta)?)?)
     }
+}
+
+impl Block {
+    fn step(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        ctx: &BatchCtx<'_>,
+        seqs: &mut [StepSeq<'_>],
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(x, &self.input_norm, ctx.eps, false)?;
+        let x = (x + self.attn.step(&h, layer, ctx, seqs)?)?;
+        let h = ops::rms_norm(&x, &self.post_norm, ctx.eps, false)?;
+        let gate = self.gate.forward_rows(&h, ctx.deltas)?.silu()?;
+        let gated = (gate * self.up.forward_rows(&h, ctx.deltas)?)?;
+        Ok((x + self.down.forward_rows(&gated, ctx.deltas)?)?)
+    }
+}
+
+/// One sequence's part of a batched [`Llama::step`].
+pub struct StepSeq<'a> {
+    /// The sequence's cache; the new tokens take positions `cache.len()..`, and the blocks for
+    /// them must already be there (`KvPool::grow`).
+    pub cache: &'a mut SeqCache,
+    /// New tokens: a prompt chunk or the last sampled token.
+    pub tokens: &'a [u32],
+    pub delta: Option<&'a LoadedDelta>,
+    /// Whether the step returns logits for this sequence's last new token.
+    pub logits: bool,
 }
 
 /// Per-forward state shared by the layers.
@@ -334,5 +427,79 @@ impl Llama {
         let last = x.narrow(1, ids.len() - 1, 1)?;
         let h = ops::rms_norm(&last, &self.norm, step.eps, step.grad)?;
         Ok(self.lm_head.forward(&h, delta)?.flatten_all()?)
+    }
+
+    /// Sizes of this model's paged KV cache entries.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.blocks.len(),
+            kv_heads: self.cfg.kv_heads(),
+            head_dim: self.cfg.head_dim(),
+        }
+    }
+
+    /// One batched forward of the serving engine: the new tokens of every sequence (prefill
+    /// chunks and decode tokens alike) as rows of one batch. Base projections run once over all
+    /// rows; each distinct delta over its own rows. Returns `(k, vocab)` logits for the `k`
+    /// sequences that ask for them, in order; every cache advances by its new tokens.
+    pub fn step(&self, seqs: &mut [StepSeq<'_>]) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            let start = s.cache.len();
+            let end = start + s.tokens.len();
+            if s.tokens.is_empty() {
+                return Err(EngineError::EmptyInput { what: "token ids" });
+            }
+            if end > self.context_length() || end > s.cache.allocated() {
+                return Err(EngineError::PromptTooLong {
+                    prompt_tokens: end,
+                    context: self.context_length().min(s.cache.allocated()),
+                });
+            }
+            spans.push(ids.len()..ids.len() + s.tokens.len());
+            ids.extend_from_slice(s.tokens);
+            positions.extend((start..end).map(|p| p as u32));
+        }
+        let rows = ids.len();
+        let groups = row_groups(
+            seqs.iter().map(|s| s.delta).zip(spans.iter().cloned()),
+            rows,
+            &self.device,
+        )?;
+        let ctx = BatchCtx {
+            deltas: Deltas::Grouped(&groups),
+            angles: self.rope.rows(&Tensor::new(positions.as_slice(), &self.device)?)?,
+            eps: self.cfg.rms_norm_eps as f32,
+            device: &self.device,
+        };
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.step(&x, layer, &ctx, seqs)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+        let wanted: Vec<(Option<&LoadedDelta>, usize)> = seqs
+            .iter()
+            .zip(&spans)
+            .filter(|(s, _)| s.logits)
+            .map(|(s, span)| (s.delta, span.end - 1))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), candle_core::DType::F32, &self.device)?);
+        }
+        let last: Vec<u32> = wanted.iter().map(|(_, r)| *r as u32).collect();
+        let h = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let h = ops::rms_norm(&h, &self.norm, ctx.eps, false)?;
+        let head_groups = row_groups(
+            wanted.iter().enumerate().map(|(i, (d, _))| (*d, i..i + 1)),
+            wanted.len(),
+            &self.device,
+        )?;
+        self.lm_head.forward_rows(&h, Deltas::Grouped(&head_groups))
     }
 }

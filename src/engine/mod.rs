@@ -4,36 +4,50 @@
 //!
 //! Step in the data flow: `Arc<MergedDelta>` from the merge cache → [`LoadedDelta`] (converted
 //! once per delta) → [`generate`] for text, [`Encoder::embed`] / [`classify`] for encoders.
-//! Forward passes are synchronous; async callers run them in `spawn_blocking`.
+//! Serving runs through [`Engine`]: one loop per generation model that batches every running
+//! sequence, whatever its delta, into one forward per step (see `scheduler`). Other forward
+//! passes are synchronous; async callers run them in `spawn_blocking`.
 
 mod bert;
 mod chat;
 mod device;
+mod encode_engine;
 mod error;
 mod generate;
 mod gguf;
 mod heads;
+mod kv;
 mod linear;
 mod llama;
 mod models;
 mod ops;
 mod rope;
 mod sampling;
+mod scheduler;
 mod source;
+pub mod telemetry;
 mod tokenizer;
 mod weights;
 
 pub use bert::{Batch, Bert, BertConfig, l2_normalise, mean_pool};
 pub use chat::{CHATML, ChatTemplate, Message};
 pub use device::parse_device;
+pub use encode_engine::{EncodeJob, EncoderEngine};
 pub use error::EngineError;
-pub use generate::{FinishReason, Generation, TokenEvent, generate};
+pub use generate::{Decoder, FinishReason, Generation, TokenEvent, generate};
 pub use gguf::{GgufFile, unpermute};
-pub use heads::{DEFAULT_TEXT_SCALE, Head, Scope, Scored, classify, head_logits};
-pub use linear::{LinearRegistry, LoadedDelta, LoraLinear, dense_modules, needs_gradients};
-pub use llama::{KvCache, Llama, LlamaConfig};
+pub use heads::{
+    DEFAULT_TEXT_SCALE, Features, Head, Scope, Scored, classify, head_logits, needs_pooled, rank,
+};
+pub use kv::{BLOCK_POSITIONS, KvPool, KvShape, SeqCache};
+pub use linear::{
+    Deltas, LinearRegistry, LoadedDelta, LoraLinear, RowGroup, dense_modules, needs_gradients,
+    row_groups,
+};
+pub use llama::{KvCache, Llama, LlamaConfig, StepSeq};
 pub use models::{Encoder, TextModel};
 pub use sampling::{Sampler, SamplingParams, argmax};
+pub use scheduler::{Done, Engine, EngineLimits, EngineStats, Job, Sink};
 pub use source::{ManifestModel, ModelPath, hub_cache, manifest, models_dir, resolve};
 pub use tokenizer::TextTokenizer;
-pub use weights::WeightStore;
+pub use weights::{WeightFormat, WeightStore};

@@ -16,7 +16,7 @@ use super::linear::LoadedDelta;
 use super::llama::{Llama, LlamaConfig};
 use super::source::ModelPath;
 use super::tokenizer::TextTokenizer;
-use super::weights::WeightStore;
+use super::weights::{WeightFormat, WeightStore};
 use crate::merge::MergedDelta;
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path, what: &'static str) -> Result<T> {
@@ -53,17 +53,23 @@ struct TokenizerConfig {
 }
 
 impl TextModel {
+    /// Loads with every weight in f32 (exact; what the reference-parity tests use).
     pub fn load(path: &ModelPath, device: &Device) -> Result<Self> {
+        Self::load_as(path, device, WeightFormat::F32)
+    }
+
+    /// Loads with the projection weights held as `format` says.
+    pub fn load_as(path: &ModelPath, device: &Device, format: WeightFormat) -> Result<Self> {
         match path {
-            ModelPath::Gguf(file) => Self::from_gguf(file, device),
+            ModelPath::Gguf(file) => Self::from_gguf(file, device, format),
             ModelPath::HfDir(dir) => Self::from_dir(dir, device),
         }
     }
 
-    fn from_gguf(file: &Path, device: &Device) -> Result<Self> {
+    fn from_gguf(file: &Path, device: &Device, format: WeightFormat) -> Result<Self> {
         let gguf = GgufFile::open(file)?;
         let cfg = gguf.llama_config()?;
-        let store = gguf.load_weights(&cfg, device)?;
+        let store = gguf.load_weights(&cfg, device, format)?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let source = gguf.meta_str("tokenizer.chat_template").unwrap_or(CHATML);
         let chat = ChatTemplate::new(

@@ -76,6 +76,31 @@ impl Rope {
     }
 }
 
+/// `cos` and `sin` rows for arbitrary positions (`u32`), for [`rope_rows`].
+#[derive(Debug, Clone)]
+pub struct RowAngles {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// The angles of each position in `positions`.
+    pub fn rows(&self, positions: &Tensor) -> Result<RowAngles> {
+        Ok(RowAngles {
+            cos: self.cos.index_select(positions, 0)?,
+            sin: self.sin.index_select(positions, 0)?,
+        })
+    }
+}
+
+/// Rotates `x: (rows, heads·head_dim)`, row `i` at the position `angles` was built with at `i`.
+pub fn rope_rows(x: &Tensor, heads: usize, angles: &RowAngles) -> Result<Tensor> {
+    let (rows, width) = x.dims2()?;
+    let x = x.reshape((1, rows, heads, width / heads.max(1)))?;
+    let y = candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &angles.cos, &angles.sin)?;
+    Ok(y.reshape((rows, width))?)
+}
+
 fn llama3_schedule(inv_freq: &mut [f64], s: RopeScaling) -> Result<()> {
     let missing = |name: &str| EngineError::Unsupported {
         message: format!("llama3 rope scaling without {name}"),

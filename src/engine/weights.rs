@@ -1,25 +1,53 @@
-//! Base weights held once in memory as f32 candle tensors, keyed by Hugging Face names.
+//! Base weights held once in memory, keyed by Hugging Face names: f32 candle tensors, plus, for
+//! GGUF files loaded with their quantization kept, the quantized projection weights.
 //!
 //! Loaded from a safetensors file, a sharded safetensors directory (with its index) or a GGUF
 //! file (see `gguf`); every model reads its parameters from here and shares them across requests.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{EngineError, Result};
 
-/// Named f32 tensors on one device.
+/// Named f32 tensors and quantized weights on one device.
 #[derive(Debug, Clone)]
 pub struct WeightStore {
     tensors: HashMap<String, Tensor>,
+    quantized: HashMap<String, Arc<QTensor>>,
     device: Device,
 }
 
 impl WeightStore {
     pub fn new(tensors: HashMap<String, Tensor>, device: Device) -> Self {
-        Self { tensors, device }
+        Self {
+            tensors,
+            quantized: HashMap::new(),
+            device,
+        }
+    }
+
+    /// Adds a quantized weight; linear layers prefer it to an f32 tensor of the same name.
+    pub fn insert_quantized(&mut self, name: impl Into<String>, tensor: Arc<QTensor>) {
+        self.quantized.insert(name.into(), tensor);
+    }
+
+    /// The quantized weight `name`, checked to have `shape`, if the store keeps one.
+    pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<Arc<QTensor>>> {
+        let Some(q) = self.quantized.get(name) else {
+            return Ok(None);
+        };
+        if q.shape().dims() != shape {
+            return Err(EngineError::WeightShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: q.shape().dims().to_vec(),
+            });
+        }
+        Ok(Some(q.clone()))
     }
 
     /// Reads `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
@@ -117,4 +145,30 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     files.dedup();
     Ok(files)
+}
+
+/// How a model's base projection weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As the file stores them: a GGUF model keeps its quantized blocks for the projections
+    /// (candle's quantized matmul); safetensors weights are f32.
+    #[default]
+    Native,
+    /// Every weight dequantized to f32 (what the reference-parity tests use).
+    F32,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "native" | "auto" => Ok(Self::Native),
+            "f32" => Ok(Self::F32),
+            other => Err(EngineError::InvalidParam {
+                name: "dtype",
+                message: format!("{other:?} is not a weight format (native or f32)"),
+            }),
+        }
+    }
 }

@@ -1,9 +1,15 @@
 //! The boundary between HTTP and the model engine: what the server asks of a served base model.
-//! Routes depend only on this trait, so the API is testable against any implementation; calls
-//! are synchronous and heavy, and the server always makes them from blocking threads.
+//! Routes depend only on this trait, so the API is testable against any implementation.
+//! Generation is a submission: the job joins the model's engine queue and its text arrives on a
+//! [`GenStream`]; dropping the stream cancels the job. The other calls are synchronous and
+//! heavy, and the server makes them from blocking threads.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use tokio::sync::mpsc;
+
+use crate::engine::EngineStats;
 use crate::merge::MergedDelta;
 
 /// What a base model is served for.
@@ -62,7 +68,24 @@ pub struct GenerateJob {
     pub sampling: Sampling,
     /// The update to apply (a merged set or one adapter); `None` for the base model.
     pub delta: Option<Arc<MergedDelta>>,
+    /// Fairness key of the engine's queue.
+    pub tenant: String,
+    /// The request's `model` string, reported in the running/waiting metrics.
+    pub label: String,
+    /// When the request's time is up, wherever it is (queued, prefilling or decoding).
+    pub deadline: Instant,
 }
+
+/// What a generation produces, in order: text pieces, then one `Done` or `Failed`.
+#[derive(Debug)]
+pub enum GenEvent {
+    Text(String),
+    Done(Finished),
+    Failed(BackendError),
+}
+
+/// The events of one generation; dropping it cancels the generation.
+pub type GenStream = mpsc::UnboundedReceiver<GenEvent>;
 
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -111,6 +134,12 @@ pub enum BackendError {
     /// The consumer went away and generation stopped.
     #[error("cancelled")]
     Cancelled,
+    /// The model's queue is full: retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The request's deadline passed.
+    #[error("deadline passed")]
+    Timeout,
     #[error("{0}")]
     Failed(String),
 }
@@ -119,20 +148,23 @@ pub enum BackendError {
 pub trait Backend: Send + Sync + 'static {
     fn bases(&self) -> Vec<BaseInfo>;
 
-    /// Generates, passing each decoded piece of text to `on_text`; generation stops early, with
-    /// [`BackendError::Cancelled`], when `on_text` returns `false`.
-    fn generate(
-        &self,
-        job: &GenerateJob,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Finished, BackendError>;
+    /// Queues a generation (tokenizing its prompt and preparing its delta) and returns its
+    /// stream; fails at once, with [`BackendError::Overloaded`], when the model's queue is full.
+    fn generate(&self, job: GenerateJob) -> Result<GenStream, BackendError>;
 
-    /// Normalised embeddings of `inputs`, and the number of tokens read.
+    /// The engine state of each generation model, by base id (for metrics).
+    fn engine_stats(&self) -> Vec<(String, EngineStats)> {
+        Vec::new()
+    }
+
+    /// Normalised embeddings of `inputs`, and the number of tokens read; not run, and a
+    /// timeout, once `deadline` has passed.
     fn embed(
         &self,
         base: &str,
         inputs: &[String],
         delta: Option<&Arc<MergedDelta>>,
+        deadline: Instant,
     ) -> Result<(Vec<Vec<f32>>, usize), BackendError>;
 
     /// Scores of every label of every head, per input.
@@ -142,5 +174,6 @@ pub trait Backend: Send + Sync + 'static {
         inputs: &[String],
         heads: &[TaskHead],
         delta: Option<&Arc<MergedDelta>>,
+        deadline: Instant,
     ) -> Result<Vec<Vec<LabelScore>>, BackendError>;
 }

@@ -1,25 +1,51 @@
-//! The model engine behind the server's [`Backend`] trait: generators (Llama layout) and
-//! encoders (BERT) loaded once, shared by every request; a request's delta is converted once
-//! per merged set and applied inside the linear layers.
+//! The model engine behind the server's [`Backend`] trait: generators (Llama layout), each
+//! served by its own [`Engine`] loop, and encoders (BERT), loaded once and shared by every
+//! request; a request's delta is converted once per merged set and applied inside the linear
+//! layers.
 
-use std::ops::ControlFlow;
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
 
 use super::backend::{
-    Backend, BackendError, BaseInfo, BaseKind, FinishReason, Finished, GenerateJob, LabelScore,
-    Prompt, TaskHead,
+    Backend, BackendError, BaseInfo, BaseKind, FinishReason, Finished, GenEvent, GenStream,
+    GenerateJob, LabelScore, Prompt, TaskHead,
 };
 use crate::adapters::SavedTensor;
 use crate::engine::{
-    self, DEFAULT_TEXT_SCALE, Encoder, EngineError, Head, Message, ModelPath, SamplingParams,
-    Scope, TextModel,
+    self, DEFAULT_TEXT_SCALE, Done, EncodeJob, Encoder, EncoderEngine, Engine, EngineError,
+    EngineLimits, EngineStats, Features, Head, Job, Message, ModelPath, SamplingParams, Sink,
+    TextModel, WeightFormat,
 };
 use crate::merge::MergedDelta;
 
+/// A generation model and the engine loop that serves it.
+struct Generator {
+    model: Arc<TextModel>,
+    engine: Engine,
+}
+
+/// An encoder model, the engine loop that batches its requests, and its label-text heads.
+struct EncoderServer {
+    encoder: Arc<Encoder>,
+    engine: EncoderEngine,
+    /// Label-text heads by (task, label texts): built once, not per request.
+    text_heads: Mutex<HashMap<(String, Vec<String>), Head>>,
+}
+
 enum Model {
-    Generator(TextModel),
-    Encoder(Encoder),
+    Generator(Generator),
+    Encoder(EncoderServer),
+}
+
+/// How served models are loaded and run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineOptions {
+    pub format: WeightFormat,
+    pub limits: EngineLimits,
 }
 
 /// Every served base model.
@@ -28,8 +54,13 @@ pub struct EngineBackend {
 }
 
 impl EngineBackend {
-    /// Loads each model spec (manifest id, directory, GGUF file or hub repo id) on `device`.
-    pub fn load(specs: &[String], device: &str) -> Result<Self, EngineError> {
+    /// Loads each model spec (manifest id, directory, GGUF file or hub repo id) on `device` and
+    /// starts an engine loop per generation model.
+    pub fn load(
+        specs: &[String],
+        device: &str,
+        options: EngineOptions,
+    ) -> Result<Self, EngineError> {
         let device = engine::parse_device(device)?;
         let dir = engine::models_dir();
         let manifest = engine::manifest(&dir)?;
@@ -40,19 +71,25 @@ impl EngineBackend {
             let id = entry.map_or_else(|| base_id(spec), |m| m.id.clone());
             let aliases: Vec<String> = entry.and_then(|m| m.hf_repo.clone()).into_iter().collect();
             let (kind, model) = if is_encoder(&path) {
-                (
-                    BaseKind::Encoder,
-                    Model::Encoder(Encoder::load(&path, &device)?),
-                )
+                let encoder = Arc::new(Encoder::load(&path, &device)?);
+                let engine = EncoderEngine::start(encoder.clone(), options.limits.max_queue);
+                let server = EncoderServer {
+                    encoder,
+                    engine,
+                    text_heads: Mutex::new(HashMap::new()),
+                };
+                (BaseKind::Encoder, Model::Encoder(server))
             } else {
+                let model = Arc::new(TextModel::load_as(&path, &device, options.format)?);
+                let engine = Engine::start(model.clone(), options.limits);
                 (
                     BaseKind::Generator,
-                    Model::Generator(TextModel::load(&path, &device)?),
+                    Model::Generator(Generator { model, engine }),
                 )
             };
             let context_length = match &model {
-                Model::Generator(m) => m.model.context_length(),
-                Model::Encoder(e) => e.max_tokens,
+                Model::Generator(g) => g.model.model.context_length(),
+                Model::Encoder(e) => e.encoder.max_tokens,
             };
             tracing::info!(%id, ?kind, context_length, "loaded base model");
             models.push((
@@ -76,7 +113,7 @@ impl EngineBackend {
             .ok_or_else(|| BackendError::Failed(format!("base {base} is not loaded")))
     }
 
-    fn encoder(&self, base: &str) -> Result<&Encoder, BackendError> {
+    fn encoder(&self, base: &str) -> Result<&EncoderServer, BackendError> {
         match self.model(base)? {
             Model::Encoder(e) => Ok(e),
             Model::Generator(_) => Err(BackendError::InvalidInput {
@@ -124,6 +161,18 @@ fn is_encoder(path: &ModelPath) -> bool {
 
 fn backend_error(e: EngineError) -> BackendError {
     match e {
+        EngineError::QueueFull { .. } | EngineError::Stopped => {
+            BackendError::Overloaded(e.to_string())
+        }
+        EngineError::Timeout => BackendError::Timeout,
+        EngineError::CacheTooSmall { .. } => BackendError::InvalidInput {
+            param: "max_tokens",
+            message: e.to_string(),
+        },
+        EngineError::InvalidParam { name, .. } => BackendError::InvalidInput {
+            param: name,
+            message: e.to_string(),
+        },
         EngineError::PromptTooLong { .. } => BackendError::InvalidInput {
             param: "prompt",
             message: e.to_string(),
@@ -151,18 +200,15 @@ impl Backend for EngineBackend {
         self.models.iter().map(|(info, _)| info.clone()).collect()
     }
 
-    fn generate(
-        &self,
-        job: &GenerateJob,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Finished, BackendError> {
-        let Model::Generator(tm) = self.model(&job.base)? else {
+    fn generate(&self, job: GenerateJob) -> Result<GenStream, BackendError> {
+        let Model::Generator(g) = self.model(&job.base)? else {
             return Err(BackendError::InvalidInput {
                 param: "model",
                 message: format!("{} does not generate", job.base),
             });
         };
-        let ids = match &job.prompt {
+        let tm = &g.model;
+        let prompt = match &job.prompt {
             Prompt::Text(text) => tm.encode_plain(text),
             Prompt::Chat(messages) => {
                 let messages: Vec<Message> = messages
@@ -191,34 +237,35 @@ impl Backend for EngineBackend {
             max_tokens: s.max_tokens,
             stop: s.stop.clone(),
         };
-        let generation = engine::generate(
-            &tm.model,
-            &tm.tokenizer,
-            &ids,
-            &params,
-            delta.as_deref(),
-            |event| {
-                if event.text.is_empty() || on_text(event.text) {
-                    ControlFlow::Continue(())
-                } else {
-                    ControlFlow::Break(())
-                }
-            },
-        )
-        .map_err(backend_error)?;
-        let finish_reason = match generation.finish {
-            engine::FinishReason::Eos | engine::FinishReason::Stop => FinishReason::Stop,
-            engine::FinishReason::Length | engine::FinishReason::ContextFull => {
-                FinishReason::Length
-            }
-            engine::FinishReason::Cancelled => return Err(BackendError::Cancelled),
-        };
-        let completion_tokens = generation.ids.len();
-        Ok(Finished {
-            prompt_tokens: generation.prompt_tokens,
-            completion_tokens,
-            finish_reason,
-        })
+        let (tx, rx) = mpsc::unbounded_channel();
+        g.engine
+            .submit(Job {
+                tenant: job.tenant,
+                label: job.label,
+                prompt,
+                params,
+                delta,
+                deadline: job.deadline,
+                sink: Box::new(StreamSink { tx }),
+            })
+            .map_err(backend_error)?;
+        Ok(rx)
+    }
+
+    fn engine_stats(&self) -> Vec<(String, EngineStats)> {
+        self.models
+            .iter()
+            .map(|(info, m)| match m {
+                Model::Generator(g) => (info.id.clone(), g.engine.stats()),
+                Model::Encoder(e) => (
+                    info.id.clone(),
+                    EngineStats {
+                        waiting: e.engine.waiting(),
+                        ..EngineStats::default()
+                    },
+                ),
+            })
+            .collect()
     }
 
     fn embed(
@@ -226,23 +273,16 @@ impl Backend for EngineBackend {
         base: &str,
         inputs: &[String],
         delta: Option<&Arc<MergedDelta>>,
+        deadline: Instant,
     ) -> Result<(Vec<Vec<f32>>, usize), BackendError> {
-        let encoder = self.encoder(base)?;
-        let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let tokens: usize = encoder
-            .encode(&texts)
-            .map_err(backend_error)?
-            .iter()
-            .map(Vec::len)
-            .sum();
-        let delta = delta
-            .map(|d| encoder.load_delta(d))
-            .transpose()
+        let server = self.encoder(base)?;
+        let (features, tokens) = server
+            .features(inputs, delta, false, deadline)
             .map_err(backend_error)?;
-        let vectors = encoder
-            .embed(&texts, delta.as_deref())
-            .and_then(|t| Ok(t.to_vec2::<f32>()?))
-            .map_err(backend_error)?;
+        let vectors = features
+            .mean
+            .to_vec2::<f32>()
+            .map_err(|e| backend_error(e.into()))?;
         Ok((vectors, tokens))
     }
 
@@ -252,27 +292,20 @@ impl Backend for EngineBackend {
         inputs: &[String],
         heads: &[TaskHead],
         delta: Option<&Arc<MergedDelta>>,
+        deadline: Instant,
     ) -> Result<Vec<Vec<LabelScore>>, BackendError> {
-        let encoder = self.encoder(base)?;
-        let delta = delta
-            .map(|d| encoder.load_delta(d))
-            .transpose()
-            .map_err(backend_error)?;
+        let server = self.encoder(base)?;
         let built = heads
             .iter()
-            .map(|h| build_head(h, encoder))
+            .map(|h| server.head(h))
             .collect::<Result<Vec<_>, _>>()
             .map_err(backend_error)?;
-        let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let ranked = engine::classify(
-            encoder,
-            &built,
-            &Scope::Joint,
-            &texts,
-            delta.as_deref(),
-            usize::MAX,
-        )
-        .map_err(backend_error)?;
+        let chosen: Vec<&Head> = built.iter().collect();
+        let pooled = engine::needs_pooled(chosen.iter().copied());
+        let (features, _) = server
+            .features(inputs, delta, pooled, deadline)
+            .map_err(backend_error)?;
+        let ranked = engine::rank(&chosen, &features, usize::MAX).map_err(backend_error)?;
         Ok(ranked
             .into_iter()
             .map(|per_text| {
@@ -286,6 +319,83 @@ impl Backend for EngineBackend {
                     .collect()
             })
             .collect())
+    }
+}
+
+impl EncoderServer {
+    /// Encodes `inputs` with `delta` through the batching engine; also the tokens read.
+    fn features(
+        &self,
+        inputs: &[String],
+        delta: Option<&Arc<MergedDelta>>,
+        pooled: bool,
+        deadline: Instant,
+    ) -> Result<(Features, usize), EngineError> {
+        let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let ids = self.encoder.encode(&texts)?;
+        let tokens = ids.iter().map(Vec::len).sum();
+        let delta = delta.map(|d| self.encoder.load_delta(d)).transpose()?;
+        let reply = self.engine.submit(EncodeJob {
+            ids,
+            delta,
+            pooled,
+            deadline,
+        })?;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let features = reply.recv_timeout(wait).map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => EngineError::Timeout,
+            std::sync::mpsc::RecvTimeoutError::Disconnected => EngineError::Stopped,
+        })??;
+        Ok((features, tokens))
+    }
+
+    /// The head of one task: its trained classifier, or label-text embeddings built once.
+    fn head(&self, h: &TaskHead) -> Result<Head, EngineError> {
+        if h.classifier.is_some() {
+            return build_head(h, &self.encoder);
+        }
+        let key = (h.task.clone(), h.label_texts.clone());
+        if let Some(head) = self.text_heads.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            let mut head = head;
+            head.labels = h.labels.clone();
+            return Ok(head);
+        }
+        let head = build_head(h, &self.encoder)?;
+        if let Ok(mut cache) = self.text_heads.lock() {
+            cache.insert(key, head.clone());
+        }
+        Ok(head)
+    }
+}
+
+/// Sends an engine job's output to its HTTP stream.
+struct StreamSink {
+    tx: mpsc::UnboundedSender<GenEvent>,
+}
+
+impl Sink for StreamSink {
+    fn text(&mut self, text: &str) -> bool {
+        self.tx.send(GenEvent::Text(text.to_string())).is_ok()
+    }
+
+    fn closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn done(self: Box<Self>, done: Done) {
+        let finish_reason = match done.finish {
+            engine::FinishReason::Eos | engine::FinishReason::Stop => FinishReason::Stop,
+            _ => FinishReason::Length,
+        };
+        let _ = self.tx.send(GenEvent::Done(Finished {
+            prompt_tokens: done.prompt_tokens,
+            completion_tokens: done.completion_tokens,
+            finish_reason,
+        }));
+    }
+
+    fn failed(self: Box<Self>, error: EngineError) {
+        let _ = self.tx.send(GenEvent::Failed(backend_error(error)));
     }
 }
 

@@ -1,16 +1,15 @@
-//! Which adapters running and waiting requests use, for `knots:lora_requests_info`.
+//! Which adapter sets running encoder requests use, for `knots:lora_requests_info` (generation
+//! requests are reported by their engine).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::metrics;
 
-/// Counts of in-flight requests per adapter name.
-#[derive(Debug)]
+/// Counts of in-flight requests per adapter set.
+#[derive(Debug, Default)]
 pub struct InFlight {
     // std Mutex: held for a map update only, never across an .await.
     running: Mutex<BTreeMap<String, usize>>,
-    max_lora: usize,
 }
 
 /// Removes its adapters from the running set when dropped.
@@ -20,11 +19,10 @@ pub struct Running {
 }
 
 impl InFlight {
-    pub fn new(max_lora: usize) -> Self {
-        Self {
-            running: Mutex::new(BTreeMap::new()),
-            max_lora,
-        }
+    /// The adapter sets in flight.
+    pub fn running(&self) -> Vec<String> {
+        let map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().cloned().collect()
     }
 
     /// Marks `adapters` as running until the returned guard is dropped.
@@ -44,9 +42,6 @@ impl InFlight {
         let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut map);
         map.retain(|_, n| *n > 0);
-        let names: Vec<String> = map.keys().cloned().collect();
-        drop(map);
-        metrics::lora_requests_info(&names, &[], self.max_lora);
     }
 }
 

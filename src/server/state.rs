@@ -19,7 +19,7 @@ use crate::error::ApiError;
 /// Limits, validated at start-up.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Requests doing model work at once; more get 429.
+    /// Encoder requests in flight at once; more get 429 (generation queues in its engine).
     pub max_concurrency: usize,
     /// Adapters in one merged set.
     pub max_set_size: usize,
@@ -34,7 +34,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_concurrency: 8,
+            max_concurrency: 64,
             max_set_size: 16,
             request_timeout: Duration::from_secs(120),
             body_limit_bytes: 1 << 20,
@@ -88,7 +88,7 @@ impl AppState {
             bundles: Arc::new(parts.bundles),
             experiments: Arc::new(parts.experiments),
             permits: Arc::new(Semaphore::new(parts.limits.max_concurrency)),
-            inflight: Arc::new(InFlight::new(parts.limits.max_concurrency)),
+            inflight: Arc::new(InFlight::default()),
             limits: Arc::new(parts.limits),
             adapter_roots: Arc::new(parts.adapter_roots),
             shutting_down: Arc::new(AtomicBool::new(false)),

@@ -4,6 +4,7 @@
 
 mod delta;
 mod minilm;
+mod serving;
 mod smollm2;
 mod sources;
 

@@ -69,7 +69,7 @@ fn sharded_hf_directory_loads_the_same_llama() {
     use std::collections::HashMap;
 
     use candle_core::{Device, Tensor};
-    use knots::engine::{GgufFile, KvCache, TextModel, TextTokenizer};
+    use knots::engine::{GgufFile, KvCache, TextModel, TextTokenizer, WeightFormat};
 
     let ModelPath::Gguf(gguf_path) = resolve("smollm2-135m-instruct", &models_dir()).unwrap()
     else {
@@ -77,7 +77,7 @@ fn sharded_hf_directory_loads_the_same_llama() {
     };
     let gguf = GgufFile::open(&gguf_path).unwrap();
     let store = gguf
-        .load_weights(&gguf.llama_config().unwrap(), &Device::Cpu)
+        .load_weights(&gguf.llama_config().unwrap(), &Device::Cpu, WeightFormat::F32)
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut shards: [HashMap<String, Tensor>; 2] = Default::default();

@@ -1,5 +1,7 @@
 //! `POST /v1/embeddings` and `POST /v1/classify` on encoder models.
 
+use std::time::Instant;
+
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -52,7 +54,7 @@ impl EncoderCall {
     ) -> Result<Self, ApiError> {
         let permit = state.admit()?;
         let target = encoder_target(state, caller, model, merge, user).await?;
-        let running = state.inflight.start(target.adapter_names());
+        let running = state.inflight.start(vec![model.to_string()]);
         Ok(Self {
             target,
             _permit: permit,
@@ -68,13 +70,18 @@ impl EncoderCall {
             &dyn crate::server::backend::Backend,
             &str,
             Option<&std::sync::Arc<crate::merge::MergedDelta>>,
+            Instant,
         ) -> Result<T, crate::server::backend::BackendError>
         + Send
         + 'static,
     ) -> Result<T, ApiError> {
         let backend = state.backend.clone();
         let (base, delta) = (self.target.base.clone(), self.target.delta.clone());
-        blocking(state, move || work(backend.as_ref(), &base, delta.as_ref())).await
+        let deadline = Instant::now() + state.limits.request_timeout;
+        blocking(state, move || {
+            work(backend.as_ref(), &base, delta.as_ref(), deadline)
+        })
+        .await
     }
 }
 
@@ -125,8 +132,8 @@ pub async fn embeddings(
     )
     .await?;
     let (vectors, tokens) = call
-        .run(&state, move |backend, base, delta| {
-            backend.embed(base, &inputs, delta)
+        .run(&state, move |backend, base, delta, deadline| {
+            backend.embed(base, &inputs, delta, deadline)
         })
         .await?;
     metrics::tokens("prompt", tokens);
@@ -165,8 +172,8 @@ pub async fn classify(
     .await?;
     let heads = heads(&call.target.adapters, req.task.as_deref())?;
     let scores = call
-        .run(&state, move |backend, base, delta| {
-            backend.classify(base, &inputs, &heads, delta)
+        .run(&state, move |backend, base, delta, deadline| {
+            backend.classify(base, &inputs, &heads, delta, deadline)
         })
         .await?;
     let results: Vec<_> = scores.into_iter().map(|s| ranked(s, top_k)).collect();

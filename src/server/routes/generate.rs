@@ -1,8 +1,6 @@
 //! `POST /v1/completions` and `POST /v1/chat/completions`, plain or streamed as SSE.
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Json;
@@ -11,13 +9,12 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::headers;
 use crate::error::ApiError;
 use crate::server::auth::Caller;
-use crate::server::backend::{BaseKind, Finished, GenerateJob, Prompt};
+use crate::server::backend::{BaseKind, Finished, GenEvent, GenStream, GenerateJob, Prompt};
 use crate::server::metrics;
 use crate::server::resolve::{Target, resolve};
 use crate::server::state::AppState;
@@ -57,7 +54,7 @@ async fn run(
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let sampling = fields.sampling(state.limits.default_max_tokens)?;
-    let permit = state.admit()?;
+    let started = Instant::now();
     let target = resolve(
         &state,
         &caller,
@@ -66,21 +63,12 @@ async fn run(
         fields.user.as_deref(),
     )
     .await?;
-    match state.base(&target.base).map(|b| b.kind) {
-        Some(BaseKind::Generator) => {}
-        _ => {
-            return Err(ApiError::bad(
-                "model",
-                format!("{model} is served by an encoder; use /v1/embeddings or /v1/classify"),
-            ));
-        }
+    if state.base(&target.base).map(|b| b.kind) != Some(BaseKind::Generator) {
+        return Err(ApiError::bad(
+            "model",
+            format!("{model} is served by an encoder; use /v1/embeddings or /v1/classify"),
+        ));
     }
-    let job = GenerateJob {
-        base: target.base.clone(),
-        prompt,
-        sampling,
-        delta: target.delta.clone(),
-    };
     let call = Call {
         id: request_id(if kind == Kind::Chat {
             "chatcmpl"
@@ -89,29 +77,47 @@ async fn run(
         }),
         model,
         kind,
-        started: Instant::now(),
-        deadline: Instant::now() + state.limits.request_timeout,
+        started,
+        deadline: started + state.limits.request_timeout,
     };
+    let job = job(&caller, &call.model, &target, prompt, sampling, call.deadline);
     if let Some((exp, arm)) = &target.arm {
         state.experiments.remember(&call.id, exp, arm);
     }
-    let running = state.inflight.start(target.adapter_names());
     let include_usage = fields
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let head = headers(&target, &call.id);
+    let events = submit(&state, job).await?;
     if fields.stream {
-        let stream = stream(state, target, job, call, include_usage, (permit, running));
+        let stream = stream(state, target, events, call, include_usage);
         return Ok((head, Sse::new(stream).keep_alive(KeepAlive::default())).into_response());
     }
-    let cancel = Arc::new(AtomicBool::new(false));
-    let _guard = CancelOnDrop(cancel.clone());
-    let (text, outcome) = generate_blocking(&state, job, call.deadline, cancel, |_| true).await;
-    drop((permit, running));
+    let (text, outcome) = collect(events).await;
     let finished = outcome.inspect_err(|_| record_arm(&state, &target, &call, None))?;
     record_arm(&state, &target, &call, Some(&finished));
     Ok((head, Json(call.body(&text, &finished))).into_response())
+}
+
+/// The engine job of a resolved request.
+fn job(
+    caller: &Caller,
+    model: &str,
+    target: &Target,
+    prompt: Prompt,
+    sampling: crate::server::backend::Sampling,
+    deadline: Instant,
+) -> GenerateJob {
+    GenerateJob {
+        base: target.base.clone(),
+        prompt,
+        sampling,
+        delta: target.delta.clone(),
+        tenant: caller.tenant.clone().unwrap_or_default(),
+        label: model.to_string(),
+        deadline,
+    }
 }
 
 /// Generates a whole answer from `spec` (an arm's model) for the compare call.
@@ -122,7 +128,6 @@ pub async fn answer(
     prompt: Prompt,
     sampling: crate::server::backend::Sampling,
 ) -> Result<(String, Finished, Target), ApiError> {
-    let _permit = state.admit()?;
     let target = resolve(state, caller, model, &Default::default(), None).await?;
     if state.base(&target.base).map(|b| b.kind) != Some(BaseKind::Generator) {
         return Err(ApiError::bad(
@@ -130,17 +135,9 @@ pub async fn answer(
             format!("{model} is not served by a generation model"),
         ));
     }
-    let _running = state.inflight.start(target.adapter_names());
-    let job = GenerateJob {
-        base: target.base.clone(),
-        prompt,
-        sampling,
-        delta: target.delta.clone(),
-    };
-    let cancel = Arc::new(AtomicBool::new(false));
-    let _guard = CancelOnDrop(cancel.clone());
     let deadline = Instant::now() + state.limits.request_timeout;
-    let (text, outcome) = generate_blocking(state, job, deadline, cancel, |_| true).await;
+    let job = job(caller, model, &target, prompt, sampling, deadline);
+    let (text, outcome) = collect(submit(state, job).await?).await;
     Ok((text, outcome?, target))
 }
 
@@ -205,55 +202,39 @@ impl Call {
     }
 }
 
-/// Sets the flag when the request future is dropped (the client went away).
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
+/// Queues the job with the model's engine (tokenizing and converting the delta off the async
+/// workers); the answer arrives on the returned stream.
+async fn submit(state: &AppState, job: GenerateJob) -> Result<GenStream, ApiError> {
+    let backend = state.backend.clone();
+    tokio::task::spawn_blocking(move || backend.generate(job))
+        .await
+        .map_err(|e| ApiError::internal(format!("submitting the generation failed: {e}")))?
+        .map_err(ApiError::from)
 }
 
-/// Runs the generation on a blocking thread; `on_text` sees every piece (return `false` to
-/// stop). Returns the whole text and how it ended.
-async fn generate_blocking(
-    state: &AppState,
-    job: GenerateJob,
-    deadline: Instant,
-    cancel: Arc<AtomicBool>,
-    mut on_text: impl FnMut(&str) -> bool + Send + 'static,
-) -> (String, Result<Finished, ApiError>) {
-    let backend = state.backend.clone();
-    let task = tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
-        let mut timed_out = false;
-        let result = backend.generate(&job, &mut |piece| {
-            if Instant::now() > deadline {
-                timed_out = true;
-                return false;
+/// Reads a whole generation: its text and how it ended.
+async fn collect(mut events: GenStream) -> (String, Result<Finished, ApiError>) {
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenEvent::Text(piece) => text.push_str(&piece),
+            GenEvent::Done(finished) => {
+                count_tokens(&finished);
+                return (text, Ok(finished));
             }
-            text.push_str(piece);
-            !cancel.load(Ordering::SeqCst) && on_text(piece)
-        });
-        let result = match result {
-            Err(_) if timed_out => Err(ApiError::Timeout),
-            other => other.map_err(ApiError::from),
-        };
-        (text, result)
-    });
-    match task.await {
-        Ok((text, result)) => {
-            if let Ok(f) = &result {
-                metrics::tokens("prompt", f.prompt_tokens);
-                metrics::tokens("completion", f.completion_tokens);
-            }
-            (text, result)
+            GenEvent::Failed(e) => return (text, Err(e.into())),
         }
-        Err(e) => (
-            String::new(),
-            Err(ApiError::internal(format!("generation task failed: {e}"))),
-        ),
     }
+    (text, Err(ended_early()))
+}
+
+fn ended_early() -> ApiError {
+    ApiError::internal("generation ended unexpectedly")
+}
+
+fn count_tokens(f: &Finished) {
+    metrics::tokens("prompt", f.prompt_tokens);
+    metrics::tokens("completion", f.completion_tokens);
 }
 
 fn record_arm(state: &AppState, target: &Target, call: &Call, finished: Option<&Finished>) {
@@ -267,69 +248,54 @@ fn record_arm(state: &AppState, target: &Target, call: &Call, finished: Option<&
     }
 }
 
-/// The SSE stream of a generation. The generation stops when the client goes away: the
-/// channel closes and the next piece cannot be sent.
-fn stream<G: Send + 'static>(
+/// The SSE stream of a generation. Dropping it (the client went away) drops `events`, which
+/// cancels the generation at the engine's next step.
+fn stream(
     state: AppState,
     target: Target,
-    job: GenerateJob,
+    events: GenStream,
     call: Call,
     include_usage: bool,
-    guard: G,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let (tx, rx) = mpsc::channel::<String>(64);
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let deadline = call.deadline;
-    let gen_state = state.clone();
-    tokio::spawn(async move {
-        let send = tx.clone();
-        let (_, outcome) = generate_blocking(&gen_state, job, deadline, cancel, move |piece| {
-            send.blocking_send(piece.to_string()).is_ok()
-        })
-        .await;
-        drop(tx);
-        let _ = done_tx.send(outcome);
-    });
-    let call = Arc::new(call);
-    let pieces_call = call.clone();
     let mut first = true;
-    let pieces = ReceiverStream::new(rx).map(move |piece| {
-        let chunk = pieces_call.chunk(Some(&piece), None, first);
-        first = false;
-        Ok(Event::default().data(chunk.to_string()))
-    });
-    let tail = futures_util::stream::once(async move {
-        let outcome = done_rx
-            .await
-            .unwrap_or_else(|_| Err(ApiError::internal("generation ended unexpectedly")));
-        let _guard = guard;
-        let events: Vec<Event> = match outcome {
-            Ok(finished) => {
-                record_arm(&state, &target, &call, Some(&finished));
-                let mut events = vec![
-                    Event::default().data(
-                        call.chunk(None, Some(finish_str(finished.finish_reason)), false)
-                            .to_string(),
-                    ),
-                ];
-                if include_usage {
-                    events.push(Event::default().data(call.usage_chunk(&finished).to_string()));
+    let mut ended = false;
+    UnboundedReceiverStream::new(events)
+        .map(Some)
+        .chain(futures_util::stream::once(async { None }))
+        .flat_map(move |event| {
+            let events: Vec<Event> = match event {
+                _ if ended => Vec::new(),
+                Some(GenEvent::Text(piece)) => {
+                    let chunk = call.chunk(Some(&piece), None, first);
+                    first = false;
+                    vec![Event::default().data(chunk.to_string())]
                 }
-                events
-            }
-            Err(e) => {
-                record_arm(&state, &target, &call, None);
-                vec![Event::default().data(e.body().to_string())]
-            }
-        };
-        futures_util::stream::iter(
-            events
-                .into_iter()
-                .chain([Event::default().data("[DONE]")])
-                .map(Ok),
-        )
-    })
-    .flatten();
-    pieces.chain(tail)
+                Some(GenEvent::Done(finished)) => {
+                    ended = true;
+                    count_tokens(&finished);
+                    record_arm(&state, &target, &call, Some(&finished));
+                    let finish = finish_str(finished.finish_reason);
+                    let mut events =
+                        vec![Event::default().data(call.chunk(None, Some(finish), false).to_string())];
+                    if include_usage {
+                        events.push(Event::default().data(call.usage_chunk(&finished).to_string()));
+                    }
+                    events.push(Event::default().data("[DONE]"));
+                    events
+                }
+                failure => {
+                    ended = true;
+                    record_arm(&state, &target, &call, None);
+                    let error = match failure {
+                        Some(GenEvent::Failed(e)) => ApiError::from(e),
+                        _ => ended_early(),
+                    };
+                    vec![
+                        Event::default().data(error.body().to_string()),
+                        Event::default().data("[DONE]"),
+                    ]
+                }
+            };
+            futures_util::stream::iter(events.into_iter().map(Ok))
+        })
 }

@@ -32,12 +32,13 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Prometheus text format.
-pub async fn prometheus() -> impl IntoResponse {
+pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+    let engines = state.backend.engine_stats();
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        metrics::handle().render(),
+        metrics::render(&engines, &state.inflight.running()),
     )
 }

@@ -1,0 +1,291 @@
+//! The serving engine of one encoder model: a loop on its own thread that batches concurrent
+//! embeddings and classification requests, whatever their adapter sets, into shared forwards.
+//!
+//! Each turn takes every waiting job (up to a bound), sorts all their texts by length and cuts
+//! them into batches of similar lengths (little padding); each batch is one BERT forward whose
+//! rows carry their own request's delta (see `linear::Deltas`). Results go back to each job as
+//! [`Features`]. A job whose deadline passed before its turn is answered with a timeout and not
+//! run.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use super::error::{EngineError, Result};
+use super::heads::Features;
+use super::linear::{Deltas, LoadedDelta, row_groups};
+use super::models::Encoder;
+use super::bert::mean_pool;
+
+/// Texts one forward holds at most.
+const BATCH_TEXTS: usize = 32;
+/// Padded tokens one forward holds at most (texts × longest text).
+const BATCH_TOKENS: usize = 8192;
+/// Texts one turn takes from the queue at most (whole jobs; at least one job).
+const TURN_TEXTS: usize = 256;
+
+/// An encoding request for the engine.
+pub struct EncodeJob {
+    /// Token ids of each text (`Encoder::encode`).
+    pub ids: Vec<Vec<u32>>,
+    pub delta: Option<Arc<LoadedDelta>>,
+    /// Whether to compute the pooler output too (trained classifier heads read it).
+    pub pooled: bool,
+    pub deadline: Instant,
+}
+
+type Reply = SyncSender<Result<Features>>;
+
+struct Shared {
+    // std Mutex: held for queue updates only, never across a forward pass.
+    queue: Mutex<VecDeque<(EncodeJob, Reply)>>,
+    wake: Condvar,
+    stop: AtomicBool,
+    max_queue: usize,
+}
+
+/// The engine loop of one encoder model.
+pub struct EncoderEngine {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EncoderEngine {
+    pub fn start(encoder: Arc<Encoder>, max_queue: usize) -> Self {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            max_queue,
+        });
+        let loop_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("knots-encoder".into())
+            .spawn(move || run(&encoder, &loop_shared))
+            .ok();
+        Self { shared, thread }
+    }
+
+    /// Queues a job; its result arrives on the returned channel.
+    pub fn submit(&self, job: EncodeJob) -> Result<Receiver<Result<Features>>> {
+        if job.ids.is_empty() {
+            return Err(EngineError::EmptyInput { what: "texts" });
+        }
+        if self.shared.stop.load(Ordering::SeqCst) || self.thread.is_none() {
+            return Err(EngineError::Stopped);
+        }
+        let (tx, rx) = sync_channel(1);
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= self.shared.max_queue {
+            return Err(EngineError::QueueFull {
+                limit: self.shared.max_queue,
+            });
+        }
+        queue.push_back((job, tx));
+        drop(queue);
+        self.shared.wake.notify_one();
+        Ok(rx)
+    }
+
+    /// Jobs waiting for their turn.
+    pub fn waiting(&self) -> usize {
+        self.shared
+            .queue
+            .lock()
+            .map(|q| q.len())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for EncoderEngine {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(encoder: &Encoder, shared: &Shared) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let jobs = next_turn(shared);
+        if jobs.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        let (live, expired): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|(job, _)| job.deadline > now);
+        for (_, reply) in expired {
+            let _ = reply.send(Err(EngineError::Timeout));
+        }
+        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            encode_all(encoder, &live)
+        }))
+        .unwrap_or_else(|_| {
+            Err(EngineError::Unsupported {
+                message: "the encoder forward panicked".into(),
+            })
+        });
+        match results {
+            Ok(features) => {
+                for ((_, reply), f) in live.iter().zip(features) {
+                    let _ = reply.send(Ok(f));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for (_, reply) in &live {
+                    let _ = reply.send(Err(EngineError::Unsupported {
+                        message: message.clone(),
+                    }));
+                }
+            }
+        }
+    }
+    let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, reply) in queue.drain(..) {
+        let _ = reply.send(Err(EngineError::Stopped));
+    }
+}
+
+/// Waits for work, then takes whole jobs up to [`TURN_TEXTS`] texts.
+fn next_turn(shared: &Shared) -> Vec<(EncodeJob, Reply)> {
+    let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+    if queue.is_empty() {
+        queue = match shared.wake.wait_timeout(queue, Duration::from_millis(100)) {
+            Ok((q, _)) => q,
+            Err(p) => p.into_inner().0,
+        };
+    }
+    let mut taken = Vec::new();
+    let mut texts = 0;
+    while let Some((job, _)) = queue.front() {
+        if !taken.is_empty() && texts + job.ids.len() > TURN_TEXTS {
+            break;
+        }
+        texts += job.ids.len();
+        taken.extend(queue.pop_front());
+    }
+    taken
+}
+
+/// One text of a turn: its job, its index in the job, its length.
+#[derive(Clone, Copy)]
+struct Item {
+    job: usize,
+    text: usize,
+    len: usize,
+}
+
+/// Encodes every text of `jobs` in length-sorted batches; one [`Features`] per job.
+fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Features>> {
+    let mut items: Vec<Item> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, (job, _))| {
+            job.ids.iter().enumerate().map(move |(t, ids)| Item {
+                job: j,
+                text: t,
+                len: ids.len(),
+            })
+        })
+        .collect();
+    items.sort_by_key(|i| i.len);
+    let mut mean: Vec<Vec<Option<Tensor>>> =
+        jobs.iter().map(|(j, _)| vec![None; j.ids.len()]).collect();
+    let mut pooled = mean.clone();
+    for batch in batches(&items) {
+        let (m, p) = encode_batch(encoder, jobs, batch)?;
+        for (k, item) in batch.iter().enumerate() {
+            mean[item.job][item.text] = Some(m.get(k)?);
+            if let Some(p) = &p {
+                pooled[item.job][item.text] = Some(p.get(k)?);
+            }
+        }
+    }
+    jobs.iter()
+        .zip(mean.into_iter().zip(pooled))
+        .map(|((job, _), (m, p))| {
+            Ok(Features {
+                mean: stack(m)?,
+                pooled: if job.pooled { Some(stack(p)?) } else { None },
+            })
+        })
+        .collect()
+}
+
+/// Consecutive runs of length-sorted items within the batch bounds.
+fn batches(items: &[Item]) -> Vec<&[Item]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let mut end = start + 1;
+        while end < items.len()
+            && end - start < BATCH_TEXTS
+            && (end + 1 - start) * items[end].len <= BATCH_TOKENS
+        {
+            end += 1;
+        }
+        out.push(&items[start..end]);
+        start = end;
+    }
+    out
+}
+
+/// One forward over `batch`, each text with its job's delta: mean-pooled embeddings and, when a
+/// job asks, pooler outputs (rows in batch order).
+fn encode_batch(
+    encoder: &Encoder,
+    jobs: &[(EncodeJob, Reply)],
+    batch: &[Item],
+) -> Result<(Tensor, Option<Tensor>)> {
+    let seqs: Vec<Vec<u32>> = batch
+        .iter()
+        .map(|i| jobs[i.job].0.ids[i.text].clone())
+        .collect();
+    let padded = encoder.model.batch(&seqs)?;
+    let (_, width) = padded.ids.dims2()?;
+    let delta_of = |i: &Item| jobs[i.job].0.delta.as_deref();
+    let device = encoder.model.device();
+    let token_groups = row_groups(
+        batch
+            .iter()
+            .enumerate()
+            .map(|(k, i)| (delta_of(i), k * width..(k + 1) * width)),
+        batch.len() * width,
+        device,
+    )?;
+    let hidden = encoder
+        .model
+        .hidden_with(&padded, Deltas::Grouped(&token_groups))?;
+    let mean = mean_pool(&hidden, &padded)?;
+    let pooled = if batch.iter().any(|i| jobs[i.job].0.pooled) {
+        let cls_groups = row_groups(
+            batch.iter().enumerate().map(|(k, i)| (delta_of(i), k..k + 1)),
+            batch.len(),
+            device,
+        )?;
+        Some(
+            encoder
+                .model
+                .pool_cls_with(&hidden, Deltas::Grouped(&cls_groups))?,
+        )
+    } else {
+        None
+    };
+    Ok((mean, pooled))
+}
+
+fn stack(rows: Vec<Option<Tensor>>) -> Result<Tensor> {
+    let rows: Vec<Tensor> = rows
+        .into_iter()
+        .map(|r| r.ok_or(EngineError::EmptyInput { what: "encoded text" }))
+        .collect::<Result<_>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}

@@ -1,0 +1,328 @@
+//! The serving engine's KV cache and the attention that reads it.
+//!
+//! Keys and values live in fixed-size blocks of [`BLOCK_POSITIONS`] positions (every layer's keys
+//! and values of those positions in one allocation). A sequence owns a list of blocks; a
+//! [`KvPool`] hands them out under a byte budget, takes them back the moment a sequence ends and
+//! reuses them, so the cache never grows by concatenation and a step allocates nothing. A
+//! sequence reserves the blocks of its whole possible length (prompt plus `max_tokens`, capped by
+//! the context) when it is admitted, so a running sequence can never run out of cache; blocks are
+//! handed over as positions are filled.
+//!
+//! The cache is host memory: attention runs here on the CPU, one task per query row, each row
+//! reading the keys of its own sequence only. Query rows of any mix of sequences, prefill chunks
+//! and decode steps, go through the same code, and each row's result does not depend on the
+//! other rows of the batch.
+
+use rayon::prelude::*;
+
+use super::error::{EngineError, Result};
+
+/// Positions per block.
+pub const BLOCK_POSITIONS: usize = 16;
+
+/// Sizes of one model's cache entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Floats of one position's keys (or values) in one layer.
+    fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    fn block_floats(&self) -> usize {
+        self.layers * 2 * BLOCK_POSITIONS * self.kv_dim()
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(&self) -> usize {
+        self.block_floats() * std::mem::size_of::<f32>()
+    }
+
+    /// Offset of `(layer, keys or values, position within the block)` in a block.
+    fn offset(&self, layer: usize, values: bool, slot: usize) -> usize {
+        ((layer * 2 + usize::from(values)) * BLOCK_POSITIONS + slot) * self.kv_dim()
+    }
+}
+
+/// One sequence's cache: its blocks, the positions filled, and the blocks it has reserved.
+#[derive(Debug)]
+pub struct SeqCache {
+    shape: KvShape,
+    blocks: Vec<Box<[f32]>>,
+    len: usize,
+    reserved: usize,
+}
+
+impl SeqCache {
+    /// Positions filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the blocks handed over so far can hold.
+    pub fn allocated(&self) -> usize {
+        self.blocks.len() * BLOCK_POSITIONS
+    }
+
+    /// Positions this sequence may hold in all.
+    pub fn capacity(&self) -> usize {
+        self.reserved * BLOCK_POSITIONS
+    }
+
+    /// Writes the keys and values of `position` in `layer`; the block must be there.
+    pub(crate) fn write(&mut self, layer: usize, position: usize, k: &[f32], v: &[f32]) {
+        let (block, slot) = (position / BLOCK_POSITIONS, position % BLOCK_POSITIONS);
+        let kv_dim = self.shape.kv_dim();
+        let shape = self.shape;
+        let data = &mut self.blocks[block];
+        let at = shape.offset(layer, false, slot);
+        data[at..at + kv_dim].copy_from_slice(k);
+        let at = shape.offset(layer, true, slot);
+        data[at..at + kv_dim].copy_from_slice(v);
+    }
+
+    /// Marks `n` more positions as filled (after a forward wrote them in every layer).
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Keys (or values) of `position` for KV head `head` in `layer`.
+    fn row(&self, layer: usize, values: bool, position: usize, head: usize) -> &[f32] {
+        let (block, slot) = (position / BLOCK_POSITIONS, position % BLOCK_POSITIONS);
+        let hd = self.shape.head_dim;
+        let at = self.shape.offset(layer, values, slot) + head * hd;
+        &self.blocks[block][at..at + hd]
+    }
+}
+
+/// Every block of one model's cache, bounded by a byte budget.
+#[derive(Debug)]
+pub struct KvPool {
+    shape: KvShape,
+    /// Blocks the budget allows.
+    capacity: usize,
+    /// Blocks reserved by live sequences.
+    reserved: usize,
+    /// Blocks given back, ready for reuse.
+    free: Vec<Box<[f32]>>,
+}
+
+impl KvPool {
+    pub fn new(shape: KvShape, budget_bytes: usize) -> Self {
+        Self {
+            shape,
+            capacity: budget_bytes / shape.block_bytes().max(1),
+            reserved: 0,
+            free: Vec::new(),
+        }
+    }
+
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    fn blocks_for(positions: usize) -> usize {
+        positions.div_ceil(BLOCK_POSITIONS)
+    }
+
+    /// Whether `positions` could ever fit (in an otherwise empty pool).
+    pub fn fits(&self, positions: usize) -> bool {
+        Self::blocks_for(positions) <= self.capacity
+    }
+
+    /// A cache for a sequence of at most `positions`, or `None` while the pool lacks room.
+    pub fn reserve(&mut self, positions: usize) -> Option<SeqCache> {
+        let blocks = Self::blocks_for(positions.max(1));
+        if self.reserved + blocks > self.capacity {
+            return None;
+        }
+        self.reserved += blocks;
+        Some(SeqCache {
+            shape: self.shape,
+            blocks: Vec::with_capacity(blocks),
+            len: 0,
+            reserved: blocks,
+        })
+    }
+
+    /// Hands `seq` the blocks it needs to hold `positions` (within its reservation).
+    pub fn grow(&mut self, seq: &mut SeqCache, positions: usize) -> Result<()> {
+        if positions > seq.capacity() {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: positions,
+                context: seq.capacity(),
+            });
+        }
+        while seq.blocks.len() * BLOCK_POSITIONS < positions {
+            let block = self
+                .free
+                .pop()
+                .unwrap_or_else(|| vec![0f32; self.shape.block_floats()].into_boxed_slice());
+            seq.blocks.push(block);
+        }
+        Ok(())
+    }
+
+    /// Takes back every block of a finished sequence.
+    pub fn release(&mut self, seq: SeqCache) {
+        self.reserved = self.reserved.saturating_sub(seq.reserved);
+        self.free.extend(seq.blocks);
+        // Keep no more spare blocks than the budget has room for.
+        let spare = self.capacity.saturating_sub(self.reserved);
+        self.free.truncate(spare);
+    }
+
+    /// Reserved share of the budget, in `0..=1`.
+    pub fn usage(&self) -> f64 {
+        if self.capacity == 0 {
+            return 1.0;
+        }
+        self.reserved as f64 / self.capacity as f64
+    }
+}
+
+/// One query row of an attention call: the sequence it belongs to and its position (the row
+/// attends to keys `0..=position`).
+#[derive(Debug, Clone, Copy)]
+pub struct QueryRow<'a> {
+    pub cache: &'a SeqCache,
+    pub position: usize,
+}
+
+/// Causal attention of `q: rows × (heads·head_dim)` over each row's own cached keys and values in
+/// `layer`; the result has the same layout. Grouped KV heads: query head `h` reads KV head
+/// `h / (heads / kv_heads)`.
+pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> Vec<f32> {
+    let Some(first) = rows.first() else {
+        return Vec::new();
+    };
+    let shape = first.cache.shape;
+    let hd = shape.head_dim;
+    let width = heads * hd;
+    let n_rep = (heads / shape.kv_heads.max(1)).max(1);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; rows.len() * width];
+    out.par_chunks_mut(width)
+        .zip(q.par_chunks(width))
+        .zip(rows.par_iter())
+        .for_each(|((out, q), row)| {
+            let mut scores = vec![0f32; row.position + 1];
+            for h in 0..heads {
+                let kv_head = h / n_rep;
+                let qh = &q[h * hd..(h + 1) * hd];
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s = dot(qh, row.cache.row(layer, false, j, kv_head)) * scale;
+                }
+                softmax(&mut scores);
+                let oh = &mut out[h * hd..(h + 1) * hd];
+                for (j, w) in scores.iter().enumerate() {
+                    let v = row.cache.row(layer, true, j, kv_head);
+                    oh.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+                }
+            }
+        });
+    out
+}
+
+/// Dot product with eight independent accumulators (vectorised by the compiler).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> KvShape {
+        KvShape {
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        }
+    }
+
+    #[test]
+    fn reservations_are_bounded_and_released() {
+        let mut pool = KvPool::new(shape(), 3 * shape().block_bytes());
+        let a = pool.reserve(2 * BLOCK_POSITIONS).unwrap();
+        assert!(pool.reserve(2 * BLOCK_POSITIONS).is_none());
+        assert!(!pool.fits(4 * BLOCK_POSITIONS));
+        assert!((pool.usage() - 2.0 / 3.0).abs() < 1e-9);
+        pool.release(a);
+        assert_eq!(pool.usage(), 0.0);
+        assert!(pool.reserve(3 * BLOCK_POSITIONS).is_some());
+    }
+
+    #[test]
+    fn growing_past_the_reservation_is_an_error() {
+        let mut pool = KvPool::new(shape(), 8 * shape().block_bytes());
+        let mut seq = pool.reserve(5).unwrap();
+        pool.grow(&mut seq, BLOCK_POSITIONS).unwrap();
+        assert!(pool.grow(&mut seq, BLOCK_POSITIONS + 1).is_err());
+    }
+
+    #[test]
+    fn attention_matches_a_direct_computation() {
+        let mut pool = KvPool::new(shape(), 8 * shape().block_bytes());
+        let mut seq = pool.reserve(20).unwrap();
+        pool.grow(&mut seq, 20).unwrap();
+        let key = |p: usize| [p as f32 * 0.1, 1.0, -0.5, 0.2];
+        let value = |p: usize| [1.0, p as f32, 0.0, -(p as f32)];
+        for p in 0..20 {
+            seq.write(1, p, &key(p), &value(p));
+        }
+        seq.advance(20);
+        let q = [0.3f32, -0.2, 0.5, 1.0];
+        let out = attend(
+            1,
+            1,
+            &q,
+            &[QueryRow {
+                cache: &seq,
+                position: 18,
+            }],
+        );
+        let scores: Vec<f32> = (0..=18)
+            .map(|p| key(p).iter().zip(&q).map(|(k, q)| k * q).sum::<f32>() / 2.0)
+            .collect();
+        let max = scores.iter().copied().fold(f32::MIN, f32::max);
+        let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        for d in 0..4 {
+            let want: f32 = (0..=18).map(|p| weights[p] / total * value(p)[d]).sum();
+            assert!((out[d] - want).abs() < 1e-5, "dim {d}: {} vs {want}", out[d]);
+        }
+    }
+}

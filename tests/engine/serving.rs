@@ -1,0 +1,225 @@
+//! The serving engine on the real SmolLM2: a real `knots serve` stack on a random port, f32
+//! weights, the committed adapters. Concurrent greedy requests over different adapter sets share
+//! batched forwards, and each must give exactly the text it gives alone. Also: the quantized
+//! base path against the f32 path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use knots::adapters::Registry;
+use knots::engine::{EngineLimits, TextModel, WeightFormat, argmax};
+use knots::server::auth::Keys;
+use knots::server::engine_backend::{EngineBackend, EngineOptions};
+use knots::server::experiments::Experiments;
+use knots::server::state::{AppState, Limits, StateParts};
+use knots::server::{attach_base, serve};
+use serde_json::{Value, json};
+
+use super::{model_path, models_dir, smollm2};
+
+/// Eight sets: the base, single adapters, a KnOTS-TIES set, a task-arithmetic set and a dense
+/// TIES set.
+const SETS: [&str; 8] = [
+    "smollm2-135m-instruct",
+    "sentiment-lm",
+    "news-lm",
+    "shout",
+    "language-lm",
+    "sentiment-lm+news-lm",
+    "news-lm+language-lm@ta",
+    "shout+sentiment-lm@ties",
+];
+
+const PROMPTS: [&str; 4] = [
+    "Is the sentiment of this text positive or negative?\nText: I loved the film.\nAnswer:",
+    "The capital of France is",
+    "Which language is this text written in?\nText: Der Hund schläft.\nLanguage:",
+    "Write one sentence about the sea.",
+];
+
+async fn start_server(limits: EngineLimits) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let options = EngineOptions {
+        format: WeightFormat::F32,
+        limits,
+    };
+    let backend = tokio::task::spawn_blocking(move || {
+        EngineBackend::load(&["smollm2-135m-instruct".to_string()], "cpu", options)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let backend: Arc<EngineBackend> = Arc::new(backend);
+    let bases = knots::server::backend::Backend::bases(backend.as_ref());
+    let registry =
+        Registry::load_dir(&models_dir().join("adapters"), &|a| attach_base(&bases, a)).unwrap();
+    let state = AppState::new(StateParts {
+        backend,
+        registry,
+        keys: Keys::open(),
+        bundles: Vec::new(),
+        experiments: Experiments::new(Vec::new()),
+        limits: Limits::default(),
+        merge_cache_bytes: 1 << 30,
+        adapter_roots: Vec::new(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(
+        listener,
+        state,
+        async move {
+            let _ = rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    (url, tx)
+}
+
+async fn complete(url: &str, model: &str, prompt: &str) -> Value {
+    let body = json!({"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0});
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{model}");
+    r.json().await.unwrap()
+}
+
+/// Engine steps run so far, from `/metrics` (the recorder is global to the process).
+async fn step_count(url: &str) -> f64 {
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("knots_engine_step_tokens_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+fn text(v: &Value) -> String {
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sets_give_exactly_what_each_gives_alone() {
+    let (url, stop) = start_server(EngineLimits::default()).await;
+    let cases: Vec<(&str, &str)> = SETS
+        .iter()
+        .enumerate()
+        .map(|(i, set)| (*set, PROMPTS[i % PROMPTS.len()]))
+        .collect();
+    let mut alone = Vec::new();
+    for (set, prompt) in &cases {
+        alone.push(text(&complete(&url, set, prompt).await));
+    }
+    let steps_before = step_count(&url).await;
+    let together = futures_util::future::join_all(
+        cases
+            .iter()
+            .map(|(set, prompt)| complete(&url, set, prompt)),
+    )
+    .await;
+    for ((set, _), (alone, together)) in cases.iter().zip(alone.iter().zip(&together)) {
+        assert_eq!(&text(together), alone, "{set}: batched differs from alone");
+    }
+    let distinct: std::collections::BTreeSet<&String> = alone.iter().collect();
+    assert!(distinct.len() >= 4, "sets must really differ: {alone:?}");
+    let steps = step_count(&url).await;
+    let batched_tokens: f64 = together
+        .iter()
+        .map(|v| v["usage"]["completion_tokens"].as_f64().unwrap())
+        .sum();
+    assert!(
+        steps - steps_before < batched_tokens,
+        "concurrent requests share steps ({} steps for {batched_tokens} tokens)",
+        steps - steps_before
+    );
+    let _ = stop.send(());
+    a_full_queue_answers_429_and_a_request_beyond_the_cache_400().await;
+}
+
+async fn a_full_queue_answers_429_and_a_request_beyond_the_cache_400() {
+    // One running sequence, one waiting: a third request is refused with Retry-After.
+    let limits = EngineLimits {
+        max_queue: 1,
+        max_batch: 1,
+        step_tokens: 64,
+        kv_cache_bytes: 64 << 20,
+    };
+    let (url, stop) = start_server(limits).await;
+    let client = reqwest::Client::new();
+    let body = json!({"model": "smollm2-135m-instruct", "prompt": "Count: 1, 2, 3,", "max_tokens": 60, "temperature": 0});
+    let send = || {
+        client
+            .post(format!("{url}/v1/completions"))
+            .json(&body)
+            .send()
+    };
+    let (a, b) = (send(), send());
+    let first = tokio::spawn(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::spawn(b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = send().await.unwrap();
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(second.await.unwrap().unwrap().status(), 200, "queued, then served");
+    let too_long = client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "smollm2-135m-instruct", "prompt": "x", "max_tokens": 100000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_long.status(), 400, "more than the whole KV cache");
+    let _ = stop.send(());
+}
+
+/// Q8_0 blocks (re-quantized from the file's Q4_1) against f32, teacher-forced over 31
+/// positions. The quantized matmul also quantizes activations to 8 bits per 32-value block (as
+/// llama.cpp does), so logits move by noise of up to about 1 on the winning token (logits of
+/// 10–28 here) and up to about 3 in the far tail of the 49k vocabulary. Bounds: the winning
+/// token's logit within 1.5, every logit within 4, the same top-1 token wherever f32's top two
+/// are more than 0.25 apart, and at least 90% of all positions.
+#[test]
+fn quantized_base_agrees_with_f32() {
+    let quantized = TextModel::load_as(
+        &model_path("smollm2-135m-instruct"),
+        &Device::Cpu,
+        WeightFormat::Native,
+    )
+    .unwrap();
+    let f32_model = smollm2();
+    let text = "The quick brown fox jumps over the lazy dog because it was tired of running. \
+                Paris is the capital of France, and Berlin is the capital of Germany.";
+    let prompt = f32_model.encode_plain(text).unwrap();
+    let logits = |m: &TextModel, end: usize| -> Vec<f32> {
+        let mut cache = knots::engine::KvCache::default();
+        let out = m.model.forward(&prompt[..end], &mut cache, None).unwrap();
+        out.to_vec1().unwrap()
+    };
+    let mut agree = 0;
+    for end in 1..=prompt.len() {
+        let (q, f) = (logits(&quantized, end), logits(f32_model, end));
+        let best = argmax(&f) as usize;
+        let mut sorted = f.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        assert!((q[best] - f[best]).abs() < 1.5, "winning logit at {end}");
+        assert!(super::max_abs_diff(&q, &f) < 4.0, "logits at {end}");
+        if argmax(&q) as usize == best {
+            agree += 1;
+        } else {
+            assert!(sorted[0] - sorted[1] <= 0.25, "top-1 at {end}");
+        }
+    }
+    assert!(agree * 10 >= prompt.len() * 9, "{agree} of {}", prompt.len());
+}
