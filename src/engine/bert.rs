@@ -216,13 +216,7 @@ impl Bert {
         Ok(x)
     }
 
-    fn layer(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        bias: &Tensor,
-        deltas: Deltas<'_>,
-    ) -> Result<Tensor> {
+    fn layer(&self, l: &Layer, x: &Tensor, bias: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let heads = self.cfg.num_attention_heads;
         let hd = h / heads;

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
+use super::bert::mean_pool;
 use super::error::{EngineError, Result};
 use super::heads::Features;
 use super::linear::{Deltas, LoadedDelta, row_groups};
 use super::models::Encoder;
-use super::bert::mean_pool;
 
 /// Texts one forward holds at most.
 const BATCH_TEXTS: usize = 32;
@@ -124,14 +124,13 @@ fn run(encoder: &Encoder, shared: &Shared) {
         for (_, reply) in expired {
             let _ = reply.send(Err(EngineError::Timeout));
         }
-        let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            encode_all(encoder, &live)
-        }))
-        .unwrap_or_else(|_| {
-            Err(EngineError::Unsupported {
-                message: "the encoder forward panicked".into(),
-            })
-        });
+        let results =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encode_all(encoder, &live)))
+                .unwrap_or_else(|_| {
+                    Err(EngineError::Unsupported {
+                        message: "the encoder forward panicked".into(),
+                    })
+                });
         match results {
             Ok(features) => {
                 for ((_, reply), f) in live.iter().zip(features) {
@@ -267,7 +266,10 @@ fn encode_batch(
     let mean = mean_pool(&hidden, &padded)?;
     let pooled = if batch.iter().any(|i| jobs[i.job].0.pooled) {
         let cls_groups = row_groups(
-            batch.iter().enumerate().map(|(k, i)| (delta_of(i), k..k + 1)),
+            batch
+                .iter()
+                .enumerate()
+                .map(|(k, i)| (delta_of(i), k..k + 1)),
             batch.len(),
             device,
         )?;
@@ -285,7 +287,11 @@ fn encode_batch(
 fn stack(rows: Vec<Option<Tensor>>) -> Result<Tensor> {
     let rows: Vec<Tensor> = rows
         .into_iter()
-        .map(|r| r.ok_or(EngineError::EmptyInput { what: "encoded text" }))
+        .map(|r| {
+            r.ok_or(EngineError::EmptyInput {
+                what: "encoded text",
+            })
+        })
         .collect::<Result<_>>()?;
     Ok(Tensor::stack(&rows, 0)?)
 }

@@ -66,13 +66,14 @@ pub fn generate(
     check_prompt(prompt, context)?;
     let positions = (prompt.len() + params.max_tokens).min(context);
     let shape = model.kv_shape();
-    let mut pool = KvPool::new(shape, positions.div_ceil(BLOCK_POSITIONS) * shape.block_bytes());
-    let mut cache = pool
-        .reserve(positions)
-        .ok_or(EngineError::CacheTooSmall {
-            positions,
-            capacity: 0,
-        })?;
+    let mut pool = KvPool::new(
+        shape,
+        positions.div_ceil(BLOCK_POSITIONS) * shape.block_bytes(),
+    );
+    let mut cache = pool.reserve(positions).ok_or(EngineError::CacheTooSmall {
+        positions,
+        capacity: 0,
+    })?;
     let mut run = |tokens: &[u32], cache: &mut SeqCache| -> Result<Vec<f32>> {
         pool.grow(cache, cache.len() + tokens.len())?;
         let seq = StepSeq {

@@ -320,9 +320,9 @@ mod tests {
         let max = scores.iter().copied().fold(f32::MIN, f32::max);
         let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let total: f32 = weights.iter().sum();
-        for d in 0..4 {
+        for (d, got) in out.iter().enumerate() {
             let want: f32 = (0..=18).map(|p| weights[p] / total * value(p)[d]).sum();
-            assert!((out[d] - want).abs() < 1e-5, "dim {d}: {} vs {want}", out[d]);
+            assert!((got - want).abs() < 1e-5, "dim {d}: {got} vs {want}");
         }
     }
 }

@@ -14,9 +14,7 @@ use serde::Deserialize;
 
 use super::error::{EngineError, Result};
 use super::kv::{self, KvShape, QueryRow, SeqCache};
-use super::linear::{
-    Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups,
-};
+use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups};
 use super::ops;
 use super::rope::{Rope, RopeScaling, RowAngles, causal_mask, rope_rows};
 use super::weights::WeightStore;
@@ -190,8 +188,16 @@ impl Attention {
         seqs: &mut [StepSeq<'_>],
     ) -> Result<Tensor> {
         let rows = x.dim(0)?;
-        let q = rope_rows(&self.q.forward_rows(x, ctx.deltas)?, self.heads, &ctx.angles)?;
-        let k = rope_rows(&self.k.forward_rows(x, ctx.deltas)?, self.kv_heads, &ctx.angles)?;
+        let q = rope_rows(
+            &self.q.forward_rows(x, ctx.deltas)?,
+            self.heads,
+            &ctx.angles,
+        )?;
+        let k = rope_rows(
+            &self.k.forward_rows(x, ctx.deltas)?,
+            self.kv_heads,
+            &ctx.angles,
+        )?;
         let v = self.v.forward_rows(x, ctx.deltas)?;
         let (k, v) = (host(&k)?, host(&v)?);
         let kv_dim = self.kv_heads * self.head_dim;
@@ -470,7 +476,9 @@ impl Llama {
         )?;
         let ctx = BatchCtx {
             deltas: Deltas::Grouped(&groups),
-            angles: self.rope.rows(&Tensor::new(positions.as_slice(), &self.device)?)?,
+            angles: self
+                .rope
+                .rows(&Tensor::new(positions.as_slice(), &self.device)?)?,
             eps: self.cfg.rms_norm_eps as f32,
             device: &self.device,
         };
@@ -490,7 +498,11 @@ impl Llama {
             .map(|(s, span)| (s.delta, span.end - 1))
             .collect();
         if wanted.is_empty() {
-            return Ok(Tensor::zeros((0, self.cfg.vocab_size), candle_core::DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, self.cfg.vocab_size),
+                candle_core::DType::F32,
+                &self.device,
+            )?);
         }
         let last: Vec<u32> = wanted.iter().map(|(_, r)| *r as u32).collect();
         let h = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;

@@ -108,7 +108,8 @@ impl Waiting {
             Some((_, jobs)) => jobs.push_back((job, now)),
             None => {
                 let tenant = job.tenant.clone();
-                self.tenants.push_back((tenant, VecDeque::from([(job, now)])));
+                self.tenants
+                    .push_back((tenant, VecDeque::from([(job, now)])));
             }
         }
         self.len += 1;
@@ -116,7 +117,10 @@ impl Waiting {
 
     /// The job admission would take next.
     fn front(&self) -> Option<&Job> {
-        self.tenants.front().and_then(|(_, jobs)| jobs.front()).map(|(j, _)| j)
+        self.tenants
+            .front()
+            .and_then(|(_, jobs)| jobs.front())
+            .map(|(j, _)| j)
     }
 
     /// Takes the next job and moves its tenant to the back of the turn.
@@ -387,7 +391,10 @@ impl Loop {
             });
         }
         if self.running.is_empty() && !self.shared.stop.load(Ordering::SeqCst) {
-            let idle = self.shared.wake.wait_timeout(waiting, Duration::from_millis(100));
+            let idle = self
+                .shared
+                .wake
+                .wait_timeout(waiting, Duration::from_millis(100));
             drop(idle);
             self.publish();
         }
@@ -438,7 +445,9 @@ impl Loop {
                     continue;
                 }
             }
-            let scores = logits.get(row).ok_or(EngineError::EmptyInput { what: "logits" })?;
+            let scores = logits
+                .get(row)
+                .ok_or(EngineError::EmptyInput { what: "logits" })?;
             row += 1;
             if let Some(outcome) = self.sample(i, scores)? {
                 ended.push((i, outcome));

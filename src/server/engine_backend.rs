@@ -355,7 +355,12 @@ impl EncoderServer {
             return build_head(h, &self.encoder);
         }
         let key = (h.task.clone(), h.label_texts.clone());
-        if let Some(head) = self.text_heads.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(head) = self
+            .text_heads
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).cloned())
+        {
             let mut head = head;
             head.labels = h.labels.clone();
             return Ok(head);

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-
 /// Counts of in-flight requests per adapter set.
 #[derive(Debug, Default)]
 pub struct InFlight {

@@ -173,7 +173,11 @@ async fn a_full_queue_answers_429_and_a_request_beyond_the_cache_400() {
     assert_eq!(third.status(), 429);
     assert!(third.headers().contains_key("retry-after"));
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    assert_eq!(second.await.unwrap().unwrap().status(), 200, "queued, then served");
+    assert_eq!(
+        second.await.unwrap().unwrap().status(),
+        200,
+        "queued, then served"
+    );
     let too_long = client
         .post(format!("{url}/v1/completions"))
         .json(&json!({"model": "smollm2-135m-instruct", "prompt": "x", "max_tokens": 100000}))
@@ -221,5 +225,9 @@ fn quantized_base_agrees_with_f32() {
             assert!(sorted[0] - sorted[1] <= 0.25, "top-1 at {end}");
         }
     }
-    assert!(agree * 10 >= prompt.len() * 9, "{agree} of {}", prompt.len());
+    assert!(
+        agree * 10 >= prompt.len() * 9,
+        "{agree} of {}",
+        prompt.len()
+    );
 }

@@ -41,7 +41,9 @@ fn gguf_weights_match_probes_after_unpermuting() {
     );
     assert_eq!(cfg.rope_theta(), 100_000.0);
     assert!(cfg.tie_word_embeddings);
-    let store = gguf.load_weights(&cfg, &Device::Cpu, WeightFormat::F32).unwrap();
+    let store = gguf
+        .load_weights(&cfg, &Device::Cpu, WeightFormat::F32)
+        .unwrap();
     let probes = reference_json("smollm2/weight_probes.json");
     for (name, probe) in probes["hf_layout"].as_object().unwrap() {
         let t = store.get_any(name).unwrap();

@@ -77,7 +77,11 @@ fn sharded_hf_directory_loads_the_same_llama() {
     };
     let gguf = GgufFile::open(&gguf_path).unwrap();
     let store = gguf
-        .load_weights(&gguf.llama_config().unwrap(), &Device::Cpu, WeightFormat::F32)
+        .load_weights(
+            &gguf.llama_config().unwrap(),
+            &Device::Cpu,
+            WeightFormat::F32,
+        )
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut shards: [HashMap<String, Tensor>; 2] = Default::default();

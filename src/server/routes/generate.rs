@@ -80,7 +80,14 @@ async fn run(
         started,
         deadline: started + state.limits.request_timeout,
     };
-    let job = job(&caller, &call.model, &target, prompt, sampling, call.deadline);
+    let job = job(
+        &caller,
+        &call.model,
+        &target,
+        prompt,
+        sampling,
+        call.deadline,
+    );
     if let Some((exp, arm)) = &target.arm {
         state.experiments.remember(&call.id, exp, arm);
     }
@@ -275,8 +282,9 @@ fn stream(
                     count_tokens(&finished);
                     record_arm(&state, &target, &call, Some(&finished));
                     let finish = finish_str(finished.finish_reason);
-                    let mut events =
-                        vec![Event::default().data(call.chunk(None, Some(finish), false).to_string())];
+                    let mut events = vec![
+                        Event::default().data(call.chunk(None, Some(finish), false).to_string()),
+                    ];
                     if include_usage {
                         events.push(Event::default().data(call.usage_chunk(&finished).to_string()));
                     }
