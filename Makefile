@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint bench serve serve-check adapters eval merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint bench bench-serve serve serve-check adapters eval merge-example clean-example
 
 test: data models fmt lint doc docker-lint unit
 
@@ -34,6 +34,13 @@ unit: data models
 
 bench:
 	$(CARGO) bench --bench merge
+
+# The serving benchmark: a release server on the default models and the committed adapters under
+# load (1-32 clients over 8 adapter sets, and the base alone), MiniLM embeddings, and the
+# llama.cpp / sentence-transformers anchors (pip install llama-cpp-python sentence-transformers).
+bench-serve: models
+	$(CARGO) build --release --bin knots
+	scripts/bench_serve.sh --out target/bench-serve.json
 
 # Merges the four example adapters with KnOTS-TIES into a PEFT adapter under $(EXAMPLE_OUT).
 merge-example: clean-example

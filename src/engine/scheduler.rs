@@ -134,7 +134,7 @@ impl Waiting {
         job
     }
 
-    /// Removes the jobs `drop` selects, handing each to it by value.
+    /// Removes the jobs `expired` selects, handing each to `dropped`.
     fn retain(&mut self, mut expired: impl FnMut(&Job) -> bool, mut dropped: impl FnMut(Job)) {
         for (_, jobs) in self.tenants.iter_mut() {
             let mut kept = VecDeque::with_capacity(jobs.len());
