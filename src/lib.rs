@@ -1,6 +1,6 @@
 //! knots: serve, merge and evaluate sets of LoRA adapters on one base model.
 //!
-//! Data flow (see DESIGN.md): PEFT adapters are read by [`adapters`], merged by [`merge`]
+//! Data flow (see the README): PEFT adapters are read by [`adapters`], merged by [`merge`]
 //! (KnOTS, TIES, DARE, task arithmetic) into a [`merge::MergedDelta`], which the model engine
 //! applies inside its linear layers.
 

@@ -1,4 +1,4 @@
-//! The one LoRA-aware linear layer used by every model (DESIGN.md §5).
+//! The one LoRA-aware linear layer used by every model (README, "The serving engine").
 //!
 //! `y = x·Wᵀ (+ bias) + (x·aᵀ)·bᵀ` for a low-rank delta, or `+ x·ΔWᵀ` for a dense one. The base
 //! weight is shared by every request; a request's delta arrives as a [`LoadedDelta`]: the

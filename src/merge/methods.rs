@@ -1,4 +1,4 @@
-//! Each merge method from the plan to a [`MergedDelta`] (DESIGN.md §4).
+//! Each merge method from the plan to a [`MergedDelta`] (README, "Methods").
 
 use std::borrow::Cow;
 

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use super::MergeError;
 
-/// How a set of adapters is combined (DESIGN.md §4).
+/// How a set of adapters is combined (README, "Methods").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Method {
     /// Task arithmetic: `λ·Σ w_i·τ_i`, exact and low-rank.
