@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint bench bench-serve serve serve-check adapters eval merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint bench bench-serve serve serve-check adapters eval eval-quick merge-example clean-example
 
 test: data models fmt lint doc docker-lint unit
 
@@ -70,3 +70,7 @@ adapters: data models
 # The benchmark on the committed adapters: target/eval/{report.md,report.json,scaling.svg}.
 eval: data models
 	$(CARGO) run --release --bin knots -- eval --out target/eval
+
+# The same on the small quick splits and coarse grids: target/eval-quick/.
+eval-quick: data models
+	$(CARGO) run --release --bin knots -- eval --quick --out target/eval-quick

@@ -93,7 +93,7 @@ impl Progress for Bar {
 /// Whether a step of `steps` gets a plain log line (about every tenth, when stderr is no
 /// terminal and the bar is hidden).
 pub fn log_step(step: usize, steps: usize) -> bool {
-    (step % (steps / 10).max(1) == 0 || step == steps) && !std::io::stderr().is_terminal()
+    (step.is_multiple_of((steps / 10).max(1)) || step == steps) && !std::io::stderr().is_terminal()
 }
 
 /// A bar for training steps that shows the latest loss (drawn only on a terminal).

@@ -2,8 +2,9 @@
 //! layout, and the tokenizer arrays.
 //!
 //! With [`WeightFormat::Native`] the projection weights keep their quantized blocks (types without
-//! a fast CPU kernel, such as Q4_1, are re-quantized to Q8_0, whose error is below the source's);
-//! embeddings and norms are dequantized to f32. With [`WeightFormat::F32`] everything is f32.
+//! a fast kernel on the device are re-quantized to Q8_0, whose error is below the source's; on
+//! CPUs with the packed kernels of `qmatmul` that includes Q4_1); embeddings and norms are
+//! dequantized to f32. With [`WeightFormat::F32`] everything is f32.
 //!
 //! llama.cpp's converter permutes the rows of `q_proj` and `k_proj` for its rotary layout; this
 //! undoes it so adapters trained on the Hugging Face layout apply unchanged: within each head,
@@ -22,6 +23,7 @@ use candle_core::{Device, Tensor};
 
 use super::error::{EngineError, Result};
 use super::llama::LlamaConfig;
+use super::qmatmul;
 use super::weights::{WeightFormat, WeightStore};
 
 /// A GGUF file's header, with the path it came from.
@@ -191,13 +193,14 @@ impl GgufFile {
             };
             let projection = hf.ends_with("_proj.weight") || hf == "lm_head.weight";
             let embedding = hf == "model.embed_tokens.weight";
-            if format == WeightFormat::Native && (projection || (embedding && tied)) {
-                if let Some(kept) = keep_quantized(&q, heads, device)? {
-                    let as_name = if embedding { "lm_head.weight" } else { &hf };
-                    store.insert_quantized(as_name, Arc::new(kept));
-                    if projection {
-                        continue;
-                    }
+            if format == WeightFormat::Native
+                && (projection || (embedding && tied))
+                && let Some(kept) = keep_quantized(&q, heads, device)?
+            {
+                let as_name = if embedding { "lm_head.weight" } else { &hf };
+                store.insert_quantized(as_name, Arc::new(kept));
+                if projection {
+                    continue;
                 }
             }
             let mut t = q.dequantize(&Device::Cpu)?;
@@ -210,13 +213,15 @@ impl GgufFile {
     }
 }
 
-/// Quantized types with a fast CPU kernel in candle; other block types are re-quantized to Q8_0.
-fn has_fast_kernel(dtype: GgmlDType) -> bool {
+/// Quantized types with a fast kernel on `device` (the packed kernels, or candle's quantized
+/// matmul); other block types are re-quantized to Q8_0.
+fn has_fast_kernel(dtype: GgmlDType, device: &Device) -> bool {
     use GgmlDType as D;
-    matches!(
-        dtype,
-        D::Q4_0 | D::Q8_0 | D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K | D::Q8K
-    )
+    (device.is_cpu() && qmatmul::available() && qmatmul::packs(dtype))
+        || matches!(
+            dtype,
+            D::Q4_0 | D::Q8_0 | D::Q2K | D::Q3K | D::Q4K | D::Q5K | D::Q6K | D::Q8K
+        )
 }
 
 /// `q` kept quantized on `device` (rows un-permuted for `heads` when given), or `None` for float
@@ -227,7 +232,7 @@ fn keep_quantized(q: &QTensor, heads: Option<usize>, device: &Device) -> Result<
         return Ok(None);
     }
     let (rows, cols) = q.shape().dims2()?;
-    if !has_fast_kernel(dtype) || cols % dtype.block_size() != 0 {
+    if !has_fast_kernel(dtype, device) || cols % dtype.block_size() != 0 {
         let mut t = q.dequantize(&Device::Cpu)?;
         if let Some(heads) = heads {
             t = unpermute(&t, heads)?;
@@ -257,7 +262,7 @@ fn on_device(q: &QTensor, device: &Device) -> Result<QTensor> {
 
 /// For each Hugging Face row, the GGUF row that holds it (see the module docs).
 fn unpermuted_rows(rows: usize, heads: usize) -> Result<Vec<usize>> {
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(EngineError::Unsupported {
             message: format!("cannot un-permute {rows} rows into {heads} heads"),
         });
@@ -305,7 +310,7 @@ pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let rows = dims[0];
     let cols: usize = dims[1..].iter().product();
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(EngineError::Unsupported {
             message: format!("cannot un-permute {rows} rows into {heads} heads"),
         });

@@ -13,9 +13,8 @@
 //! and decode steps, go through the same code, and each row's result does not depend on the
 //! other rows of the batch.
 
-use rayon::prelude::*;
-
 use super::error::{EngineError, Result};
+use super::host;
 
 /// Positions per block.
 pub const BLOCK_POSITIONS: usize = 16;
@@ -207,48 +206,23 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
     };
     let shape = first.cache.shape;
     let hd = shape.head_dim;
-    let width = heads * hd;
     let n_rep = (heads / shape.kv_heads.max(1)).max(1);
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; rows.len() * width];
-    out.par_chunks_mut(width)
-        .zip(q.par_chunks(width))
-        .zip(rows.par_iter())
-        .for_each(|((out, q), row)| {
-            let mut scores = vec![0f32; row.position + 1];
-            for h in 0..heads {
-                let kv_head = h / n_rep;
-                let qh = &q[h * hd..(h + 1) * hd];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    *s = dot(qh, row.cache.row(layer, false, j, kv_head)) * scale;
-                }
-                softmax(&mut scores);
-                let oh = &mut out[h * hd..(h + 1) * hd];
-                for (j, w) in scores.iter().enumerate() {
-                    let v = row.cache.row(layer, true, j, kv_head);
-                    oh.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-                }
-            }
-        });
-    out
-}
-
-/// Dot product with eight independent accumulators (vectorised by the compiler).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+    let mut out = vec![0f32; rows.len() * heads * hd];
+    // One item per (row, head): a single decode row still spreads its heads over the workers.
+    host::par_chunks(&mut out, hd, |i, oh| {
+        let (row, h) = (&rows[i / heads], i % heads);
+        let kv_head = h / n_rep;
+        let qh = &q[i * hd..(i + 1) * hd];
+        let mut scores: Vec<f32> = (0..=row.position)
+            .map(|j| host::dot(qh, row.cache.row(layer, false, j, kv_head)) * scale)
+            .collect();
+        softmax(&mut scores);
+        for (j, w) in scores.iter().enumerate() {
+            host::axpy(oh, *w, row.cache.row(layer, true, j, kv_head));
         }
-    }
-    acc.iter().sum::<f32>() + tail
+    });
+    out
 }
 
 fn softmax(x: &mut [f32]) {

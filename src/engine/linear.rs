@@ -17,6 +17,8 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Tensor};
 
 use super::error::{EngineError, Result};
+use super::host;
+use super::qmatmul::{self, PackedMatrix};
 use super::weights::WeightStore;
 use crate::matrix::Matrix;
 use crate::merge::{MergedDelta, ModuleDelta};
@@ -81,6 +83,9 @@ impl LinearRegistry {
     ) -> Result<LoraLinear> {
         let name = format!("{path}.weight");
         let weight = match store.get_quantized(&name, &[shape.0, shape.1])? {
+            Some(q) if q.device().is_cpu() && qmatmul::available() && qmatmul::packs(q.dtype()) => {
+                BaseWeight::Packed(Arc::new(PackedMatrix::from_qtensor(&q)?))
+            }
             Some(q) => BaseWeight::Quantized(QMatMul::from_arc(q)?),
             None => BaseWeight::Dense(store.get(&name, &[shape.0, shape.1])?),
         };
@@ -226,6 +231,8 @@ enum BaseWeight {
     Dense(Tensor),
     /// Quantized blocks (`O × I`), multiplied by candle's quantized matmul.
     Quantized(QMatMul),
+    /// Quantized blocks (`O × I`) for the packed CPU kernels (see `qmatmul`).
+    Packed(Arc<PackedMatrix>),
 }
 
 /// Which delta applies to which rows of a `(rows, I)` input.
@@ -248,8 +255,10 @@ impl Deltas<'_> {
 #[derive(Debug, Clone)]
 pub struct RowGroup<'a> {
     pub delta: &'a LoadedDelta,
-    /// Row indices, `u32`, on the model's device.
-    pub rows: Tensor,
+    /// Row indices.
+    pub rows: Vec<u32>,
+    /// The same indices as a `u32` tensor on the model's device (gather and scatter there).
+    pub index: Tensor,
     /// Whether the group holds every row of the batch (then no gather or scatter is needed).
     pub all: bool,
 }
@@ -258,14 +267,15 @@ impl<'a> RowGroup<'a> {
     /// A group of `rows` out of a batch of `batch_rows`.
     pub fn new(
         delta: &'a LoadedDelta,
-        rows: &[u32],
+        rows: Vec<u32>,
         batch_rows: usize,
         device: &Device,
     ) -> Result<Self> {
         Ok(Self {
             delta,
-            rows: Tensor::new(rows, device)?,
+            index: Tensor::new(rows.as_slice(), device)?,
             all: rows.len() == batch_rows,
+            rows,
         })
     }
 }
@@ -287,7 +297,7 @@ pub fn row_groups<'a>(
     }
     by_delta
         .into_iter()
-        .map(|(delta, list)| RowGroup::new(delta, &list, rows, device))
+        .map(|(delta, list)| RowGroup::new(delta, list, rows, device))
         .collect()
 }
 
@@ -323,7 +333,49 @@ impl LoraLinear {
     /// `x: (rows, I)` to `(rows, O)`: the base projection over every row, then each delta over
     /// its own rows.
     pub fn forward_rows(&self, x: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
-        let mut y = self.base(x)?;
+        let y = self.base(x)?;
+        self.finish_rows(x, y, deltas)
+    }
+
+    /// [`forward_rows`](Self::forward_rows) of several layers that read the same `x` (q, k and
+    /// v; gate and up). Packed base weights share one quantization of `x` and one pass over the
+    /// worker pool.
+    pub fn forward_rows_shared(
+        layers: &[&LoraLinear],
+        x: &Tensor,
+        deltas: Deltas<'_>,
+    ) -> Result<Vec<Tensor>> {
+        let packed: Option<Vec<&PackedMatrix>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                BaseWeight::Packed(p) => Some(p.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let bases: Vec<Tensor> = match packed {
+            Some(ps) => {
+                let (rows, _) = x.dims2()?;
+                let x = x.contiguous()?;
+                let ys = host::with_slice(&x, |xs| PackedMatrix::matmul_shared(&ps, xs, rows))
+                    .ok_or(EngineError::EmptyInput {
+                        what: "host activations",
+                    })?;
+                ys.into_iter()
+                    .zip(&ps)
+                    .map(|(y, p)| Tensor::from_vec(y, (rows, p.shape().0), x.device()))
+                    .collect::<candle_core::Result<_>>()?
+            }
+            None => layers.iter().map(|l| l.base(x)).collect::<Result<_>>()?,
+        };
+        layers
+            .iter()
+            .zip(bases)
+            .map(|(l, y)| l.finish_rows(x, y, deltas))
+            .collect()
+    }
+
+    /// Adds the bias and the deltas of `deltas` to the base product `y` of `x`.
+    fn finish_rows(&self, x: &Tensor, mut y: Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -334,15 +386,22 @@ impl LoraLinear {
                 None => Ok(y),
             },
             Deltas::Grouped(groups) => {
-                for g in groups {
-                    let Some(layer) = g.delta.layer(self.id) else {
-                        continue;
-                    };
+                let active: Vec<(&RowGroup<'_>, &LayerDelta)> = groups
+                    .iter()
+                    .filter_map(|g| g.delta.layer(self.id).map(|l| (g, l)))
+                    .collect();
+                if active.is_empty() {
+                    return Ok(y);
+                }
+                if let Some(sum) = add_groups_on_host(&y, x, &active)? {
+                    return Ok(sum);
+                }
+                for (g, layer) in active {
                     y = if g.all {
                         (y + layer.apply(x)?)?
                     } else {
-                        let part = layer.apply(&x.index_select(&g.rows, 0)?)?;
-                        y.index_add(&g.rows, &part, 0)?
+                        let part = layer.apply(&x.index_select(&g.index, 0)?)?;
+                        y.index_add(&g.index, &part, 0)?
                     };
                 }
                 Ok(y)
@@ -354,12 +413,20 @@ impl LoraLinear {
         Ok(match &self.weight {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(q) => q.forward(&x.contiguous()?)?,
+            BaseWeight::Packed(_) => {
+                let mut ys = Self::forward_rows_shared(&[self], x, Deltas::Uniform(None))?;
+                ys.pop()
+                    .ok_or(EngineError::EmptyInput { what: "projection" })?
+            }
         })
     }
 
     /// Whether the base weight is kept quantized.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, BaseWeight::Quantized(_))
+        matches!(
+            self.weight,
+            BaseWeight::Quantized(_) | BaseWeight::Packed(_)
+        )
     }
 
     /// Bytes the base weight occupies.
@@ -367,6 +434,7 @@ impl LoraLinear {
         match &self.weight {
             BaseWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             BaseWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            BaseWeight::Packed(p) => p.bytes(),
             BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
                 w.elem_count() * w.dtype().size_in_bytes()
             }
@@ -382,6 +450,37 @@ impl LayerDelta {
             LayerDelta::Dense { w_t } => x.matmul(w_t)?,
         })
     }
+}
+
+/// `y` plus every low-rank group's update, computed on the host (one pass per group, no tensor
+/// op per group); `None` when a delta is dense or a tensor is not in host memory, for the tensor
+/// path instead.
+fn add_groups_on_host(
+    y: &Tensor,
+    x: &Tensor,
+    groups: &[(&RowGroup<'_>, &LayerDelta)],
+) -> Result<Option<Tensor>> {
+    let (rows, out_dim) = y.dims2()?;
+    let in_dim = x.dim(1)?;
+    let Some(mut sum) = host::with_slice(y, <[f32]>::to_vec) else {
+        return Ok(None);
+    };
+    for (g, layer) in groups {
+        let LayerDelta::LowRank { a_t, b_t } = layer else {
+            return Ok(None);
+        };
+        let added = host::with_slice(x, |xs| {
+            host::with_slice(a_t, |a| {
+                host::with_slice(b_t, |b| {
+                    host::add_low_rank(&mut sum, xs, &g.rows, a, b, in_dim, out_dim)
+                })
+            })
+        });
+        if added.flatten().flatten().is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(Tensor::from_vec(sum, (rows, out_dim), y.device())?))
 }
 
 /// Folds a delta into dense per-module matrices (for checks and for pinning a hot set).

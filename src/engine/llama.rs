@@ -74,7 +74,7 @@ impl LlamaConfig {
 
     fn validate(&self) -> Result<()> {
         let (h, kv) = (self.num_attention_heads, self.kv_heads());
-        if h == 0 || kv == 0 || h % kv != 0 || self.head_dim() % 2 != 0 {
+        if h == 0 || kv == 0 || h % kv != 0 || !self.head_dim().is_multiple_of(2) {
             return Err(EngineError::Unsupported {
                 message: format!(
                     "{h} attention heads, {kv} KV heads, head_dim {}",
@@ -188,17 +188,12 @@ impl Attention {
         seqs: &mut [StepSeq<'_>],
     ) -> Result<Tensor> {
         let rows = x.dim(0)?;
-        let q = rope_rows(
-            &self.q.forward_rows(x, ctx.deltas)?,
-            self.heads,
-            &ctx.angles,
-        )?;
-        let k = rope_rows(
-            &self.k.forward_rows(x, ctx.deltas)?,
-            self.kv_heads,
-            &ctx.angles,
-        )?;
-        let v = self.v.forward_rows(x, ctx.deltas)?;
+        let [q, k, v]: [Tensor; 3] =
+            LoraLinear::forward_rows_shared(&[&self.q, &self.k, &self.v], x, ctx.deltas)?
+                .try_into()
+                .map_err(|_| EngineError::EmptyInput { what: "q, k, v" })?;
+        let q = rope_rows(&q, self.heads, &ctx.angles)?;
+        let k = rope_rows(&k, self.kv_heads, &ctx.angles)?;
         let (k, v) = (host(&k)?, host(&v)?);
         let kv_dim = self.kv_heads * self.head_dim;
         let mut row = 0;
@@ -269,8 +264,11 @@ impl Block {
         let h = ops::rms_norm(x, &self.input_norm, ctx.eps, false)?;
         let x = (x + self.attn.step(&h, layer, ctx, seqs)?)?;
         let h = ops::rms_norm(&x, &self.post_norm, ctx.eps, false)?;
-        let gate = self.gate.forward_rows(&h, ctx.deltas)?.silu()?;
-        let gated = (gate * self.up.forward_rows(&h, ctx.deltas)?)?;
+        let [gate, up]: [Tensor; 2] =
+            LoraLinear::forward_rows_shared(&[&self.gate, &self.up], &h, ctx.deltas)?
+                .try_into()
+                .map_err(|_| EngineError::EmptyInput { what: "gate, up" })?;
+        let gated = (gate.silu()? * up)?;
         Ok((x + self.down.forward_rows(&gated, ctx.deltas)?)?)
     }
 }

@@ -205,12 +205,12 @@ impl TaskDef {
         if self.max_chars == Some(0) {
             return Err("max_chars must be at least 1".into());
         }
-        if let SourceDef::Vader { threshold, .. } = self.source {
-            if !(threshold.is_finite() && threshold >= 0.0) {
-                return Err(format!(
-                    "threshold must be finite and >= 0, got {threshold}"
-                ));
-            }
+        if let SourceDef::Vader { threshold, .. } = self.source
+            && !(threshold.is_finite() && threshold >= 0.0)
+        {
+            return Err(format!(
+                "threshold must be finite and >= 0, got {threshold}"
+            ));
         }
         self.validate_classes()
     }

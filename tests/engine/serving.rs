@@ -38,17 +38,19 @@ const PROMPTS: [&str; 4] = [
     "Write one sentence about the sea.",
 ];
 
-async fn start_server(limits: EngineLimits) -> (String, tokio::sync::oneshot::Sender<()>) {
+async fn start_server(
+    models: &[&str],
+    limits: EngineLimits,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     let options = EngineOptions {
         format: WeightFormat::F32,
         limits,
     };
-    let backend = tokio::task::spawn_blocking(move || {
-        EngineBackend::load(&["smollm2-135m-instruct".to_string()], "cpu", options)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let models: Vec<String> = models.iter().map(|m| m.to_string()).collect();
+    let backend = tokio::task::spawn_blocking(move || EngineBackend::load(&models, "cpu", options))
+        .await
+        .unwrap()
+        .unwrap();
     let backend: Arc<EngineBackend> = Arc::new(backend);
     let bases = knots::server::backend::Backend::bases(backend.as_ref());
     let registry =
@@ -111,7 +113,11 @@ fn text(v: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_sets_give_exactly_what_each_gives_alone() {
-    let (url, stop) = start_server(EngineLimits::default()).await;
+    let (url, stop) = start_server(
+        &["smollm2-135m-instruct", "all-minilm-l6-v2"],
+        EngineLimits::default(),
+    )
+    .await;
     let cases: Vec<(&str, &str)> = SETS
         .iter()
         .enumerate()
@@ -143,8 +149,90 @@ async fn concurrent_sets_give_exactly_what_each_gives_alone() {
         "concurrent requests share steps ({} steps for {batched_tokens} tokens)",
         steps - steps_before
     );
+    embeddings_in_a_mixed_batch_equal_alone(&url).await;
     let _ = stop.send(());
     a_full_queue_answers_429_and_a_request_beyond_the_cache_400().await;
+}
+
+/// MiniLM sets (the base, single adapters, a merged set) requested one at a time, then all at
+/// once so the encoder engine batches them into shared, padded forwards: every embedding equals
+/// its alone result within 1e-5.
+async fn embeddings_in_a_mixed_batch_equal_alone(url: &str) {
+    const ENCODER_SETS: [&str; 4] = [
+        "all-minilm-l6-v2",
+        "sentiment",
+        "news+intent",
+        "nli+fact_check@knots-ties",
+    ];
+    let inputs = [
+        vec![
+            "A short one.",
+            "The film was wonderful from start to finish.",
+        ],
+        vec![
+            "A short one.",
+            "Stocks fell sharply on Monday after the central bank raised rates.",
+        ],
+        vec![
+            "Book a table for two tonight.",
+            "Play some jazz.",
+            "Is it raining?",
+        ],
+        vec!["The moon is made of cheese, a scientist claimed in a long interview."],
+    ];
+    let client = reqwest::Client::new();
+    let embed = |set: &'static str, texts: Vec<&'static str>| {
+        let client = client.clone();
+        async move {
+            let v: Value = client
+                .post(format!("{url}/v1/embeddings"))
+                .json(&json!({"model": set, "input": texts}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["data"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{set}: {v}"))
+                .iter()
+                .map(|d| {
+                    d["embedding"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect::<Vec<f32>>()
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let mut alone = Vec::new();
+    for (set, texts) in ENCODER_SETS.iter().zip(&inputs) {
+        alone.push(embed(set, texts.clone()).await);
+    }
+    let together = futures_util::future::join_all(
+        ENCODER_SETS
+            .iter()
+            .zip(&inputs)
+            .map(|(set, texts)| embed(set, texts.clone())),
+    )
+    .await;
+    for (set, (alone, together)) in ENCODER_SETS.iter().zip(alone.iter().zip(&together)) {
+        assert_eq!(alone.len(), together.len(), "{set}");
+        for (a, t) in alone.iter().zip(together) {
+            assert!(
+                super::max_abs_diff(a, t) <= 1e-5,
+                "{set}: batched embedding differs"
+            );
+        }
+    }
+    // The same text under the base and under an adapter.
+    assert!(
+        super::max_abs_diff(&alone[0][0], &alone[1][0]) > 1e-3,
+        "sets must differ"
+    );
 }
 
 async fn a_full_queue_answers_429_and_a_request_beyond_the_cache_400() {
@@ -155,7 +243,7 @@ async fn a_full_queue_answers_429_and_a_request_beyond_the_cache_400() {
         step_tokens: 64,
         kv_cache_bytes: 64 << 20,
     };
-    let (url, stop) = start_server(limits).await;
+    let (url, stop) = start_server(&["smollm2-135m-instruct"], limits).await;
     let client = reqwest::Client::new();
     let body = json!({"model": "smollm2-135m-instruct", "prompt": "Count: 1, 2, 3,", "max_tokens": 60, "temperature": 0});
     let send = || {
@@ -188,9 +276,10 @@ async fn a_full_queue_answers_429_and_a_request_beyond_the_cache_400() {
     let _ = stop.send(());
 }
 
-/// Q8_0 blocks (re-quantized from the file's Q4_1) against f32, teacher-forced over 31
-/// positions. The quantized matmul also quantizes activations to 8 bits per 32-value block (as
-/// llama.cpp does), so logits move by noise of up to about 1 on the winning token (logits of
+/// The quantized base against f32, teacher-forced over 31 positions. With the packed kernels the
+/// weights are the file's Q4_1 values exactly (f32 dequantizes the same blocks; elsewhere they are
+/// re-quantized to Q8_0), and the quantized matmul quantizes activations to 8 bits per 32-value
+/// block (as llama.cpp does), so logits move by noise of up to about 1 on the winning token (logits of
 /// 10–28 here) and up to about 3 in the far tail of the 49k vocabulary. Bounds: the winning
 /// token's logit within 1.5, every logit within 4, the same top-1 token wherever f32's top two
 /// are more than 0.25 apart, and at least 90% of all positions.

@@ -1,0 +1,178 @@
+//! Host-side kernels of the serving step on the CPU: the parts of a batched forward that are too
+//! small or too irregular for one tensor op each (per-group low-rank deltas, per-row attention
+//! over paged caches).
+//!
+//! They run on candle's own worker pool, the one its matmuls use, so a step never has two thread
+//! pools competing for the same cores (on a 2-core machine a second spinning pool halves the
+//! speed of both).
+
+use candle_core::{Storage, Tensor};
+
+/// Calls `f` with `t`'s values when it is a contiguous f32 tensor in host memory; `None` for any
+/// other tensor (GPU, other dtype, strided view), where callers use tensor ops instead.
+pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    let values = cpu.as_slice::<f32>().ok()?;
+    values.get(start..end).map(f)
+}
+
+/// Runs `f(i, chunk)` for every `width`-long chunk of `out` (the last may be shorter), spread
+/// over candle's worker pool. Chunks are disjoint, so `f` may write its chunk freely.
+pub fn par_chunks(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if width == 0 || out.is_empty() {
+        return;
+    }
+    let len = out.len();
+    let items = len.div_ceil(width);
+    if items == 1 {
+        f(0, out);
+        return;
+    }
+    let base = SendPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        for i in range {
+            let start = i * width;
+            let n = width.min(len - start);
+            // SAFETY: `out` is borrowed mutably for the whole call and item `i` covers
+            // `start..start + n` only, which no other item overlaps, so each chunk has exactly one
+            // writer; the pool returns only after every item has run.
+            let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
+            f(i, chunk);
+        }
+    });
+}
+
+/// A raw pointer the pool's workers may share (see [`par_chunks`]).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: the pointer is only dereferenced for disjoint chunks while the owning slice is
+// mutably borrowed by `par_chunks`.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Dot product with eight independent accumulators (vectorised by the compiler).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a · x`.
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+}
+
+/// Adds the low-rank update `(x_r · aᵀ) · bᵀ` to row `r` of `out: (·, out_dim)` for every `r`
+/// in `rows`, with `x: (·, in_dim)`, `a_t: in_dim × rank` and `b_t: rank × out_dim`, all
+/// row-major.
+pub fn add_low_rank(
+    out: &mut [f32],
+    x: &[f32],
+    rows: &[u32],
+    a_t: &[f32],
+    b_t: &[f32],
+    in_dim: usize,
+    out_dim: usize,
+) {
+    if in_dim == 0 || out_dim == 0 || rows.is_empty() {
+        return;
+    }
+    let rank = a_t.len() / in_dim;
+    let mut update = vec![0f32; rows.len() * out_dim];
+    par_chunks(&mut update, out_dim, |i, dst| {
+        let r = rows[i] as usize;
+        let xr = &x[r * in_dim..(r + 1) * in_dim];
+        let mut h = vec![0f32; rank];
+        for (&xi, a_row) in xr.iter().zip(a_t.chunks_exact(rank)) {
+            axpy(&mut h, xi, a_row);
+        }
+        for (&hj, b_row) in h.iter().zip(b_t.chunks_exact(out_dim)) {
+            axpy(dst, hj, b_row);
+        }
+    });
+    for (&r, u) in rows.iter().zip(update.chunks_exact(out_dim)) {
+        let r = r as usize;
+        axpy(&mut out[r * out_dim..(r + 1) * out_dim], 1.0, u);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn low_rank_update_matches_the_matrix_product_on_chosen_rows() {
+        let (in_dim, rank, out_dim) = (5, 2, 3);
+        let x: Vec<f32> = (0..3 * in_dim).map(|i| i as f32 * 0.1 - 0.4).collect();
+        let a_t: Vec<f32> = (0..in_dim * rank).map(|i| (i as f32).sin()).collect();
+        let b_t: Vec<f32> = (0..rank * out_dim).map(|i| (i as f32).cos()).collect();
+        let mut out = vec![1f32; 3 * out_dim];
+        add_low_rank(&mut out, &x, &[2, 0], &a_t, &b_t, in_dim, out_dim);
+        for r in 0..3 {
+            for o in 0..out_dim {
+                let mut expected = 1.0;
+                if r != 1 {
+                    for j in 0..rank {
+                        let h: f32 = (0..in_dim)
+                            .map(|i| x[r * in_dim + i] * a_t[i * rank + j])
+                            .sum();
+                        expected += h * b_t[j * out_dim + o];
+                    }
+                }
+                assert!(
+                    (out[r * out_dim + o] - expected).abs() < 1e-5,
+                    "row {r} col {o}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn par_chunks_visits_every_chunk_once() {
+        let mut out = vec![0f32; 1001];
+        par_chunks(&mut out, 10, |i, chunk| {
+            chunk.iter_mut().for_each(|v| *v += i as f32)
+        });
+        for (j, v) in out.iter().enumerate() {
+            assert_eq!(*v, (j / 10) as f32);
+        }
+    }
+
+    #[test]
+    fn slices_only_contiguous_host_f32() {
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .and_then(|t| t.reshape((2, 3)))
+            .expect("tensor");
+        assert_eq!(
+            with_slice(&t, |s| s.to_vec()),
+            Some(vec![0., 1., 2., 3., 4., 5.])
+        );
+        let strided = t.t().expect("transpose");
+        assert_eq!(with_slice(&strided, |s| s.len()), None);
+        let row = t.narrow(0, 1, 1).expect("narrow");
+        assert_eq!(with_slice(&row, |s| s.to_vec()), Some(vec![3., 4., 5.]));
+    }
+}
