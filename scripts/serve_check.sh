@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 
 PORT="${KNOTS_CHECK_PORT:-8123}"
 WORK="$(mktemp -d)"
-trap 'kill "$SERVER" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+SERVER=""
+trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 cargo build --quiet --bin knots
-KNOTS=target/debug/knots
+KNOTS="${CARGO_TARGET_DIR:-target}/debug/knots"
 
 # Two SmolLM2 adapters: `shout` (trained with PEFT) and `shout-half`, a PEFT adapter that
 # `knots merge` writes (task arithmetic with lambda 0.5), so requests can merge a real set.
