@@ -353,18 +353,7 @@ impl LoraLinear {
             })
             .collect();
         let bases: Vec<Tensor> = match packed {
-            Some(ps) => {
-                let (rows, _) = x.dims2()?;
-                let x = x.contiguous()?;
-                let ys = host::with_slice(&x, |xs| PackedMatrix::matmul_shared(&ps, xs, rows))
-                    .ok_or(EngineError::EmptyInput {
-                        what: "host activations",
-                    })?;
-                ys.into_iter()
-                    .zip(&ps)
-                    .map(|(y, p)| Tensor::from_vec(y, (rows, p.shape().0), x.device()))
-                    .collect::<candle_core::Result<_>>()?
-            }
+            Some(ps) => packed_products(&ps, x)?,
             None => layers.iter().map(|l| l.base(x)).collect::<Result<_>>()?,
         };
         layers
@@ -390,13 +379,8 @@ impl LoraLinear {
                     .iter()
                     .filter_map(|g| g.delta.layer(self.id).map(|l| (g, l)))
                     .collect();
-                if active.is_empty() {
-                    return Ok(y);
-                }
-                if let Some(sum) = add_groups_on_host(&y, x, &active)? {
-                    return Ok(sum);
-                }
-                for (g, layer) in active {
+                let (mut y, rest) = add_groups_on_host(y, x, active)?;
+                for (g, layer) in rest {
                     y = if g.all {
                         (y + layer.apply(x)?)?
                     } else {
@@ -413,11 +397,9 @@ impl LoraLinear {
         Ok(match &self.weight {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(q) => q.forward(&x.contiguous()?)?,
-            BaseWeight::Packed(_) => {
-                let mut ys = Self::forward_rows_shared(&[self], x, Deltas::Uniform(None))?;
-                ys.pop()
-                    .ok_or(EngineError::EmptyInput { what: "projection" })?
-            }
+            BaseWeight::Packed(p) => packed_products(&[p.as_ref()], x)?
+                .pop()
+                .ok_or(EngineError::EmptyInput { what: "projection" })?,
         })
     }
 
@@ -452,35 +434,59 @@ impl LayerDelta {
     }
 }
 
-/// `y` plus every low-rank group's update, computed on the host (one pass per group, no tensor
-/// op per group); `None` when a delta is dense or a tensor is not in host memory, for the tensor
-/// path instead.
-fn add_groups_on_host(
-    y: &Tensor,
+/// `x · Wᵀ` for packed matrices that read the same `x: (rows, I)` (one quantization of `x`).
+fn packed_products(ms: &[&PackedMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
+    let (rows, _) = x.dims2()?;
+    let x = x.contiguous()?;
+    let ys = host::with_slice(&x, |xs| PackedMatrix::matmul_shared(ms, xs, rows)).ok_or(
+        EngineError::EmptyInput {
+            what: "host activations",
+        },
+    )?;
+    Ok(ys
+        .into_iter()
+        .zip(ms)
+        .map(|(y, m)| Tensor::from_vec(y, (rows, m.shape().0), x.device()))
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// Adds to `y` every low-rank group's update whose tensors are in host memory, computed on the
+/// host (one pass per group, no tensor op per group); returns the sum and the groups left for
+/// tensor ops (dense deltas, tensors on a GPU).
+fn add_groups_on_host<'g>(
+    y: Tensor,
     x: &Tensor,
-    groups: &[(&RowGroup<'_>, &LayerDelta)],
-) -> Result<Option<Tensor>> {
+    groups: Vec<(&'g RowGroup<'g>, &'g LayerDelta)>,
+) -> Result<(Tensor, Vec<(&'g RowGroup<'g>, &'g LayerDelta)>)> {
+    if groups.is_empty() {
+        return Ok((y, groups));
+    }
     let (rows, out_dim) = y.dims2()?;
     let in_dim = x.dim(1)?;
-    let Some(mut sum) = host::with_slice(y, <[f32]>::to_vec) else {
-        return Ok(None);
+    let Some(mut sum) = host::with_slice(&y, <[f32]>::to_vec) else {
+        return Ok((y, groups));
     };
+    let mut rest = Vec::new();
     for (g, layer) in groups {
-        let LayerDelta::LowRank { a_t, b_t } = layer else {
-            return Ok(None);
-        };
-        let added = host::with_slice(x, |xs| {
-            host::with_slice(a_t, |a| {
-                host::with_slice(b_t, |b| {
-                    host::add_low_rank(&mut sum, xs, &g.rows, a, b, in_dim, out_dim)
+        let added = match layer {
+            LayerDelta::LowRank { a_t, b_t } => host::with_slice(x, |xs| {
+                host::with_slice(a_t, |a| {
+                    host::with_slice(b_t, |b| {
+                        host::add_low_rank(&mut sum, xs, &g.rows, a, b, in_dim, out_dim)
+                    })
                 })
             })
-        });
-        if added.flatten().flatten().is_none() {
-            return Ok(None);
+            .flatten()
+            .flatten()
+            .is_some(),
+            LayerDelta::Dense { .. } => false,
+        };
+        if !added {
+            rest.push((g, layer));
         }
     }
-    Ok(Some(Tensor::from_vec(sum, (rows, out_dim), y.device())?))
+    let y = Tensor::from_vec(sum, (rows, out_dim), y.device())?;
+    Ok((y, rest))
 }
 
 /// Folds a delta into dense per-module matrices (for checks and for pinning a hot set).
@@ -491,4 +497,108 @@ pub fn dense_modules(delta: &MergedDelta) -> MergedDelta {
         .map(|(k, d)| (k.clone(), ModuleDelta::Dense(d.to_dense())))
         .collect();
     MergedDelta { modules }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    use super::*;
+
+    const IN: usize = 64;
+    const OUT: usize = 8;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 997) as f32 / 498.0 - 1.0) * 0.5)
+            .collect()
+    }
+
+    /// A quantized `OUT × IN` layer with a large bias, and its weight dequantized.
+    fn quantized_layer() -> (LoraLinear, LinearRegistry, Vec<f32>) {
+        let w = Tensor::from_vec(values(OUT * IN, 1), (OUT, IN), &Device::Cpu).expect("w");
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
+        let dequantized = q.dequantize(&Device::Cpu).expect("dequantize");
+        let mut store = WeightStore::new(HashMap::new(), Device::Cpu);
+        store.insert_quantized("p.weight", Arc::new(q));
+        store.insert(
+            "p.bias",
+            Tensor::full(100f32, OUT, &Device::Cpu).expect("bias"),
+        );
+        let mut reg = LinearRegistry::default();
+        let layer = reg.linear(&store, "p", (OUT, IN), true).expect("layer");
+        let w = dequantized
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("values");
+        (layer, reg, w)
+    }
+
+    fn rows(x: &[f32]) -> Tensor {
+        Tensor::from_vec(x.to_vec(), (x.len() / IN, IN), &Device::Cpu).expect("x")
+    }
+
+    /// `x·Wᵀ + b` with the bias added once, whichever kernel runs the quantized weight (8-bit
+    /// activations: within 0.05 of the exact product here).
+    #[test]
+    fn a_quantized_projection_adds_its_bias_once() {
+        let (layer, _, w) = quantized_layer();
+        let x = values(3 * IN, 2);
+        let y = layer
+            .forward_rows(&rows(&x), Deltas::Uniform(None))
+            .expect("forward");
+        let y = y.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("y");
+        for r in 0..3 {
+            for o in 0..OUT {
+                let exact: f32 =
+                    (0..IN).map(|i| x[r * IN + i] * w[o * IN + i]).sum::<f32>() + 100.0;
+                assert!(
+                    (y[r * OUT + o] - exact).abs() < 0.05,
+                    "({r},{o}): {}",
+                    y[r * OUT + o]
+                );
+            }
+        }
+    }
+
+    /// Rows of a low-rank set and of a dense set in one batch get what each gets alone.
+    #[test]
+    fn low_rank_and_dense_groups_in_one_batch_match_each_alone() {
+        let (layer, reg, _) = quantized_layer();
+        let delta = |m: ModuleDelta| MergedDelta {
+            modules: BTreeMap::from([("p".to_string(), m)]),
+        };
+        let low_rank = ModuleDelta::LowRank {
+            b: Matrix::from_vec(OUT, 2, values(OUT * 2, 3)).expect("b"),
+            a: Matrix::from_vec(2, IN, values(2 * IN, 4)).expect("a"),
+        };
+        let dense = ModuleDelta::Dense(Matrix::from_vec(OUT, IN, values(OUT * IN, 5)).expect("w"));
+        let low_rank = reg
+            .convert(&delta(low_rank), &Device::Cpu)
+            .expect("convert");
+        let dense = reg.convert(&delta(dense), &Device::Cpu).expect("convert");
+        let x = values(4 * IN, 6);
+        let sets = [Some(&low_rank), Some(&dense), None, Some(&low_rank)];
+        let groups = row_groups(
+            sets.iter().enumerate().map(|(i, d)| (*d, i..i + 1)),
+            4,
+            &Device::Cpu,
+        )
+        .expect("groups");
+        let batched = layer
+            .forward_rows(&rows(&x), Deltas::Grouped(&groups))
+            .and_then(|t| Ok(t.to_vec2::<f32>()?))
+            .expect("batched");
+        for (r, set) in sets.iter().enumerate() {
+            let alone = layer
+                .forward_rows(&rows(&x[r * IN..(r + 1) * IN]), Deltas::Uniform(*set))
+                .and_then(|t| Ok(t.to_vec2::<f32>()?))
+                .expect("alone");
+            for (a, b) in alone[0].iter().zip(&batched[r]) {
+                assert!((a - b).abs() < 1e-4, "row {r}: {a} vs {b}");
+            }
+        }
+    }
 }
