@@ -20,6 +20,15 @@ pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     values.get(start..end).map(f)
 }
 
+/// Runs `f(i)` for every `i` in `0..items`, spread over candle's worker pool.
+pub fn par_for(items: usize, f: impl Fn(usize) + Sync) {
+    match items {
+        0 => {}
+        1 => f(0),
+        _ => candle_core::utils::barrier_pool().execute_chunked(items, |range| range.for_each(&f)),
+    }
+}
+
 /// Runs `f(i, chunk)` for every `width`-long chunk of `out` (the last may be shorter), spread
 /// over candle's worker pool. Chunks are disjoint, so `f` may write its chunk freely.
 pub fn par_chunks(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
@@ -27,31 +36,55 @@ pub fn par_chunks(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) +
         return;
     }
     let len = out.len();
-    let items = len.div_ceil(width);
-    if items == 1 {
-        f(0, out);
-        return;
-    }
     let base = SendPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-        for i in range {
-            let start = i * width;
-            let n = width.min(len - start);
-            // SAFETY: `out` is borrowed mutably for the whole call and item `i` covers
-            // `start..start + n` only, which no other item overlaps, so each chunk has exactly one
-            // writer; the pool returns only after every item has run.
-            let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
-            f(i, chunk);
-        }
+    par_for(len.div_ceil(width), |i| {
+        let start = i * width;
+        let n = width.min(len - start);
+        // SAFETY: `out` is borrowed mutably for the whole call and item `i` covers
+        // `start..start + n` only, which no other item overlaps, so each chunk has exactly one
+        // writer; the pool returns only after every item has run.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
+        f(i, chunk);
     });
+}
+
+/// Buffers that the pool's workers fill at positions no two of them share.
+pub struct Scatter<'a> {
+    bufs: Vec<(SendPtr, usize)>,
+    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Scatter<'a> {
+    pub fn new(bufs: &'a mut [Vec<f32>]) -> Self {
+        Self {
+            bufs: bufs
+                .iter_mut()
+                .map(|b| (SendPtr(b.as_mut_ptr()), b.len()))
+                .collect(),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes `value` at `at` of buffer `buf` (panics when out of bounds).
+    ///
+    /// # Safety
+    /// While this `Scatter` lives, no two calls, from any threads, may write the same
+    /// `(buf, at)`.
+    pub unsafe fn write(&self, buf: usize, at: usize, value: f32) {
+        let (ptr, len) = self.bufs[buf];
+        assert!(at < len, "scatter write {at} of {len}");
+        // SAFETY: in bounds (checked), the buffer is mutably borrowed for `'a`, and the caller
+        // guarantees this position has no other writer.
+        unsafe { *ptr.get().add(at) = value };
+    }
 }
 
 /// A raw pointer the pool's workers may share (see [`par_chunks`]).
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 
-// SAFETY: the pointer is only dereferenced for disjoint chunks while the owning slice is
-// mutably borrowed by `par_chunks`.
+// SAFETY: the pointer is only dereferenced at positions with one writer each while the owning
+// slice is mutably borrowed (`par_chunks`, `Scatter`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

@@ -16,7 +16,8 @@
 //! second term a short float dot product over blocks.
 //!
 //! Work is split over the output rows on candle's worker pool; each weight row is read once per
-//! call and multiplied with up to eight activation rows while it sits in registers, so a batched
+//! call and multiplied with up to eight activation rows (two weight rows at a time; four
+//! when there are fewer activation rows) while it sits in registers, so a batched
 //! decode step of many sequences costs little more memory traffic than one sequence.
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -31,8 +32,6 @@ const BLOCK: usize = 32;
 const LANES: usize = 8;
 /// Weight rows per work item of the pool.
 const ROWS_PER_ITEM: usize = 16;
-/// Activation rows multiplied with one weight row at a time.
-const TILE: usize = 8;
 
 /// Whether this CPU runs the packed kernels (AVX-512 with VNNI); other CPUs keep candle's
 /// quantized matmul.
@@ -183,8 +182,8 @@ impl PackedMatrix {
         );
         let acts = Activations::quantize(x, rows, first.cols, first.blocks);
         let act_rows: Vec<ActRow<'_>> = (0..rows).map(|r| acts.row(r)).collect();
-        // Items own contiguous chunks of the transposed output (weight rows × activation rows),
-        // the matrices' rows one after another.
+        // The matrices' rows one after another, in items of `ROWS_PER_ITEM`; each item writes
+        // its own columns of the outputs.
         let starts: Vec<usize> = ms
             .iter()
             .scan(0, |at, m| {
@@ -194,23 +193,30 @@ impl PackedMatrix {
             })
             .collect();
         let total: usize = ms.iter().map(|m| m.rows).sum();
-        let mut out_t = vec![0f32; total * rows];
+        let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; rows * m.rows]).collect();
+        let scatter = host::Scatter::new(&mut outs);
         let vnni = available();
-        host::par_chunks(&mut out_t, ROWS_PER_ITEM * rows, |item, chunk| {
+        host::par_for(total.div_ceil(ROWS_PER_ITEM), |item| {
             let first = item * ROWS_PER_ITEM;
-            for (j, dst) in chunk.chunks_exact_mut(rows).enumerate() {
-                let g = first + j;
-                let which = starts.partition_point(|&s| s <= g) - 1;
-                let w = ms[which].row(g - starts[which]);
-                for (tile, out) in act_rows.chunks(TILE).zip(dst.chunks_mut(TILE)) {
-                    w.dot_tile(tile, out, vnni);
+            let owners: Vec<(usize, usize)> = (first..total.min(first + ROWS_PER_ITEM))
+                .map(|g| {
+                    let which = starts.partition_point(|&s| s <= g) - 1;
+                    (which, g - starts[which])
+                })
+                .collect();
+            let ws: Vec<Row<'_>> = owners.iter().map(|&(m, j)| ms[m].row(j)).collect();
+            let mut tile = vec![0f32; ws.len() * rows];
+            dot_block(&ws, &act_rows, &mut tile, rows, vnni);
+            for (&(m, j), values) in owners.iter().zip(tile.chunks_exact(rows)) {
+                for (r, v) in values.iter().enumerate() {
+                    // SAFETY: weight row `j` of matrix `m` belongs to this item alone, so
+                    // column `j` of output `m` has no other writer.
+                    unsafe { scatter.write(m, r * ms[m].rows + j, *v) };
                 }
             }
         });
-        ms.iter()
-            .zip(&starts)
-            .map(|(m, &start)| untranspose(&out_t[start * rows..(start + m.rows) * rows], rows))
-            .collect()
+        drop(scatter);
+        outs
     }
 
     /// Row `j`'s blocks.
@@ -224,21 +230,6 @@ impl PackedMatrix {
             width: self.width,
         }
     }
-}
-
-/// `(n, rows)` row-major to `(rows, n)` row-major.
-fn untranspose(t: &[f32], rows: usize) -> Vec<f32> {
-    if rows == 1 {
-        return t.to_vec();
-    }
-    let n = t.len() / rows;
-    let mut out = vec![0f32; t.len()];
-    for (j, col) in t.chunks_exact(rows).enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            out[r * n + j] = *v;
-        }
-    }
-    out
 }
 
 /// The unsigned value of input `i` of block `b` in `qs`.
@@ -261,41 +252,6 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
-    /// `out[t] = w · x_t` for the rows of `tile`; `vnni` is [`available`].
-    fn dot_tile(&self, tile: &[ActRow<'_>], out: &mut [f32], vnni: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if vnni {
-            // Fixed tile sizes let the compiler keep every accumulator in a register.
-            let (mut tile, mut out) = (tile, out);
-            while !tile.is_empty() {
-                let n = match tile.len() {
-                    8.. => 8,
-                    4..=7 => 4,
-                    2 | 3 => 2,
-                    _ => 1,
-                };
-                let (now, o) = (&tile[..n], &mut out[..n]);
-                // SAFETY: the CPU has the features the kernel is compiled for (`available`),
-                // and every slice holds whole pairs of blocks (`blocks` is even on both sides).
-                unsafe {
-                    match n {
-                        8 => self.dot_tile_vnni::<8>(now, o),
-                        4 => self.dot_tile_vnni::<4>(now, o),
-                        2 => self.dot_tile_vnni::<2>(now, o),
-                        _ => self.dot_tile_vnni::<1>(now, o),
-                    }
-                }
-                tile = &tile[n..];
-                out = &mut out[n..];
-            }
-            return;
-        }
-        let _ = vnni;
-        for (t, o) in tile.iter().zip(out.iter_mut()) {
-            *o = self.dot_scalar(t);
-        }
-    }
-
     /// The same product without SIMD (CPUs without VNNI, and the kernels' reference in tests).
     fn dot_scalar(&self, x: &ActRow<'_>) -> f32 {
         let mut sum = 0.0;
@@ -309,28 +265,87 @@ impl Row<'_> {
         }
         sum + host::dot(self.offset, x.scaled_sum)
     }
+}
 
+/// `out[r·stride + t] = w_r · x_t` for the weight rows `ws` and activation rows `xs`; `vnni` is
+/// [`available`].
+fn dot_block(ws: &[Row<'_>], xs: &[ActRow<'_>], out: &mut [f32], stride: usize, vnni: bool) {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn dot_tile_vnni<const N: usize>(&self, tile: &[ActRow<'_>], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        let pairs = self.scale.len() / 2;
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let low = _mm256_set1_epi8(0x0F);
-        let tile = &tile[..N];
-        let mut acc = [_mm512_setzero_ps(); N];
-        // The offset term `m·e·Σp`, two blocks at a time.
-        let mut offsets = [_mm_setzero_ps(); N];
-        for p in 0..pairs {
-            // SAFETY (all loads): pair `p` lies inside the row's and each activation row's
-            // slices, whose lengths are whole pairs of blocks.
-            let w = match self.width {
+    if vnni {
+        // Fixed block sizes let the compiler keep every accumulator in a register: up to 16
+        // 512-bit accumulators (weight rows × activation rows).
+        let mut t0 = 0;
+        while t0 < xs.len() {
+            let n = match xs.len() - t0 {
+                8.. => 8,
+                4..=7 => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+            let tile = &xs[t0..t0 + n];
+            let mut r0 = 0;
+            while r0 < ws.len() {
+                let wide = if n == 8 { 2 } else { 4 };
+                let r = if ws.len() - r0 >= wide { wide } else { 1 };
+                let (w, o) = (&ws[r0..r0 + r], &mut out[r0 * stride + t0..]);
+                // SAFETY: the CPU has the features the kernel is compiled for (`available`),
+                // every slice holds whole pairs of blocks (`blocks` is even on both sides), and
+                // `o` holds `(r - 1)·stride + n` values.
+                unsafe {
+                    match (r, n) {
+                        (2, 8) => dot_block_vnni::<2, 8>(w, tile, o, stride),
+                        (4, 4) => dot_block_vnni::<4, 4>(w, tile, o, stride),
+                        (4, 2) => dot_block_vnni::<4, 2>(w, tile, o, stride),
+                        (4, _) => dot_block_vnni::<4, 1>(w, tile, o, stride),
+                        (_, 8) => dot_block_vnni::<1, 8>(w, tile, o, stride),
+                        (_, 4) => dot_block_vnni::<1, 4>(w, tile, o, stride),
+                        (_, 2) => dot_block_vnni::<1, 2>(w, tile, o, stride),
+                        _ => dot_block_vnni::<1, 1>(w, tile, o, stride),
+                    }
+                }
+                r0 += r;
+            }
+            t0 += n;
+        }
+        return;
+    }
+    let _ = vnni;
+    for (r, w) in ws.iter().enumerate() {
+        for (t, x) in xs.iter().enumerate() {
+            out[r * stride + t] = w.dot_scalar(x);
+        }
+    }
+}
+
+/// [`dot_block`] for exactly `R` weight rows and `N` activation rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_block_vnni<const R: usize, const N: usize>(
+    ws: &[Row<'_>],
+    xs: &[ActRow<'_>],
+    out: &mut [f32],
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let (ws, xs) = (&ws[..R], &xs[..N]);
+    let pairs = ws[0].scale.len() / 2;
+    let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    let low = _mm256_set1_epi8(0x0F);
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    for p in 0..pairs {
+        let mut w = [_mm512_setzero_si512(); R];
+        let mut d = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            let row = &ws[r];
+            // SAFETY (all loads): pair `p` lies inside every row's slices, whose lengths are
+            // whole pairs of blocks.
+            w[r] = match row.width {
                 Width::Bytes => unsafe {
-                    _mm512_loadu_si512(self.qs.as_ptr().add(p * 2 * BLOCK).cast())
+                    _mm512_loadu_si512(row.qs.as_ptr().add(p * 2 * BLOCK).cast())
                 },
                 Width::Nibbles => {
                     let v = unsafe {
-                        _mm256_loadu_si256(self.qs.as_ptr().add(p * BLOCK).cast::<__m256i>())
+                        _mm256_loadu_si256(row.qs.as_ptr().add(p * BLOCK).cast::<__m256i>())
                     };
                     let lo = _mm256_and_si256(v, low);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
@@ -339,24 +354,43 @@ impl Row<'_> {
                     _mm512_shuffle_i64x2(both, both, 0b11_01_10_00)
                 }
             };
-            // The weight scales of the pair, each over its block's eight lanes; the activations'
-            // scales come spread that way already.
-            let d = unsafe { pair_ps(self.scale, p) };
-            let d = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d));
-            let m = unsafe { pair_ps(self.offset, p) };
-            for t in 0..N {
-                let x = &tile[t];
-                let xv = unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(p * 2 * BLOCK).cast()) };
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
-                let e = unsafe { _mm512_loadu_ps(x.spread.as_ptr().add(p * 16)) };
+            // The weight scales of the pair, each over its block's eight lanes; the
+            // activations' scales come spread that way already.
+            let pair = unsafe { pair_ps(row.scale, p) };
+            d[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
+        }
+        for t in 0..N {
+            let x = &xs[t];
+            let xv = unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(p * 2 * BLOCK).cast()) };
+            let e = unsafe { _mm512_loadu_ps(x.spread.as_ptr().add(p * 16)) };
+            for r in 0..R {
+                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], xv);
                 let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), e);
-                acc[t] = _mm512_fmadd_ps(scaled, d, acc[t]);
-                offsets[t] = _mm_fmadd_ps(m, unsafe { pair_ps(x.scaled_sum, p) }, offsets[t]);
+                acc[r][t] = _mm512_fmadd_ps(scaled, d[r], acc[r][t]);
             }
         }
-        for ((o, a), m) in out.iter_mut().zip(acc).zip(offsets) {
-            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-            *o = _mm512_reduce_add_ps(a) + _mm_cvtss_f32(m);
+    }
+    for r in 0..R {
+        for t in 0..N {
+            // The offset term `Σ m·e·Σp` over blocks, sixteen at a time.
+            let (m, ss) = (ws[r].offset, xs[t].scaled_sum);
+            let mut off = _mm512_setzero_ps();
+            for at in (0..m.len()).step_by(16) {
+                let mask: __mmask16 = if m.len() - at >= 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << (m.len() - at)) - 1
+                };
+                // SAFETY: the mask covers elements `at..m.len()` only (`ss` is as long as `m`).
+                let (mv, sv) = unsafe {
+                    (
+                        _mm512_maskz_loadu_ps(mask, m.as_ptr().add(at)),
+                        _mm512_maskz_loadu_ps(mask, ss.as_ptr().add(at)),
+                    )
+                };
+                off = _mm512_fmadd_ps(mv, sv, off);
+            }
+            out[r * stride + t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t], off));
         }
     }
 }
