@@ -236,7 +236,7 @@ impl Bert {
         let x = l
             .attn_norm
             .forward(&(l.attn_out.forward_with(&ctx, deltas)? + x)?, eps, grad)?;
-        let inner = l.intermediate.forward_with(&x, deltas)?.gelu_erf()?;
+        let inner = ops::gelu_erf(&l.intermediate.forward_with(&x, deltas)?, grad)?;
         l.out_norm
             .forward(&(l.output.forward_with(&inner, deltas)? + x)?, eps, grad)
     }

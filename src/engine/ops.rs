@@ -5,6 +5,7 @@
 use candle_core::{D, Tensor};
 
 use super::error::Result;
+use super::host;
 
 /// Softmax over the last axis.
 pub fn softmax_last(x: &Tensor, grad: bool) -> Result<Tensor> {
@@ -46,4 +47,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, grad: bool) -> Result<Tensor
     } else {
         candle_nn::rotary_emb::rope(x, cos, sin)?
     })
+}
+
+/// GELU in its exact (erf) form. Inference on host tensors runs `host::gelu_erf` (a rational erf
+/// approximation, within 1e-6 of candle's, vectorisable and parallel); gradients and other
+/// devices use candle's op.
+pub fn gelu_erf(x: &Tensor, grad: bool) -> Result<Tensor> {
+    if !grad && let Some(y) = host::with_slice(x, host::gelu_erf) {
+        return Ok(Tensor::from_vec(y, x.shape(), x.device())?);
+    }
+    Ok(x.gelu_erf()?)
 }
