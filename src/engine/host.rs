@@ -11,13 +11,22 @@ use candle_core::{Storage, Tensor};
 /// Calls `f` with `t`'s values when it is a contiguous f32 tensor in host memory; `None` for any
 /// other tensor (GPU, other dtype, strided view), where callers use tensor ops instead.
 pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return None;
-    };
-    let (start, end) = layout.contiguous_offsets()?;
-    let values = cpu.as_slice::<f32>().ok()?;
-    values.get(start..end).map(f)
+    with_slices(&[t], |s| f(s[0]))
+}
+
+/// [`with_slice`] for several distinct tensors at once: `None` unless every one is a contiguous
+/// f32 tensor in host memory.
+pub fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            return None;
+        };
+        let (start, end) = layout.contiguous_offsets()?;
+        slices.push(cpu.as_slice::<f32>().ok()?.get(start..end)?);
+    }
+    Some(f(&slices))
 }
 
 /// Runs `f(i)` for every `i` in `0..items`, spread over candle's worker pool.
@@ -65,17 +74,21 @@ impl<'a> Scatter<'a> {
         }
     }
 
-    /// Writes `value` at `at` of buffer `buf` (panics when out of bounds).
+    /// Writes `values` at `at..at + values.len()` of buffer `buf` (panics when out of bounds).
     ///
     /// # Safety
-    /// While this `Scatter` lives, no two calls, from any threads, may write the same
-    /// `(buf, at)`.
-    pub unsafe fn write(&self, buf: usize, at: usize, value: f32) {
+    /// While this `Scatter` lives, no two calls, from any threads, may write the same position
+    /// of the same buffer.
+    pub unsafe fn write_slice(&self, buf: usize, at: usize, values: &[f32]) {
         let (ptr, len) = self.bufs[buf];
-        assert!(at < len, "scatter write {at} of {len}");
+        assert!(
+            at + values.len() <= len,
+            "scatter write {at}+{} of {len}",
+            values.len()
+        );
         // SAFETY: in bounds (checked), the buffer is mutably borrowed for `'a`, and the caller
-        // guarantees this position has no other writer.
-        unsafe { *ptr.get().add(at) = value };
+        // guarantees these positions have no other writer.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), ptr.get().add(at), values.len()) };
     }
 }
 
@@ -117,34 +130,90 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
 }
 
-/// Adds the low-rank update `(x_r · aᵀ) · bᵀ` to row `r` of `out: (·, out_dim)` for every `r`
-/// in `rows`, with `x: (·, in_dim)`, `a_t: in_dim × rank` and `b_t: rank × out_dim`, all
-/// row-major.
+/// A low-rank delta applied to some rows of a batch: `a_t: in_dim × rank` and
+/// `b_t: rank × out_dim`, row-major.
+pub struct LowRankRows<'a> {
+    pub rows: &'a [u32],
+    pub a_t: &'a [f32],
+    pub b_t: &'a [f32],
+}
+
+/// Adds the low-rank update `(x_r · aᵀ) · bᵀ` of each group to each of its rows `r` of
+/// `out: (·, out_dim)`, with `x: (·, in_dim)`, all groups in one pass over the pool. A row
+/// belongs to one group at most.
 pub fn add_low_rank(
     out: &mut [f32],
     x: &[f32],
+    groups: &[LowRankRows<'_>],
+    in_dim: usize,
+    out_dim: usize,
+) {
+    if in_dim == 0 || out_dim == 0 || groups.is_empty() {
+        return;
+    }
+    let mut owner = vec![usize::MAX; out.len() / out_dim];
+    for (g, group) in groups.iter().enumerate() {
+        for &r in group.rows {
+            owner[r as usize] = g;
+        }
+    }
+    par_chunks(out, out_dim, |r, dst| {
+        let Some(g) = groups.get(owner[r]) else {
+            return;
+        };
+        let rank = g.a_t.len() / in_dim;
+        if rank == 0 {
+            return;
+        }
+        let mut h = vec![0f32; rank];
+        for (&xi, a_row) in x[r * in_dim..(r + 1) * in_dim]
+            .iter()
+            .zip(g.a_t.chunks_exact(rank))
+        {
+            axpy(&mut h, xi, a_row);
+        }
+        for (&hj, b_row) in h.iter().zip(g.b_t.chunks_exact(out_dim)) {
+            axpy(dst, hj, b_row);
+        }
+    });
+}
+
+/// Adds the dense update `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows`,
+/// with `x: (·, in_dim)` and `w_t = ΔWᵀ: in_dim × out_dim`, row-major. Work is split over
+/// columns, so `ΔW` is read once for all the rows; each row's sums run in the same order
+/// whatever the other rows are.
+pub fn add_dense(
+    out: &mut [f32],
+    x: &[f32],
     rows: &[u32],
-    a_t: &[f32],
-    b_t: &[f32],
+    w_t: &[f32],
     in_dim: usize,
     out_dim: usize,
 ) {
     if in_dim == 0 || out_dim == 0 || rows.is_empty() {
         return;
     }
-    let rank = a_t.len() / in_dim;
+    // Columns per work item: at least eight items per call, whole cache lines.
+    let width = (out_dim / 8).next_multiple_of(16).clamp(16, 256);
+    let items = out_dim.div_ceil(width);
     let mut update = vec![0f32; rows.len() * out_dim];
-    par_chunks(&mut update, out_dim, |i, dst| {
-        let r = rows[i] as usize;
-        let xr = &x[r * in_dim..(r + 1) * in_dim];
-        let mut h = vec![0f32; rank];
-        for (&xi, a_row) in xr.iter().zip(a_t.chunks_exact(rank)) {
-            axpy(&mut h, xi, a_row);
+    let scatter = Scatter::new(std::slice::from_mut(&mut update));
+    par_for(items, |item| {
+        let c0 = item * width;
+        let n = width.min(out_dim - c0);
+        let mut acc = vec![0f32; rows.len() * n];
+        for (i, w_row) in w_t.chunks_exact(out_dim).enumerate() {
+            let w = &w_row[c0..c0 + n];
+            for (&r, a) in rows.iter().zip(acc.chunks_exact_mut(n)) {
+                axpy(a, x[r as usize * in_dim + i], w);
+            }
         }
-        for (&hj, b_row) in h.iter().zip(b_t.chunks_exact(out_dim)) {
-            axpy(dst, hj, b_row);
+        for (k, a) in acc.chunks_exact(n).enumerate() {
+            // SAFETY: columns `c0..c0 + n` of every row belong to this item alone.
+            unsafe { scatter.write_slice(0, k * out_dim + c0, a) };
         }
     });
+    drop(scatter);
     for (&r, u) in rows.iter().zip(update.chunks_exact(out_dim)) {
         let r = r as usize;
         axpy(&mut out[r * out_dim..(r + 1) * out_dim], 1.0, u);
@@ -192,7 +261,12 @@ mod tests {
         let a_t: Vec<f32> = (0..in_dim * rank).map(|i| (i as f32).sin()).collect();
         let b_t: Vec<f32> = (0..rank * out_dim).map(|i| (i as f32).cos()).collect();
         let mut out = vec![1f32; 3 * out_dim];
-        add_low_rank(&mut out, &x, &[2, 0], &a_t, &b_t, in_dim, out_dim);
+        let group = LowRankRows {
+            rows: &[2, 0],
+            a_t: &a_t,
+            b_t: &b_t,
+        };
+        add_low_rank(&mut out, &x, &[group], in_dim, out_dim);
         for r in 0..3 {
             for o in 0..out_dim {
                 let mut expected = 1.0;
@@ -207,6 +281,30 @@ mod tests {
                 assert!(
                     (out[r * out_dim + o] - expected).abs() < 1e-5,
                     "row {r} col {o}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_update_matches_the_matrix_product_on_chosen_rows() {
+        let (in_dim, out_dim) = (7, 300); // several column items, a short last one
+        let x: Vec<f32> = (0..4 * in_dim).map(|i| i as f32 * 0.1 - 0.9).collect();
+        let w_t: Vec<f32> = (0..in_dim * out_dim).map(|i| (i as f32).sin()).collect();
+        let mut out = vec![1f32; 4 * out_dim];
+        add_dense(&mut out, &x, &[3, 0, 2], &w_t, in_dim, out_dim);
+        for r in 0..4 {
+            for o in 0..out_dim {
+                let mut expected = 1.0;
+                if r != 1 {
+                    expected += (0..in_dim)
+                        .map(|i| x[r * in_dim + i] * w_t[i * out_dim + o])
+                        .sum::<f32>();
+                }
+                let got = out[r * out_dim + o];
+                assert!(
+                    (got - expected).abs() < 1e-5,
+                    "row {r} col {o}: {got} vs {expected}"
                 );
             }
         }

@@ -280,6 +280,19 @@ impl<'a> RowGroup<'a> {
     }
 }
 
+impl RowGroup<'_> {
+    /// Adds `layer`'s update of this group's rows of `x` to `y` with tensor ops (gather,
+    /// product, scatter-add).
+    fn add_with_tensors(&self, y: Tensor, x: &Tensor, layer: &LayerDelta) -> Result<Tensor> {
+        Ok(if self.all {
+            (y + layer.apply(x)?)?
+        } else {
+            let part = layer.apply(&x.index_select(&self.index, 0)?)?;
+            y.index_add(&self.index, &part, 0)?
+        })
+    }
+}
+
 /// Rows of the batch grouped by delta (compared by address), for [`Deltas::Grouped`].
 pub fn row_groups<'a>(
     deltas: impl Iterator<Item = (Option<&'a LoadedDelta>, std::ops::Range<usize>)>,
@@ -352,54 +365,131 @@ impl LoraLinear {
                 _ => None,
             })
             .collect();
-        let bases: Vec<Tensor> = match packed {
-            Some(ps) => packed_products(&ps, x)?,
-            None => layers.iter().map(|l| l.base(x)).collect::<Result<_>>()?,
+        let Some(ps) = packed else {
+            return layers
+                .iter()
+                .map(|l| l.finish_rows(x, l.base(x)?, deltas))
+                .collect();
         };
-        layers
-            .iter()
-            .zip(bases)
-            .map(|(l, y)| l.finish_rows(x, y, deltas))
-            .collect()
+        let x = x.contiguous()?;
+        let rows = x.dim(0)?;
+        host::with_slice(&x, |xs| {
+            let ys = PackedMatrix::matmul_shared(&ps, xs, rows);
+            layers
+                .iter()
+                .zip(ys)
+                .map(|(l, y)| l.finish_host(&x, xs, y, deltas))
+                .collect()
+        })
+        .ok_or(EngineError::EmptyInput {
+            what: "host activations",
+        })?
     }
 
     /// Adds the bias and the deltas of `deltas` to the base product `y` of `x`.
-    fn finish_rows(&self, x: &Tensor, mut y: Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+    fn finish_rows(&self, x: &Tensor, y: Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
+        let touched = match deltas {
+            Deltas::Uniform(d) => d.is_some_and(|d| d.layer(self.id).is_some()),
+            Deltas::Grouped(groups) => groups.iter().any(|g| g.delta.layer(self.id).is_some()),
+        };
+        if !touched && self.bias.is_none() {
+            return Ok(y);
         }
+        if !deltas.need_gradients() {
+            let x = x.contiguous()?;
+            let done = host::with_slices(&[&x, &y], |s| {
+                self.finish_host(&x, s[0], s[1].to_vec(), deltas)
+            });
+            if let Some(y) = done {
+                return y;
+            }
+        }
+        let mut y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
         match deltas {
-            Deltas::Uniform(None) => Ok(y),
-            Deltas::Uniform(Some(d)) => match d.layer(self.id) {
+            Deltas::Uniform(d) => match d.and_then(|d| d.layer(self.id)) {
                 Some(layer) => Ok((y + layer.apply(x)?)?),
                 None => Ok(y),
             },
             Deltas::Grouped(groups) => {
-                let active: Vec<(&RowGroup<'_>, &LayerDelta)> = groups
-                    .iter()
-                    .filter_map(|g| g.delta.layer(self.id).map(|l| (g, l)))
-                    .collect();
-                let (mut y, rest) = add_groups_on_host(y, x, active)?;
-                for (g, layer) in rest {
-                    y = if g.all {
-                        (y + layer.apply(x)?)?
-                    } else {
-                        let part = layer.apply(&x.index_select(&g.index, 0)?)?;
-                        y.index_add(&g.index, &part, 0)?
-                    };
+                for g in groups {
+                    if let Some(layer) = g.delta.layer(self.id) {
+                        y = g.add_with_tensors(y, x, layer)?;
+                    }
                 }
                 Ok(y)
             }
         }
     }
 
+    /// [`Self::finish_rows`] for a base product `y` of `x` held on the host (`xs` is `x`'s
+    /// values): the bias and every delta with host tensors are added there, the rest (tensors on
+    /// a GPU) with tensor ops.
+    fn finish_host(
+        &self,
+        x: &Tensor,
+        xs: &[f32],
+        mut y: Vec<f32>,
+        deltas: Deltas<'_>,
+    ) -> Result<Tensor> {
+        let rows = y.len() / self.out_dim.max(1);
+        let bias_added = match &self.bias {
+            Some(b) => host::with_slice(b, |b| {
+                y.chunks_exact_mut(self.out_dim)
+                    .for_each(|row| host::axpy(row, 1.0, b));
+            })
+            .is_some(),
+            None => true,
+        };
+        let all: Vec<u32>;
+        let groups: Vec<(&[u32], &LayerDelta, Option<&RowGroup<'_>>)> = match deltas {
+            Deltas::Uniform(d) => match d.and_then(|d| d.layer(self.id)) {
+                Some(layer) => {
+                    all = (0..rows as u32).collect();
+                    vec![(&all, layer, None)]
+                }
+                None => Vec::new(),
+            },
+            Deltas::Grouped(groups) => groups
+                .iter()
+                .filter_map(|g| {
+                    g.delta
+                        .layer(self.id)
+                        .map(|l| (g.rows.as_slice(), l, Some(g)))
+                })
+                .collect(),
+        };
+        let on_host: Vec<(&[u32], &LayerDelta)> = groups.iter().map(|g| (g.0, g.1)).collect();
+        let rest = add_groups_on_host(&mut y, xs, &on_host, x.dim(1)?, self.out_dim);
+        let mut y = Tensor::from_vec(y, (rows, self.out_dim), x.device())?;
+        if !bias_added && let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        for (_, layer, group) in rest.into_iter().map(|i| groups[i]) {
+            y = match group {
+                Some(g) => g.add_with_tensors(y, x, layer)?,
+                None => (y + layer.apply(x)?)?,
+            };
+        }
+        Ok(y)
+    }
+
     fn base(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.weight {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(q) => q.forward(&x.contiguous()?)?,
-            BaseWeight::Packed(p) => packed_products(&[p.as_ref()], x)?
-                .pop()
-                .ok_or(EngineError::EmptyInput { what: "projection" })?,
+            BaseWeight::Packed(p) => {
+                let x = x.contiguous()?;
+                let rows = x.dim(0)?;
+                let y = host::with_slice(&x, |xs| PackedMatrix::matmul_shared(&[p], xs, rows))
+                    .and_then(|mut ys| ys.pop())
+                    .ok_or(EngineError::EmptyInput {
+                        what: "host activations",
+                    })?;
+                Tensor::from_vec(y, (rows, p.shape().0), x.device())?
+            }
         })
     }
 
@@ -434,59 +524,49 @@ impl LayerDelta {
     }
 }
 
-/// `x · Wᵀ` for packed matrices that read the same `x: (rows, I)` (one quantization of `x`).
-fn packed_products(ms: &[&PackedMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
-    let (rows, _) = x.dims2()?;
-    let x = x.contiguous()?;
-    let ys = host::with_slice(&x, |xs| PackedMatrix::matmul_shared(ms, xs, rows)).ok_or(
-        EngineError::EmptyInput {
-            what: "host activations",
-        },
-    )?;
-    Ok(ys
-        .into_iter()
-        .zip(ms)
-        .map(|(y, m)| Tensor::from_vec(y, (rows, m.shape().0), x.device()))
-        .collect::<candle_core::Result<_>>()?)
-}
-
-/// Adds to `y` every low-rank group's update whose tensors are in host memory, computed on the
-/// host (one pass per group, no tensor op per group); returns the sum and the groups left for
-/// tensor ops (dense deltas, tensors on a GPU).
-fn add_groups_on_host<'g>(
-    y: Tensor,
-    x: &Tensor,
-    groups: Vec<(&'g RowGroup<'g>, &'g LayerDelta)>,
-) -> Result<(Tensor, Vec<(&'g RowGroup<'g>, &'g LayerDelta)>)> {
-    if groups.is_empty() {
-        return Ok((y, groups));
-    }
-    let (rows, out_dim) = y.dims2()?;
-    let in_dim = x.dim(1)?;
-    let Some(mut sum) = host::with_slice(&y, <[f32]>::to_vec) else {
-        return Ok((y, groups));
-    };
-    let mut rest = Vec::new();
-    for (g, layer) in groups {
-        let added = match layer {
-            LayerDelta::LowRank { a_t, b_t } => host::with_slice(x, |xs| {
-                host::with_slice(a_t, |a| {
-                    host::with_slice(b_t, |b| {
-                        host::add_low_rank(&mut sum, xs, &g.rows, a, b, in_dim, out_dim)
-                    })
-                })
+/// Adds to `sum: (·, out_dim)` the update of every `(rows, delta)` group whose tensors are in
+/// host memory, computed on the host from `xs: (·, in_dim)`: every low-rank group in one pass
+/// over the pool, each dense group reading its ΔW once for all its rows. Returns the positions
+/// of the groups left for tensor ops (tensors on a GPU).
+fn add_groups_on_host(
+    sum: &mut [f32],
+    xs: &[f32],
+    groups: &[(&[u32], &LayerDelta)],
+    in_dim: usize,
+    out_dim: usize,
+) -> Vec<usize> {
+    let low_rank: Vec<(usize, &[u32], &Tensor, &Tensor)> = groups
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &(rows, layer))| match layer {
+            LayerDelta::LowRank { a_t, b_t } => Some((i, rows, a_t, b_t)),
+            LayerDelta::Dense { .. } => None,
+        })
+        .collect();
+    let factors: Vec<&Tensor> = low_rank.iter().flat_map(|&(_, _, a, b)| [a, b]).collect();
+    let mut rest: Vec<usize> = host::with_slices(&factors, |f| {
+        let on_host: Vec<host::LowRankRows<'_>> = low_rank
+            .iter()
+            .zip(f.chunks_exact(2))
+            .map(|(&(_, rows, _, _), ab)| host::LowRankRows {
+                rows,
+                a_t: ab[0],
+                b_t: ab[1],
             })
-            .flatten()
-            .flatten()
-            .is_some(),
-            LayerDelta::Dense { .. } => false,
-        };
-        if !added {
-            rest.push((g, layer));
+            .collect();
+        host::add_low_rank(sum, xs, &on_host, in_dim, out_dim);
+    })
+    .map_or_else(|| low_rank.iter().map(|g| g.0).collect(), |()| Vec::new());
+    for (i, &(rows, layer)) in groups.iter().enumerate() {
+        if let LayerDelta::Dense { w_t } = layer {
+            let added =
+                host::with_slice(w_t, |w| host::add_dense(sum, xs, rows, w, in_dim, out_dim));
+            if added.is_none() {
+                rest.push(i);
+            }
         }
     }
-    let y = Tensor::from_vec(sum, (rows, out_dim), y.device())?;
-    Ok((y, rest))
+    rest
 }
 
 /// Folds a delta into dense per-module matrices (for checks and for pinning a hot set).

@@ -11,14 +11,15 @@
 //!
 //! so the weights keep their exact values (no re-quantization) and 4-bit types keep their 4-bit
 //! size in memory. Each activation row is quantized per block to signed bytes `x ≈ e·p` (as
-//! llama.cpp's Q8 activations), and a block contributes
-//! `Σ w·x = d·e·Σ q·p + m·e·Σ p`: one `vpdpbusd` (unsigned × signed bytes) per two blocks, the
-//! second term a short float dot product over blocks.
+//! llama.cpp's Q8 activations), and a block contributes `Σ w·x = d·e·Σ q·p + m·e·Σ p`.
 //!
-//! Work is split over the output rows on candle's worker pool; each weight row is read once per
-//! call and multiplied with up to eight activation rows (two weight rows at a time; four
-//! when there are fewer activation rows) while it sits in registers, so a batched
-//! decode step of many sequences costs little more memory traffic than one sequence.
+//! Weight rows are stored interleaved in groups of sixteen: one 512-bit register holds four
+//! consecutive inputs of sixteen rows, one row per 32-bit lane. A block is then eight `vpdpbusd`
+//! against four broadcast activation bytes each, summed in integers, and one scaling for all
+//! sixteen rows; the sixteen results are sixteen adjacent outputs, stored without any horizontal
+//! reduction. Each group's weights are read once per call and multiplied with up to eight
+//! activation rows while they sit in registers, so a batched decode step of many sequences costs
+//! little more memory traffic than one sequence.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -28,10 +29,10 @@ use super::host;
 
 /// Inputs per block.
 const BLOCK: usize = 32;
-/// 32-bit lanes of one block's products in a 512-bit register.
-const LANES: usize = 8;
-/// Weight rows per work item of the pool.
-const ROWS_PER_ITEM: usize = 16;
+/// Weight rows interleaved in one group: one per 32-bit lane of a 512-bit register.
+const GROUP: usize = 16;
+/// Four-input steps per block (one `vpdpbusd` each).
+const QUADS: usize = BLOCK / 4;
 
 /// Whether this CPU runs the packed kernels (AVX-512 with VNNI); other CPUs keep candle's
 /// quantized matmul.
@@ -56,14 +57,16 @@ pub fn packs(dtype: GgmlDType) -> bool {
 /// How the unsigned bytes of a block are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Width {
-    /// Two 4-bit values per byte: byte `j` holds input `j` (low nibble) and `j + 16` (high), as
-    /// in GGUF.
+    /// Two 4-bit values per byte. Within a group, byte `4s + i` of lane `r` holds input
+    /// `4s + i` (low nibble) and `16 + 4s + i` (high nibble) of row `r`, for `s` in `0..4`: as
+    /// in GGUF, where byte `j` holds inputs `j` and `j + 16`.
     Nibbles,
-    /// One byte per input.
+    /// One byte per input; byte `4s + i` of lane `r` holds input `4s + i` of row `r`.
     Bytes,
 }
 
 impl Width {
+    /// Bytes of one block of one row.
     fn block_bytes(self) -> usize {
         match self {
             Width::Nibbles => BLOCK / 2,
@@ -72,16 +75,20 @@ impl Width {
     }
 }
 
-/// An `O × I` weight as per-block bytes, scales and offsets (see the module docs).
+/// An `O × I` weight as per-block bytes, scales and offsets (see the module docs), in groups of
+/// [`GROUP`] rows; rows past `O` (padding of the last group) are zero.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     rows: usize,
     cols: usize,
-    /// Blocks per row, padded to an even number with zero blocks.
+    /// Blocks per row.
     blocks: usize,
     width: Width,
+    /// `[group][block][lane-interleaved bytes]`, `GROUP · block_bytes` per group and block.
     qs: Vec<u8>,
+    /// `[group][block][lane]`.
     scale: Vec<f32>,
+    /// `[group][block][lane]`.
     offset: Vec<f32>,
 }
 
@@ -101,39 +108,42 @@ impl PackedMatrix {
             other => return Err(bad(format!("no packed kernel for {other:?}"))),
         };
         let data = q.data()?;
-        let src_blocks = cols / BLOCK;
-        if data.len() != rows * src_blocks * src_bytes {
+        let blocks = cols / BLOCK;
+        if data.len() != rows * blocks * src_bytes {
             return Err(bad(format!("{dtype:?} data of {} bytes", data.len())));
         }
-        let blocks = src_blocks.next_multiple_of(2);
+        let groups = rows.div_ceil(GROUP);
         let bb = width.block_bytes();
         let mut m = Self {
             rows,
             cols,
             blocks,
             width,
-            qs: vec![0; rows * blocks * bb],
-            scale: vec![0.0; rows * blocks],
-            offset: vec![0.0; rows * blocks],
+            qs: vec![0; groups * blocks * GROUP * bb],
+            scale: vec![0.0; groups * blocks * GROUP],
+            offset: vec![0.0; groups * blocks * GROUP],
         };
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
         for (i, src) in data.chunks_exact(src_bytes).enumerate() {
-            let at = (i / src_blocks) * blocks + i % src_blocks;
+            let (row, block) = (i / blocks, i % blocks);
+            let (group, lane) = (row / GROUP, row % GROUP);
+            let at = (group * blocks + block) * GROUP;
             let d = half(&src[0..2]);
             let (offset, qs) = match dtype {
                 GgmlDType::Q4_0 => (-8.0 * d, &src[2..]),
                 GgmlDType::Q4_1 => (half(&src[2..4]), &src[4..]),
                 _ => (-128.0 * d, &src[2..]),
             };
-            m.scale[at] = d;
-            m.offset[at] = offset;
-            let dst = &mut m.qs[at * bb..(at + 1) * bb];
-            match width {
-                Width::Nibbles => dst.copy_from_slice(qs),
-                Width::Bytes => dst
-                    .iter_mut()
-                    .zip(qs)
-                    .for_each(|(d, &s)| *d = (s as i8 as i16 + 128) as u8),
+            m.scale[at + lane] = d;
+            m.offset[at + lane] = offset;
+            // Four bytes per lane per register: byte `4s + i` of the block goes to register `s`.
+            let dst = &mut m.qs[at * bb..(at + GROUP) * bb];
+            for (j, &byte) in qs.iter().enumerate() {
+                let (s, i) = (j / 4, j % 4);
+                dst[s * GROUP * 4 + lane * 4 + i] = match width {
+                    Width::Nibbles => byte,
+                    Width::Bytes => (byte as i8 as i16 + 128) as u8,
+                };
             }
         }
         Ok(m)
@@ -149,14 +159,38 @@ impl PackedMatrix {
         self.qs.len() + 4 * (self.scale.len() + self.offset.len())
     }
 
+    fn groups(&self) -> usize {
+        self.rows.div_ceil(GROUP)
+    }
+
+    /// The unsigned value of input `i` of block `b` of row `r`.
+    fn unsigned(&self, r: usize, b: usize, i: usize) -> u8 {
+        let bb = self.width.block_bytes();
+        let at = ((r / GROUP) * self.blocks + b) * GROUP * bb;
+        let lane = r % GROUP;
+        match self.width {
+            Width::Bytes => self.qs[at + (i / 4) * GROUP * 4 + lane * 4 + i % 4],
+            Width::Nibbles => {
+                let j = i % 16;
+                let byte = self.qs[at + (j / 4) * GROUP * 4 + lane * 4 + j % 4];
+                if i < 16 { byte & 0x0F } else { byte >> 4 }
+            }
+        }
+    }
+
+    /// Scale and offset of block `b` of row `r`.
+    fn affine(&self, r: usize, b: usize) -> (f32, f32) {
+        let at = ((r / GROUP) * self.blocks + b) * GROUP + r % GROUP;
+        (self.scale[at], self.offset[at])
+    }
+
     /// Row `r`'s weights as f32 (for checks).
     #[cfg(test)]
     fn dequantize_row(&self, r: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.cols);
-        for b in 0..self.cols / BLOCK {
-            let at = r * self.blocks + b;
-            let (d, m) = (self.scale[at], self.offset[at]);
-            out.extend((0..BLOCK).map(|i| d * unsigned(&self.qs, self.width, at, i) as f32 + m));
+        for b in 0..self.blocks {
+            let (d, m) = self.affine(r, b);
+            out.extend((0..BLOCK).map(|i| d * self.unsigned(r, b, i) as f32 + m));
         }
         out
     }
@@ -170,251 +204,177 @@ impl PackedMatrix {
     }
 
     /// `x · Wᵀ` for several matrices that read the same input (q, k and v; gate and up): the
-    /// input is quantized once and all their rows share one pass over the worker pool. Every
+    /// input is quantized once and all their groups share one pass over the worker pool. Every
     /// matrix must have `x`'s width as its input size.
     pub fn matmul_shared(ms: &[&PackedMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
         let Some(first) = ms.first() else {
             return Vec::new();
         };
-        debug_assert!(
-            ms.iter()
-                .all(|m| m.cols == first.cols && m.blocks == first.blocks)
-        );
-        let acts = Activations::quantize(x, rows, first.cols, first.blocks);
-        let act_rows: Vec<ActRow<'_>> = (0..rows).map(|r| acts.row(r)).collect();
-        // The matrices' rows one after another, in items of `ROWS_PER_ITEM`; each item writes
-        // its own columns of the outputs.
+        debug_assert!(ms.iter().all(|m| m.cols == first.cols));
+        let acts = Activations::quantize(x, rows, first.cols);
+        // Every matrix's groups one after another; each work item is one group and writes its
+        // own columns of its matrix's output.
         let starts: Vec<usize> = ms
             .iter()
             .scan(0, |at, m| {
                 let start = *at;
-                *at += m.rows;
+                *at += m.groups();
                 Some(start)
             })
             .collect();
-        let total: usize = ms.iter().map(|m| m.rows).sum();
+        let total: usize = ms.iter().map(|m| m.groups()).sum();
         let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; rows * m.rows]).collect();
         let scatter = host::Scatter::new(&mut outs);
         let vnni = available();
-        host::par_for(total.div_ceil(ROWS_PER_ITEM), |item| {
-            let first = item * ROWS_PER_ITEM;
-            let owners: Vec<(usize, usize)> = (first..total.min(first + ROWS_PER_ITEM))
-                .map(|g| {
-                    let which = starts.partition_point(|&s| s <= g) - 1;
-                    (which, g - starts[which])
-                })
-                .collect();
-            let ws: Vec<Row<'_>> = owners.iter().map(|&(m, j)| ms[m].row(j)).collect();
-            let mut tile = vec![0f32; ws.len() * rows];
-            dot_block(&ws, &act_rows, &mut tile, rows, vnni);
-            for (&(m, j), values) in owners.iter().zip(tile.chunks_exact(rows)) {
-                for (r, v) in values.iter().enumerate() {
-                    // SAFETY: weight row `j` of matrix `m` belongs to this item alone, so
-                    // column `j` of output `m` has no other writer.
-                    unsafe { scatter.write(m, r * ms[m].rows + j, *v) };
+        host::par_for(total, |item| {
+            let which = starts.partition_point(|&s| s <= item) - 1;
+            let (m, group) = (ms[which], item - starts[which]);
+            let lanes = GROUP.min(m.rows - group * GROUP);
+            let mut tile = [[0f32; GROUP]; 8];
+            let mut t0 = 0;
+            while t0 < rows {
+                let n = (rows - t0).min(8);
+                m.group_product(group, &acts, t0, &mut tile[..n], vnni);
+                for (t, values) in tile[..n].iter().enumerate() {
+                    let at = (t0 + t) * m.rows + group * GROUP;
+                    // SAFETY: the rows of `group` belong to this item alone, so these columns
+                    // of output `which` have no other writer.
+                    unsafe { scatter.write_slice(which, at, &values[..lanes]) };
                 }
+                t0 += n;
             }
         });
         drop(scatter);
         outs
     }
 
-    /// Row `j`'s blocks.
-    fn row(&self, j: usize) -> Row<'_> {
-        let blocks = j * self.blocks..(j + 1) * self.blocks;
-        let bb = self.width.block_bytes();
-        Row {
-            qs: &self.qs[blocks.start * bb..blocks.end * bb],
-            scale: &self.scale[blocks.clone()],
-            offset: &self.offset[blocks],
-            width: self.width,
-        }
-    }
-}
-
-/// The unsigned value of input `i` of block `b` in `qs`.
-fn unsigned(qs: &[u8], width: Width, b: usize, i: usize) -> u8 {
-    match width {
-        Width::Bytes => qs[b * BLOCK + i],
-        Width::Nibbles => {
-            let byte = qs[b * BLOCK / 2 + i % 16];
-            if i < 16 { byte & 0x0F } else { byte >> 4 }
-        }
-    }
-}
-
-/// One weight row's blocks.
-struct Row<'a> {
-    qs: &'a [u8],
-    scale: &'a [f32],
-    offset: &'a [f32],
-    width: Width,
-}
-
-impl Row<'_> {
-    /// The same product without SIMD (CPUs without VNNI, and the kernels' reference in tests).
-    fn dot_scalar(&self, x: &ActRow<'_>) -> f32 {
-        let mut sum = 0.0;
-        for b in 0..self.scale.len() {
-            let mut dp = 0i32;
-            for i in 0..BLOCK {
-                let q = unsigned(self.qs, self.width, b, i);
-                dp += q as i32 * x.qs[b * BLOCK + i] as i32;
-            }
-            sum += self.scale[b] * x.scale[b] * dp as f32;
-        }
-        sum + host::dot(self.offset, x.scaled_sum)
-    }
-}
-
-/// `out[r·stride + t] = w_r · x_t` for the weight rows `ws` and activation rows `xs`; `vnni` is
-/// [`available`].
-fn dot_block(ws: &[Row<'_>], xs: &[ActRow<'_>], out: &mut [f32], stride: usize, vnni: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if vnni {
-        // Fixed block sizes let the compiler keep every accumulator in a register: up to 16
-        // 512-bit accumulators (weight rows × activation rows).
-        let mut t0 = 0;
-        while t0 < xs.len() {
-            let n = match xs.len() - t0 {
-                8.. => 8,
-                4..=7 => 4,
-                2 | 3 => 2,
-                _ => 1,
-            };
-            let tile = &xs[t0..t0 + n];
-            let mut r0 = 0;
-            while r0 < ws.len() {
-                let wide = if n == 8 { 2 } else { 4 };
-                let r = if ws.len() - r0 >= wide { wide } else { 1 };
-                let (w, o) = (&ws[r0..r0 + r], &mut out[r0 * stride + t0..]);
+    /// `out[t][lane]` = row `group·GROUP + lane` · activation row `t0 + t`, for `out.len()` (at
+    /// most eight) activation rows; `vnni` is [`available`].
+    fn group_product(
+        &self,
+        group: usize,
+        acts: &Activations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+        vnni: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if vnni {
+            // Fixed tile sizes let the compiler keep every accumulator in a register.
+            let mut t = 0;
+            while t < out.len() {
+                let n = match out.len() - t {
+                    8.. => 8,
+                    4..=7 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
+                let o = &mut out[t..t + n];
                 // SAFETY: the CPU has the features the kernel is compiled for (`available`),
-                // every slice holds whole pairs of blocks (`blocks` is even on both sides), and
-                // `o` holds `(r - 1)·stride + n` values.
+                // `group` is a group of `self`, and activation rows `t0 + t .. + n` exist.
                 unsafe {
-                    match (r, n) {
-                        (2, 8) => dot_block_vnni::<2, 8>(w, tile, o, stride),
-                        (4, 4) => dot_block_vnni::<4, 4>(w, tile, o, stride),
-                        (4, 2) => dot_block_vnni::<4, 2>(w, tile, o, stride),
-                        (4, _) => dot_block_vnni::<4, 1>(w, tile, o, stride),
-                        (_, 8) => dot_block_vnni::<1, 8>(w, tile, o, stride),
-                        (_, 4) => dot_block_vnni::<1, 4>(w, tile, o, stride),
-                        (_, 2) => dot_block_vnni::<1, 2>(w, tile, o, stride),
-                        _ => dot_block_vnni::<1, 1>(w, tile, o, stride),
+                    match n {
+                        8 => self.group_vnni::<8>(group, acts, t0 + t, o),
+                        4 => self.group_vnni::<4>(group, acts, t0 + t, o),
+                        2 => self.group_vnni::<2>(group, acts, t0 + t, o),
+                        _ => self.group_vnni::<1>(group, acts, t0 + t, o),
                     }
                 }
-                r0 += r;
+                t += n;
             }
-            t0 += n;
+            return;
         }
-        return;
+        let _ = vnni;
+        self.group_scalar(group, acts, t0, out);
     }
-    let _ = vnni;
-    for (r, w) in ws.iter().enumerate() {
-        for (t, x) in xs.iter().enumerate() {
-            out[r * stride + t] = w.dot_scalar(x);
-        }
-    }
-}
 
-/// [`dot_block`] for exactly `R` weight rows and `N` activation rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_block_vnni<const R: usize, const N: usize>(
-    ws: &[Row<'_>],
-    xs: &[ActRow<'_>],
-    out: &mut [f32],
-    stride: usize,
-) {
-    use std::arch::x86_64::*;
-    let (ws, xs) = (&ws[..R], &xs[..N]);
-    let pairs = ws[0].scale.len() / 2;
-    let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    let low = _mm256_set1_epi8(0x0F);
-    let mut acc = [[_mm512_setzero_ps(); N]; R];
-    for p in 0..pairs {
-        let mut w = [_mm512_setzero_si512(); R];
-        let mut d = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            let row = &ws[r];
-            // SAFETY (all loads): pair `p` lies inside every row's slices, whose lengths are
-            // whole pairs of blocks.
-            w[r] = match row.width {
-                Width::Bytes => unsafe {
-                    _mm512_loadu_si512(row.qs.as_ptr().add(p * 2 * BLOCK).cast())
-                },
-                Width::Nibbles => {
-                    let v = unsafe {
-                        _mm256_loadu_si256(row.qs.as_ptr().add(p * BLOCK).cast::<__m256i>())
-                    };
-                    let lo = _mm256_and_si256(v, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                    // [lo₀ lo₁ hi₀ hi₁] → [lo₀ hi₀ lo₁ hi₁]: block 0's 32 inputs, then block 1's.
-                    let both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                    _mm512_shuffle_i64x2(both, both, 0b11_01_10_00)
+    /// [`Self::group_product`] without SIMD (CPUs without VNNI, and the kernel's reference in
+    /// tests).
+    fn group_scalar(&self, group: usize, acts: &Activations, t0: usize, out: &mut [[f32; GROUP]]) {
+        for (t, values) in out.iter_mut().enumerate() {
+            let x = acts.row(t0 + t);
+            for (lane, v) in values.iter_mut().enumerate() {
+                let r = group * GROUP + lane;
+                if r >= self.rows {
+                    *v = 0.0;
+                    continue;
                 }
-            };
-            // The weight scales of the pair, each over its block's eight lanes; the
-            // activations' scales come spread that way already.
-            let pair = unsafe { pair_ps(row.scale, p) };
-            d[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
-        }
-        for t in 0..N {
-            let x = &xs[t];
-            let xv = unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(p * 2 * BLOCK).cast()) };
-            let e = unsafe { _mm512_loadu_ps(x.spread.as_ptr().add(p * 16)) };
-            for r in 0..R {
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], xv);
-                let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), e);
-                acc[r][t] = _mm512_fmadd_ps(scaled, d[r], acc[r][t]);
+                let mut sum = 0.0;
+                for b in 0..self.blocks {
+                    let dp: i32 = (0..BLOCK)
+                        .map(|i| self.unsigned(r, b, i) as i32 * x.qs[b * BLOCK + i] as i32)
+                        .sum();
+                    let (d, m) = self.affine(r, b);
+                    sum += d * x.scale[b] * dp as f32 + m * x.scaled_sum[b];
+                }
+                *v = sum;
             }
         }
     }
-    for r in 0..R {
-        for t in 0..N {
-            // The offset term `Σ m·e·Σp` over blocks, sixteen at a time.
-            let (m, ss) = (ws[r].offset, xs[t].scaled_sum);
-            let mut off = _mm512_setzero_ps();
-            for at in (0..m.len()).step_by(16) {
-                let mask: __mmask16 = if m.len() - at >= 16 {
-                    0xFFFF
-                } else {
-                    (1u16 << (m.len() - at)) - 1
-                };
-                // SAFETY: the mask covers elements `at..m.len()` only (`ss` is as long as `m`).
-                let (mv, sv) = unsafe {
-                    (
-                        _mm512_maskz_loadu_ps(mask, m.as_ptr().add(at)),
-                        _mm512_maskz_loadu_ps(mask, ss.as_ptr().add(at)),
-                    )
-                };
-                off = _mm512_fmadd_ps(mv, sv, off);
+
+    /// [`Self::group_product`] for exactly `N` activation rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group_vnni<const N: usize>(
+        &self,
+        group: usize,
+        acts: &Activations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+    ) {
+        use std::arch::x86_64::*;
+        let bb = self.width.block_bytes();
+        let low = _mm512_set1_epi8(0x0F);
+        let xs: [ActRow<'_>; N] = std::array::from_fn(|t| acts.row(t0 + t));
+        let mut acc = [_mm512_setzero_ps(); N];
+        for b in 0..self.blocks {
+            let at = (group * self.blocks + b) * GROUP;
+            let q = self.qs[at * bb..(at + GROUP) * bb].as_ptr();
+            let mut w = [_mm512_setzero_si512(); QUADS];
+            // SAFETY (all loads): the group's block holds `GROUP · bb` bytes and `GROUP`
+            // scales and offsets; every activation row holds `blocks · BLOCK` bytes.
+            match self.width {
+                Width::Bytes => {
+                    for (s, w) in w.iter_mut().enumerate() {
+                        *w = unsafe { _mm512_loadu_si512(q.add(s * 64).cast()) };
+                    }
+                }
+                Width::Nibbles => {
+                    for s in 0..QUADS / 2 {
+                        let v = unsafe { _mm512_loadu_si512(q.add(s * 64).cast()) };
+                        w[s] = _mm512_and_si512(v, low);
+                        w[s + QUADS / 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                    }
+                }
             }
-            out[r * stride + t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t], off));
+            let d = unsafe { _mm512_loadu_ps(self.scale.as_ptr().add(at)) };
+            let m = unsafe { _mm512_loadu_ps(self.offset.as_ptr().add(at)) };
+            for t in 0..N {
+                let x = &xs[t];
+                let p = unsafe { x.qs.as_ptr().add(b * BLOCK) }.cast::<i32>();
+                let mut dp = _mm512_setzero_si512();
+                for (s, w) in w.iter().enumerate() {
+                    let four = _mm512_set1_epi32(unsafe { p.add(s).read_unaligned() });
+                    dp = _mm512_dpbusd_epi32(dp, *w, four);
+                }
+                let e = _mm512_set1_ps(x.scale[b]);
+                let scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(d, e), acc[t]);
+                acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.scaled_sum[b]), scaled);
+            }
+        }
+        for (t, o) in out.iter_mut().enumerate().take(N) {
+            // SAFETY: `o` holds exactly `GROUP` floats.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), acc[t]) };
         }
     }
 }
 
-/// Elements `2p` and `2p + 1` of `v` in the low half of a vector (the upper half is zero).
-///
-/// # Safety
-/// `v` must hold at least `2p + 2` elements, and the CPU must have SSE2.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn pair_ps(v: &[f32], p: usize) -> std::arch::x86_64::__m128 {
-    use std::arch::x86_64::*;
-    unsafe { _mm_castsi128_ps(_mm_loadl_epi64(v.as_ptr().add(2 * p).cast())) }
-}
-
-/// Activation rows quantized per block: `x ≈ scale · qs`, with `scaled_sum = scale · Σ qs`;
-/// `spread` repeats each block's scale eight times (one per 32-bit lane of the block's products
-/// in the kernel).
+/// Activation rows quantized per block: `x ≈ scale · qs`, with `scaled_sum = scale · Σ qs`.
 struct Activations {
     blocks: usize,
     qs: Vec<i8>,
     scale: Vec<f32>,
     scaled_sum: Vec<f32>,
-    spread: Vec<f32>,
 }
 
 /// One row of [`Activations`].
@@ -422,18 +382,17 @@ struct ActRow<'a> {
     qs: &'a [i8],
     scale: &'a [f32],
     scaled_sum: &'a [f32],
-    spread: &'a [f32],
 }
 
 impl Activations {
-    /// Quantizes `x: (rows, cols)`; blocks past `cols` (padding) are zero.
-    fn quantize(x: &[f32], rows: usize, cols: usize, blocks: usize) -> Self {
+    /// Quantizes `x: (rows, cols)`.
+    fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
+        let blocks = cols / BLOCK;
         let mut a = Self {
             blocks,
             qs: vec![0; rows * blocks * BLOCK],
             scale: vec![0.0; rows * blocks],
             scaled_sum: vec![0.0; rows * blocks],
-            spread: vec![0.0; rows * blocks * LANES],
         };
         for r in 0..rows {
             let row = &x[r * cols..(r + 1) * cols];
@@ -451,7 +410,6 @@ impl Activations {
                 }
                 a.scale[at] = d;
                 a.scaled_sum[at] = d * sum as f32;
-                a.spread[at * LANES..(at + 1) * LANES].fill(d);
             }
         }
         a
@@ -462,8 +420,7 @@ impl Activations {
         ActRow {
             qs: &self.qs[blocks.start * BLOCK..blocks.end * BLOCK],
             scale: &self.scale[blocks.clone()],
-            scaled_sum: &self.scaled_sum[blocks.clone()],
-            spread: &self.spread[blocks.start * LANES..blocks.end * LANES],
+            scaled_sum: &self.scaled_sum[blocks],
         }
     }
 }
@@ -487,11 +444,11 @@ mod tests {
     }
 
     /// The packed product equals the exact product of the block values (weights as the file
-    /// stores them, activations as quantized) up to float rounding, for every packed type and for
-    /// row counts around the tile and item sizes.
+    /// stores them, activations as quantized) up to float rounding, and the scalar kernel, for
+    /// every packed type and for row counts around the tile sizes.
     #[test]
     fn packed_product_matches_the_dequantized_product() {
-        let (n, k) = (37, 96); // three blocks per row: the padding block is exercised
+        let (n, k) = (37, 96); // a partial last group of rows, an odd number of blocks
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&weights(n, k), dtype).expect("quantize");
             let packed = PackedMatrix::from_qtensor(&q).expect("pack");
@@ -503,9 +460,16 @@ mod tests {
                     assert!((a - b).abs() < 1e-6, "{dtype:?} row {r}: {a} vs {b}");
                 }
             }
-            for m in [1, 3, 4, 9, 17] {
+            for m in [1, 3, 4, 9, 17, 23] {
                 let x = inputs(m, k);
-                let acts = Activations::quantize(&x, m, k, packed.blocks);
+                let acts = Activations::quantize(&x, m, k);
+                let mut scalar = vec![[0f32; GROUP]; m];
+                let groups: Vec<Vec<[f32; GROUP]>> = (0..packed.groups())
+                    .map(|g| {
+                        packed.group_scalar(g, &acts, 0, &mut scalar);
+                        scalar.clone()
+                    })
+                    .collect();
                 let got = packed.matmul(&x, m);
                 for r in 0..m {
                     let xq: Vec<f32> = (0..k)
@@ -521,7 +485,7 @@ mod tests {
                             (g - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
                             "{dtype:?} m={m} ({r},{j}): {g} vs {exact}"
                         );
-                        let scalar = packed.row(j).dot_scalar(&acts.row(r));
+                        let scalar = groups[j / GROUP][r][j % GROUP];
                         assert!((g - scalar).abs() <= 1e-4 * (1.0 + exact.abs()));
                     }
                 }
