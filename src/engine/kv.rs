@@ -95,6 +95,7 @@ impl SeqCache {
     }
 
     /// Keys (or values) of `position` for KV head `head` in `layer`.
+    #[inline(always)]
     fn row(&self, layer: usize, values: bool, position: usize, head: usize) -> &[f32] {
         let (block, slot) = (position / BLOCK_POSITIONS, position % BLOCK_POSITIONS);
         let hd = self.shape.head_dim;
@@ -214,17 +215,20 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
         let (row, h) = (&rows[i / heads], i % heads);
         let kv_head = h / n_rep;
         let qh = &q[i * hd..(i + 1) * hd];
-        let mut scores: Vec<f32> = (0..=row.position)
-            .map(|j| host::dot(qh, row.cache.row(layer, false, j, kv_head)) * scale)
-            .collect();
-        softmax(&mut scores);
-        for (j, w) in scores.iter().enumerate() {
-            host::axpy(oh, *w, row.cache.row(layer, true, j, kv_head));
-        }
+        host::wide(|| {
+            let mut scores: Vec<f32> = (0..=row.position)
+                .map(|j| host::dot(qh, row.cache.row(layer, false, j, kv_head)) * scale)
+                .collect();
+            softmax(&mut scores);
+            for (j, w) in scores.iter().enumerate() {
+                host::axpy(oh, *w, row.cache.row(layer, true, j, kv_head));
+            }
+        });
     });
     out
 }
 
+#[inline(always)]
 fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;

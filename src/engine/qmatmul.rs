@@ -211,7 +211,7 @@ impl PackedMatrix {
             return Vec::new();
         };
         debug_assert!(ms.iter().all(|m| m.cols == first.cols));
-        let acts = Activations::quantize(x, rows, first.cols);
+        let acts = host::wide(|| Activations::quantize(x, rows, first.cols));
         // Every matrix's groups one after another; each work item is one group and writes its
         // own columns of its matrix's output.
         let starts: Vec<usize> = ms
@@ -386,6 +386,7 @@ struct ActRow<'a> {
 
 impl Activations {
     /// Quantizes `x: (rows, cols)`.
+    #[inline(always)]
     fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
         let blocks = cols / BLOCK;
         let mut a = Self {
