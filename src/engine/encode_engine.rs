@@ -26,6 +26,10 @@ use super::models::Encoder;
 const BATCH_TEXTS: usize = 32;
 /// Padded tokens one forward holds at most (texts × longest text).
 const BATCH_TOKENS: usize = 8192;
+/// Padded tokens a batch reaches before it may end early to save padding.
+const MIN_BATCH_TOKENS: usize = 256;
+/// Share of a batch's tokens that may be padding once it holds `MIN_BATCH_TOKENS`.
+const PAD_SHARE: f64 = 0.15;
 /// Texts one turn takes from the queue at most (whole jobs; at least one job).
 const TURN_TEXTS: usize = 256;
 
@@ -219,16 +223,23 @@ fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Feat
         .collect()
 }
 
-/// Consecutive runs of length-sorted items within the batch bounds.
+/// Consecutive runs of length-sorted items within the batch bounds. A run also ends where the
+/// next text would make padding more than [`PAD_SHARE`] of the batch's tokens, once the batch
+/// holds [`MIN_BATCH_TOKENS`] (smaller batches cost more per token than padding does).
 fn batches(items: &[Item]) -> Vec<&[Item]> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < items.len() {
         let mut end = start + 1;
-        while end < items.len()
-            && end - start < BATCH_TEXTS
-            && (end + 1 - start) * items[end].len <= BATCH_TOKENS
-        {
+        let mut real = items[start].len;
+        while end < items.len() && end - start < BATCH_TEXTS {
+            let width = items[end].len;
+            let padded = (end + 1 - start) * width;
+            let wasteful = (padded - real - width) as f64 > PAD_SHARE * padded as f64;
+            if padded > BATCH_TOKENS || (wasteful && (end - start) * width >= MIN_BATCH_TOKENS) {
+                break;
+            }
+            real += width;
             end += 1;
         }
         out.push(&items[start..end]);
@@ -294,4 +305,57 @@ fn stack(rows: Vec<Option<Tensor>>) -> Result<Tensor> {
         })
         .collect::<Result<_>>()?;
     Ok(Tensor::stack(&rows, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(lens: &[usize]) -> Vec<Item> {
+        let mut v: Vec<Item> = lens
+            .iter()
+            .enumerate()
+            .map(|(t, &len)| Item { job: 0, text: t, len })
+            .collect();
+        v.sort_by_key(|i| i.len);
+        v
+    }
+
+    fn padded(batch: &[Item]) -> usize {
+        batch.len() * batch.last().map_or(0, |i| i.len)
+    }
+
+    #[test]
+    fn equal_lengths_fill_whole_batches() {
+        let all = items(&[20; 70]);
+        let sizes: Vec<usize> = batches(&all).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, vec![32, 32, 6]);
+    }
+
+    #[test]
+    fn mixed_lengths_split_where_padding_would_grow() {
+        // 32 texts of 8 to 39 tokens: one batch would be 40% padding.
+        let lens: Vec<usize> = (8..40).collect();
+        let all = items(&lens);
+        let runs = batches(&all);
+        assert!(runs.len() > 1);
+        assert_eq!(runs.iter().map(|b| b.len()).sum::<usize>(), 32);
+        for b in &runs {
+            let real: usize = b.iter().map(|i| i.len).sum();
+            let share = 1.0 - real as f64 / padded(b) as f64;
+            // A batch ends at the first text that would push padding past the bound once it has
+            // enough tokens, so every batch but a small one keeps within it.
+            assert!(share <= PAD_SHARE || padded(b) < 2 * MIN_BATCH_TOKENS, "{share}");
+        }
+        // Short texts are not split into tiny batches.
+        assert!(runs.iter().all(|b| padded(b) >= MIN_BATCH_TOKENS.min(8 * 16)));
+    }
+
+    #[test]
+    fn batches_keep_to_the_token_bound() {
+        let all = items(&[3000, 3000, 3000, 10]);
+        for b in batches(&all) {
+            assert!(b.len() == 1 || padded(b) <= BATCH_TOKENS);
+        }
+    }
 }
