@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
+use super::host;
 use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear};
 use super::ops;
 use super::weights::WeightStore;
@@ -85,6 +86,8 @@ pub struct Batch {
     pub ids: Tensor,
     /// `(batch, seq)` with 1 for real tokens, 0 for padding (f32).
     pub mask: Tensor,
+    /// Real (unpadded) tokens of each text.
+    pub lens: Vec<usize>,
 }
 
 impl Bert {
@@ -187,6 +190,7 @@ impl Bert {
         Ok(Batch {
             ids: Tensor::from_vec(ids, (seqs.len(), len), &self.device)?,
             mask: Tensor::from_vec(mask, (seqs.len(), len), &self.device)?,
+            lens: seqs.iter().map(Vec::len).collect(),
         })
     }
 
@@ -210,28 +214,28 @@ impl Bert {
         let mut x = self.emb_norm.forward(&x, eps, deltas.need_gradients())?;
         // (batch, 1, 1, seq): 0 where attended, MASKED at padding.
         let bias = ((batch.mask.ones_like()? - &batch.mask)? * MASKED)?.reshape((b, 1, 1, t))?;
+        let padding = Padding {
+            bias,
+            lens: &batch.lens,
+        };
         for layer in &self.layers {
-            x = self.layer(layer, &x, &bias, deltas)?;
+            x = self.layer(layer, &x, &padding, deltas)?;
         }
         Ok(x)
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, bias: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
-        let heads = self.cfg.num_attention_heads;
-        let hd = h / heads;
-        let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(l.query.forward_with(x, deltas)?)?;
-        let k = split(l.key.forward_with(x, deltas)?)?;
-        let v = split(l.value.forward_with(x, deltas)?)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        pad: &Padding<'_>,
+        deltas: Deltas<'_>,
+    ) -> Result<Tensor> {
+        let q = l.query.forward_with(x, deltas)?;
+        let k = l.key.forward_with(x, deltas)?;
+        let v = l.value.forward_with(x, deltas)?;
         let grad = deltas.need_gradients();
-        let probs = ops::softmax_last(&scores, grad)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let ctx = self.attention(&q, &k, &v, pad, grad)?;
         let eps = self.cfg.layer_norm_eps as f32;
         let x = l
             .attn_norm
@@ -239,6 +243,38 @@ impl Bert {
         let inner = ops::gelu_erf(&l.intermediate.forward_with(&x, deltas)?, grad)?;
         l.out_norm
             .forward(&(l.output.forward_with(&inner, deltas)? + x)?, eps, grad)
+    }
+
+    /// Self-attention of `q`, `k`, `v: (texts, width, hidden)` over each text's real tokens: on
+    /// the host when the tensors are there and no gradients are needed, else with tensor ops
+    /// (padded keys masked by `pad.bias`).
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pad: &Padding<'_>,
+        grad: bool,
+    ) -> Result<Tensor> {
+        let (b, t, h) = q.dims3()?;
+        let heads = self.cfg.num_attention_heads;
+        if !grad
+            && let Some(ctx) = host::with_slices(&[q, k, v], |s| {
+                host::attend_padded(s[0], s[1], s[2], pad.lens, t, heads)
+            })
+        {
+            return Ok(Tensor::from_vec(ctx, (b, t, h), q.device())?);
+        }
+        let hd = h / heads;
+        let split = |y: &Tensor| -> Result<Tensor> {
+            Ok(y.reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&pad.bias)?;
+        let probs = ops::softmax_last(&scores, grad)?;
+        Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?)
     }
 
     /// Sentence embeddings: mean over real tokens, L2-normalised, `(batch, hidden)`.
@@ -267,6 +303,14 @@ impl Bert {
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         Ok(pooler.forward_with(&cls, deltas)?.tanh()?)
     }
+}
+
+/// What attention needs to know of a batch's padding.
+struct Padding<'a> {
+    /// `(texts, 1, 1, width)`: 0 where attended, [`MASKED`] at padding.
+    bias: Tensor,
+    /// Real tokens of each text.
+    lens: &'a [usize],
 }
 
 /// Mean of `hidden` over the real tokens of `batch`, L2-normalised (sentence-transformers'

@@ -315,7 +315,11 @@ mod tests {
         let mut v: Vec<Item> = lens
             .iter()
             .enumerate()
-            .map(|(t, &len)| Item { job: 0, text: t, len })
+            .map(|(t, &len)| Item {
+                job: 0,
+                text: t,
+                len,
+            })
             .collect();
         v.sort_by_key(|i| i.len);
         v
@@ -345,10 +349,16 @@ mod tests {
             let share = 1.0 - real as f64 / padded(b) as f64;
             // A batch ends at the first text that would push padding past the bound once it has
             // enough tokens, so every batch but a small one keeps within it.
-            assert!(share <= PAD_SHARE || padded(b) < 2 * MIN_BATCH_TOKENS, "{share}");
+            assert!(
+                share <= PAD_SHARE || padded(b) < 2 * MIN_BATCH_TOKENS,
+                "{share}"
+            );
         }
         // Short texts are not split into tiny batches.
-        assert!(runs.iter().all(|b| padded(b) >= MIN_BATCH_TOKENS.min(8 * 16)));
+        assert!(
+            runs.iter()
+                .all(|b| padded(b) >= MIN_BATCH_TOKENS.min(8 * 16))
+        );
     }
 
     #[test]

@@ -243,21 +243,134 @@ pub fn add_dense(
     }
 }
 
-/// `erf(x)` by Abramowitz and Stegun's formula 7.1.26 (absolute error below 1.5e-7).
+/// `x · wᵀ` for `x: rows × k` and `w: n × k`, row-major, to `rows × n`: the rows split in
+/// parts over the pool, each part one single-threaded gemm call (so f32 matmuls share the pool
+/// with every other kernel instead of a second set of threads).
+pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    if rows == 0 || n == 0 {
+        return out;
+    }
+    // One part per worker: each part packs `w` again, so more parts cost more than they balance.
+    let part_rows = rows
+        .div_ceil(candle_core::utils::get_num_threads().max(1))
+        .next_multiple_of(16);
+    assert!(
+        x.len() >= rows * k && w.len() >= n * k,
+        "matmul_t operands too short"
+    );
+    par_chunks(&mut out, part_rows * n, |part, dst| {
+        let m = dst.len() / n;
+        let lhs = &x[part * part_rows * k..];
+        // SAFETY: `dst` is `m × n` row-major; `lhs` holds `m × k` row-major values from
+        // `x` and `w` holds `n × k`, read as the `k × n` matrix `wᵀ` (column stride `k`),
+        // as checked above.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+    out
+}
+
+/// Softmax of `x` in place.
+#[inline(always)]
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// Bidirectional attention over a batch of padded texts: `q`, `k`, `v` are
+/// `(texts · width, heads · head_dim)` row-major, text `b` holds `lens[b]` real positions and
+/// attends over those only. The result has the same layout; rows past a text's length are zero.
+/// One work item per query row (all its heads).
+pub fn attend_padded(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lens: &[usize],
+    width: usize,
+    heads: usize,
+) -> Vec<f32> {
+    let h = q.len() / (lens.len() * width).max(1);
+    let hd = h / heads.max(1);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    par_chunks(&mut out, h.max(1), |row, o| {
+        let (b, i) = (row / width, row % width);
+        let len = lens[b].min(width);
+        if i >= len {
+            return;
+        }
+        let keys = b * width..b * width + len;
+        wide(|| {
+            let mut scores = vec![0f32; len];
+            for (head, oh) in o.chunks_exact_mut(hd).enumerate() {
+                let at = |r: usize| r * h + head * hd..r * h + (head + 1) * hd;
+                let qh = &q[at(row)];
+                for (s, j) in scores.iter_mut().zip(keys.clone()) {
+                    *s = dot(qh, &k[at(j)]) * scale;
+                }
+                softmax(&mut scores);
+                for (&w, j) in scores.iter().zip(keys.clone()) {
+                    axpy(oh, w, &v[at(j)]);
+                }
+            }
+        });
+    });
+    out
+}
+
+/// `erf(x)` as an odd rational function of `x` on `[-4, 4]` (outside it `erf` is ±1 in f32),
+/// the minimax form common to XLA and Eigen (error of a few f32 ulps). No `exp`, no branch: the
+/// loops calling it vectorize.
 #[inline(always)]
 fn erf(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_7,
-        -1.453_152_1,
-        1.061_405_4,
+    const ALPHA: [f32; 7] = [
+        -2.726_142_3e-10,
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_600_1e-3,
+        -1.609_603_3e-2,
     ];
-    let z = x.abs();
-    let t = 1.0 / (1.0 + P * z);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    (1.0 - poly * (-z * z).exp()).copysign(x)
+    const BETA: [f32; 5] = [
+        -1.456_607_2e-5,
+        -2.133_740_6e-4,
+        -1.682_827e-3,
+        -7.373_329_2e-3,
+        -1.426_474e-2,
+    ];
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = ALPHA.iter().skip(1).fold(ALPHA[0], |p, &a| p * x2 + a);
+    let q = BETA.iter().skip(1).fold(BETA[0], |q, &b| q * x2 + b);
+    x * p / q
 }
 
 /// GELU in its exact form, `x·Φ(x) = x/2·(1 + erf(x/√2))`, of every value, over candle's worker
@@ -332,6 +445,74 @@ mod tests {
                     (got - expected).abs() < 1e-5,
                     "row {r} col {o}: {got} vs {expected}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn pooled_matmul_equals_the_plain_product() {
+        let (rows, k, n) = (150, 7, 5); // several parts, a short last one
+        let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.13).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.29).cos()).collect();
+        let y = matmul_t(&x, &w, rows, k, n);
+        for r in 0..rows {
+            for j in 0..n {
+                let e: f32 = (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum();
+                assert!((y[r * n + j] - e).abs() < 1e-5, "({r},{j})");
+            }
+        }
+    }
+
+    /// Each real row equals softmax(q·kᵀ/√d)·v over its own text's real positions; padded rows
+    /// are zero.
+    #[test]
+    fn padded_attention_reads_only_each_texts_real_tokens() {
+        let (width, heads, hd) = (4, 2, 3);
+        let lens = [3, 1];
+        let h = heads * hd;
+        let n = lens.len() * width * h;
+        let q: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let k: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.23).sin()).collect();
+        // Huge values at padded positions would show if they were read.
+        for (b, &len) in lens.iter().enumerate() {
+            for p in len..width {
+                v[(b * width + p) * h..(b * width + p + 1) * h].fill(1e6);
+            }
+        }
+        let out = attend_padded(&q, &k, &v, &lens, width, heads);
+        for (b, &len) in lens.iter().enumerate() {
+            for i in 0..width {
+                let row = b * width + i;
+                for head in 0..heads {
+                    let col = |r: usize, c: usize| r * h + head * hd + c;
+                    let logits: Vec<f64> = (0..len)
+                        .map(|j| {
+                            let r = b * width + j;
+                            (0..hd)
+                                .map(|c| (q[col(row, c)] * k[col(r, c)]) as f64)
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let max = logits.iter().copied().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    for c in 0..hd {
+                        let expected = if i < len {
+                            (0..len)
+                                .map(|j| e[j] / total * v[col(b * width + j, c)] as f64)
+                                .sum::<f64>()
+                        } else {
+                            0.0
+                        };
+                        let got = out[col(row, c)] as f64;
+                        assert!(
+                            (got - expected).abs() < 1e-5,
+                            "text {b} row {i}: {got} vs {expected}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -219,24 +219,13 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
             let mut scores: Vec<f32> = (0..=row.position)
                 .map(|j| host::dot(qh, row.cache.row(layer, false, j, kv_head)) * scale)
                 .collect();
-            softmax(&mut scores);
+            host::softmax(&mut scores);
             for (j, w) in scores.iter().enumerate() {
                 host::axpy(oh, *w, row.cache.row(layer, true, j, kv_head));
             }
         });
     });
     out
-}
-
-#[inline(always)]
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    x.iter_mut().for_each(|v| *v /= sum);
 }
 
 #[cfg(test)]

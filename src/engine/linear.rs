@@ -346,18 +346,47 @@ impl LoraLinear {
     /// `x: (rows, I)` to `(rows, O)`: the base projection over every row, then each delta over
     /// its own rows.
     pub fn forward_rows(&self, x: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
-        let y = self.base(x)?;
-        self.finish_rows(x, y, deltas)
+        Self::forward_rows_shared(&[self], x, deltas)?
+            .pop()
+            .ok_or(EngineError::EmptyInput { what: "projection" })
     }
 
     /// [`forward_rows`](Self::forward_rows) of several layers that read the same `x` (q, k and
-    /// v; gate and up). Packed base weights share one quantization of `x` and one pass over the
-    /// worker pool.
+    /// v; gate and up). With host weights and no gradients the whole projection stays on the
+    /// host until its result (packed weights share one quantization of `x` and one pass over
+    /// the worker pool); otherwise tensor ops.
     pub fn forward_rows_shared(
         layers: &[&LoraLinear],
         x: &Tensor,
         deltas: Deltas<'_>,
     ) -> Result<Vec<Tensor>> {
+        let grad = deltas.need_gradients();
+        if !grad {
+            let x = x.contiguous()?;
+            let (rows, k) = x.dims2()?;
+            let on_host = host::with_slice(&x, |xs| {
+                let ys = Self::host_products(layers, xs, rows, k)?;
+                let finish = |(l, y): (&&LoraLinear, Vec<f32>)| l.finish_host(&x, xs, y, deltas);
+                Some(layers.iter().zip(ys).map(finish).collect())
+            });
+            if let Some(Some(result)) = on_host {
+                return result;
+            }
+        }
+        layers
+            .iter()
+            .map(|l| l.finish_rows(x, l.base(x)?, deltas))
+            .collect()
+    }
+
+    /// `xs · Wᵀ` of every layer on the host, for `xs: rows × k`: `None` unless every weight is
+    /// packed, or every weight is f32 in host memory.
+    fn host_products(
+        layers: &[&LoraLinear],
+        xs: &[f32],
+        rows: usize,
+        k: usize,
+    ) -> Option<Vec<Vec<f32>>> {
         let packed: Option<Vec<&PackedMatrix>> = layers
             .iter()
             .map(|l| match &l.weight {
@@ -365,25 +394,18 @@ impl LoraLinear {
                 _ => None,
             })
             .collect();
-        let Some(ps) = packed else {
-            return layers
-                .iter()
-                .map(|l| l.finish_rows(x, l.base(x)?, deltas))
-                .collect();
-        };
-        let x = x.contiguous()?;
-        let rows = x.dim(0)?;
-        host::with_slice(&x, |xs| {
-            let ys = PackedMatrix::matmul_shared(&ps, xs, rows);
-            layers
-                .iter()
-                .zip(ys)
-                .map(|(l, y)| l.finish_host(&x, xs, y, deltas))
-                .collect()
-        })
-        .ok_or(EngineError::EmptyInput {
-            what: "host activations",
-        })?
+        if let Some(ps) = packed {
+            return Some(PackedMatrix::matmul_shared(&ps, xs, rows));
+        }
+        layers
+            .iter()
+            .map(|l| match &l.weight {
+                BaseWeight::Dense(w) => {
+                    host::with_slice(w, |w| host::matmul_t(xs, w, rows, k, l.out_dim))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Adds the bias and the deltas of `deltas` to the base product `y` of `x`.
@@ -476,6 +498,7 @@ impl LoraLinear {
         Ok(y)
     }
 
+    /// `x · Wᵀ` with tensor ops (see [`Self::host_products`] for the host path).
     fn base(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.weight {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
