@@ -216,9 +216,11 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
         let kv_head = h / n_rep;
         let qh = &q[i * hd..(i + 1) * hd];
         host::wide(|| {
-            let mut scores: Vec<f32> = (0..=row.position)
-                .map(|j| host::dot(qh, row.cache.row(layer, false, j, kv_head)) * scale)
-                .collect();
+            // Plain loops: an iterator's closures would not be compiled inside `wide`.
+            let mut scores = vec![0f32; row.position + 1];
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = host::dot(qh, row.cache.row(layer, false, j, kv_head)) * scale;
+            }
             host::softmax(&mut scores);
             for (j, w) in scores.iter().enumerate() {
                 host::axpy(oh, *w, row.cache.row(layer, true, j, kv_head));

@@ -211,7 +211,7 @@ impl PackedMatrix {
             return Vec::new();
         };
         debug_assert!(ms.iter().all(|m| m.cols == first.cols));
-        let acts = host::wide(|| Activations::quantize(x, rows, first.cols));
+        let acts = Activations::quantize(x, rows, first.cols);
         // Every matrix's groups one after another; each work item is one group and writes its
         // own columns of its matrix's output.
         let starts: Vec<usize> = ms
@@ -386,7 +386,6 @@ struct ActRow<'a> {
 
 impl Activations {
     /// Quantizes `x: (rows, cols)`.
-    #[inline(always)]
     fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
         let blocks = cols / BLOCK;
         let mut a = Self {
@@ -395,23 +394,12 @@ impl Activations {
             scale: vec![0.0; rows * blocks],
             scaled_sum: vec![0.0; rows * blocks],
         };
-        for r in 0..rows {
-            let row = &x[r * cols..(r + 1) * cols];
-            for (b, chunk) in row.chunks_exact(BLOCK).enumerate() {
-                let at = r * blocks + b;
-                let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let mut sum = 0i32;
-                for (q, v) in a.qs[at * BLOCK..(at + 1) * BLOCK].iter_mut().zip(chunk) {
-                    // Rounds half away from zero, as `f32::round`, without a libm call.
-                    let y = v * inv;
-                    *q = (y + 0.5f32.copysign(y)) as i8;
-                    sum += *q as i32;
-                }
-                a.scale[at] = d;
-                a.scaled_sum[at] = d * sum as f32;
-            }
+        let simd = available();
+        let values = x[..rows * cols].chunks_exact(BLOCK);
+        for (at, (chunk, qs)) in values.zip(a.qs.chunks_exact_mut(BLOCK)).enumerate() {
+            let (d, sum) = quantize_block_on(simd, chunk, qs);
+            a.scale[at] = d;
+            a.scaled_sum[at] = d * sum as f32;
         }
         a
     }
@@ -424,6 +412,70 @@ impl Activations {
             scaled_sum: &self.scaled_sum[blocks],
         }
     }
+}
+
+/// Quantizes one block to `qs ≈ v / d`, rounding half away from zero (as `f32::round`);
+/// returns `(d, Σ qs)`.
+fn quantize_block(v: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    let amax = v.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in qs.iter_mut().zip(v) {
+        let y = v * inv;
+        *q = (y + 0.5f32.copysign(y)) as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
+}
+
+/// [`quantize_block`], in vector registers when `simd` ([`available`]).
+fn quantize_block_on(simd: bool, v: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the CPU has AVX-512 (`available`); the blocks hold `BLOCK` values.
+        return unsafe { quantize_block_avx512(v, qs) };
+    }
+    let _ = simd;
+    quantize_block(v, qs)
+}
+
+/// [`quantize_block`] in two 512-bit registers, with the same result.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `v` and `qs` must hold [`BLOCK`] values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_block_avx512(v: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(v.len() == BLOCK && qs.len() == BLOCK);
+    // SAFETY: `v` holds 32 floats (two registers).
+    let (a, b) = unsafe {
+        (
+            _mm512_loadu_ps(v.as_ptr()),
+            _mm512_loadu_ps(v.as_ptr().add(16)),
+        )
+    };
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    let d = amax / 127.0;
+    let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let half = _mm512_set1_ps(0.5);
+    let round = |x: __m512| {
+        let y = _mm512_mul_ps(x, inv);
+        let signed_half = _mm512_castsi512_ps(_mm512_or_si512(
+            _mm512_and_si512(_mm512_castps_si512(y), sign),
+            _mm512_castps_si512(half),
+        ));
+        _mm512_cvttps_epi32(_mm512_add_ps(y, signed_half))
+    };
+    let (qa, qb) = (round(a), round(b));
+    // SAFETY: `qs` holds 32 bytes (two 16-byte stores).
+    unsafe {
+        _mm_storeu_si128(qs.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128(qs.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(qb));
+    }
+    (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
 }
 
 #[cfg(test)]
@@ -507,6 +559,30 @@ mod tests {
         let x = inputs(5, k);
         let both = PackedMatrix::matmul_shared(&[&a, &b], &x, 5);
         assert_eq!(both, vec![a.matmul(&x, 5), b.matmul(&x, 5)]);
+    }
+
+    /// The vector quantizer gives the scalar one's bytes, scale and sum.
+    #[test]
+    fn block_quantizers_agree() {
+        if !available() {
+            return;
+        }
+        let mut x = inputs(40, BLOCK);
+        // Exact halves (scale 1): rounded away from zero by both.
+        x[..6].copy_from_slice(&[127.0, 2.5, -2.5, 0.5, -0.5, -126.5]);
+        x[6..BLOCK].fill(0.0);
+        for (i, v) in x.chunks_exact(BLOCK).enumerate() {
+            let factor = if i == 0 { 1.0 } else { i as f32 * 0.3 - 4.0 };
+            let v: Vec<f32> = v.iter().map(|a| a * factor).collect();
+            let (mut q1, mut q2) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let plain = quantize_block(&v, &mut q1);
+            // SAFETY: `available` checked AVX-512; both blocks are BLOCK long.
+            let wide = unsafe { quantize_block_avx512(&v, &mut q2) };
+            assert_eq!((plain, q1), (wide, q2), "block {i}");
+        }
+        let mut q = [0i8; BLOCK];
+        quantize_block(&x[..BLOCK], &mut q);
+        assert_eq!(q[..6], [127, 3, -3, 1, -1, -127]);
     }
 
     #[test]
