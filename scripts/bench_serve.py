@@ -4,8 +4,9 @@
 Measures, in this order (the anchors last, while the server is idle):
   decode  single-stream decode tokens/s through /v1/completions, base model and one adapter
   sweep   1/4/16/32 concurrent streaming clients for --duration seconds per level, once over
-          eight adapter sets (client i uses set i % 8) and once with every client on the base
-          model: completion tokens/s, TTFT and inter-token latency p50/p99, errors
+          eight adapter sets (client i uses set i % 8; one is a dense TIES merge), once over the
+          same sets with that one replaced by a low-rank merge, and once with every client on
+          the base model: completion tokens/s, TTFT and inter-token latency p50/p99, errors
   embed   all-MiniLM-L6-v2 through /v1/embeddings, batches of 32, at 1 and 8 clients
   anchors llama_cpp.Llama on the same GGUF (single-stream decode tokens/s) and
           SentenceTransformer on the same MiniLM folder (sentences/s), 2 threads each;
@@ -48,6 +49,9 @@ ADAPTER_SETS = [
     "sentiment-lm+news-lm+language-lm",  # knots-ties, the default method
     "shout+sentiment-lm@ties",  # dense TIES
 ]
+# The same mix with the dense set replaced by a low-rank merge of the same adapters: what the
+# dense ΔW (f32, four times the bytes of the 4-bit base) costs the batch.
+LOW_RANK_SETS = ADAPTER_SETS[:-1] + ["shout+sentiment-lm@knots-ta"]
 DECODE_ADAPTER = "shout"
 # A plain-text prompt (no chat template) so the server and llama.cpp see the same tokens;
 # greedy decoding of a 135M model runs on (or loops) well past 128 tokens from here.
@@ -267,8 +271,9 @@ def run_level(base_url: str, group: str, models: list[str], clients: int, durati
 
 
 def bench_sweep(base_url: str, levels: list[int], duration: float, max_tokens: int) -> None:
-    warm(base_url, ADAPTER_SETS + [BASE_MODEL])
-    for group, models in (("adapter sets", ADAPTER_SETS), ("base", [BASE_MODEL])):
+    warm(base_url, ADAPTER_SETS + LOW_RANK_SETS + [BASE_MODEL])
+    groups = (("adapter sets", ADAPTER_SETS), ("low-rank sets", LOW_RANK_SETS), ("base", [BASE_MODEL]))
+    for group, models in groups:
         for clients in levels:
             run_level(base_url, group, models, clients, duration, max_tokens)
 
@@ -315,8 +320,11 @@ def bench_embed(base_url: str, sentences: list[str], levels: list[int], duration
     batches = [sentences[i : i + batch] for i in range(0, len(sentences), batch)]
     post_json(base_url + "/v1/embeddings", {"model": EMBED_MODEL, "input": batches[0]})  # warm
 
-    def client(index: int, deadline: float) -> tuple[int, list[float], int]:
-        done, latencies, errors, n = 0, [], 0, index
+    # Clients start no request after the deadline and finish the one in flight; throughput is
+    # every sentence embedded over the time until the last reply (a window that dropped the
+    # requests in flight at its end would undercount long requests).
+    def client(index: int, deadline: float) -> tuple[int, list[float], int, float]:
+        done, latencies, errors, n, last = 0, [], 0, index, time.perf_counter()
         while time.perf_counter() < deadline:
             chunk = batches[n % len(batches)]
             n += 1
@@ -330,11 +338,10 @@ def bench_embed(base_url: str, sentences: list[str], levels: list[int], duration
                 note(f"embed error: {e!r}"[:200])
                 time.sleep(0.1)
                 continue
-            finished = time.perf_counter()
-            if finished <= deadline:
-                done += len(chunk)
-                latencies.append(finished - started)
-        return done, latencies, errors
+            last = time.perf_counter()
+            done += len(chunk)
+            latencies.append(last - started)
+        return done, latencies, errors, last
 
     for clients in levels:
         start = time.perf_counter()
@@ -347,7 +354,7 @@ def bench_embed(base_url: str, sentences: list[str], levels: list[int], duration
             "clients": clients,
             "batch": batch,
             "requests": len(latencies),
-            "sentences_s": round(sum(p[0] for p in parts) / duration, 1),
+            "sentences_s": round(sum(p[0] for p in parts) / (max(p[3] for p in parts) - start), 1),
             "latency_p50_ms": ms(percentile(latencies, 0.5)),
             "latency_p99_ms": ms(percentile(latencies, 0.99)),
             "errors": sum(p[2] for p in parts),
@@ -489,8 +496,12 @@ def summary(results: list[dict]) -> str:
               r.get("decode_tok_s", r.get("sentences_s"))] for k, r in anchors.items()]))
     base_tps = decode.get(BASE_MODEL, {}).get("decode_tok_s")
     embed_1 = next((r["sentences_s"] for r in by("embed") if r["clients"] == 1), None)
+    sweep = {(r["group"], r["clients"]): r["tok_s"] for r in by("sweep")}
     ratios = [
         ["adapter / base decode", ratio(decode.get(DECODE_ADAPTER, {}).get("decode_tok_s"), base_tps)],
+        ["16 clients over 8 sets / single stream", ratio(sweep.get(("adapter sets", 16)), base_tps)],
+        ["16 clients: sets / base", ratio(sweep.get(("adapter sets", 16)), sweep.get(("base", 16)))],
+        ["16 clients: low-rank sets / base", ratio(sweep.get(("low-rank sets", 16)), sweep.get(("base", 16)))],
         ["knots / llama.cpp decode", ratio(base_tps, anchors.get("llama.cpp", {}).get("decode_tok_s"))],
         ["knots (1 client) / sentence-transformers", ratio(embed_1, anchors.get("sentence-transformers", {}).get("sentences_s"))],
     ]

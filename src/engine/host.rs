@@ -187,16 +187,49 @@ pub fn add_low_rank(
             return;
         }
         wide(|| {
-            let mut h = vec![0f32; rank];
-            let xr = &x[r * in_dim..(r + 1) * in_dim];
-            for (&xi, a_row) in xr.iter().zip(g.a_t.chunks_exact(rank)) {
-                axpy(&mut h, xi, a_row);
-            }
+            let h = low_rank_hidden(&x[r * in_dim..(r + 1) * in_dim], g.a_t, rank);
             for (&hj, b_row) in h.iter().zip(g.b_t.chunks_exact(out_dim)) {
                 axpy(dst, hj, b_row);
             }
         });
     });
+}
+
+/// `h = x · aᵀ` (`rank` values) for `a_t: x.len() × rank` row-major, sixteen (or eight) columns
+/// of `a_t` at a time so their sums stay in one register across the whole input; each `h_j`
+/// sums over the input in order.
+#[inline(always)]
+fn low_rank_hidden(x: &[f32], a_t: &[f32], rank: usize) -> Vec<f32> {
+    let mut h = vec![0f32; rank];
+    let mut c = 0;
+    while c < rank {
+        c += match rank - c {
+            16.. => hidden_columns::<16>(x, a_t, rank, c, &mut h),
+            8.. => hidden_columns::<8>(x, a_t, rank, c, &mut h),
+            _ => hidden_columns::<1>(x, a_t, rank, c, &mut h),
+        };
+    }
+    h
+}
+
+/// Columns `c..c + W` of [`low_rank_hidden`]; returns `W`.
+#[inline(always)]
+fn hidden_columns<const W: usize>(
+    x: &[f32],
+    a_t: &[f32],
+    rank: usize,
+    c: usize,
+    h: &mut [f32],
+) -> usize {
+    let mut acc = [0f32; W];
+    for (&xi, row) in x.iter().zip(a_t.chunks_exact(rank)) {
+        let a = &row[c..c + W];
+        for j in 0..W {
+            acc[j] += xi * a[j];
+        }
+    }
+    h[c..c + W].copy_from_slice(&acc);
+    W
 }
 
 /// Adds the dense update `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows`,
@@ -395,7 +428,13 @@ mod tests {
 
     #[test]
     fn low_rank_update_matches_the_matrix_product_on_chosen_rows() {
-        let (in_dim, rank, out_dim) = (5, 2, 3);
+        for rank in [2, 8, 27] {
+            low_rank_update_matches_at_rank(rank);
+        }
+    }
+
+    fn low_rank_update_matches_at_rank(rank: usize) {
+        let (in_dim, out_dim) = (5, 3);
         let x: Vec<f32> = (0..3 * in_dim).map(|i| i as f32 * 0.1 - 0.4).collect();
         let a_t: Vec<f32> = (0..in_dim * rank).map(|i| (i as f32).sin()).collect();
         let b_t: Vec<f32> = (0..rank * out_dim).map(|i| (i as f32).cos()).collect();
