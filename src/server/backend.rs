@@ -52,6 +52,9 @@ pub enum Prompt {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
     pub max_tokens: usize,
+    /// Whether the client gave `max_tokens`: then a prompt plus `max_tokens` beyond the model's
+    /// context is an error; the server's default is cut to the room the prompt leaves.
+    pub max_tokens_given: bool,
     /// 0 means greedy.
     pub temperature: f64,
     pub top_p: f64,

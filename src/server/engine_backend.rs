@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::backend::{
     Backend, BackendError, BaseInfo, BaseKind, FinishReason, Finished, GenEvent, GenStream,
-    GenerateJob, LabelScore, Prompt, TaskHead,
+    GenerateJob, LabelScore, Prompt, Sampling, TaskHead,
 };
 use crate::adapters::SavedTensor;
 use crate::engine::{
@@ -159,6 +159,30 @@ fn is_encoder(path: &ModelPath) -> bool {
     )
 }
 
+/// The `max_tokens` a job runs with: a requested value the context cannot hold after the prompt
+/// is an error naming it (as OpenAI's API and vLLM answer), the server's default is cut to the
+/// room left. A prompt that fills the context is left to the engine's prompt check.
+fn fit_max_tokens(s: &Sampling, prompt: usize, context: usize) -> Result<usize, BackendError> {
+    let room = context.saturating_sub(prompt);
+    if room == 0 {
+        return Ok(s.max_tokens);
+    }
+    if !s.max_tokens_given {
+        return Ok(s.max_tokens.min(room));
+    }
+    if s.max_tokens > room {
+        return Err(BackendError::InvalidInput {
+            param: "max_tokens",
+            message: format!(
+                "the prompt's {prompt} tokens plus max_tokens {} exceed the model's context of \
+                 {context} tokens (at most {room} here)",
+                s.max_tokens
+            ),
+        });
+    }
+    Ok(s.max_tokens)
+}
+
 fn backend_error(e: EngineError) -> BackendError {
     match e {
         EngineError::QueueFull { .. } | EngineError::Stopped => {
@@ -234,7 +258,7 @@ impl Backend for EngineBackend {
             top_p: s.top_p as f32,
             top_k: s.top_k,
             seed: s.seed,
-            max_tokens: s.max_tokens,
+            max_tokens: fit_max_tokens(s, prompt.len(), tm.model.context_length())?,
             stop: s.stop.clone(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -438,5 +462,35 @@ fn build_head(h: &TaskHead, encoder: &Encoder) -> Result<Head, EngineError> {
             head.labels = h.labels.clone();
             Ok(head)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(max_tokens: usize, given: bool) -> Sampling {
+        Sampling {
+            max_tokens,
+            max_tokens_given: given,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: None,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn requested_max_tokens_must_fit_and_the_default_is_cut_to_fit() {
+        assert_eq!(fit_max_tokens(&sampling(92, true), 8, 100).ok(), Some(92));
+        match fit_max_tokens(&sampling(93, true), 8, 100) {
+            Err(BackendError::InvalidInput { param, .. }) => assert_eq!(param, "max_tokens"),
+            other => panic!("expected a max_tokens error, got {other:?}"),
+        }
+        assert_eq!(fit_max_tokens(&sampling(256, false), 8, 100).ok(), Some(92));
+        assert_eq!(fit_max_tokens(&sampling(5, false), 8, 100).ok(), Some(5));
+        // A prompt that fills the context is the engine's prompt error, not this one.
+        assert_eq!(fit_max_tokens(&sampling(5, true), 100, 100).ok(), Some(5));
     }
 }

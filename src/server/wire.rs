@@ -137,6 +137,7 @@ impl GenerationRequest {
         }
         Ok(Sampling {
             max_tokens,
+            max_tokens_given: max.is_some(),
             temperature,
             top_p,
             top_k,

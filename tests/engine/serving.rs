@@ -272,7 +272,18 @@ async fn a_full_queue_answers_429_and_a_request_beyond_the_cache_400() {
         .send()
         .await
         .unwrap();
-    assert_eq!(too_long.status(), 400, "more than the whole KV cache");
+    assert_eq!(too_long.status(), 400, "beyond the context");
+    let error: serde_json::Value = too_long.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "max_tokens", "{error}");
+    let huge = client
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"model": "smollm2-135m-instruct", "prompt": "x", "max_tokens": 1_000_000_000_000u64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), 400, "a trillion tokens is refused at once");
+    let error: serde_json::Value = huge.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "max_tokens", "{error}");
     let _ = stop.send(());
 }
 
