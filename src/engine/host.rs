@@ -11,22 +11,28 @@ use candle_core::{Storage, Tensor};
 /// Calls `f` with `t`'s values when it is a contiguous f32 tensor in host memory; `None` for any
 /// other tensor (GPU, other dtype, strided view), where callers use tensor ops instead.
 pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    with_slices(&[t], |s| f(s[0]))
+    let (storage, layout) = t.storage_and_layout();
+    host_values(&storage, layout).map(f)
 }
 
 /// [`with_slice`] for several distinct tensors at once: `None` unless every one is a contiguous
 /// f32 tensor in host memory.
 pub fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (storage, layout) in &guards {
-        let Storage::Cpu(cpu) = &**storage else {
-            return None;
-        };
-        let (start, end) = layout.contiguous_offsets()?;
-        slices.push(cpu.as_slice::<f32>().ok()?.get(start..end)?);
-    }
-    Some(f(&slices))
+    let slices: Option<Vec<&[f32]>> = guards
+        .iter()
+        .map(|(storage, layout)| host_values(storage, layout))
+        .collect();
+    slices.map(|s| f(&s))
+}
+
+/// The values a contiguous f32 host tensor's layout covers in its storage.
+fn host_values<'s>(storage: &'s Storage, layout: &candle_core::Layout) -> Option<&'s [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    cpu.as_slice::<f32>().ok()?.get(start..end)
 }
 
 /// Calls `f` compiled for AVX-512 when this CPU has it, so the loops inlined into it use 512-bit

@@ -503,15 +503,16 @@ impl LoraLinear {
         Ok(match &self.weight {
             BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(q) => q.forward(&x.contiguous()?)?,
-            BaseWeight::Packed(p) => {
+            BaseWeight::Packed(_) => {
                 let x = x.contiguous()?;
-                let rows = x.dim(0)?;
-                let y = host::with_slice(&x, |xs| PackedMatrix::matmul_shared(&[p], xs, rows))
+                let (rows, k) = x.dims2()?;
+                let y = host::with_slice(&x, |xs| Self::host_products(&[self], xs, rows, k))
+                    .flatten()
                     .and_then(|mut ys| ys.pop())
                     .ok_or(EngineError::EmptyInput {
                         what: "host activations",
                     })?;
-                Tensor::from_vec(y, (rows, p.shape().0), x.device())?
+                Tensor::from_vec(y, (rows, self.out_dim), x.device())?
             }
         })
     }

@@ -149,11 +149,6 @@ impl PackedMatrix {
         Ok(m)
     }
 
-    /// `(O, I)`.
-    pub fn shape(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.qs.len() + 4 * (self.scale.len() + self.offset.len())
