@@ -1,8 +1,9 @@
-//! Every case of the KnOTS reference implementation's golden outputs (tests/fixtures/knots-golden)
-//! reproduced through the code path of `knots merge --format delta`.
+//! Every case of the KnOTS and Core Space reference implementations' golden outputs
+//! (tests/fixtures/knots-golden, tests/fixtures/core-golden) reproduced through the code path of
+//! `knots merge --format delta`.
 
 use knots::adapters::LoraAdapter;
-use knots::cli::merge::{Format, MergeArgs, run};
+use knots::cli::merge::{Format, MergeArgs, MergeFlags, run};
 use knots::merge::{Factors, Method, align};
 use serde_json::Value;
 
@@ -11,15 +12,24 @@ use crate::common::{fixture, read_matrices};
 const TOLERANCE: f64 = 1e-4;
 
 fn case(name: &str) -> (std::path::PathBuf, Value) {
-    let dir = fixture("knots-golden").join(name);
+    case_in("knots-golden", name)
+}
+
+fn case_in(set: &str, name: &str) -> (std::path::PathBuf, Value) {
+    let dir = fixture(set).join(name);
     let text = std::fs::read_to_string(dir.join("case.json")).unwrap();
     (dir, serde_json::from_str(&text).unwrap())
 }
 
 fn merge_case(name: &str) {
-    let (dir, case) = case(name);
+    merge_case_in("knots-golden", name);
+}
+
+fn merge_case_in(set: &str, name: &str) {
+    let (dir, case) = case_in(set, name);
     let hp = &case["hyperparameters"];
     let out = tempfile::tempdir().unwrap();
+    let method = case["method"].as_str().unwrap().parse::<Method>().unwrap();
     let args = MergeArgs {
         adapters: case["adapters"]
             .as_array()
@@ -28,12 +38,14 @@ fn merge_case(name: &str) {
             .map(|a| dir.join(a.as_str().unwrap()))
             .collect(),
         out: out.path().join("merged"),
-        method: case["method"].as_str().unwrap().parse::<Method>().unwrap(),
-        density: hp["density"].as_f64(),
-        lambda: hp["lambda"].as_f64(),
+        merge: MergeFlags {
+            method: Some(method),
+            density: hp["density"].as_f64(),
+            lambda: hp["lambda"].as_f64(),
+            isotropize: hp["isotropize"].as_bool() == Some(true) && !method.always_isotropic(),
+            ..MergeFlags::default()
+        },
         weights: None,
-        dare_p: None,
-        seed: None,
         format: Format::Delta,
         rank: None,
     };
@@ -81,6 +93,26 @@ fn ta_sum() {
 #[test]
 fn knots_ties_with_a_duplicated_adapter() {
     merge_case("knots_ties_dup");
+}
+
+#[test]
+fn core_ta() {
+    merge_case_in("core-golden", "core_ta");
+}
+
+#[test]
+fn core_ties() {
+    merge_case_in("core-golden", "core_ties");
+}
+
+#[test]
+fn core_tsv() {
+    merge_case_in("core-golden", "core_tsv");
+}
+
+#[test]
+fn core_iso_c() {
+    merge_case_in("core-golden", "core_iso_c");
 }
 
 /// The factored SVD keeps as many components as the reference and finds its singular values.

@@ -46,6 +46,7 @@ fn opts(lambda: f64, density: Option<f64>, dare_p: Option<f64>, seed: u64) -> Me
         density,
         dare_p,
         seed: Some(seed),
+        ..MergeOptions::default()
     }
 }
 

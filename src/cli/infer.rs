@@ -9,12 +9,13 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use super::merge::MergeFlags;
 use crate::adapters::LoraAdapter;
 use crate::engine::{
     self, DEFAULT_TEXT_SCALE, Encoder, Head, Message, SamplingParams, Scope, TextModel, classify,
     generate, parse_device,
 };
-use crate::merge::{self, MergeInput, MergeOptions, MergeParams, MergedDelta, Method, Silent};
+use crate::merge::{self, MergeInput, MergedDelta, Silent};
 
 /// Model, device and adapter set shared by the three commands.
 #[derive(Debug, Clone, Args)]
@@ -28,21 +29,9 @@ pub struct ModelArgs {
     /// PEFT adapter directories to apply (one: its own update; several: merged).
     #[arg(long = "adapter", env = "KNOTS_ADAPTERS", value_delimiter = ',')]
     pub adapters: Vec<PathBuf>,
-    /// Merge method for several adapters (or to force a merge of one) [default: knots-ties].
-    #[arg(long, env = "KNOTS_METHOD")]
-    pub method: Option<Method>,
-    /// TIES density in (0, 1] [default: the method's].
-    #[arg(long, env = "KNOTS_DENSITY")]
-    pub density: Option<f64>,
-    /// Merge scaling coefficient λ [default: 1].
-    #[arg(long, env = "KNOTS_LAMBDA")]
-    pub lambda: Option<f64>,
-    /// DARE drop probability [default: 0.1].
-    #[arg(long, env = "KNOTS_DARE_P")]
-    pub dare_p: Option<f64>,
-    /// DARE seed [default: 0].
-    #[arg(long, env = "KNOTS_MERGE_SEED")]
-    pub merge_seed: Option<u64>,
+    /// Merge settings for several adapters (or, with --method, to force a merge of one).
+    #[command(flatten)]
+    pub merge: MergeFlags,
 }
 
 impl ModelArgs {
@@ -59,18 +48,11 @@ impl ModelArgs {
             .iter()
             .map(|d| LoraAdapter::load(d).with_context(|| format!("adapter {}", d.display())))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let delta = match (&adapters[..], self.method) {
+        let delta = match (&adapters[..], self.merge.method) {
             ([], _) => None,
             ([one], None) => Some(one.delta()),
-            (many, method) => {
-                let options = MergeOptions {
-                    lambda: self.lambda,
-                    density: self.density,
-                    dare_p: self.dare_p,
-                    seed: self.merge_seed,
-                };
-                let params =
-                    MergeParams::new(method.unwrap_or(MergeParams::DEFAULT_METHOD), options)?;
+            (many, _) => {
+                let params = self.merge.params()?;
                 let inputs: Vec<MergeInput<'_>> = many.iter().map(MergeInput::new).collect();
                 Some(merge::merge(&inputs, &params, &Silent)?)
             }

@@ -20,6 +20,49 @@ pub enum Format {
     Delta,
 }
 
+/// The merge settings shared by `merge`, `generate`, `embed` and `classify`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MergeFlags {
+    /// Merge method: ta, ties, dare, dare-ties, knots-ta, knots-ties, knots-dare-ties, core-ta,
+    /// core-ties, core-dare-ties, core-tsv, core-iso-c, core-iso-cts [default: knots-ties].
+    #[arg(long, env = "KNOTS_METHOD")]
+    pub method: Option<Method>,
+    /// Fraction of entries TIES keeps per adapter, in (0, 1] [default: 0.2, or 1 for dare-*].
+    #[arg(long, env = "KNOTS_DENSITY")]
+    pub density: Option<f64>,
+    /// Scaling coefficient λ of the merged update [default: 1].
+    #[arg(long, env = "KNOTS_LAMBDA")]
+    pub lambda: Option<f64>,
+    /// DARE drop probability, in [0, 1) [default: 0.1].
+    #[arg(long, env = "KNOTS_DARE_P")]
+    pub dare_p: Option<f64>,
+    /// DARE seed [default: 0].
+    #[arg(long, env = "KNOTS_MERGE_SEED")]
+    pub merge_seed: Option<u64>,
+    /// Flatten the merged spectrum (core-* methods; always on for core-iso-c and core-iso-cts).
+    #[arg(long, env = "KNOTS_ISOTROPIZE")]
+    pub isotropize: bool,
+    /// Iso-CTS: fraction of the core dimension kept as the common subspace, in [0, 1]
+    /// [default: 0.8].
+    #[arg(long, env = "KNOTS_COMMON_FRACTION")]
+    pub common_fraction: Option<f64>,
+}
+
+impl MergeFlags {
+    /// The validated parameters, with the method defaulting to knots-ties.
+    pub fn params(&self) -> Result<MergeParams, merge::MergeError> {
+        let options = MergeOptions {
+            lambda: self.lambda,
+            density: self.density,
+            dare_p: self.dare_p,
+            seed: self.merge_seed,
+            isotropize: self.isotropize.then_some(true),
+            common_fraction: self.common_fraction,
+        };
+        MergeParams::new(self.method.unwrap_or(MergeParams::DEFAULT_METHOD), options)
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct MergeArgs {
     /// PEFT adapter directories to merge.
@@ -28,24 +71,11 @@ pub struct MergeArgs {
     /// Output directory (must not exist, or be empty).
     #[arg(long, env = "KNOTS_OUT")]
     pub out: PathBuf,
-    /// Merge method: ta, ties, dare, dare-ties, knots-ta, knots-ties, knots-dare-ties.
-    #[arg(long, env = "KNOTS_METHOD", default_value = "knots-ties")]
-    pub method: Method,
-    /// Fraction of entries TIES keeps per adapter, in (0, 1] [default: 0.2, or 1 for dare-*].
-    #[arg(long, env = "KNOTS_DENSITY")]
-    pub density: Option<f64>,
-    /// Scaling coefficient λ of the merged update [default: 1].
-    #[arg(long, env = "KNOTS_LAMBDA")]
-    pub lambda: Option<f64>,
+    #[command(flatten)]
+    pub merge: MergeFlags,
     /// Per-adapter weights, in the order the adapters are given [default: all 1].
     #[arg(long, env = "KNOTS_WEIGHTS", value_delimiter = ',')]
     pub weights: Option<Vec<f64>>,
-    /// DARE drop probability, in [0, 1) [default: 0.1].
-    #[arg(long, env = "KNOTS_DARE_P")]
-    pub dare_p: Option<f64>,
-    /// DARE seed [default: 0].
-    #[arg(long, env = "KNOTS_SEED")]
-    pub seed: Option<u64>,
     /// Output format.
     #[arg(long, env = "KNOTS_FORMAT", value_enum, default_value = "peft")]
     pub format: Format,
@@ -87,13 +117,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<MergeSummary> {
         Some(w) => w.clone(),
         None => vec![1.0; adapters.len()],
     };
-    let options = MergeOptions {
-        lambda: args.lambda,
-        density: args.density,
-        dare_p: args.dare_p,
-        seed: args.seed,
-    };
-    let params = MergeParams::new(args.method, options)?;
+    let params = args.merge.params()?;
     if args.format == Format::Delta && args.rank.is_some() {
         bail!("--rank applies to --format peft only: a dense delta is written at full rank");
     }
@@ -163,6 +187,8 @@ fn export_info(
         "density": params.density,
         "dare_p": params.dare_p,
         "seed": params.seed,
+        "isotropize": params.isotropize,
+        "common_fraction": (params.method == Method::CoreIsoCts).then_some(params.common_fraction),
         "adapters": inputs,
         "rank_per_module": ranks,
         "truncation_relative_error": truncation_error,
@@ -214,6 +240,12 @@ impl fmt::Display for MergeSummary {
         }
         if p.method.uses_dare() {
             write!(f, ", dare_p {}, seed {}", p.dare_p, p.seed)?;
+        }
+        if p.isotropize {
+            write!(f, ", isotropic")?;
+        }
+        if p.method == Method::CoreIsoCts {
+            write!(f, ", common fraction {}", p.common_fraction)?;
         }
         writeln!(f)?;
         let ranks: Vec<String> = self

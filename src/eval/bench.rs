@@ -455,6 +455,8 @@ impl<'a> Bench<'a> {
                 density: Some(p.density),
                 dare_p: Some(p.dare_p),
                 seed: Some(p.seed),
+                isotropize: Some(p.isotropize),
+                common_fraction: Some(p.common_fraction),
             };
             let params = MergeParams::new(*m, options)?;
             let mut points = Vec::with_capacity(combos.len());

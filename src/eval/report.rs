@@ -70,6 +70,8 @@ pub struct ParamsRecord {
     pub density: f64,
     pub dare_p: f64,
     pub seed: u64,
+    pub isotropize: bool,
+    pub common_fraction: f64,
 }
 
 impl From<&MergeParams> for ParamsRecord {
@@ -79,6 +81,8 @@ impl From<&MergeParams> for ParamsRecord {
             density: p.density,
             dare_p: p.dare_p,
             seed: p.seed,
+            isotropize: p.isotropize,
+            common_fraction: p.common_fraction,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `MergeKey`: the canonical identity of a merge, used as the cache key. Adapters are sorted by
 //! name and carry their content digests; floats are validated, `-0.0` is folded into `0.0`, and
 //! Hash and Eq both work on the same normalised bits. Parameters a method does not read are
-//! dropped, and `knots-ta` keys as `ta` (the same result), so equal merges share one entry.
+//! dropped, and methods that compute the same result share one name (`knots-ta` and `core-ta`
+//! key as `ta`, `core-iso-c` as `core-ta` isotropized), so equal merges share one entry.
 
 use std::fmt;
 
@@ -29,7 +30,8 @@ pub struct MergeKey {
     pub base: String,
     pub members: Vec<KeyMember>,
     pub method: Method,
-    params_bits: [u64; 4],
+    pub isotropize: bool,
+    params_bits: [u64; 5],
 }
 
 fn bits(x: f64) -> u64 {
@@ -69,10 +71,16 @@ impl MergeKey {
                 adapter: pair[0].name.clone(),
             });
         }
-        let method = if params.method == Method::KnotsTa {
-            Method::Ta
+        let method = match params.method {
+            Method::KnotsTa => Method::Ta,
+            Method::CoreTa if !params.isotropize => Method::Ta,
+            Method::CoreIsoC => Method::CoreTa,
+            other => other,
+        };
+        let common_fraction = if method == Method::CoreIsoCts {
+            params.common_fraction
         } else {
-            params.method
+            0.0
         };
         let density = if method.uses_ties() {
             params.density
@@ -88,7 +96,14 @@ impl MergeKey {
             base: base.to_string(),
             members,
             method,
-            params_bits: [bits(params.lambda), bits(density), bits(dare_p), seed],
+            isotropize: params.isotropize,
+            params_bits: [
+                bits(params.lambda),
+                bits(density),
+                bits(dare_p),
+                seed,
+                bits(common_fraction),
+            ],
         })
     }
 
@@ -108,6 +123,10 @@ impl MergeKey {
         self.params_bits[3]
     }
 
+    pub fn common_fraction(&self) -> f64 {
+        f64::from_bits(self.params_bits[4])
+    }
+
     /// A short stable identifier: the first 12 hex digits of SHA-256 over the canonical form.
     pub fn id(&self) -> String {
         let digest = Sha256::digest(self.to_string().as_bytes());
@@ -121,7 +140,8 @@ impl MergeKey {
 }
 
 impl fmt::Display for MergeKey {
-    /// `base|a:w@digest+b:w@digest|method|lambda,density,dare_p,seed`, with 12 digest digits.
+    /// `base|a:w@digest+b:w@digest|method|lambda,density,dare_p,seed`, with 12 digest digits,
+    /// then `,isotropize` and `,common_fraction` where the method reads them.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}|", self.base)?;
         for (i, m) in self.members.iter().enumerate() {
@@ -142,7 +162,14 @@ impl fmt::Display for MergeKey {
             self.density(),
             self.dare_p(),
             self.seed()
-        )
+        )?;
+        if self.isotropize {
+            f.write_str(",isotropize")?;
+        }
+        if self.method == Method::CoreIsoCts {
+            write!(f, ",{}", self.common_fraction())?;
+        }
+        Ok(())
     }
 }
 
@@ -182,6 +209,39 @@ mod tests {
             MergeOptions::default(),
         );
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn core_methods_with_the_same_result_share_a_key() {
+        let iso = MergeOptions {
+            isotropize: Some(true),
+            ..Default::default()
+        };
+        let plain = key(&[("x", 1.0)], Method::CoreTa, MergeOptions::default());
+        assert_eq!(
+            plain,
+            key(&[("x", 1.0)], Method::Ta, MergeOptions::default())
+        );
+        let iso_c = key(&[("x", 1.0)], Method::CoreIsoC, MergeOptions::default());
+        assert_eq!(iso_c, key(&[("x", 1.0)], Method::CoreTa, iso));
+        assert_ne!(iso_c, plain);
+        let cts = |f| {
+            let options = MergeOptions {
+                common_fraction: Some(f),
+                ..Default::default()
+            };
+            key(&[("x", 1.0)], Method::CoreIsoCts, options)
+        };
+        assert_ne!(cts(0.5), cts(0.8));
+        assert!(cts(0.5).to_string().ends_with(",isotropize,0.5"));
+        let tsv = |f| {
+            let options = MergeOptions {
+                common_fraction: Some(f),
+                ..Default::default()
+            };
+            key(&[("x", 1.0)], Method::CoreTsv, options)
+        };
+        assert_eq!(tsv(0.5), tsv(0.8));
     }
 
     #[test]

@@ -1,14 +1,20 @@
 //! Each merge method from the plan to a [`MergedDelta`] (README, "Methods").
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
+use faer::Mat;
 use rayon::prelude::*;
 
 use super::align::{Alignment, Factors, align};
+use super::align_cache::{AlignKey, Aligned, AlignmentCache, Family};
+use super::core::{self, CoreBasis, core_basis};
 use super::dare::{self, DareKey};
 use super::plan::{ModulePlan, Plan};
 use super::ties::{RepSource, Ties, ties_merge};
-use super::{MergeError, MergeInput, MergeParams, MergedDelta, Method, ModuleDelta, Progress};
+use super::{
+    MergeError, MergeInput, MergeParams, MergedDelta, Method, ModuleDelta, Progress, Silent,
+};
 use crate::matrix::Matrix;
 
 /// Merges `inputs` with `params`. The result does not depend on the order of `inputs`.
@@ -17,12 +23,30 @@ pub fn merge(
     params: &MergeParams,
     progress: &dyn Progress,
 ) -> Result<MergedDelta, MergeError> {
+    merge_cached(inputs, params, progress, None)
+}
+
+/// [`merge`], taking the alignment of each module (KnOTS, Core Space) from `cache` when it
+/// holds it and storing it there when not.
+pub fn merge_cached(
+    inputs: &[MergeInput<'_>],
+    params: &MergeParams,
+    progress: &dyn Progress,
+    cache: Option<&AlignmentCache>,
+) -> Result<MergedDelta, MergeError> {
     let plan = Plan::new(inputs)?;
     let modules = match params.method {
         Method::Ta | Method::KnotsTa => task_arithmetic(&plan, params.lambda),
+        Method::CoreTa if !params.isotropize => task_arithmetic(&plan, params.lambda),
         Method::Dare => dare_sum(&plan, params, progress),
         Method::Ties | Method::DareTies => dense_ties(&plan, params, progress),
-        Method::KnotsTies | Method::KnotsDareTies => knots_ties(&plan, params, progress)?,
+        Method::KnotsTies | Method::KnotsDareTies => knots_ties(&plan, params, progress, cache)?,
+        Method::CoreTa
+        | Method::CoreTies
+        | Method::CoreDareTies
+        | Method::CoreTsv
+        | Method::CoreIsoC
+        | Method::CoreIsoCts => core_merge(&plan, params, progress, cache)?,
     };
     let modules = plan
         .modules
@@ -94,45 +118,81 @@ fn knots_ties(
     plan: &Plan<'_>,
     params: &MergeParams,
     progress: &dyn Progress,
+    cache: Option<&AlignmentCache>,
 ) -> Result<Vec<ModuleDelta>, MergeError> {
-    progress.start("aligning", plan.modules.len() as u64);
-    let alignments = plan
-        .modules
-        .par_iter()
-        .map(|module| {
-            let aligned = align_module(module);
-            progress.advance(1);
-            aligned
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(ties_on_alignments(plan, params, alignments, progress))
+    let aligned = aligned_modules(plan, Family::Knots, progress, cache)?;
+    let alignments: Vec<&Alignment> = aligned.iter().map(|a| a.knots()).collect();
+    Ok(ties_on_alignments(plan, params, &alignments, progress))
 }
 
 fn ties_on_alignments(
     plan: &Plan<'_>,
     params: &MergeParams,
-    alignments: Vec<Alignment>,
+    alignments: &[&Alignment],
     progress: &dyn Progress,
 ) -> Vec<ModuleDelta> {
     let src = AlignedReps {
         plan,
         params,
-        alignments: &alignments,
+        alignments,
     };
     let merged = ties_merge(&src, &ties_settings(plan, params), progress);
     alignments
-        .into_iter()
+        .iter()
         .zip(plan.modules.iter().zip(merged))
         .map(|(alignment, (module, values))| {
             let a = Matrix::from_vec(alignment.rank(), module.shape.1, values)
                 .expect("TIES keeps the representation's length");
-            ModuleDelta::LowRank { b: alignment.u, a }
+            ModuleDelta::LowRank {
+                b: alignment.u.clone(),
+                a,
+            }
         })
         .collect()
 }
 
-fn align_module(module: &ModulePlan<'_>) -> Result<Alignment, MergeError> {
-    let factors: Vec<Factors<'_>> = module
+/// Every module's alignment for `family`, from `cache` where it holds one.
+fn aligned_modules(
+    plan: &Plan<'_>,
+    family: Family,
+    progress: &dyn Progress,
+    cache: Option<&AlignmentCache>,
+) -> Result<Vec<Arc<Aligned>>, MergeError> {
+    progress.start("aligning", plan.modules.len() as u64);
+    plan.modules
+        .par_iter()
+        .map(|module| {
+            let compute = || {
+                let factors = module_factors(module);
+                Ok(match family {
+                    Family::Knots => Aligned::Knots(align(module.path, &factors)?),
+                    Family::Core => Aligned::Core(core_basis(module.path, &factors)?),
+                })
+            };
+            let aligned = match cache {
+                Some(cache) => cache.get_or_compute(align_key(plan, module, family), compute),
+                None => compute().map(Arc::new),
+            };
+            progress.advance(1);
+            aligned
+        })
+        .collect()
+}
+
+fn align_key(plan: &Plan<'_>, module: &ModulePlan<'_>, family: Family) -> AlignKey {
+    AlignKey {
+        family,
+        module: module.path.to_string(),
+        members: module
+            .members
+            .iter()
+            .map(|m| plan.inputs[m.index].adapter.digest)
+            .collect(),
+    }
+}
+
+fn module_factors<'a>(module: &ModulePlan<'a>) -> Vec<Factors<'a>> {
+    module
         .members
         .iter()
         .map(|m| Factors {
@@ -140,8 +200,72 @@ fn align_module(module: &ModulePlan<'_>) -> Result<Alignment, MergeError> {
             a: &m.lora.a,
             scale: m.lora.scale,
         })
+        .collect()
+}
+
+/// Core Space: each module's core matrices merged by the method, then `λ·U·M*·Vᵀ`.
+fn core_merge(
+    plan: &Plan<'_>,
+    params: &MergeParams,
+    progress: &dyn Progress,
+    cache: Option<&AlignmentCache>,
+) -> Result<Vec<ModuleDelta>, MergeError> {
+    let aligned = aligned_modules(plan, Family::Core, progress, cache)?;
+    progress.start("merging", plan.modules.len() as u64);
+    Ok(aligned
+        .par_iter()
+        .enumerate()
+        .map(|(m, aligned)| {
+            let basis = aligned.core();
+            let merged = merge_in_core(plan, params, m, basis);
+            progress.advance(1);
+            basis.expand(merged.as_ref(), params.lambda)
+        })
+        .collect())
+}
+
+/// `M*` of module `m` (before λ).
+fn merge_in_core(plan: &Plan<'_>, params: &MergeParams, m: usize, basis: &CoreBasis) -> Mat<f64> {
+    let shape = (basis.u.cols(), basis.vt.rows());
+    let weighted: Vec<Mat<f64>> = plan.modules[m]
+        .members
+        .iter()
+        .zip(&basis.cores)
+        .map(|(member, core)| {
+            let w = plan.weight(member.index);
+            Mat::from_fn(shape.0, shape.1, |i, j| w * core[(i, j)])
+        })
         .collect();
-    align(module.path, &factors)
+    let merged = match params.method {
+        Method::CoreTies | Method::CoreDareTies => core_ties(plan, params, m, basis),
+        Method::CoreTsv => core::tsv(&weighted, shape),
+        Method::CoreIsoCts => return core::iso_cts(&weighted, shape, params.common_fraction),
+        _ => core::sum(&weighted, shape),
+    };
+    if params.isotropize {
+        core::isotropize(merged.as_ref())
+    } else {
+        merged
+    }
+}
+
+/// TIES (after DARE for `core-dare-ties`) on one module's core matrices: the trim, the sign
+/// election and the exact-cancellation rule all run per module, as the reference does.
+fn core_ties(plan: &Plan<'_>, params: &MergeParams, m: usize, basis: &CoreBasis) -> Mat<f64> {
+    let src = CoreReps {
+        plan,
+        params,
+        m,
+        basis,
+    };
+    let settings = Ties {
+        lambda: 1.0,
+        ..ties_settings(plan, params)
+    };
+    let merged = ties_merge(&src, &settings, &Silent);
+    let cols = basis.vt.rows();
+    let values = &merged[0];
+    Mat::from_fn(basis.u.cols(), cols, |i, j| f64::from(values[i * cols + j]))
 }
 
 fn ties_settings(plan: &Plan<'_>, params: &MergeParams) -> Ties {
@@ -207,11 +331,47 @@ impl RepSource for DenseReps<'_> {
     }
 }
 
+/// One module's core matrices `M_i`, flattened row by row.
+struct CoreReps<'p> {
+    plan: &'p Plan<'p>,
+    params: &'p MergeParams,
+    m: usize,
+    basis: &'p CoreBasis,
+}
+
+impl RepSource for CoreReps<'_> {
+    fn module_count(&self) -> usize {
+        1
+    }
+
+    fn module_len(&self, _: usize) -> usize {
+        self.basis.u.cols() * self.basis.vt.rows()
+    }
+
+    fn rep(&self, i: usize, _: usize) -> Option<Cow<'_, [f32]>> {
+        let position = self.plan.modules[self.m]
+            .members
+            .iter()
+            .position(|x| x.index == i)?;
+        let core = &self.basis.cores[position];
+        let values = (0..core.nrows())
+            .flat_map(|r| (0..core.ncols()).map(move |c| core[(r, c)] as f32))
+            .collect();
+        Some(maybe_dare(
+            Cow::Owned(values),
+            self.plan,
+            self.params,
+            i,
+            self.m,
+        ))
+    }
+}
+
 /// The KnOTS coordinates `rep_i = diag(s)·V_iᵀ` of every module.
 struct AlignedReps<'p> {
     plan: &'p Plan<'p>,
     params: &'p MergeParams,
-    alignments: &'p [Alignment],
+    alignments: &'p [&'p Alignment],
 }
 
 impl RepSource for AlignedReps<'_> {
@@ -279,7 +439,7 @@ mod tests {
                 ..Default::default()
             };
             let params = MergeParams::new(method, options).unwrap();
-            let aligned = vec![align_module(&plan.modules[0]).unwrap()];
+            let aligned = vec![align("q", &module_factors(&plan.modules[0])).unwrap()];
             let mut flipped = aligned.clone();
             for component in [0, 2] {
                 let k = flipped[0].rank();
@@ -295,8 +455,8 @@ mod tests {
                         .for_each(|x| *x = -*x);
                 }
             }
-            let want = ties_on_alignments(&plan, &params, aligned, &Silent)[0].to_dense();
-            let got = ties_on_alignments(&plan, &params, flipped, &Silent)[0].to_dense();
+            let want = ties_on_alignments(&plan, &params, &[&aligned[0]], &Silent)[0].to_dense();
+            let got = ties_on_alignments(&plan, &params, &[&flipped[0]], &Silent)[0].to_dense();
             assert!(got.relative_error(&want) < 1e-6, "{method}");
         }
     }

@@ -4,6 +4,8 @@
 //! `MergedDelta`, which the cache stores and the model engine applies.
 
 mod align;
+mod align_cache;
+mod core;
 mod dare;
 mod delta;
 mod error;
@@ -16,10 +18,12 @@ mod ties;
 mod truncate;
 
 pub use align::{Alignment, Factors, SVD_CUT, align, align_with_cut, dense_concat};
+pub use align_cache::{AlignmentCache, AlignmentStats};
+pub use core::{CORE_CUT, CoreBasis, core_basis};
 pub use delta::{MergedDelta, ModuleDelta};
 pub use error::MergeError;
 pub use key::{KeyMember, MergeKey};
-pub use methods::merge;
+pub use methods::{merge, merge_cached};
 pub use params::{MergeOptions, MergeParams, Method};
 pub use plan::MergeInput;
 pub use progress::{Progress, Silent};

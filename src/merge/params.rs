@@ -22,10 +22,22 @@ pub enum Method {
     KnotsTies,
     /// KnOTS alignment, then DARE and TIES on the aligned representations.
     KnotsDareTies,
+    /// Core Space: task arithmetic on the core matrices (identical to `ta` unless isotropized).
+    CoreTa,
+    /// Core Space: TIES on each module's core matrices (trim per module).
+    CoreTies,
+    /// Core Space: DARE, then TIES on the core matrices.
+    CoreDareTies,
+    /// Core Space: TSV-M, each adapter's top singular triplets side by side, orthogonalized.
+    CoreTsv,
+    /// Core Space: Iso-C, task arithmetic with a flattened spectrum.
+    CoreIsoC,
+    /// Core Space: Iso-CTS, a common subspace plus equal task-specific ones, flat spectrum.
+    CoreIsoCts,
 }
 
 impl Method {
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 13] = [
         Self::Ta,
         Self::Ties,
         Self::Dare,
@@ -33,6 +45,12 @@ impl Method {
         Self::KnotsTa,
         Self::KnotsTies,
         Self::KnotsDareTies,
+        Self::CoreTa,
+        Self::CoreTies,
+        Self::CoreDareTies,
+        Self::CoreTsv,
+        Self::CoreIsoC,
+        Self::CoreIsoCts,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,34 +62,63 @@ impl Method {
             Self::KnotsTa => "knots-ta",
             Self::KnotsTies => "knots-ties",
             Self::KnotsDareTies => "knots-dare-ties",
+            Self::CoreTa => "core-ta",
+            Self::CoreTies => "core-ties",
+            Self::CoreDareTies => "core-dare-ties",
+            Self::CoreTsv => "core-tsv",
+            Self::CoreIsoC => "core-iso-c",
+            Self::CoreIsoCts => "core-iso-cts",
         }
     }
 
     /// Whether the method drops entries with DARE (and so reads `dare_p` and `seed`).
     pub fn uses_dare(self) -> bool {
-        matches!(self, Self::Dare | Self::DareTies | Self::KnotsDareTies)
+        matches!(
+            self,
+            Self::Dare | Self::DareTies | Self::KnotsDareTies | Self::CoreDareTies
+        )
     }
 
     /// Whether the method trims and elects signs (and so reads `density`).
     pub fn uses_ties(self) -> bool {
         matches!(
             self,
-            Self::Ties | Self::DareTies | Self::KnotsTies | Self::KnotsDareTies
+            Self::Ties
+                | Self::DareTies
+                | Self::KnotsTies
+                | Self::KnotsDareTies
+                | Self::CoreTies
+                | Self::CoreDareTies
         )
     }
 
     /// Whether the result is low-rank factors rather than dense matrices.
     pub fn is_low_rank(self) -> bool {
+        !matches!(self, Self::Ties | Self::Dare | Self::DareTies)
+    }
+
+    /// Whether the method merges in Core Space (and so reads `isotropize`).
+    pub fn is_core(self) -> bool {
         matches!(
             self,
-            Self::Ta | Self::KnotsTa | Self::KnotsTies | Self::KnotsDareTies
+            Self::CoreTa
+                | Self::CoreTies
+                | Self::CoreDareTies
+                | Self::CoreTsv
+                | Self::CoreIsoC
+                | Self::CoreIsoCts
         )
+    }
+
+    /// Whether the method always flattens the merged spectrum (Iso-C and Iso-CTS).
+    pub fn always_isotropic(self) -> bool {
+        matches!(self, Self::CoreIsoC | Self::CoreIsoCts)
     }
 
     /// The density used when none is given: 0.2 for trimming methods, 1 after DARE.
     pub fn default_density(self) -> f64 {
         match self {
-            Self::Ties | Self::KnotsTies => 0.2,
+            Self::Ties | Self::KnotsTies | Self::CoreTies => 0.2,
             _ => 1.0,
         }
     }
@@ -113,6 +160,10 @@ pub struct MergeParams {
     pub dare_p: f64,
     /// DARE seed.
     pub seed: u64,
+    /// Flatten the merged core matrix's spectrum (Core Space methods).
+    pub isotropize: bool,
+    /// Iso-CTS: the fraction of the core dimension given to the common subspace, in [0, 1].
+    pub common_fraction: f64,
 }
 
 /// Parameters as a user gives them: anything left out takes the method's default.
@@ -122,12 +173,16 @@ pub struct MergeOptions {
     pub density: Option<f64>,
     pub dare_p: Option<f64>,
     pub seed: Option<u64>,
+    pub isotropize: Option<bool>,
+    pub common_fraction: Option<f64>,
 }
 
 impl MergeParams {
     pub const DEFAULT_METHOD: Method = Method::KnotsTies;
     pub const DEFAULT_LAMBDA: f64 = 1.0;
     pub const DEFAULT_DARE_P: f64 = 0.1;
+    /// Iso-CTS' common-space fraction, as in its paper.
+    pub const DEFAULT_COMMON_FRACTION: f64 = 0.8;
 
     pub fn new(method: Method, options: MergeOptions) -> Result<Self, MergeError> {
         let params = Self {
@@ -137,12 +192,23 @@ impl MergeParams {
             density: options.density.unwrap_or(method.default_density()),
             dare_p: options.dare_p.unwrap_or(Self::DEFAULT_DARE_P) + 0.0,
             seed: options.seed.unwrap_or(0),
+            isotropize: isotropize(method, options.isotropize)?,
+            common_fraction: options
+                .common_fraction
+                .unwrap_or(Self::DEFAULT_COMMON_FRACTION)
+                + 0.0,
         };
         params.validate()?;
         Ok(params)
     }
 
     fn validate(&self) -> Result<(), MergeError> {
+        if !(0.0..=1.0).contains(&self.common_fraction) {
+            return Err(MergeError::invalid(
+                "common_fraction",
+                format!("must be in [0, 1], got {}", self.common_fraction),
+            ));
+        }
         if !self.lambda.is_finite() {
             return Err(MergeError::invalid(
                 "lambda",
@@ -165,6 +231,22 @@ impl MergeParams {
     }
 }
 
+/// The `isotropize` setting of `method`: off unless asked for, always on for Iso-C and Iso-CTS,
+/// and only meaningful in Core Space.
+fn isotropize(method: Method, asked: Option<bool>) -> Result<bool, MergeError> {
+    match asked {
+        Some(true) if !method.is_core() => Err(MergeError::invalid(
+            "isotropize",
+            format!("applies to the core-* methods only, not {method}"),
+        )),
+        Some(false) if method.always_isotropic() => Err(MergeError::invalid(
+            "isotropize",
+            format!("{method} always flattens the spectrum; use core-ta or core-tsv without it"),
+        )),
+        _ => Ok(asked.unwrap_or(false) || method.always_isotropic()),
+    }
+}
+
 impl Default for MergeParams {
     fn default() -> Self {
         Self {
@@ -173,6 +255,8 @@ impl Default for MergeParams {
             density: Self::DEFAULT_METHOD.default_density(),
             dare_p: Self::DEFAULT_DARE_P,
             seed: 0,
+            isotropize: false,
+            common_fraction: Self::DEFAULT_COMMON_FRACTION,
         }
     }
 }
@@ -196,6 +280,29 @@ mod tests {
         assert_eq!((p.lambda, p.density, p.dare_p, p.seed), (1.0, 0.2, 0.1, 0));
         let p = MergeParams::new(Method::DareTies, MergeOptions::default()).unwrap();
         assert_eq!(p.density, 1.0);
+        let p = MergeParams::new(Method::CoreIsoCts, MergeOptions::default()).unwrap();
+        assert_eq!((p.isotropize, p.common_fraction), (true, 0.8));
+        let p = MergeParams::new(Method::CoreTsv, MergeOptions::default()).unwrap();
+        assert!(!p.isotropize);
+    }
+
+    #[test]
+    fn isotropize_is_for_core_methods() {
+        let on = MergeOptions {
+            isotropize: Some(true),
+            ..Default::default()
+        };
+        assert!(MergeParams::new(Method::CoreTies, on).unwrap().isotropize);
+        for (method, asked) in [(Method::KnotsTies, true), (Method::CoreIsoC, false)] {
+            let options = MergeOptions {
+                isotropize: Some(asked),
+                ..Default::default()
+            };
+            match MergeParams::new(method, options) {
+                Err(MergeError::InvalidParam { field, .. }) => assert_eq!(field, "isotropize"),
+                other => panic!("{method} isotropize {asked}: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -242,6 +349,20 @@ mod tests {
                     ..Default::default()
                 },
                 "dare_p",
+            ),
+            (
+                MergeOptions {
+                    common_fraction: Some(1.5),
+                    ..Default::default()
+                },
+                "common_fraction",
+            ),
+            (
+                MergeOptions {
+                    common_fraction: Some(f64::NAN),
+                    ..Default::default()
+                },
+                "common_fraction",
             ),
         ];
         for (options, field) in cases {

@@ -126,6 +126,8 @@ pub struct MergeField {
     pub lambda: Option<f64>,
     pub dare_p: Option<f64>,
     pub seed: Option<u64>,
+    pub isotropize: Option<bool>,
+    pub common_fraction: Option<f64>,
 }
 
 impl MergeField {
@@ -146,6 +148,8 @@ impl MergeField {
             density: self.density,
             dare_p: self.dare_p,
             seed: self.seed,
+            isotropize: self.isotropize,
+            common_fraction: self.common_fraction,
         }
     }
 

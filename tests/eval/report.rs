@@ -35,6 +35,8 @@ fn params() -> ParamsRecord {
         density: 0.2,
         dare_p: 0.1,
         seed: 0,
+        isotropize: false,
+        common_fraction: 0.8,
     }
 }
 
