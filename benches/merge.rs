@@ -1,22 +1,43 @@
 //! Merge benchmarks on synthetic adapters of real model shapes:
 //! - the factored KnOTS SVD of one module (8 rank-16 adapters) against the dense SVD it replaces;
-//! - whole-set merges of 8 rank-16 adapters on SmolLM2-135M's attention (30 layers × q, k, v, o).
+//! - whole-set merges of 8 rank-16 adapters on SmolLM2-135M's attention (30 layers × q, k, v, o);
+//! - 8 rank-16 adapters on ViT-L/14's attention (96 modules of 1024 × 1024): KnOTS-TIES and every
+//!   Core Space method, cold and again with a warm alignment cache, and `knots merge` end to end
+//!   (read the PEFT files, merge, write a PEFT adapter);
+//! - `knots merge` end to end on 6 rank-16 adapters at Llama-3-8B's attention shapes, one timed
+//!   run per method with its peak resident memory (only when the filter names `llama3`).
 //!
-//! Run with `cargo bench --bench merge`.
+//! Run with `cargo bench --bench merge` (or `-- vit_l14`, `-- llama3`).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use knots::adapters::{AdapterDigest, LoraAdapter, LoraModule};
+use knots::adapters::{AdapterDigest, ExportInfo, LoraAdapter, LoraModule, write_peft};
+use knots::cli::merge::{Format, MergeArgs, MergeFlags};
 use knots::matrix::Matrix;
-use knots::merge::{self, Factors, MergeInput, MergeOptions, MergeParams, Method, Silent, align};
+use knots::merge::{
+    self, AlignmentCache, Factors, MergeInput, MergeOptions, MergeParams, MergedDelta, Method,
+    ModuleDelta, Silent, align,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const ADAPTERS: usize = 8;
 const RANK: usize = 16;
+
+/// The methods timed at ViT-L/14 and Llama-3-8B shapes.
+const LARGE_METHODS: [Method; 7] = [
+    Method::KnotsTies,
+    Method::CoreTa,
+    Method::CoreTies,
+    Method::CoreDareTies,
+    Method::CoreTsv,
+    Method::CoreIsoC,
+    Method::CoreIsoCts,
+];
 
 fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Matrix {
     Matrix::from_fn(rows, cols, |_, _| rng.random_range(-0.05f32..0.05))
@@ -24,7 +45,12 @@ fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Matrix {
 
 /// `ADAPTERS` adapters of rank `RANK` over `modules` (path, O, I).
 fn adapters(modules: &[(String, usize, usize)]) -> Vec<LoraAdapter> {
-    (0..ADAPTERS)
+    adapters_n(ADAPTERS, modules)
+}
+
+/// `count` adapters of rank `RANK` over `modules` (path, O, I).
+fn adapters_n(count: usize, modules: &[(String, usize, usize)]) -> Vec<LoraAdapter> {
+    (0..count)
         .map(|i| {
             let mut rng = ChaCha8Rng::seed_from_u64(i as u64);
             let modules: BTreeMap<_, _> = modules
@@ -55,19 +81,51 @@ fn adapters(modules: &[(String, usize, usize)]) -> Vec<LoraAdapter> {
         .collect()
 }
 
-fn smollm2_attention() -> Vec<(String, usize, usize)> {
+/// Attention projections `(name, O)` of `layers` layers with input width `width`.
+fn attention(
+    layers: usize,
+    width: usize,
+    projections: &[(&str, usize)],
+) -> Vec<(String, usize, usize)> {
     let mut modules = Vec::new();
-    for layer in 0..30 {
-        for (name, o) in [
-            ("q_proj", 576),
-            ("k_proj", 192),
-            ("v_proj", 192),
-            ("o_proj", 576),
-        ] {
-            modules.push((format!("model.layers.{layer}.self_attn.{name}"), o, 576));
+    for layer in 0..layers {
+        for &(name, o) in projections {
+            modules.push((format!("model.layers.{layer}.self_attn.{name}"), o, width));
         }
     }
     modules
+}
+
+fn smollm2_attention() -> Vec<(String, usize, usize)> {
+    let p = [
+        ("q_proj", 576),
+        ("k_proj", 192),
+        ("v_proj", 192),
+        ("o_proj", 576),
+    ];
+    attention(30, 576, &p)
+}
+
+/// ViT-L/14: 24 layers, q, k, v and out of 1024 × 1024.
+fn vit_l14_attention() -> Vec<(String, usize, usize)> {
+    let p = [
+        ("q_proj", 1024),
+        ("k_proj", 1024),
+        ("v_proj", 1024),
+        ("o_proj", 1024),
+    ];
+    attention(24, 1024, &p)
+}
+
+/// Llama-3-8B: 32 layers, q and o 4096 × 4096, k and v 1024 × 4096 (grouped-query attention).
+fn llama3_8b_attention() -> Vec<(String, usize, usize)> {
+    let p = [
+        ("q_proj", 4096),
+        ("k_proj", 1024),
+        ("v_proj", 1024),
+        ("o_proj", 4096),
+    ];
+    attention(32, 4096, &p)
 }
 
 fn factors(set: &[LoraAdapter], module: &str) -> Vec<(Matrix, Matrix)> {
@@ -127,5 +185,130 @@ fn bench_merges(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_alignment, bench_merges);
+/// Cold merges, merges with the alignment already cached, and `knots merge` end to end.
+fn bench_vit_l14(c: &mut Criterion) {
+    let set = adapters(&vit_l14_attention());
+    let inputs: Vec<_> = set.iter().map(MergeInput::new).collect();
+    let mut group = c.benchmark_group("vit_l14_attention_8x16");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    for method in LARGE_METHODS {
+        let params = MergeParams::new(method, MergeOptions::default()).expect("defaults are valid");
+        group.bench_function(format!("cold/{method}"), |b| {
+            b.iter(|| merge::merge(black_box(&inputs), &params, &Silent).expect("merge"))
+        });
+        let cache = AlignmentCache::new(4 << 30);
+        merge::merge_cached(&inputs, &params, &Silent, Some(&cache)).expect("merge");
+        // Another λ: only what follows the alignment runs again.
+        let other = MergeParams {
+            lambda: 0.7,
+            ..params
+        };
+        group.bench_function(format!("cached/{method}"), |b| {
+            b.iter(|| {
+                merge::merge_cached(black_box(&inputs), &other, &Silent, Some(&cache))
+                    .expect("merge")
+            })
+        });
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let paths = write_adapters(&set, dir.path());
+    drop(set);
+    for method in LARGE_METHODS {
+        let out = dir.path().join("merged");
+        group.bench_function(format!("end_to_end/{method}"), |b| {
+            b.iter(|| {
+                let _ = std::fs::remove_dir_all(&out);
+                knots::cli::merge::run(&merge_args(&paths, &out, method)).expect("knots merge")
+            })
+        });
+    }
+    group.finish();
+}
+
+/// `knots merge` end to end at Llama-3-8B's attention shapes: one run per method, with the
+/// process's peak resident memory during it (run alone: `cargo bench --bench merge -- llama3`).
+fn bench_llama3(_: &mut Criterion) {
+    if !std::env::args().skip(1).any(|a| a.contains("llama3")) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let paths = write_adapters(&adapters_n(6, &llama3_8b_attention()), dir.path());
+    println!("llama3_8b_attention_6x16: knots merge end to end, one run each");
+    for method in LARGE_METHODS {
+        let out = dir.path().join("merged");
+        let _ = std::fs::remove_dir_all(&out);
+        reset_peak_memory();
+        let started = Instant::now();
+        knots::cli::merge::run(&merge_args(&paths, &out, method)).expect("knots merge");
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "  {:<16} {seconds:6.2} s   peak resident {:5.2} GB",
+            method.as_str(),
+            peak_memory_bytes() as f64 / 1e9
+        );
+    }
+}
+
+fn merge_args(paths: &[PathBuf], out: &Path, method: Method) -> MergeArgs {
+    MergeArgs {
+        adapters: paths.to_vec(),
+        out: out.to_path_buf(),
+        merge: MergeFlags {
+            method: Some(method),
+            ..MergeFlags::default()
+        },
+        weights: None,
+        format: Format::Peft,
+        rank: None,
+    }
+}
+
+/// Writes each adapter as PEFT files under `dir` and returns their directories.
+fn write_adapters(set: &[LoraAdapter], dir: &Path) -> Vec<PathBuf> {
+    set.iter()
+        .map(|adapter| {
+            let modules = adapter
+                .modules
+                .iter()
+                .map(|(path, m)| {
+                    let b = m.b.clone();
+                    (path.clone(), ModuleDelta::LowRank { b, a: m.a.clone() })
+                })
+                .collect();
+            let path = dir.join(&adapter.name);
+            let info = ExportInfo {
+                base_model_name_or_path: None,
+                task_type: None,
+                fan_in_fan_out: false,
+                records: Vec::new(),
+            };
+            write_peft(&MergedDelta { modules }, &path, &info).expect("write adapter");
+            path
+        })
+        .collect()
+}
+
+/// Resets the kernel's high-water mark of this process's resident memory.
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_memory_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+criterion_group!(
+    benches,
+    bench_alignment,
+    bench_merges,
+    bench_vit_l14,
+    bench_llama3
+);
 criterion_main!(benches);

@@ -6,6 +6,7 @@
 //! adapters = "models/adapters"
 //! port = 8000
 //! merge_cache_bytes = 2147483648
+//! alignment_cache_bytes = 536870912
 //!
 //! [[bundles]]
 //! name = "support"
@@ -54,6 +55,10 @@ pub struct ServeArgs {
     /// Bytes of merged deltas kept in the cache [default: 2 GiB].
     #[arg(long, env = "KNOTS_MERGE_CACHE_BYTES")]
     pub merge_cache_bytes: Option<u64>,
+    /// Bytes of per-module alignments (KnOTS and Core Space SVD work) kept so a re-merge of the
+    /// same adapters skips them [default: 512 MiB].
+    #[arg(long, env = "KNOTS_ALIGNMENT_CACHE_BYTES")]
+    pub alignment_cache_bytes: Option<u64>,
     /// Encoder (embeddings, classify) requests in flight at once; more get 429 [default: 64].
     #[arg(long, env = "KNOTS_MAX_CONCURRENCY")]
     pub max_concurrency: Option<usize>,
@@ -111,6 +116,7 @@ struct ConfigFile {
     port: Option<u16>,
     api_keys: Option<PathBuf>,
     merge_cache_bytes: Option<u64>,
+    alignment_cache_bytes: Option<u64>,
     max_concurrency: Option<usize>,
     max_set_size: Option<usize>,
     request_timeout: Option<u64>,
@@ -140,6 +146,7 @@ pub struct ServeConfig {
     pub port: u16,
     pub api_keys: Option<PathBuf>,
     pub merge_cache_bytes: u64,
+    pub alignment_cache_bytes: u64,
     pub limits: Limits,
     pub shutdown_grace: Duration,
     pub adapter_roots: Vec<PathBuf>,
@@ -223,6 +230,11 @@ impl ServeConfig {
                 "merge_cache_bytes",
                 args.merge_cache_bytes.or(file.merge_cache_bytes),
                 2 << 30,
+            )?,
+            alignment_cache_bytes: positive(
+                "alignment_cache_bytes",
+                args.alignment_cache_bytes.or(file.alignment_cache_bytes),
+                512 << 20,
             )?,
             limits,
             shutdown_grace: Duration::from_secs(

@@ -142,6 +142,23 @@ fn bad_input_exits_non_zero_with_one_line() {
             vec!["merge", "--out", out, missing.to_str().unwrap()],
             "adapter_config.json",
         ),
+        (
+            vec!["merge", "--out", out, "--isotropize", &adapters[0]],
+            "isotropize",
+        ),
+        (
+            vec![
+                "merge",
+                "--out",
+                out,
+                "--method",
+                "core-iso-cts",
+                "--common-fraction",
+                "1.5",
+                &adapters[0],
+            ],
+            "common_fraction",
+        ),
     ];
     for (args, needle) in cases {
         let o = knots(&args);
@@ -194,5 +211,54 @@ fn weights_scale_each_adapter() {
             both[key].relative_error(&want) > 0.1,
             "{key}: the second adapter must count"
         );
+    }
+}
+
+/// A Core Space merge is low-rank: its PEFT export holds the same update as the dense delta, and
+/// re-merging the duplicated set (a rank-deficient stack) stays finite.
+#[test]
+fn core_merges_export_exact_peft_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut adapters = golden_adapters("ta_sum");
+    for method in ["core-tsv", "core-iso-cts", "core-ties"] {
+        let run = |format: &str, adapters: &[String]| {
+            let out = dir
+                .path()
+                .join(format!("{method}-{format}-{}", adapters.len()));
+            let mut args = vec!["merge", "--method", method, "--format", format];
+            args.extend(["--out", out.to_str().unwrap()]);
+            args.extend(adapters.iter().map(String::as_str));
+            let o = knots(&args);
+            assert!(o.status.success(), "{method}: {}", stderr(&o));
+            out
+        };
+        let peft = LoraAdapter::load(&run("peft", &adapters)).unwrap().delta();
+        let dense = read_matrices(&run("delta", &adapters).join("delta.safetensors"));
+        for (key, want) in &dense {
+            let got = peft.modules[key.strip_suffix(".weight").unwrap()].to_dense();
+            assert!(got.relative_error(want) < 1e-5, "{method}: {key}");
+        }
+    }
+    // The same adapter directory twice is refused by name; a copy under another name is merged.
+    let copy = dir.path().join("copy_of_task_0");
+    std::fs::create_dir(&copy).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(Path::new(&adapters[0]).join(file), copy.join(file)).unwrap();
+    }
+    adapters.push(copy.display().to_string());
+    for method in ["core-iso-c", "core-tsv", "core-iso-cts", "core-ties"] {
+        let out = dir.path().join(format!("{method}-dup"));
+        let mut args = vec!["merge", "--method", method, "--format", "delta"];
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend(adapters.iter().map(String::as_str));
+        let o = knots(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        for (key, m) in read_matrices(&out.join("delta.safetensors")) {
+            assert!(
+                m.as_slice().iter().all(|x| x.is_finite()),
+                "{method}: {key}"
+            );
+            assert!(m.frobenius() > 0.0, "{method}: {key}");
+        }
     }
 }

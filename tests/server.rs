@@ -299,6 +299,7 @@ pub async fn start(limits: Limits) -> TestServer {
         experiments: Experiments::new(vec![Experiment::from_config(exp).unwrap()]),
         limits,
         merge_cache_bytes: 64 << 20,
+        alignment_cache_bytes: 64 << 20,
         adapter_roots: vec![dir.path().join("spare")],
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -857,6 +858,62 @@ async fn metrics_expose_requests_cache_and_adapter_gauge() {
         "knots_merge_cache_bytes",
     ] {
         assert!(text.contains(needle), "missing {needle}");
+    }
+    s.stop().await.unwrap();
+}
+
+/// Core Space methods by name and through the `merge` field; a second λ reuses the alignment.
+#[tokio::test]
+async fn core_space_merges_and_the_alignment_cache() {
+    let s = start(Limits::default()).await;
+    let hits = |text: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with("knots_alignment_cache_requests_total{outcome=\"hit\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let bodies = [
+        json!({"model": "math+code@core-iso-cts", "prompt": "x", "max_tokens": 1}),
+        json!({"model": "math+code", "prompt": "x", "max_tokens": 1,
+               "merge": {"method": "core-tsv", "isotropize": true, "lambda": 0.5}}),
+        json!({"model": "math+code", "prompt": "x", "max_tokens": 1,
+               "merge": {"method": "core-iso-cts", "common_fraction": 0.5, "lambda": 0.7}}),
+    ];
+    for body in bodies {
+        let (st, h, out) = post(&s, "/v1/completions", OP, body).await;
+        assert_eq!(st, 200, "{out}");
+        assert!(
+            h["x-knots-merge"]
+                .to_str()
+                .unwrap()
+                .contains("outcome=miss")
+        );
+    }
+    let (_, text) = get(&s, "/metrics", OP).await;
+    assert!(
+        hits(text.as_str().unwrap()) >= 2.0,
+        "the later merges reuse the alignment"
+    );
+    for (merge, param) in [
+        (
+            json!({"method": "knots-ties", "isotropize": true}),
+            "merge.isotropize",
+        ),
+        (
+            json!({"method": "core-iso-c", "isotropize": false}),
+            "merge.isotropize",
+        ),
+        (
+            json!({"method": "core-iso-cts", "common_fraction": 2}),
+            "merge.common_fraction",
+        ),
+    ] {
+        let body = json!({"model": "math+code", "prompt": "x", "max_tokens": 1, "merge": merge});
+        let (st, _, err) = post(&s, "/v1/completions", OP, body).await;
+        assert_eq!(
+            (st, err["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(param))
+        );
     }
     s.stop().await.unwrap();
 }

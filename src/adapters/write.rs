@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde_json::{Value, json};
@@ -124,8 +125,8 @@ fn write_json(path: &Path, value: &Value) -> Result<(), AdapterError> {
 
 fn write_tensors(path: &Path, tensors: &[(String, &Matrix)]) -> Result<(), AdapterError> {
     let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, m)| m.as_slice().iter().flat_map(|x| x.to_le_bytes()).collect())
+        .par_iter()
+        .map(|(_, m)| le_bytes(m.as_slice()))
         .collect();
     let views = tensors
         .iter()
@@ -144,6 +145,15 @@ fn write_tensors(path: &Path, tensors: &[(String, &Matrix)]) -> Result<(), Adapt
         path: path.into(),
         reason: e.to_string(),
     })
+}
+
+/// Little-endian bytes of `values`.
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * 4];
+    for (chunk, x) in out.chunks_exact_mut(4).zip(values) {
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    out
 }
 
 /// Runs `fill` on a fresh sibling directory of `out`, then renames it to `out`. `out` may exist

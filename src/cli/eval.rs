@@ -39,7 +39,8 @@ pub struct EvalArgs {
     pub model: String,
     #[command(flatten)]
     pub suite: SuiteArgs,
-    /// Merge methods to compare [default: ta, ties, dare-ties, knots-ties, knots-dare-ties].
+    /// Merge methods to compare [default: ta, ties, dare-ties, knots-ties, knots-dare-ties,
+    /// core-ties, core-dare-ties, core-tsv, core-iso-c, core-iso-cts].
     #[arg(long = "method", value_delimiter = ',')]
     pub methods: Vec<Method>,
     /// The paper's full protocol: every test example, 0.1-step grids, 3 DARE seeds, scaling at

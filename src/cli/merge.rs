@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use rayon::prelude::*;
 use serde_json::json;
 
 use super::progress::Bar;
@@ -103,7 +104,7 @@ pub struct MergeSummary {
 pub fn run(args: &MergeArgs) -> anyhow::Result<MergeSummary> {
     let adapters = args
         .adapters
-        .iter()
+        .par_iter()
         .map(|dir| LoraAdapter::load(dir))
         .collect::<Result<Vec<_>, _>>()?;
     let weights = match &args.weights {

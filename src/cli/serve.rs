@@ -61,6 +61,7 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         experiments: Experiments::new(config.experiments),
         limits: config.limits,
         merge_cache_bytes: config.merge_cache_bytes,
+        alignment_cache_bytes: config.alignment_cache_bytes,
         adapter_roots: config.adapter_roots,
     });
     let address = format!("{}:{}", config.host, config.port);

@@ -1,9 +1,11 @@
 //! The paper's greedy hyperparameter search, as a pure function over an evaluator closure.
 //!
 //! For a method: first λ over its grid (density and DARE p at the method's defaults), then, with
-//! the best λ fixed, the density (TIES-style methods) or the DARE drop rate p (DARE methods).
-//! A DARE configuration is scored as the best over several seeds, and the winning seed is kept.
-//! Ties between grid points keep the earlier (smaller) value.
+//! the best λ fixed, the density (TIES-style methods), the DARE drop rate p (DARE methods) or the
+//! common fraction (Iso-CTS). A DARE configuration is scored as the best over several seeds, and
+//! the winning seed is kept. Core Space methods that can be isotropized run this search once per
+//! `isotropize` setting in the grid (a flat spectrum moves the best λ) and keep the better one.
+//! Ties between grid points keep the earlier value.
 //!
 //! Step in the data flow: `knots eval` runs it on the validation split for every method, then
 //! evaluates the chosen parameters on the test split.
@@ -13,13 +15,17 @@ use crate::merge::{MergeOptions, MergeParams, Method};
 use super::EvalError;
 
 /// The grids searched. [`SearchGrid::default`] is the paper's: λ and density 0.1–1.0, p 0.1–0.9
-/// in steps of 0.1, DARE seeds 0, 1, 2.
+/// in steps of 0.1, DARE seeds 0, 1, 2; isotropize off and on; common fraction 0.6–0.9.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchGrid {
     pub lambdas: Vec<f64>,
     pub densities: Vec<f64>,
     pub dare_ps: Vec<f64>,
     pub dare_seeds: Vec<u64>,
+    /// The `isotropize` settings tried for Core Space methods that do not always isotropize.
+    pub isotropize: Vec<bool>,
+    /// Iso-CTS' common fractions.
+    pub common_fractions: Vec<f64>,
 }
 
 impl Default for SearchGrid {
@@ -30,6 +36,8 @@ impl Default for SearchGrid {
             densities: tenths(1, 10),
             dare_ps: tenths(1, 9),
             dare_seeds: vec![0, 1, 2],
+            isotropize: vec![false, true],
+            common_fractions: tenths(6, 9),
         }
     }
 }
@@ -68,35 +76,23 @@ where
         trials: Vec::new(),
         evaluate: &mut evaluate,
     };
-    let base = MergeOptions::default();
-    let mut best = search.best_of(grid.lambdas.iter().map(|&l| MergeOptions {
-        lambda: Some(l),
-        ..base
-    }))?;
-    let lambda = Some(best.params.lambda);
-    let second: Vec<MergeOptions> = if method.uses_dare() {
-        let ps = grid.dare_ps.iter().map(|&p| MergeOptions {
-            lambda,
-            dare_p: Some(p),
-            ..base
-        });
-        ps.collect()
-    } else if method.uses_ties() {
-        let ds = grid.densities.iter().map(|&d| MergeOptions {
-            lambda,
-            density: Some(d),
-            ..base
-        });
-        ds.collect()
+    let isotropize: Vec<Option<bool>> = if method.is_core() && !method.always_isotropic() {
+        grid.isotropize.iter().map(|&i| Some(i)).collect()
     } else {
-        Vec::new()
+        vec![None]
     };
-    if !second.is_empty() {
-        let candidate = search.best_of(second.into_iter())?;
-        if candidate.score > best.score {
-            best = candidate;
+    let mut best: Option<Trial> = None;
+    for iso in isotropize {
+        let base = MergeOptions {
+            isotropize: iso,
+            ..MergeOptions::default()
+        };
+        let found = search.greedy(grid, base)?;
+        if best.is_none_or(|b| found.score > b.score) {
+            best = Some(found);
         }
     }
+    let best = best.ok_or_else(|| EvalError::metric("search", "an empty isotropize grid"))?;
     Ok(SearchOutcome {
         best: best.params,
         score: best.score,
@@ -115,6 +111,47 @@ impl<F> Search<'_, F>
 where
     F: FnMut(&MergeParams) -> Result<f64, EvalError>,
 {
+    /// λ over its grid from `base`, then the method's second parameter with that λ.
+    fn greedy(&mut self, grid: &SearchGrid, base: MergeOptions) -> Result<Trial, EvalError> {
+        let method = self.method;
+        let mut best = self.best_of(grid.lambdas.iter().map(|&l| MergeOptions {
+            lambda: Some(l),
+            ..base
+        }))?;
+        let lambda = Some(best.params.lambda);
+        let second: Vec<MergeOptions> = if method.uses_dare() {
+            let ps = grid.dare_ps.iter().map(|&p| MergeOptions {
+                lambda,
+                dare_p: Some(p),
+                ..base
+            });
+            ps.collect()
+        } else if method.uses_ties() {
+            let ds = grid.densities.iter().map(|&d| MergeOptions {
+                lambda,
+                density: Some(d),
+                ..base
+            });
+            ds.collect()
+        } else if method == Method::CoreIsoCts {
+            let fs = grid.common_fractions.iter().map(|&f| MergeOptions {
+                lambda,
+                common_fraction: Some(f),
+                ..base
+            });
+            fs.collect()
+        } else {
+            Vec::new()
+        };
+        if !second.is_empty() {
+            let candidate = self.best_of(second.into_iter())?;
+            if candidate.score > best.score {
+                best = candidate;
+            }
+        }
+        Ok(best)
+    }
+
     /// The best of `points` (the first on ties).
     fn best_of(&mut self, points: impl Iterator<Item = MergeOptions>) -> Result<Trial, EvalError> {
         let mut best: Option<Trial> = None;

@@ -114,12 +114,6 @@ impl AlignmentCache {
             entries: self.entries.entry_count(),
         }
     }
-
-    /// Drops every alignment (an adapter changed; entries keyed by its old digest would only
-    /// age out otherwise).
-    pub fn clear(&self) {
-        self.entries.invalidate_all();
-    }
 }
 
 impl std::fmt::Debug for AlignmentCache {

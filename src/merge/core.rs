@@ -30,14 +30,48 @@ pub struct CoreBasis {
     pub u: Matrix,
     /// `Vᵀ`, `k_A × I`, orthonormal rows.
     pub vt: Matrix,
-    /// Per adapter, in input order: `M_i` (`k_B × k_A`), before the user weight.
-    pub cores: Vec<Mat<f64>>,
+    /// `Uᵀ·B_cat = S_B·W_Bᵀ`, `k_B × R`.
+    left: Mat<f64>,
+    /// `(A_cat·V)ᵀ = S_A·W_Aᵀ`, `k_A × R`.
+    right: Mat<f64>,
+    /// Each adapter's columns of `left` and `right`: `(offset, r_i)`, in input order.
+    blocks: Vec<(usize, usize)>,
+}
+
+/// One adapter's core matrix in factored form, `M_i = l·rᵀ` (rank ≤ r_i), weight included.
+#[derive(Debug, Clone)]
+pub struct CoreFactors {
+    /// `k_B × r_i`.
+    pub l: Mat<f64>,
+    /// `k_A × r_i`.
+    pub r: Mat<f64>,
+}
+
+impl CoreFactors {
+    pub fn dense(&self) -> Mat<f64> {
+        &self.l * self.r.transpose()
+    }
 }
 
 impl CoreBasis {
     pub fn bytes(&self) -> usize {
-        let core: usize = self.cores.iter().map(|m| m.nrows() * m.ncols() * 8).sum();
-        self.u.bytes() + self.vt.bytes() + core
+        let small = (self.left.nrows() + self.right.nrows()) * self.left.ncols() * 8;
+        self.u.bytes() + self.vt.bytes() + small
+    }
+
+    /// `(k_B, k_A)`, the shape of every core matrix.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.left.nrows(), self.right.nrows())
+    }
+
+    /// Adapter `i`'s core matrix times `weight`, factored.
+    pub fn factors(&self, i: usize, weight: f64) -> CoreFactors {
+        let (offset, r) = self.blocks[i];
+        let l = self.left.subcols(offset, r);
+        CoreFactors {
+            l: Mat::from_fn(l.nrows(), r, |a, b| weight * l[(a, b)]),
+            r: self.right.subcols(offset, r).to_owned(),
+        }
     }
 
     /// `λ·U·M*·Vᵀ` as the factors `b = λ·U·M*`, `a = Vᵀ`.
@@ -59,6 +93,7 @@ pub fn core_basis(module: &str, factors: &[Factors<'_>]) -> Result<CoreBasis, Me
     let total: usize = factors.iter().map(|f| f.a.rows()).sum();
     let mut b_cat = Mat::<f64>::zeros(rows, total);
     let mut a_cat_t = Mat::<f64>::zeros(cols, total);
+    let mut blocks = Vec::with_capacity(factors.len());
     let mut offset = 0;
     for f in factors {
         let (b, a) = (f.b.as_faer(), f.a.as_faer());
@@ -70,23 +105,20 @@ pub fn core_basis(module: &str, factors: &[Factors<'_>]) -> Result<CoreBasis, Me
                 a_cat_t[(j, offset + k)] = f64::from(a[(k, j)]);
             }
         }
+        blocks.push((offset, f.a.rows()));
         offset += f.a.rows();
     }
-    let left = Principal::of(module, b_cat.as_ref())?;
-    let right = Principal::of(module, a_cat_t.as_ref())?;
-    let left_coords = left.coordinates();
-    let right_coords = right.coordinates();
-    let mut cores = Vec::with_capacity(factors.len());
-    let mut offset = 0;
-    for f in factors {
-        let r = f.a.rows();
-        cores.push(left_coords.subcols(offset, r) * right_coords.subcols(offset, r).transpose());
-        offset += r;
-    }
+    let failed = || MergeError::Svd {
+        module: module.to_string(),
+    };
+    let left = Principal::of(b_cat.as_ref()).ok_or_else(failed)?;
+    let right = Principal::of(a_cat_t.as_ref()).ok_or_else(failed)?;
     Ok(CoreBasis {
         u: Matrix::from_faer(left.basis(b_cat.as_ref()).as_ref()),
         vt: Matrix::from_faer(right.basis(a_cat_t.as_ref()).transpose()),
-        cores,
+        left: left.coordinates(),
+        right: right.coordinates(),
+        blocks,
     })
 }
 
@@ -99,13 +131,14 @@ struct Principal {
 }
 
 impl Principal {
-    fn of(module: &str, x: MatRef<'_, f64>) -> Result<Self, MergeError> {
+    /// `None` when the eigendecomposition fails (it does not on finite input).
+    fn of(x: MatRef<'_, f64>) -> Option<Self> {
+        if x.ncols() == 0 || x.nrows() == 0 {
+            let (w, s) = (Mat::zeros(x.ncols(), 0), Vec::new());
+            return Some(Self { w, s });
+        }
         let gram = x.transpose() * x;
-        let eigen = gram
-            .self_adjoint_eigen(Side::Lower)
-            .map_err(|_| MergeError::Svd {
-                module: module.to_string(),
-            })?;
+        let eigen = gram.self_adjoint_eigen(Side::Lower).ok()?;
         let values = eigen.S().column_vector();
         // Eigenvalues come smallest first.
         let order: Vec<usize> = (0..values.nrows()).rev().collect();
@@ -119,7 +152,7 @@ impl Principal {
             .collect();
         let s = kept.iter().map(|&j| values[j].sqrt()).collect();
         let w = Mat::from_fn(x.ncols(), kept.len(), |i, j| eigen.U()[(i, kept[j])]);
-        Ok(Self { w, s })
+        Some(Self { w, s })
     }
 
     /// `X·W·S⁻¹`, the left singular vectors (`n × k`).
@@ -138,16 +171,28 @@ impl Principal {
     }
 }
 
-/// `Σ_i M_i`.
-pub fn sum(cores: &[Mat<f64>], shape: (usize, usize)) -> Mat<f64> {
-    let mut total = Mat::<f64>::zeros(shape.0, shape.1);
-    for m in cores {
-        total += m;
-    }
-    total
+/// `Σ_i M_i = [l_1 … l_T]·[r_1 … r_T]ᵀ`.
+pub fn sum(cores: &[CoreFactors], shape: (usize, usize)) -> Mat<f64> {
+    let ls: Vec<Mat<f64>> = cores.iter().map(|c| c.l.clone()).collect();
+    let rs: Vec<Mat<f64>> = cores.iter().map(|c| c.r.clone()).collect();
+    concat(&ls, shape.0) * concat(&rs, shape.1).transpose()
 }
 
-/// A thin SVD `M = Y·diag(σ)·Zᵀ` keeping the components above [`CORE_CUT`] of the largest.
+/// Matrices with `rows` rows side by side.
+fn concat(blocks: &[Mat<f64>], rows: usize) -> Mat<f64> {
+    let cols = blocks.iter().map(|b| b.ncols()).sum();
+    let mut out = Mat::<f64>::zeros(rows, cols);
+    let mut offset = 0;
+    for b in blocks {
+        out.subcols_mut(offset, b.ncols()).copy_from(b);
+        offset += b.ncols();
+    }
+    out
+}
+
+/// A thin SVD `M = Y·diag(σ)·Zᵀ` keeping the components above [`CORE_CUT`] of the largest
+/// (from the Gram matrix of the shorter side: these matrices are small and far from the
+/// precision limit, and an eigendecomposition is a few times cheaper than an SVD).
 struct Thin {
     y: Mat<f64>,
     s: Vec<f64>,
@@ -155,27 +200,41 @@ struct Thin {
 }
 
 fn thin(m: MatRef<'_, f64>) -> Thin {
-    let empty = || Thin {
-        y: Mat::zeros(m.nrows(), 0),
-        s: Vec::new(),
-        z: Mat::zeros(m.ncols(), 0),
-    };
-    if m.nrows() == 0 || m.ncols() == 0 {
-        return empty();
+    if m.nrows() < m.ncols() {
+        let t = thin(m.transpose());
+        return Thin {
+            y: t.z,
+            s: t.s,
+            z: t.y,
+        };
     }
-    // The SVD of a small finite matrix converges; a failure leaves no components.
-    let Ok(svd) = m.thin_svd() else {
-        return empty();
-    };
-    let values = svd.S().column_vector();
-    let largest = if values.nrows() > 0 { values[0] } else { 0.0 };
-    let kept: Vec<usize> = (0..values.nrows())
-        .filter(|&j| values[j] > 0.0 && values[j] > largest * CORE_CUT)
-        .collect();
+    // Tall: MᵀM = Z·diag(σ²)·Zᵀ and Y = M·Z·diag(σ)⁻¹, as for the core bases.
+    match Principal::of(m) {
+        Some(p) => Thin {
+            y: p.basis(m),
+            s: p.s,
+            z: p.w,
+        },
+        _ => Thin {
+            y: Mat::zeros(m.nrows(), 0),
+            s: Vec::new(),
+            z: Mat::zeros(m.ncols(), 0),
+        },
+    }
+}
+
+/// The thin SVD of a low-rank `l·rᵀ` from its factors: thin QRs `l = Q_l·T_l`, `r = Q_r·T_r`,
+/// and the SVD of the small `T_l·T_rᵀ`.
+fn thin_factored(l: MatRef<'_, f64>, r: MatRef<'_, f64>) -> Thin {
+    if l.ncols() == 0 || l.nrows() == 0 || r.nrows() == 0 {
+        return thin(Mat::<f64>::zeros(l.nrows(), r.nrows()).as_ref());
+    }
+    let (ql, qr) = (l.qr(), r.qr());
+    let small = thin((ql.thin_R() * qr.thin_R().transpose()).as_ref());
     Thin {
-        y: Mat::from_fn(m.nrows(), kept.len(), |i, j| svd.U()[(i, kept[j])]),
-        s: kept.iter().map(|&j| values[j]).collect(),
-        z: Mat::from_fn(m.ncols(), kept.len(), |i, j| svd.V()[(i, kept[j])]),
+        y: ql.compute_thin_Q() * &small.y,
+        s: small.s,
+        z: qr.compute_thin_Q() * &small.z,
     }
 }
 
@@ -222,21 +281,10 @@ impl Stack {
         self.values.extend_from_slice(&t.s[..k]);
     }
 
-    fn concat(blocks: &[Mat<f64>], rows: usize) -> Mat<f64> {
-        let cols = blocks.iter().map(|b| b.ncols()).sum();
-        let mut out = Mat::<f64>::zeros(rows, cols);
-        let mut offset = 0;
-        for b in blocks {
-            out.subcols_mut(offset, b.ncols()).copy_from(b);
-            offset += b.ncols();
-        }
-        out
-    }
-
     /// `polar(P_c)·diag(s)·polar(Q_c)ᵀ` with `s` the stacked values, or all of them `flat`.
     fn orthogonalized(&self, shape: (usize, usize), flat: Option<f64>) -> Mat<f64> {
-        let p = polar(Self::concat(&self.left, shape.0).as_ref());
-        let q = polar(Self::concat(&self.right, shape.1).as_ref());
+        let p = polar(concat(&self.left, shape.0).as_ref());
+        let q = polar(concat(&self.right, shape.1).as_ref());
         let s = Mat::from_fn(self.values.len(), self.values.len(), |i, j| {
             if i == j {
                 flat.unwrap_or(self.values[i])
@@ -250,11 +298,11 @@ impl Stack {
 
 /// TSV-M: the top `k = ⌊R/T⌋` singular triplets of every `M_i` side by side (fewer for an
 /// adapter of lower rank), both bases replaced by their polar factors, the values kept.
-pub fn tsv(cores: &[Mat<f64>], shape: (usize, usize)) -> Mat<f64> {
+pub fn tsv(cores: &[CoreFactors], shape: (usize, usize)) -> Mat<f64> {
     let per_task = shape.0.min(shape.1) / cores.len().max(1);
     let mut stack = Stack::new();
     for m in cores {
-        stack.push(&thin(m.as_ref()), per_task);
+        stack.push(&thin_factored(m.l.as_ref(), m.r.as_ref()), per_task);
     }
     stack.orthogonalized(shape, None)
 }
@@ -283,16 +331,17 @@ fn round_half_even(x: f64) -> usize {
 /// Iso-CTS: the top `c` directions of `Σ M_i` (common space), then for each adapter the top `d`
 /// directions of `(I − C·Cᵀ)·M_i`; task blocks first, common block last, both bases replaced by
 /// their polar factors and every singular value set to the mean of the `R` stacked ones.
-pub fn iso_cts(cores: &[Mat<f64>], shape: (usize, usize), fraction: f64) -> Mat<f64> {
+pub fn iso_cts(cores: &[CoreFactors], shape: (usize, usize), fraction: f64) -> Mat<f64> {
     let slots = shape.0.min(shape.1);
     let (common, per_task) = iso_cts_sizes(slots, cores.len(), fraction);
     let total = thin(sum(cores, shape).as_ref());
     let c = total.y.subcols(0, common.min(total.s.len()));
     let mut stack = Stack::new();
     for m in cores {
-        let projection = c * (c.transpose() * m);
-        let projected = m - &projection;
-        stack.push(&thin(projected.as_ref()), per_task);
+        // (I − C·Cᵀ)·l·rᵀ: the projection acts on the left factor only.
+        let projection = c * (c.transpose() * &m.l);
+        let projected = &m.l - &projection;
+        stack.push(&thin_factored(projected.as_ref(), m.r.as_ref()), per_task);
     }
     stack.push(&total, common);
     let mean = stack.values.iter().sum::<f64>() / slots.max(1) as f64;
@@ -340,16 +389,37 @@ mod tests {
         assert!(s.iter().all(|x| (x - mean).abs() < 1e-9), "{s:?} vs {mean}");
     }
 
+    fn factors(k: usize, r: usize, seed: u64) -> CoreFactors {
+        CoreFactors {
+            l: random(k, r, seed),
+            r: random(k, r, seed + 1000),
+        }
+    }
+
+    #[test]
+    fn factored_and_dense_svds_agree() {
+        let m = factors(8, 3, 4);
+        let t = thin_factored(m.l.as_ref(), m.r.as_ref());
+        let d = thin(m.dense().as_ref());
+        assert_eq!(t.s.len(), 3);
+        for (a, b) in t.s.iter().zip(&d.s) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        let back =
+            &t.y * Mat::from_fn(3, 3, |i, j| if i == j { t.s[i] } else { 0.0 }) * t.z.transpose();
+        assert!((&back - &m.dense()).norm_l2() < 1e-12);
+    }
+
     #[test]
     fn tsv_of_one_adapter_is_that_adapter() {
-        let m = random(5, 5, 9);
+        let m = factors(5, 5, 9);
         let got = tsv(std::slice::from_ref(&m), (5, 5));
-        assert!((&got - &m).norm_l2() < 1e-9 * m.norm_l2());
+        assert!((&got - &m.dense()).norm_l2() < 1e-9 * m.dense().norm_l2());
     }
 
     #[test]
     fn iso_cts_without_a_common_space_is_isotropic_tsv() {
-        let cores: Vec<_> = (0..4).map(|i| random(8, 8, 20 + i)).collect();
+        let cores: Vec<_> = (0..4).map(|i| factors(8, 2, 20 + i)).collect();
         let want = isotropize(tsv(&cores, (8, 8)).as_ref());
         let got = iso_cts(&cores, (8, 8), 0.0);
         assert!((&got - &want).norm_l2() < 1e-9 * want.norm_l2());
@@ -358,7 +428,7 @@ mod tests {
     #[test]
     fn rank_deficient_inputs_stay_finite() {
         // Two identical adapters: the stacked bases are rank-deficient.
-        let m = random(4, 4, 5);
+        let m = factors(4, 2, 5);
         let cores = vec![m.clone(), m.clone()];
         for merged in [
             tsv(&cores, (4, 4)),

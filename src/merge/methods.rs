@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::align::{Alignment, Factors, align};
 use super::align_cache::{AlignKey, Aligned, AlignmentCache, Family};
-use super::core::{self, CoreBasis, core_basis};
+use super::core::{self, CoreBasis, CoreFactors, core_basis};
 use super::dare::{self, DareKey};
 use super::plan::{ModulePlan, Plan};
 use super::ties::{RepSource, Ties, ties_merge};
@@ -226,15 +226,12 @@ fn core_merge(
 
 /// `M*` of module `m` (before λ).
 fn merge_in_core(plan: &Plan<'_>, params: &MergeParams, m: usize, basis: &CoreBasis) -> Mat<f64> {
-    let shape = (basis.u.cols(), basis.vt.rows());
-    let weighted: Vec<Mat<f64>> = plan.modules[m]
+    let shape = basis.shape();
+    let weighted: Vec<CoreFactors> = plan.modules[m]
         .members
         .iter()
-        .zip(&basis.cores)
-        .map(|(member, core)| {
-            let w = plan.weight(member.index);
-            Mat::from_fn(shape.0, shape.1, |i, j| w * core[(i, j)])
-        })
+        .enumerate()
+        .map(|(position, member)| basis.factors(position, plan.weight(member.index)))
         .collect();
     let merged = match params.method {
         Method::CoreTies | Method::CoreDareTies => core_ties(plan, params, m, basis),
@@ -263,9 +260,9 @@ fn core_ties(plan: &Plan<'_>, params: &MergeParams, m: usize, basis: &CoreBasis)
         ..ties_settings(plan, params)
     };
     let merged = ties_merge(&src, &settings, &Silent);
-    let cols = basis.vt.rows();
+    let (rows, cols) = basis.shape();
     let values = &merged[0];
-    Mat::from_fn(basis.u.cols(), cols, |i, j| f64::from(values[i * cols + j]))
+    Mat::from_fn(rows, cols, |i, j| f64::from(values[i * cols + j]))
 }
 
 fn ties_settings(plan: &Plan<'_>, params: &MergeParams) -> Ties {
@@ -345,7 +342,8 @@ impl RepSource for CoreReps<'_> {
     }
 
     fn module_len(&self, _: usize) -> usize {
-        self.basis.u.cols() * self.basis.vt.rows()
+        let (rows, cols) = self.basis.shape();
+        rows * cols
     }
 
     fn rep(&self, i: usize, _: usize) -> Option<Cow<'_, [f32]>> {
@@ -353,7 +351,8 @@ impl RepSource for CoreReps<'_> {
             .members
             .iter()
             .position(|x| x.index == i)?;
-        let core = &self.basis.cores[position];
+        let core = self.basis.factors(position, 1.0).dense();
+        let core = core.as_ref();
         let values = (0..core.nrows())
             .flat_map(|r| (0..core.ncols()).map(move |c| core[(r, c)] as f32))
             .collect();
@@ -397,9 +396,13 @@ impl RepSource for AlignedReps<'_> {
 mod tests {
     use super::*;
     use crate::adapters::{AdapterDigest, LoraAdapter, LoraModule};
-    use crate::merge::{MergeInput, MergeOptions, Silent};
+    use crate::merge::{MergeInput, MergeOptions};
 
     fn adapter(name: &str, seed: u32) -> LoraAdapter {
+        adapter_of_rank(name, seed, 2)
+    }
+
+    fn adapter_of_rank(name: &str, seed: u32, rank: usize) -> LoraAdapter {
         // Deterministic pseudo-random values without a dependency on an RNG crate.
         let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         let mut next = move || {
@@ -408,17 +411,17 @@ mod tests {
             state ^= state << 5;
             (state as f32 / u32::MAX as f32) - 0.5
         };
-        let a = Matrix::from_fn(2, 6, |_, _| next());
-        let b = Matrix::from_fn(5, 2, |_, _| next());
-        let config = serde_json::from_str(
-            r#"{"peft_type":"LORA","r":2,"lora_alpha":2,"target_modules":["q"]}"#,
-        )
+        let a = Matrix::from_fn(rank, 6, |_, _| next());
+        let b = Matrix::from_fn(5, rank, |_, _| next());
+        let config = serde_json::from_str(&format!(
+            r#"{{"peft_type":"LORA","r":{rank},"lora_alpha":{rank},"target_modules":["q"]}}"#
+        ))
         .unwrap();
         LoraAdapter {
             name: name.into(),
             path: name.into(),
             config,
-            modules: [("q".to_string(), LoraModule { a, b, scale: 1.0 })].into(),
+            modules: [("q".to_string(), LoraModule { a, b, scale: 0.5 })].into(),
             saved_modules: Default::default(),
             task: None,
             digest: AdapterDigest([seed as u8; 32]),
@@ -459,5 +462,109 @@ mod tests {
             let got = ties_on_alignments(&plan, &params, &[&flipped[0]], &Silent)[0].to_dense();
             assert!(got.relative_error(&want) < 1e-6, "{method}");
         }
+    }
+
+    fn params(method: Method, options: MergeOptions) -> MergeParams {
+        MergeParams::new(method, options).unwrap()
+    }
+
+    /// `U·M_i·Vᵀ` gives back each scaled update `c_i·B_i·A_i`, unequal ranks included, and the
+    /// core path's sum expands to task arithmetic.
+    #[test]
+    fn core_matrices_reconstruct_each_update() {
+        let adapters = [
+            adapter_of_rank("a", 1, 1),
+            adapter_of_rank("b", 2, 2),
+            adapter_of_rank("c", 3, 3),
+        ];
+        let inputs: Vec<_> = adapters.iter().map(MergeInput::new).collect();
+        let plan = Plan::new(&inputs).unwrap();
+        let basis = core_basis("q", &module_factors(&plan.modules[0])).unwrap();
+        // R = 6 > O = 5: the left basis has at most 5 directions.
+        assert_eq!((basis.u.cols(), basis.vt.rows()), (5, 6));
+        let cores: Vec<_> = (0..adapters.len()).map(|i| basis.factors(i, 1.0)).collect();
+        for (adapter, core) in adapters.iter().zip(&cores) {
+            let got = basis.expand(core.dense().as_ref(), 1.0).to_dense();
+            let want = adapter.delta().modules["q"].to_dense();
+            assert!(got.relative_error(&want) < 1e-6, "{}", adapter.name);
+        }
+        let summed = basis
+            .expand(core::sum(&cores, basis.shape()).as_ref(), 0.7)
+            .to_dense();
+        let ta = merge(&inputs, &params(Method::Ta, lambda(0.7)), &Silent).unwrap();
+        assert!(summed.relative_error(&ta.modules["q"].to_dense()) < 1e-6);
+    }
+
+    fn lambda(l: f64) -> MergeOptions {
+        MergeOptions {
+            lambda: Some(l),
+            ..Default::default()
+        }
+    }
+
+    /// One adapter, unequal ranks, a duplicated update under another name, a zero weight: every
+    /// Core Space method gives a finite low-rank result.
+    #[test]
+    fn core_methods_are_defined_on_degenerate_sets() {
+        let one = [adapter("a", 1)];
+        let unequal = [adapter_of_rank("a", 1, 1), adapter_of_rank("b", 2, 3)];
+        let mut twin = adapter("b", 1);
+        twin.digest = AdapterDigest([9; 32]);
+        let duplicated = [adapter("a", 1), twin];
+        let sets: [&[LoraAdapter]; 3] = [&one, &unequal, &duplicated];
+        for set in sets {
+            for weights in [vec![1.0; set.len()], vec![0.0; set.len()]] {
+                let inputs: Vec<_> = set
+                    .iter()
+                    .zip(&weights)
+                    .map(|(adapter, &weight)| MergeInput { adapter, weight })
+                    .collect();
+                for method in Method::ALL.into_iter().filter(|m| m.is_core()) {
+                    let p = params(method, MergeOptions::default());
+                    let merged = merge(&inputs, &p, &Silent).unwrap();
+                    let dense = merged.modules["q"].to_dense();
+                    assert!(merged.is_low_rank(), "{method}");
+                    assert!(
+                        dense.as_slice().iter().all(|x| x.is_finite()),
+                        "{method} on {} adapters, weights {weights:?}",
+                        set.len()
+                    );
+                }
+            }
+        }
+        // TSV of one adapter is that adapter.
+        let inputs = [MergeInput::new(&one[0])];
+        let tsv = merge(&inputs, &params(Method::CoreTsv, lambda(1.0)), &Silent).unwrap();
+        let own = one[0].delta().modules["q"].to_dense();
+        assert!(tsv.modules["q"].to_dense().relative_error(&own) < 1e-5);
+    }
+
+    /// A second merge of the same adapters with other parameters reuses every module's
+    /// alignment and gives what an uncached merge gives.
+    #[test]
+    fn the_alignment_cache_serves_other_parameters() {
+        let adapters = [adapter("a", 1), adapter("b", 2), adapter("c", 3)];
+        let inputs: Vec<_> = adapters.iter().map(MergeInput::new).collect();
+        let cache = AlignmentCache::new(1 << 20);
+        let runs = [
+            (Method::KnotsTies, 0.5),
+            (Method::KnotsDareTies, 0.9),
+            (Method::CoreTsv, 0.5),
+            (Method::CoreIsoCts, 0.8),
+            (Method::CoreTies, 1.0),
+        ];
+        for (method, l) in runs {
+            let p = params(method, lambda(l));
+            let cached = merge_cached(&inputs, &p, &Silent, Some(&cache)).unwrap();
+            let fresh = merge(&inputs, &p, &Silent).unwrap();
+            let err = cached.modules["q"]
+                .to_dense()
+                .relative_error(&fresh.modules["q"].to_dense());
+            assert!(err < 1e-6, "{method}: {err}");
+        }
+        let stats = cache.stats();
+        // One module: a miss per family, a hit for every later run of that family.
+        assert_eq!((stats.misses, stats.hits), (2, 3));
+        assert!(stats.bytes > 0);
     }
 }

@@ -37,6 +37,7 @@ pub(crate) fn ties_merge(
     let n = ties.weights.len();
     progress.start("trimming", n as u64);
     let thresholds: Vec<f32> = (0..n)
+        .into_par_iter()
         .map(|i| {
             let t = trim_threshold(src, i, ties.density);
             progress.advance(1);
@@ -88,8 +89,35 @@ pub(crate) fn trim_threshold(src: &impl RepSource, i: usize, density: f64) -> f3
     if rank < zeros {
         return 0.0;
     }
-    let (_, nth, _) = magnitudes.select_nth_unstable_by(rank - zeros, f32::total_cmp);
-    *nth
+    nth_magnitude(&magnitudes, rank - zeros)
+}
+
+/// The `rank`-th smallest (0-based) of `magnitudes` (all ≥ 0), in the order of `f32::total_cmp`.
+///
+/// The bit patterns of non-negative floats sort like their values, so one counting pass over
+/// the top 16 bits finds the bucket that holds the answer, and only that bucket is selected in.
+fn nth_magnitude(magnitudes: &[f32], rank: usize) -> f32 {
+    const SHIFT: u32 = 16;
+    let mut counts = vec![0usize; 1 << (32 - SHIFT)];
+    for &x in magnitudes {
+        counts[(x.to_bits() >> SHIFT) as usize] += 1;
+    }
+    let mut before = 0;
+    let mut bucket = 0;
+    for (b, &count) in counts.iter().enumerate() {
+        if before + count > rank {
+            bucket = b;
+            break;
+        }
+        before += count;
+    }
+    let mut inside: Vec<u32> = magnitudes
+        .iter()
+        .map(|x| x.to_bits())
+        .filter(|bits| (bits >> SHIFT) as usize == bucket)
+        .collect();
+    let (_, nth, _) = inside.select_nth_unstable(rank - before);
+    f32::from_bits(*nth)
 }
 
 struct MergedModule {
@@ -107,61 +135,50 @@ fn merge_entries(
     weights: &[f32],
     len: usize,
 ) -> MergedModule {
+    // Per entry: the sum, and the sums and counts of the positive and negative kept values,
+    // accumulated adapter by adapter (the same order, so the same sums, as entry by entry).
+    let mut total = vec![0.0f32; len];
+    let (mut pos, mut neg) = (vec![0.0f32; len], vec![0.0f32; len]);
+    let (mut pos_n, mut neg_n) = (vec![0u32; len], vec![0u32; len]);
+    let present = reps
+        .iter()
+        .zip(thresholds.iter().zip(weights))
+        .filter_map(|(rep, (&t, &w))| rep.as_deref().map(|r| (r, t, w)));
+    for (rep, t, w) in present {
+        let entries = rep
+            .iter()
+            .zip(total.iter_mut())
+            .zip(pos.iter_mut().zip(neg.iter_mut()))
+            .zip(pos_n.iter_mut().zip(neg_n.iter_mut()));
+        for (((&x, total), (pos, neg)), (pos_n, neg_n)) in entries {
+            let kept = if x.abs() >= t { w * x } else { 0.0 };
+            *total += kept;
+            *pos += kept.max(0.0);
+            *neg += kept.min(0.0);
+            *pos_n += u32::from(kept > 0.0);
+            *neg_n += u32::from(kept < 0.0);
+        }
+    }
+    // Disjoint mean: the sum over max(1, count).
+    let mean = |sum: f32, count: u32| sum / count.max(1) as f32;
     let mut values = vec![0.0f32; len];
     let mut sign_sum = 0i64;
     let mut undecided = Vec::new();
-    let present: Vec<(&[f32], f32, f32)> = reps
-        .iter()
-        .zip(thresholds.iter().zip(weights))
-        .filter_map(|(rep, (&t, &w))| rep.as_deref().map(|r| (r, t, w)))
-        .collect();
     for (j, out) in values.iter_mut().enumerate() {
-        let (mut total, mut pos, mut neg) = (0.0f32, Mean::default(), Mean::default());
-        for &(rep, t, w) in &present {
-            let x = rep[j];
-            if x.abs() < t {
-                continue;
-            }
-            let x = w * x;
-            total += x;
-            if x > 0.0 {
-                pos.add(x);
-            } else if x < 0.0 {
-                neg.add(x);
-            }
-        }
-        if total > 0.0 {
+        if total[j] > 0.0 {
             sign_sum += 1;
-            *out = pos.value();
-        } else if total < 0.0 {
+            *out = mean(pos[j], pos_n[j]);
+        } else if total[j] < 0.0 {
             sign_sum -= 1;
-            *out = neg.value();
-        } else if pos.count + neg.count > 0 {
-            undecided.push((j, pos.value(), neg.value()));
+            *out = mean(neg[j], neg_n[j]);
+        } else if pos_n[j] + neg_n[j] > 0 {
+            undecided.push((j, mean(pos[j], pos_n[j]), mean(neg[j], neg_n[j])));
         }
     }
     MergedModule {
         values,
         sign_sum,
         undecided,
-    }
-}
-
-#[derive(Default)]
-struct Mean {
-    sum: f32,
-    count: u32,
-}
-
-impl Mean {
-    fn add(&mut self, x: f32) {
-        self.sum += x;
-        self.count += 1;
-    }
-
-    /// Disjoint mean: the sum over `max(1, count)`.
-    fn value(&self) -> f32 {
-        self.sum / self.count.max(1) as f32
     }
 }
 
@@ -210,6 +227,26 @@ mod tests {
             vec![vec![5.0, 4.0], vec![0.0, 0.0]]
         );
         assert_eq!(trim_threshold(&src, 0, 0.5), 2.0);
+    }
+
+    #[test]
+    fn the_bucketed_selection_agrees_with_sorting() {
+        let mut state = 7u32;
+        let values: Vec<f32> = (0..5000)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                // Spread over many octaves, with repeats and zeros.
+                let x = (state % 1000) as f32 * 10f32.powi((state % 9) as i32 - 6);
+                if i % 7 == 0 { 0.0 } else { x }
+            })
+            .collect();
+        let mut sorted = values.clone();
+        sorted.sort_by(f32::total_cmp);
+        for rank in [0, 1, 713, 714, 2500, 4998, 4999] {
+            assert_eq!(nth_magnitude(&values, rank), sorted[rank], "rank {rank}");
+        }
     }
 
     #[test]

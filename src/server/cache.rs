@@ -1,6 +1,7 @@
 //! The merge cache: `MergeKey` → merged delta, weighed in bytes. Concurrent requests for the
 //! same uncached set share one merge (`try_get_with`); the merge itself runs on a blocking
-//! thread, never on an async worker.
+//! thread, never on an async worker. Beside it, the alignment cache keeps each set's SVD work
+//! per module, so a merge that changes only λ, density, p or the method within a family skips it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use moka::future::Cache;
 use super::metrics;
 use crate::adapters::Registered;
 use crate::error::ApiError;
-use crate::merge::{self, MergeInput, MergeKey, MergeParams, MergedDelta, Silent};
+use crate::merge::{self, AlignmentCache, MergeInput, MergeKey, MergeParams, MergedDelta, Silent};
 
 /// A finished merge as the cache holds it.
 #[derive(Debug)]
@@ -43,10 +44,12 @@ impl Outcome {
 #[derive(Clone)]
 pub struct MergeCache {
     cache: Cache<MergeKey, Arc<CachedMerge>>,
+    alignments: Arc<AlignmentCache>,
 }
 
 impl MergeCache {
-    pub fn new(max_bytes: u64) -> Self {
+    /// A cache of up to `max_bytes` of merged deltas and `alignment_bytes` of alignments.
+    pub fn new(max_bytes: u64, alignment_bytes: u64) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_k: &MergeKey, v: &Arc<CachedMerge>| {
@@ -58,7 +61,10 @@ impl MergeCache {
                 }
             })
             .build();
-        Self { cache }
+        Self {
+            cache,
+            alignments: Arc::new(AlignmentCache::new(alignment_bytes)),
+        }
     }
 
     /// The merge of `members` with `params` under `key`, computed at most once however many
@@ -73,13 +79,16 @@ impl MergeCache {
         let computed = Arc::new(AtomicBool::new(false));
         let flag = computed.clone();
         let merge_key = key.clone();
+        let alignments = self.alignments.clone();
         let entry = self
             .cache
             .try_get_with(key, async move {
                 flag.store(true, Ordering::SeqCst);
-                tokio::task::spawn_blocking(move || run_merge(merge_key, &members, &params))
-                    .await
-                    .map_err(|e| ApiError::internal(format!("merge task failed: {e}")))?
+                tokio::task::spawn_blocking(move || {
+                    run_merge(merge_key, &members, &params, &alignments)
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("merge task failed: {e}")))?
             })
             .await
             .map_err(|e: Arc<ApiError>| clone_error(&e))?;
@@ -147,6 +156,7 @@ fn run_merge(
     key: MergeKey,
     members: &[(Arc<Registered>, f64)],
     params: &MergeParams,
+    alignments: &AlignmentCache,
 ) -> Result<Arc<CachedMerge>, ApiError> {
     let started = Instant::now();
     let inputs: Vec<MergeInput<'_>> = members
@@ -156,9 +166,10 @@ fn run_merge(
             weight: *weight,
         })
         .collect();
-    let delta = merge::merge(&inputs, params, &Silent)?;
+    let delta = merge::merge_cached(&inputs, params, &Silent, Some(alignments))?;
     let seconds = started.elapsed().as_secs_f64();
     metrics::merge_done(params.method.as_str(), seconds);
+    metrics::alignment_cache(alignments.stats());
     tracing::info!(key = %key, id = %key.id(), ms = seconds * 1e3, bytes = delta.bytes(), "merged");
     Ok(Arc::new(CachedMerge {
         key,

@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::cache::Outcome;
 use crate::engine::{EngineStats, telemetry};
+use crate::merge::AlignmentStats;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -74,6 +75,13 @@ pub fn cache_outcome(outcome: Outcome) {
 
 pub fn cache_bytes(bytes: u64) {
     gauge!("knots_merge_cache_bytes").set(bytes as f64);
+}
+
+/// The alignment cache's totals since start (hits and misses per module looked up).
+pub fn alignment_cache(stats: AlignmentStats) {
+    counter!("knots_alignment_cache_requests_total", "outcome" => "hit").absolute(stats.hits);
+    counter!("knots_alignment_cache_requests_total", "outcome" => "miss").absolute(stats.misses);
+    gauge!("knots_alignment_cache_bytes").set(stats.bytes as f64);
 }
 
 pub fn cache_eviction() {

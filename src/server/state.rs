@@ -71,6 +71,7 @@ pub struct StateParts {
     pub experiments: Experiments,
     pub limits: Limits,
     pub merge_cache_bytes: u64,
+    pub alignment_cache_bytes: u64,
     pub adapter_roots: Vec<PathBuf>,
 }
 
@@ -83,7 +84,7 @@ impl AppState {
             backend: parts.backend,
             bases: Arc::new(bases),
             registry: Arc::new(parts.registry),
-            cache: MergeCache::new(parts.merge_cache_bytes),
+            cache: MergeCache::new(parts.merge_cache_bytes, parts.alignment_cache_bytes),
             keys: Arc::new(parts.keys),
             bundles: Arc::new(parts.bundles),
             experiments: Arc::new(parts.experiments),

@@ -63,6 +63,7 @@ async fn start_server(
         experiments: Experiments::new(Vec::new()),
         limits: Limits::default(),
         merge_cache_bytes: 1 << 30,
+        alignment_cache_bytes: 64 << 20,
         adapter_roots: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

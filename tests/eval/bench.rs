@@ -33,6 +33,8 @@ fn bench_reports_per_task_joint_and_scaling_results() {
             densities: vec![0.5],
             dare_ps: vec![0.1],
             dare_seeds: vec![0],
+            isotropize: vec![false, true],
+            common_fractions: vec![0.6, 0.8],
         },
         ..BenchSettings::quick(2)
     };
@@ -98,6 +100,8 @@ fn label_word_bench_normalises_by_each_tasks_own_adapter() {
             densities: vec![1.0],
             dare_ps: vec![0.1],
             dare_seeds: vec![0],
+            isotropize: vec![false, true],
+            common_fractions: vec![0.6, 0.8],
         },
         test_per_task: 4,
         search_per_task: 2,
