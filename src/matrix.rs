@@ -100,7 +100,15 @@ impl Matrix {
 
     /// Copies any faer matrix view into a new row-major matrix.
     pub fn from_faer<T: Copy + Into<f64>>(m: MatRef<'_, T>) -> Self {
-        Self::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)].into() as f32)
+        let (rows, cols) = (m.nrows(), m.ncols());
+        let mut data = vec![0.0f32; rows * cols];
+        // Column by column: contiguous reads from faer's column-major storage.
+        for j in 0..cols {
+            for (i, &x) in m.col(j).iter().enumerate() {
+                data[i * cols + j] = x.into() as f32;
+            }
+        }
+        Self { rows, cols, data }
     }
 
     /// `self · other` (`rows × other.cols`), computed by faer.

@@ -17,6 +17,9 @@ use crate::adapters::AdapterDigest;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Family {
     Knots,
+    /// Core Space with singular-vector bases (TIES).
+    CoreSingular,
+    /// Core Space with any orthonormal bases (TA, TSV-M, Iso-C, Iso-CTS).
     Core,
 }
 

@@ -86,8 +86,23 @@ impl CoreBasis {
     }
 }
 
+/// Which bases a core needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bases {
+    /// The singular vectors of `B_cat` and `A_catᵀ` (TIES depends on the basis itself).
+    Singular,
+    /// Any orthonormal bases of the same spaces: TA, TSV-M, Iso-C and Iso-CTS give the same
+    /// result in every one, and a Cholesky factor of the Gram matrix is far cheaper than its
+    /// eigendecomposition.
+    Any,
+}
+
 /// The core bases of one module and the core matrices of its adapters.
-pub fn core_basis(module: &str, factors: &[Factors<'_>]) -> Result<CoreBasis, MergeError> {
+pub fn core_basis(
+    module: &str,
+    factors: &[Factors<'_>],
+    bases: Bases,
+) -> Result<CoreBasis, MergeError> {
     let rows = factors[0].b.rows();
     let cols = factors[0].a.cols();
     let total: usize = factors.iter().map(|f| f.a.rows()).sum();
@@ -111,15 +126,56 @@ pub fn core_basis(module: &str, factors: &[Factors<'_>]) -> Result<CoreBasis, Me
     let failed = || MergeError::Svd {
         module: module.to_string(),
     };
-    let left = Principal::of(b_cat.as_ref()).ok_or_else(failed)?;
-    let right = Principal::of(a_cat_t.as_ref()).ok_or_else(failed)?;
+    let frame = |x: MatRef<'_, f64>| match bases {
+        Bases::Singular => Principal::of(x).map(|p| p.frame()),
+        Bases::Any => Frame::cholesky(x).or_else(|| Principal::of(x).map(|p| p.frame())),
+    };
+    let left = frame(b_cat.as_ref()).ok_or_else(failed)?;
+    let right = frame(a_cat_t.as_ref()).ok_or_else(failed)?;
     Ok(CoreBasis {
-        u: Matrix::from_faer(left.basis(b_cat.as_ref()).as_ref()),
-        vt: Matrix::from_faer(right.basis(a_cat_t.as_ref()).transpose()),
-        left: left.coordinates(),
-        right: right.coordinates(),
+        u: Matrix::from_faer((&b_cat * &left.transform).as_ref()),
+        vt: Matrix::from_faer((&a_cat_t * &right.transform).transpose()),
+        left: left.coords,
+        right: right.coords,
         blocks,
     })
+}
+
+/// An orthonormal basis of the columns of a tall `n × R` matrix `X`, as `U = X·transform`, and
+/// the coordinates of X's columns in it, `coords = Uᵀ·X` (`k × R`).
+struct Frame {
+    transform: Mat<f64>,
+    coords: Mat<f64>,
+}
+
+impl Frame {
+    /// Smallest ratio of Cholesky diagonal entries accepted; below it the Gram matrix is too
+    /// close to singular for a triangular factor, and the eigendecomposition (which drops the
+    /// missing directions) is used instead.
+    const MIN_PIVOT_RATIO: f64 = 1e-4;
+
+    /// From `XᵀX = L·Lᵀ`: `U = X·L⁻ᵀ` and `Uᵀ·X = Lᵀ`.
+    fn cholesky(x: MatRef<'_, f64>) -> Option<Self> {
+        if x.ncols() == 0 || x.nrows() < x.ncols() {
+            return None;
+        }
+        let gram = x.transpose() * x;
+        let llt = gram.llt(Side::Lower).ok()?;
+        let l = llt.L();
+        let pivots = (0..l.nrows()).map(|i| l[(i, i)]);
+        let (low, high) = pivots.fold((f64::INFINITY, 0.0f64), |(lo, hi), d| {
+            (lo.min(d), hi.max(d))
+        });
+        if !(low > high * Self::MIN_PIVOT_RATIO) {
+            return None;
+        }
+        let mut inverse = Mat::<f64>::identity(l.nrows(), l.nrows());
+        l.solve_lower_triangular_in_place(inverse.as_mut());
+        Some(Self {
+            transform: inverse.transpose().to_owned(),
+            coords: l.transpose().to_owned(),
+        })
+    }
 }
 
 /// The right singular vectors and singular values of a tall `n × R` matrix `X`, from the
@@ -157,17 +213,24 @@ impl Principal {
 
     /// `X·W·S⁻¹`, the left singular vectors (`n × k`).
     fn basis(&self, x: MatRef<'_, f64>) -> Mat<f64> {
-        let scaled = Mat::from_fn(self.w.nrows(), self.w.ncols(), |i, j| {
-            self.w[(i, j)] / self.s[j]
-        });
-        x * scaled
+        x * self.inverse_scaled()
     }
 
-    /// `S·Wᵀ` (`k × R`): the coordinates of X's columns in the left singular vectors.
-    fn coordinates(&self) -> Mat<f64> {
-        Mat::from_fn(self.w.ncols(), self.w.nrows(), |i, j| {
-            self.s[i] * self.w[(j, i)]
+    /// `W·S⁻¹`.
+    fn inverse_scaled(&self) -> Mat<f64> {
+        Mat::from_fn(self.w.nrows(), self.w.ncols(), |i, j| {
+            self.w[(i, j)] / self.s[j]
         })
+    }
+
+    /// The left singular vectors as a frame: `U = X·W·S⁻¹`, `Uᵀ·X = S·Wᵀ`.
+    fn frame(&self) -> Frame {
+        Frame {
+            transform: self.inverse_scaled(),
+            coords: Mat::from_fn(self.w.ncols(), self.w.nrows(), |i, j| {
+                self.s[i] * self.w[(j, i)]
+            }),
+        }
     }
 }
 

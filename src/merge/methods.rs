@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::align::{Alignment, Factors, align};
 use super::align_cache::{AlignKey, Aligned, AlignmentCache, Family};
-use super::core::{self, CoreBasis, CoreFactors, core_basis};
+use super::core::{self, Bases, CoreBasis, CoreFactors, core_basis};
 use super::dare::{self, DareKey};
 use super::plan::{ModulePlan, Plan};
 use super::ties::{RepSource, Ties, ties_merge};
@@ -166,7 +166,10 @@ fn aligned_modules(
                 let factors = module_factors(module);
                 Ok(match family {
                     Family::Knots => Aligned::Knots(align(module.path, &factors)?),
-                    Family::Core => Aligned::Core(core_basis(module.path, &factors)?),
+                    Family::CoreSingular => {
+                        Aligned::Core(core_basis(module.path, &factors, Bases::Singular)?)
+                    }
+                    Family::Core => Aligned::Core(core_basis(module.path, &factors, Bases::Any)?),
                 })
             };
             let aligned = match cache {
@@ -210,7 +213,12 @@ fn core_merge(
     progress: &dyn Progress,
     cache: Option<&AlignmentCache>,
 ) -> Result<Vec<ModuleDelta>, MergeError> {
-    let aligned = aligned_modules(plan, Family::Core, progress, cache)?;
+    let family = if params.method.uses_ties() {
+        Family::CoreSingular
+    } else {
+        Family::Core
+    };
+    let aligned = aligned_modules(plan, family, progress, cache)?;
     progress.start("merging", plan.modules.len() as u64);
     Ok(aligned
         .par_iter()
@@ -479,7 +487,7 @@ mod tests {
         ];
         let inputs: Vec<_> = adapters.iter().map(MergeInput::new).collect();
         let plan = Plan::new(&inputs).unwrap();
-        let basis = core_basis("q", &module_factors(&plan.modules[0])).unwrap();
+        let basis = core_basis("q", &module_factors(&plan.modules[0]), Bases::Singular).unwrap();
         // R = 6 > O = 5: the left basis has at most 5 directions.
         assert_eq!((basis.u.cols(), basis.vt.rows()), (5, 6));
         let cores: Vec<_> = (0..adapters.len()).map(|i| basis.factors(i, 1.0)).collect();
@@ -563,8 +571,28 @@ mod tests {
             assert!(err < 1e-6, "{method}: {err}");
         }
         let stats = cache.stats();
-        // One module: a miss per family, a hit for every later run of that family.
-        assert_eq!((stats.misses, stats.hits), (2, 3));
+        // One module: a miss per family (KnOTS, Core Space with any bases, with singular
+        // vectors), a hit for every later run of that family.
+        assert_eq!((stats.misses, stats.hits), (3, 2));
         assert!(stats.bytes > 0);
+    }
+
+    /// TA, TSV-M, Iso-C and Iso-CTS do not depend on which orthonormal bases span the core:
+    /// the Cholesky bases give what the singular vectors give.
+    #[test]
+    fn invariant_methods_agree_across_bases() {
+        let adapters = [adapter_of_rank("a", 1, 2), adapter_of_rank("b", 2, 1)];
+        let inputs: Vec<_> = adapters.iter().map(MergeInput::new).collect();
+        let plan = Plan::new(&inputs).unwrap();
+        let factors = module_factors(&plan.modules[0]);
+        let any = core_basis("q", &factors, Bases::Any).unwrap();
+        let singular = core_basis("q", &factors, Bases::Singular).unwrap();
+        for method in [Method::CoreTsv, Method::CoreIsoC, Method::CoreIsoCts] {
+            let p = params(method, lambda(0.9));
+            let a = any.expand(merge_in_core(&plan, &p, 0, &any).as_ref(), 0.9);
+            let b = singular.expand(merge_in_core(&plan, &p, 0, &singular).as_ref(), 0.9);
+            let err = a.to_dense().relative_error(&b.to_dense());
+            assert!(err < 1e-6, "{method}: {err}");
+        }
     }
 }

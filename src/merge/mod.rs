@@ -19,7 +19,7 @@ mod truncate;
 
 pub use align::{Alignment, Factors, SVD_CUT, align, align_with_cut, dense_concat};
 pub use align_cache::{AlignmentCache, AlignmentStats};
-pub use core::{CORE_CUT, CoreBasis, core_basis};
+pub use core::{Bases, CORE_CUT, CoreBasis, core_basis};
 pub use delta::{MergedDelta, ModuleDelta};
 pub use error::MergeError;
 pub use key::{KeyMember, MergeKey};
