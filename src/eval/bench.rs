@@ -44,7 +44,7 @@ pub struct BenchSettings {
 }
 
 impl BenchSettings {
-    /// The default run (about 15 minutes on 2 CPU cores with the 8-task suite): 60 test and 12
+    /// The default run (on 2 CPU cores with the 8-task suite, see the README): 200 test and 12
     /// validation examples per task, grids in steps of 0.2, one DARE seed, scaling at
     /// k = 2, 4, 6, … n over 3 combinations each on 12 test examples per task.
     pub fn standard(tasks: usize) -> Self {
@@ -70,7 +70,7 @@ impl BenchSettings {
                 isotropize: vec![false, true],
                 common_fractions: vec![0.6, 0.8],
             },
-            test_per_task: 60,
+            test_per_task: 200,
             search_per_task: 12,
             scaling_ks: (2..=tasks).step_by(2).chain([tasks]).collect(),
             scaling_combinations: 3,
@@ -388,6 +388,9 @@ impl<'a> Bench<'a> {
         Ok(Report {
             tasks: self.tasks.iter().map(|t| t.name.clone()).collect(),
             individual,
+            test_counts: (0..n)
+                .map(|t| test.task.iter().filter(|&&x| x == t).count())
+                .collect(),
             methods,
             ensemble_joint,
             scaling,
@@ -407,7 +410,7 @@ impl<'a> Bench<'a> {
     ) -> Result<MethodResult, EvalError> {
         let all: Vec<usize> = (0..self.tasks.len()).collect();
         self.progress
-            .start(method.as_str(), search_points(method, &settings.grid) + 1);
+            .start(method.as_str(), settings.grid.points(method) + 1);
         let outcome = greedy_search(method, &settings.grid, |params| {
             self.merged_score(val, &all, params, individual_val)
         })?;
@@ -494,21 +497,4 @@ impl<'a> Bench<'a> {
         }
         Ok(series)
     }
-}
-
-/// Evaluations the greedy search makes for `method` (for the progress bar).
-pub(super) fn search_points(method: Method, grid: &SearchGrid) -> u64 {
-    let seeds = if method.uses_dare() {
-        grid.dare_seeds.len()
-    } else {
-        1
-    };
-    let second = if method.uses_dare() {
-        grid.dare_ps.len()
-    } else if method.uses_ties() {
-        grid.densities.len()
-    } else {
-        0
-    };
-    ((grid.lambdas.len() + second) * seeds) as u64
 }

@@ -15,7 +15,7 @@ use crate::engine::{LoadedDelta, TextModel};
 use crate::merge::{self, MergeInput, MergeParams, MergedDelta, Method, Progress, Silent};
 use crate::train::{CausalTask, TrainError, answer_tokens, label_word_accuracy};
 
-use super::bench::{model_error, search_points, stand_in_for_zeros};
+use super::bench::{model_error, stand_in_for_zeros};
 use super::metrics::normalized_accuracy;
 use super::report::{LabelWordMethod, LabelWordReport};
 use super::search::{SearchGrid, greedy_search};
@@ -44,7 +44,7 @@ impl LabelWordSettings {
                 isotropize: vec![false, true],
                 common_fractions: vec![0.6, 0.8],
             },
-            test_per_task: 40,
+            test_per_task: 100,
             search_per_task: 12,
         }
     }
@@ -208,7 +208,7 @@ impl<'a> LabelWordBench<'a> {
         stand_in_for_zeros(&mut individual_val, &individual);
         let mut methods = Vec::with_capacity(settings.methods.len());
         for &method in &settings.methods {
-            let points = search_points(method, &settings.grid) + 1;
+            let points = settings.grid.points(method) + 1;
             self.progress.start(method.as_str(), points * n as u64);
             let outcome = greedy_search(method, &settings.grid, |params| {
                 let accuracy = self.accuracies(Some(&self.merge(params)?), val)?;
@@ -229,6 +229,11 @@ impl<'a> LabelWordBench<'a> {
             individual,
             methods,
             test_per_task: settings.test_per_task,
+            test_counts: self
+                .tasks
+                .iter()
+                .map(|t| t.test.len().min(settings.test_per_task))
+                .collect(),
             seconds: started.elapsed().as_secs_f64(),
         })
     }

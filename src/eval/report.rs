@@ -20,6 +20,8 @@ pub struct Report {
     pub tasks: Vec<String>,
     /// Test accuracy of each task's own (fine-tuned) adapter.
     pub individual: Vec<f64>,
+    /// Test examples per task (the denominators of every accuracy, for standard errors).
+    pub test_counts: Vec<usize>,
     pub methods: Vec<MethodResult>,
     /// Joint Hits@1/3/5 of the ensemble baseline (each label's best individual score).
     pub ensemble_joint: Option<Hits>,
@@ -51,6 +53,8 @@ pub struct LabelWordReport {
     pub individual: Vec<f64>,
     pub methods: Vec<LabelWordMethod>,
     pub test_per_task: usize,
+    /// Test prompts per task actually scored.
+    pub test_counts: Vec<usize>,
     pub seconds: f64,
 }
 
@@ -113,30 +117,69 @@ fn pct(x: f64) -> String {
     format!("{:.1}", 100.0 * x)
 }
 
-/// A method's row of a per-task table: normalised accuracy per task, absolute in parentheses.
-fn method_row(md: &mut String, name: &str, p: &ParamsRecord, n: &Normalized, accuracy: &[f64]) {
+/// The binomial standard error of an accuracy `p` measured on `n` examples.
+fn binomial_se(p: f64, n: usize) -> f64 {
+    (p * (1.0 - p) / n.max(1) as f64).sqrt()
+}
+
+/// The standard error of the mean over tasks of `accuracy[t] / reference[t]` (the reference
+/// taken as fixed; tasks independent).
+fn mean_se(accuracy: &[f64], reference: &[f64], counts: &[usize]) -> f64 {
+    let sum: f64 = accuracy
+        .iter()
+        .zip(reference)
+        .zip(counts)
+        .map(|((&a, &r), &n)| (binomial_se(a, n) / if r > 0.0 { r } else { 1.0 }).powi(2))
+        .sum();
+    sum.sqrt() / accuracy.len().max(1) as f64
+}
+
+/// A method's row of a per-task table: normalised accuracy per task, absolute in parentheses,
+/// and the mean with its standard error.
+fn method_row(
+    md: &mut String,
+    name: &str,
+    p: &ParamsRecord,
+    n: &Normalized,
+    accuracy: &[f64],
+    reference: &[f64],
+    counts: &[usize],
+) {
     let cells: Vec<String> = n
         .per_task
         .iter()
         .zip(accuracy)
         .map(|(&n, &a)| format!("{} ({})", pct(n), pct(a)))
         .collect();
+    let mut params = format!("λ {} d {} p {}", p.lambda, p.density, p.dare_p);
+    if p.isotropize {
+        params.push_str(" iso");
+    }
+    if name == "core-iso-cts" {
+        params.push_str(&format!(" f {}", p.common_fraction));
+    }
     let _ = writeln!(
         md,
-        "| {name} | λ {} d {} p {} | {} | {} |",
-        p.lambda,
-        p.density,
-        p.dare_p,
+        "| {name} | {params} | {} | {} ± {} |",
         cells.join(" | "),
-        pct(n.mean)
+        pct(n.mean),
+        pct(mean_se(accuracy, reference, counts))
     );
 }
 
-/// A row of absolute accuracies with their mean.
-fn absolute_row(md: &mut String, name: &str, accuracy: &[f64]) {
+/// A row of absolute accuracies with their mean and its standard error.
+fn absolute_row(md: &mut String, name: &str, accuracy: &[f64], counts: &[usize]) {
     let cells: Vec<String> = accuracy.iter().map(|&a| pct(a)).collect();
     let mean = accuracy.iter().sum::<f64>() / accuracy.len().max(1) as f64;
-    let _ = writeln!(md, "| {name} | | {} | {} |", cells.join(" | "), pct(mean));
+    let ones = vec![1.0; accuracy.len()];
+    let se = mean_se(accuracy, &ones, counts);
+    let _ = writeln!(
+        md,
+        "| {name} | | {} | {} ± {} |",
+        cells.join(" | "),
+        pct(mean),
+        pct(se)
+    );
 }
 
 impl LabelWordReport {
@@ -146,8 +189,9 @@ impl LabelWordReport {
         let _ = writeln!(
             md,
             "Label-word accuracy (%) of merged {} adapters, normalised by each task's own adapter \
-             (absolute in parentheses; {} test prompts per task)\n",
-            self.base_model, self.test_per_task
+             (absolute in parentheses; {} test prompts per task; mean ± standard error)\n",
+            self.base_model,
+            self.test_counts.iter().max().copied().unwrap_or(0)
         );
         let _ = writeln!(
             md,
@@ -155,10 +199,20 @@ impl LabelWordReport {
             self.tasks.join(" | ")
         );
         let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(self.tasks.len()));
-        absolute_row(&mut md, "base model (absolute)", &self.base);
-        absolute_row(&mut md, "own adapter (absolute)", &self.individual);
+        let counts = &self.test_counts;
+        absolute_row(&mut md, "base model (absolute)", &self.base, counts);
+        absolute_row(&mut md, "own adapter (absolute)", &self.individual, counts);
         for m in &self.methods {
-            method_row(&mut md, &m.method, &m.params, &m.normalized, &m.accuracy);
+            let (n, a) = (&m.normalized, &m.accuracy);
+            method_row(
+                &mut md,
+                &m.method,
+                &m.params,
+                n,
+                a,
+                &self.individual,
+                counts,
+            );
         }
         md
     }
@@ -186,7 +240,9 @@ impl Report {
     fn per_task_table(&self, md: &mut String) {
         let _ = writeln!(
             md,
-            "Per-task accuracy (%), normalised by each task's fine-tuned adapter (absolute in parentheses)\n"
+            "Per-task accuracy (%), normalised by each task's fine-tuned adapter (absolute in \
+             parentheses; up to {} test examples per task; mean ± standard error)\n",
+            self.test_counts.iter().max().copied().unwrap_or(0)
         );
         let _ = writeln!(
             md,
@@ -194,25 +250,32 @@ impl Report {
             self.tasks.join(" | ")
         );
         let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(self.tasks.len()));
-        absolute_row(md, "fine-tuned (absolute)", &self.individual);
+        let counts = &self.test_counts;
+        absolute_row(md, "fine-tuned (absolute)", &self.individual, counts);
         for m in &self.methods {
-            method_row(md, &m.method, &m.params, &m.normalized, &m.accuracy);
+            let (n, a) = (&m.normalized, &m.accuracy);
+            method_row(md, &m.method, &m.params, n, a, &self.individual, counts);
         }
     }
 
     fn joint_table(&self, md: &mut String) {
-        let _ = writeln!(md, "Joint evaluation over all tasks' labels (%)\n");
+        let total: usize = self.test_counts.iter().sum();
+        let _ = writeln!(
+            md,
+            "Joint evaluation over all tasks' labels (%, ± standard error over {total} examples)\n"
+        );
         let _ = writeln!(
             md,
             "| method | Hits@1 | Hits@3 | Hits@5 |\n|---|---|---|---|"
         );
+        let cell = |p: f64| format!("{} ± {}", pct(p), pct(binomial_se(p, total)));
         let row = |md: &mut String, name: &str, h: &Hits| {
             let _ = writeln!(
                 md,
                 "| {name} | {} | {} | {} |",
-                pct(h.at1),
-                pct(h.at3),
-                pct(h.at5)
+                cell(h.at1),
+                cell(h.at3),
+                cell(h.at5)
             );
         };
         if let Some(h) = &self.ensemble_joint {

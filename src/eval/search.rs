@@ -42,6 +42,32 @@ impl Default for SearchGrid {
     }
 }
 
+impl SearchGrid {
+    /// How many times [`greedy_search`] calls its evaluator for `method` (for progress).
+    pub fn points(&self, method: Method) -> u64 {
+        let seeds = if method.uses_dare() {
+            self.dare_seeds.len()
+        } else {
+            1
+        };
+        let second = if method.uses_dare() {
+            self.dare_ps.len()
+        } else if method.uses_ties() {
+            self.densities.len()
+        } else if method == Method::CoreIsoCts {
+            self.common_fractions.len()
+        } else {
+            0
+        };
+        let passes = if method.is_core() && !method.always_isotropic() {
+            self.isotropize.len()
+        } else {
+            1
+        };
+        ((self.lambdas.len() + second) * seeds * passes) as u64
+    }
+}
+
 /// One evaluated point of the search.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Trial {

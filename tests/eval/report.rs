@@ -59,6 +59,7 @@ fn report() -> Report {
     Report {
         tasks: vec!["sentiment".into(), "news".into()],
         individual: vec![0.9, 0.8],
+        test_counts: vec![100, 100],
         methods: vec![method("ties", 0.7), method("knots-ties", 0.75)],
         ensemble_joint: Some(Hits {
             at1: 0.5,
@@ -91,6 +92,7 @@ fn label_word_report() -> LabelWordReport {
             },
         }],
         test_per_task: 40,
+        test_counts: vec![40, 40],
         seconds: 2.0,
     }
 }
@@ -178,15 +180,21 @@ fn markdown_and_json_carry_every_number() {
         "{md}"
     );
     assert!(
-        md.contains("| fine-tuned (absolute) | | 90.0 | 80.0 | 85.0 |"),
+        md.contains("| fine-tuned (absolute) | | 90.0 | 80.0 | 85.0 ± 2.5 |"),
         "{md}"
     );
     assert!(
-        md.contains("| knots-ties | λ 0.6 d 0.2 p 0.1 | 75.0 (50.0) | 75.0 (60.0) | 75.0 |"),
+        md.contains("| knots-ties | λ 0.6 d 0.2 p 0.1 | 75.0 (50.0) | 75.0 (60.0) | 75.0 ± 4.1 |"),
         "{md}"
     );
-    assert!(md.contains("| ensemble | 50.0 | 70.0 | 80.0 |"), "{md}");
-    assert!(md.contains("| ties | 40.0 | 60.0 | 70.0 |"), "{md}");
+    assert!(
+        md.contains("| ensemble | 50.0 ± 3.5 | 70.0 ± 3.2 | 80.0 ± 2.8 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| ties | 40.0 ± 3.5 | 60.0 ± 3.5 | 70.0 ± 3.2 |"),
+        "{md}"
+    );
     assert!(
         md.contains("| method | k = 2 | k = 3 | k = 4 | k = 5 |"),
         "{md}"
@@ -206,15 +214,15 @@ fn the_label_word_table_carries_base_own_and_merged_accuracy() {
         "{md}"
     );
     assert!(
-        md.contains("| base model (absolute) | | 80.0 | 50.0 | 65.0 |"),
+        md.contains("| base model (absolute) | | 80.0 | 50.0 | 65.0 ± 5.1 |"),
         "{md}"
     );
     assert!(
-        md.contains("| knots-ties | λ 0.6 d 0.2 p 0.1 | 50.0 (45.0) | 80.0 (80.0) | 65.0 |"),
+        md.contains("| knots-ties | λ 0.6 d 0.2 p 0.1 | 50.0 (45.0) | 80.0 (80.0) | 65.0 ± 5.4 |"),
         "{md}"
     );
     assert!(
-        md.contains("| own adapter (absolute) | | 90.0 | 100.0 | 95.0 |"),
+        md.contains("| own adapter (absolute) | | 90.0 | 100.0 | 95.0 ± 2.4 |"),
         "{md}"
     );
 }

@@ -79,3 +79,22 @@ fn ties_keep_the_earlier_grid_point_and_errors_stop_the_search() {
     };
     assert!(greedy_search(Method::Ta, &empty, flat).is_err());
 }
+
+#[test]
+fn core_methods_search_isotropize_and_the_common_fraction() {
+    let grid = SearchGrid::default();
+    let score = |m: &MergeParams| {
+        let flat = if m.isotropize { 1.0 } else { 0.5 };
+        Ok(flat - (m.lambda - 0.3).abs() - (m.common_fraction - 0.7).abs())
+    };
+    let out = greedy_search(Method::CoreTsv, &grid, score).unwrap();
+    assert!(out.best.isotropize);
+    assert_eq!(out.best.lambda, 0.3);
+    // λ once per isotropize setting.
+    assert_eq!(out.trials.len(), 20);
+    assert_eq!(grid.points(Method::CoreTsv), 20);
+    let out = greedy_search(Method::CoreIsoCts, &grid, score).unwrap();
+    assert_eq!((out.best.lambda, out.best.common_fraction), (0.3, 0.7));
+    assert_eq!(out.trials.len() as u64, grid.points(Method::CoreIsoCts));
+    assert_eq!(out.trials.len(), 14);
+}
