@@ -47,7 +47,7 @@ pub struct EvalArgs {
     /// every k (many hours on 2 CPU cores).
     #[arg(long, conflicts_with = "quick")]
     pub paper: bool,
-    /// Test examples per task [default: 60; 48 with --quick; all with --paper].
+    /// Test examples per task [default: 200; 48 with --quick; all with --paper].
     #[arg(long)]
     pub test_per_task: Option<usize>,
     /// Where report.md, report.json and scaling.svg go.

@@ -166,7 +166,9 @@ impl Frame {
         let (low, high) = pivots.fold((f64::INFINITY, 0.0f64), |(lo, hi), d| {
             (lo.min(d), hi.max(d))
         });
-        if !(low > high * Self::MIN_PIVOT_RATIO) {
+        // `low` is NaN for a non-finite Gram matrix: refused as well.
+        let conditioned = low.partial_cmp(&(high * Self::MIN_PIVOT_RATIO));
+        if conditioned != Some(std::cmp::Ordering::Greater) {
             return None;
         }
         let mut inverse = Mat::<f64>::identity(l.nrows(), l.nrows());
