@@ -7,7 +7,8 @@ tau_i = (lora_alpha / r) * B_i @ A_i per module, and reports, per adapter:
   - its share of the set's update energy (sum over modules of ||tau_i||_F^2);
   - dense TIES (trim per adapter over all modules, elect signs, disjoint mean): the fraction of
     its entries kept by the trim, the fraction of its trimmed energy that survives the sign
-    election, and the cosine between the merged update and tau_i;
+    election, the cosine between the merged update and tau_i, and the gain
+    <merged, tau_i> / ||tau_i||^2 (at λ = 1: how much of tau_i's own direction is left);
   - KnOTS-TIES (per module SVD of [tau_1 | ... | tau_n], TIES on rep_i = diag(s) V_i^T): the same
     three numbers in the aligned coordinates, and how much of tau_i's energy lies in the
     components that hold the top half of the set's energy.
@@ -79,6 +80,13 @@ def cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
 
 
+def gain(merged, tau):
+    """<merged, tau> / ||tau||^2: how much of tau's own direction the merge (λ = 1) carries."""
+    a = np.concatenate([x.ravel() for x in merged])
+    b = np.concatenate([x.ravel() for x in tau])
+    return float(a @ b / (b @ b + 1e-300))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--density", type=float, default=0.4)
@@ -111,15 +119,19 @@ def main():
     knots_updates = [u @ r for u, r in zip(bases, knots_merged)]
 
     print(f"density {args.density}, {len(modules)} modules")
-    print("| adapter | energy share | TIES: kept / sign-election survival / cos(merged, τ) | "
-          "KnOTS-TIES: kept / survival / cos | energy in top-half components |")
+    print("| adapter | energy share | TIES: kept / sign-election survival / cos(merged, τ) / gain | "
+          "KnOTS-TIES: kept / survival / cos / gain | energy in top-half components |")
     print("|---|---|---|---|---|")
     for i, name in enumerate(names):
+        dense = (dense_kept[i], dense_survive[i], cosine(dense_merged, taus[i]),
+                 gain(dense_merged, taus[i]))
+        knots = (knots_kept[i], knots_survive[i], cosine(knots_updates, taus[i]),
+                 gain(knots_updates, taus[i]))
         print(
             f"| {name} | {energy[i] / energy.sum():.3f} | "
-            f"{dense_kept[i]:.3f} / {dense_survive[i]:.3f} / {cosine(dense_merged, taus[i]):.3f} | "
-            f"{knots_kept[i]:.3f} / {knots_survive[i]:.3f} / {cosine(knots_updates, taus[i]):.3f} | "
-            f"{top_share[i] / energy[i]:.3f} |"
+            + " / ".join(f"{x:.3f}" for x in dense) + " | "
+            + " / ".join(f"{x:.3f}" for x in knots) + " | "
+            + f"{top_share[i] / energy[i]:.3f} |"
         )
 
 
