@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod labels;
 pub mod matrix;
 pub mod merge;
 pub mod server;

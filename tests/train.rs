@@ -5,9 +5,10 @@ use candle_core::Tensor;
 use knots::adapters::LoraAdapter;
 use knots::engine::{Encoder, KvCache, TextModel};
 use knots::eval::Example;
+use knots::labels::{CausalTask, answer_tokens};
 use knots::train::{
-    CausalTask, Classification, LoraFactors, TrainConfig, answer_tokens, batch_gradients,
-    causal_loss, classification_loss, train_causal, train_classifier,
+    Classification, LoraFactors, TrainConfig, batch_gradients, causal_loss, classification_loss,
+    train_causal, train_classifier,
 };
 
 use crate::engine::{minilm, reference_json, smollm2};

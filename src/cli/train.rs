@@ -13,8 +13,9 @@ use super::progress::{log_step, loss_bar};
 use crate::adapters::{ExportInfo, TASK_FILE, write_peft};
 use crate::engine::{self, Encoder, TextModel, parse_device};
 use crate::eval::TaskData;
+use crate::labels::CausalTask;
 use crate::train::{
-    CausalTask, Classification, LoraFactors, StepReport, TrainConfig, TrainRecord, train_causal,
+    Classification, LoraFactors, StepReport, TrainConfig, TrainRecord, train_causal,
     train_classifier,
 };
 

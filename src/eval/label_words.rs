@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use crate::adapters::LoraAdapter;
 use crate::engine::{LoadedDelta, TextModel};
+use crate::labels::{CausalTask, answer_tokens, label_word_accuracy};
 use crate::merge::{self, MergeInput, MergeParams, MergedDelta, Method, Progress, Silent};
-use crate::train::{CausalTask, TrainError, answer_tokens, label_word_accuracy};
 
 use super::bench::{model_error, stand_in_for_zeros};
 use super::metrics::normalized_accuracy;
@@ -100,10 +100,6 @@ pub struct LabelWordBench<'a> {
     progress: &'a dyn Progress,
 }
 
-fn train_error(e: TrainError) -> EvalError {
-    EvalError::metric("label words", e.to_string())
-}
-
 /// Validation or test examples of one task.
 #[derive(Clone, Copy)]
 enum Split {
@@ -127,7 +123,7 @@ impl<'a> LabelWordBench<'a> {
             .iter()
             .map(|t| answer_tokens(model, &t.label_words))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(train_error)?;
+            .map_err(model_error)?;
         Ok(Self {
             model,
             tasks,
@@ -170,7 +166,7 @@ impl<'a> LabelWordBench<'a> {
             delta,
             examples,
         )
-        .map_err(train_error)?;
+        .map_err(model_error)?;
         self.progress.advance(1);
         Ok(acc)
     }

@@ -20,12 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::suite::Caps;
 
-/// One labelled example: a cleaned text and its class index within its task.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct Example {
-    pub text: String,
-    pub label: usize,
-}
+pub use crate::labels::Example;
 
 /// The three splits of one task.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use super::fit::Run;
 use super::lora::LoraFactors;
 use super::record::{StepReport, TrainConfig, TrainRecord};
 use crate::engine::{Encoder, Head, LoadedDelta, head_logits, mean_pool};
-use crate::eval::Example;
+use crate::labels::Example;
 
 /// Texts scored per forward pass when measuring accuracy.
 const EVAL_BATCH: usize = 64;

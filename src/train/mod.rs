@@ -19,7 +19,7 @@ mod record;
 use crate::adapters::AdapterError;
 use crate::engine::EngineError;
 
-pub use causal::{CausalTask, answer_tokens, causal_loss, label_word_accuracy, train_causal};
+pub use causal::{causal_loss, train_causal};
 pub use classify::{Classification, accuracy, classification_loss, label_head, train_classifier};
 pub use fit::batch_gradients;
 pub use lora::LoraFactors;

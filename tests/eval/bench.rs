@@ -72,7 +72,7 @@ fn bench_reports_per_task_joint_and_scaling_results() {
 #[test]
 fn label_word_bench_normalises_by_each_tasks_own_adapter() {
     use knots::eval::{LabelWordBench, LabelWordSettings, LabelWordTask};
-    use knots::train::{CausalTask, answer_tokens, label_word_accuracy};
+    use knots::labels::{CausalTask, answer_tokens, label_word_accuracy};
 
     let suite = Suite::load(&repo("data/suite.toml")).unwrap();
     let def = suite.task("sentiment").unwrap();
