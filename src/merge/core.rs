@@ -238,14 +238,13 @@ impl Principal {
 
 /// `Σ_i M_i = [l_1 … l_T]·[r_1 … r_T]ᵀ`.
 pub fn sum(cores: &[CoreFactors], shape: (usize, usize)) -> Mat<f64> {
-    let ls: Vec<Mat<f64>> = cores.iter().map(|c| c.l.clone()).collect();
-    let rs: Vec<Mat<f64>> = cores.iter().map(|c| c.r.clone()).collect();
-    concat(&ls, shape.0) * concat(&rs, shape.1).transpose()
+    concat(cores.iter().map(|c| &c.l), shape.0)
+        * concat(cores.iter().map(|c| &c.r), shape.1).transpose()
 }
 
 /// Matrices with `rows` rows side by side.
-fn concat(blocks: &[Mat<f64>], rows: usize) -> Mat<f64> {
-    let cols = blocks.iter().map(|b| b.ncols()).sum();
+fn concat<'a>(blocks: impl Iterator<Item = &'a Mat<f64>> + Clone, rows: usize) -> Mat<f64> {
+    let cols = blocks.clone().map(|b| b.ncols()).sum();
     let mut out = Mat::<f64>::zeros(rows, cols);
     let mut offset = 0;
     for b in blocks {
@@ -348,8 +347,8 @@ impl Stack {
 
     /// `polar(P_c)·diag(s)·polar(Q_c)ᵀ` with `s` the stacked values, or all of them `flat`.
     fn orthogonalized(&self, shape: (usize, usize), flat: Option<f64>) -> Mat<f64> {
-        let p = polar(concat(&self.left, shape.0).as_ref());
-        let q = polar(concat(&self.right, shape.1).as_ref());
+        let p = polar(concat(self.left.iter(), shape.0).as_ref());
+        let q = polar(concat(self.right.iter(), shape.1).as_ref());
         let s = Mat::from_fn(self.values.len(), self.values.len(), |i, j| {
             if i == j {
                 flat.unwrap_or(self.values[i])

@@ -225,23 +225,21 @@ mod tests {
         let iso_c = key(&[("x", 1.0)], Method::CoreIsoC, MergeOptions::default());
         assert_eq!(iso_c, key(&[("x", 1.0)], Method::CoreTa, iso));
         assert_ne!(iso_c, plain);
-        let cts = |f| {
+        let with_fraction = |method, f| {
             let options = MergeOptions {
                 common_fraction: Some(f),
                 ..Default::default()
             };
-            key(&[("x", 1.0)], Method::CoreIsoCts, options)
+            key(&[("x", 1.0)], method, options)
         };
+        let cts = |f| with_fraction(Method::CoreIsoCts, f);
         assert_ne!(cts(0.5), cts(0.8));
         assert!(cts(0.5).to_string().ends_with(",isotropize,0.5"));
-        let tsv = |f| {
-            let options = MergeOptions {
-                common_fraction: Some(f),
-                ..Default::default()
-            };
-            key(&[("x", 1.0)], Method::CoreTsv, options)
-        };
-        assert_eq!(tsv(0.5), tsv(0.8));
+        // TSV-M does not read the common fraction.
+        assert_eq!(
+            with_fraction(Method::CoreTsv, 0.5),
+            with_fraction(Method::CoreTsv, 0.8)
+        );
     }
 
     #[test]
