@@ -6,9 +6,7 @@
 
 pub mod adapters;
 pub mod cli;
-pub mod config;
 pub mod engine;
-pub mod error;
 pub mod eval;
 pub mod labels;
 pub mod matrix;

@@ -120,7 +120,20 @@ impl Backend for TestBackend {
                     }));
                     return;
                 }
-                if tx.send(GenEvent::Text(piece)).is_err() {
+                let logprob = sampling.logprobs.map(|k| TokenLogprobs {
+                    token: piece.clone(),
+                    logprob: -0.5,
+                    top: (0..k)
+                        .map(|j| (format!("alt{j}"), -1.0 - j as f32))
+                        .collect(),
+                });
+                if tx
+                    .send(GenEvent::Text(Piece {
+                        text: piece,
+                        logprob,
+                    }))
+                    .is_err()
+                {
                     counter.fetch_add(1, Ordering::SeqCst);
                     return;
                 }
@@ -268,6 +281,10 @@ pub async fn start(limits: Limits) -> TestServer {
         key = "sk-operator"
         tenant = "ops"
         role = "admin"
+        [[keys]]
+        key = "sk-scraper"
+        tenant = "ops"
+        role = "metrics"
     "#,
     )
     .unwrap();
@@ -491,6 +508,88 @@ async fn chat_streams_as_sse_ending_in_done() {
 }
 
 #[tokio::test]
+async fn several_choices_stream_interleaved_with_their_logprobs() {
+    let s = start(Limits::default()).await;
+    let body = json!({"model": "math", "prompt": "hi", "max_tokens": 3, "n": 2, "logprobs": 2,
+                      "stream": true, "stream_options": {"include_usage": true}});
+    let r = client()
+        .post(format!("{}/v1/completions", s.url))
+        .bearer_auth(OP)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = sse(r).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for index in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].as_array()?.first())
+            .filter(|c| c["index"] == index)
+            .collect();
+        let text: String = mine.iter().filter_map(|c| c["text"].as_str()).collect();
+        assert!(
+            text.starts_with("delta") && text.ends_with(" w1 w2 "),
+            "choice {index}: {text:?}"
+        );
+        let tokens: Vec<&Value> = mine
+            .iter()
+            .filter(|c| !c["logprobs"].is_null())
+            .map(|c| &c["logprobs"])
+            .collect();
+        assert_eq!(tokens.len(), 3, "one logprobs entry per token");
+        let offsets: Vec<u64> = tokens
+            .iter()
+            .map(|t| t["text_offset"][0].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets[0], 0);
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+        assert!(
+            tokens
+                .iter()
+                .all(|t| t["top_logprobs"][0].as_object().unwrap().len() == 2)
+        );
+        let finishes = mine
+            .iter()
+            .filter(|c| c["finish_reason"] == "length")
+            .count();
+        assert_eq!(finishes, 1, "one last chunk per choice");
+    }
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
+    assert_eq!(chunks.last().unwrap()["usage"]["prompt_tokens"], 1);
+
+    // Chat, not streamed: n choices with chat's logprobs objects.
+    let body = json!({"model": "math", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                      "n": 3, "logprobs": true, "top_logprobs": 1});
+    let (st, _, v) = post(&s, "/v1/chat/completions", OP, body).await;
+    assert_eq!(st, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let content = c["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(content.len(), 2);
+        assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 1);
+        assert!(content[0]["token"].as_str().unwrap().starts_with("delta"));
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+    let (_, _, plain) = post(
+        &s,
+        "/v1/completions",
+        OP,
+        json!({"model": "math", "prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
+    assert!(plain["choices"][0]["logprobs"].is_null(), "not asked for");
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn embeddings_and_classification() {
     let s = start(Limits::default()).await;
     let (st, _, e) = post(
@@ -616,6 +715,77 @@ async fn tenants_see_only_their_own_and_shared_names() {
     assert_eq!(st, StatusCode::UNAUTHORIZED);
     let (st, _, _) = post(&s, "/v1/merges", ACME, json!({"model": "math+code"})).await;
     assert_eq!(st, StatusCode::FORBIDDEN, "users cannot administer");
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bundles_resolve_as_their_owner_whoever_calls() {
+    let s = start(Limits::default()).await;
+    let body = |m: &str| json!({"model": m, "prompt": "x", "max_tokens": 2});
+    // acme's bundle names acme's `secret`: served to acme, and to the operator (another tenant).
+    let mut headers = Vec::new();
+    for key in [ACME, OP] {
+        let (st, h, v) = post(&s, "/v1/completions", key, body("bundle:acme-only")).await;
+        assert_eq!(st, StatusCode::OK, "{key}: {v}");
+        assert!(
+            v["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("delta")
+        );
+        headers.push(h["x-knots-merge"].to_str().unwrap().to_string());
+    }
+    let key_id = |h: &str| h.split(';').next().unwrap().to_string();
+    assert_eq!(key_id(&headers[0]), key_id(&headers[1]), "the same merge");
+    // It is the merge of acme/secret and math, as acme names them.
+    let (_, h, _) = post(&s, "/v1/completions", ACME, body("secret+math")).await;
+    assert_eq!(
+        key_id(h["x-knots-merge"].to_str().unwrap()),
+        key_id(&headers[0])
+    );
+    // A shared bundle serves every tenant, with its stored parameters.
+    let (st, h, _) = post(&s, "/v1/completions", "sk-globex-user", body("bundle:stem")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(h["x-knots-merge"].to_str().unwrap().contains("outcome="));
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_need_an_admin_or_metrics_key_and_health_stays_open() {
+    let s = start(Limits::default()).await;
+    for (key, status) in [("", 401), (ACME, 403), (OP, 200), ("sk-scraper", 200)] {
+        let mut req = client().get(format!("{}/metrics", s.url));
+        if !key.is_empty() {
+            req = req.bearer_auth(key);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), status, "/metrics with {key:?}");
+    }
+    let (st, _) = get(&s, "/v1/models", "sk-scraper").await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "a metrics key scrapes only");
+    for path in ["/health", "/ready"] {
+        let r = client()
+            .get(format!("{}{path}", s.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path} needs no key");
+    }
+    s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn warming_a_merge_is_admitted_like_any_request() {
+    let s = start(Limits {
+        max_concurrency: 0,
+        ..Limits::default()
+    })
+    .await;
+    let (st, h, _) = post(&s, "/v1/merges", OP, json!({"model": "math+code"})).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(h.contains_key("retry-after"));
+    s.state.cache.sync().await;
+    assert_eq!(s.state.cache.len(), 0, "nothing was merged");
     s.stop().await.unwrap();
 }
 
@@ -764,6 +934,14 @@ async fn experiments_assign_sticky_arms_and_collect_feedback() {
     .await;
     assert_eq!(st, 200, "{fb}");
     assert_eq!(format!("ab/{}", fb["arm"].as_str().unwrap()), arm);
+    // Once per response, and only by the key that received it.
+    let again = json!({"request_id": r1["id"], "score": 0.1});
+    let (st, _, _) = post(&s, "/v1/experiments/ab/feedback", OP, again.clone()).await;
+    assert_eq!(st, StatusCode::CONFLICT, "scored twice");
+    let (_, _, r2) = post(&s, "/v1/completions", OP, body("bob")).await;
+    let other = json!({"request_id": r2["id"], "score": 0.1});
+    let (st, _, _) = post(&s, "/v1/experiments/ab/feedback", ACME, other).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "another key's response");
     let (_, stats) = get(&s, "/v1/experiments/ab", OP).await;
     let total: u64 = stats["arms"]
         .as_array()
@@ -771,7 +949,7 @@ async fn experiments_assign_sticky_arms_and_collect_feedback() {
         .iter()
         .map(|a| a["requests"].as_u64().unwrap())
         .sum();
-    assert_eq!(total, 28);
+    assert_eq!(total, 29);
     assert!(
         stats["arms"]
             .as_array()

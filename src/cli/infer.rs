@@ -109,6 +109,7 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
+        ..SamplingParams::default()
     };
     let mut out = std::io::stdout().lock();
     let gen_out = generate(

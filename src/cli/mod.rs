@@ -38,7 +38,7 @@ pub enum Command {
     /// Run the benchmark: merge the task adapters with every method, evaluate per task and jointly.
     Eval(eval::EvalArgs),
     /// Serve the OpenAI-compatible API; every request can name an adapter set to merge.
-    Serve(crate::config::ServeArgs),
+    Serve(crate::server::config::ServeArgs),
 }
 
 /// Runs the parsed command line.

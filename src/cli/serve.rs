@@ -6,9 +6,9 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::adapters::Registry;
-use crate::config::{ServeArgs, ServeConfig};
 use crate::server::auth::Keys;
 use crate::server::backend::Backend;
+use crate::server::config::{ServeArgs, ServeConfig};
 use crate::server::engine_backend::EngineBackend;
 use crate::server::experiments::Experiments;
 use crate::server::state::{AppState, StateParts};

@@ -4,8 +4,8 @@
 //! Each turn takes every waiting job (up to a bound), sorts all their texts by length and cuts
 //! them into batches of similar lengths (little padding); each batch is one BERT forward whose
 //! rows carry their own request's delta (see `linear::Deltas`). Results go back to each job as
-//! [`Features`]. A job whose deadline passed before its turn is answered with a timeout and not
-//! run.
+//! [`Features`]. A job whose deadline passes is answered with a timeout and its remaining texts
+//! are not run, whether it was still waiting or part of a turn (checked before every batch).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,7 +138,7 @@ fn run(encoder: &Encoder, shared: &Shared) {
         match results {
             Ok(features) => {
                 for ((_, reply), f) in live.iter().zip(features) {
-                    let _ = reply.send(Ok(f));
+                    let _ = reply.send(f);
                 }
             }
             Err(e) => {
@@ -186,8 +186,9 @@ struct Item {
     len: usize,
 }
 
-/// Encodes every text of `jobs` in length-sorted batches; one [`Features`] per job.
-fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Features>> {
+/// Encodes every text of `jobs` in length-sorted batches; one [`Features`] per job, or a timeout
+/// for a job whose deadline passed before all its texts ran (its remaining texts are skipped).
+fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Result<Features>>> {
     let mut items: Vec<Item> = jobs
         .iter()
         .enumerate()
@@ -203,8 +204,17 @@ fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Feat
     let mut mean: Vec<Vec<Option<Tensor>>> =
         jobs.iter().map(|(j, _)| vec![None; j.ids.len()]).collect();
     let mut pooled = mean.clone();
+    let mut expired = vec![false; jobs.len()];
     for batch in batches(&items) {
-        let (m, p) = encode_batch(encoder, jobs, batch)?;
+        let now = Instant::now();
+        for (j, (job, _)) in jobs.iter().enumerate() {
+            expired[j] |= job.deadline <= now;
+        }
+        let batch: Vec<Item> = batch.iter().filter(|i| !expired[i.job]).copied().collect();
+        if batch.is_empty() {
+            continue;
+        }
+        let (m, p) = encode_batch(encoder, jobs, &batch)?;
         for (k, item) in batch.iter().enumerate() {
             mean[item.job][item.text] = Some(m.get(k)?);
             if let Some(p) = &p {
@@ -212,15 +222,20 @@ fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Feat
             }
         }
     }
-    jobs.iter()
+    Ok(jobs
+        .iter()
+        .zip(expired)
         .zip(mean.into_iter().zip(pooled))
-        .map(|((job, _), (m, p))| {
+        .map(|(((job, _), expired), (m, p))| {
+            if expired {
+                return Err(EngineError::Timeout);
+            }
             Ok(Features {
                 mean: stack(m)?,
                 pooled: if job.pooled { Some(stack(p)?) } else { None },
             })
         })
-        .collect()
+        .collect())
 }
 
 /// Consecutive runs of length-sorted items within the batch bounds. A run also ends where the

@@ -9,7 +9,7 @@ use super::error::{EngineError, Result};
 use super::kv::{BLOCK_POSITIONS, KvPool, SeqCache};
 use super::linear::LoadedDelta;
 use super::llama::{Llama, StepSeq};
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{Sampler, SamplingParams, TokenLogprob};
 use super::tokenizer::TextTokenizer;
 
 /// Why generation ended.
@@ -157,6 +157,8 @@ pub struct Accepted<'a> {
     pub fresh: &'a str,
     /// Set when generation ends with this token.
     pub finish: Option<FinishReason>,
+    /// The token's log-probabilities, when the request asked for them.
+    pub logprob: Option<TokenLogprob>,
 }
 
 impl Decoder {
@@ -176,13 +178,14 @@ impl Decoder {
         tokenizer: &TextTokenizer,
         room: bool,
     ) -> Result<Accepted<'_>> {
-        let id = self.sampler.sample(logits);
+        let (id, logprob) = self.sampler.sample(logits);
         self.ids.push(id);
         if tokenizer.eos_ids.contains(&id) {
             return Ok(Accepted {
                 id,
                 fresh: "",
                 finish: Some(FinishReason::Eos),
+                logprob: None,
             });
         }
         let step = self.text.push(tokenizer, &self.ids)?;
@@ -199,6 +202,7 @@ impl Decoder {
             id,
             fresh: step.fresh,
             finish,
+            logprob,
         })
     }
 

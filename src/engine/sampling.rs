@@ -1,6 +1,14 @@
 //! Next-token choice: greedy at temperature 0, otherwise temperature, top-k and top-p (nucleus)
 //! filtering, in that order as transformers applies them, drawn from a seeded ChaCha RNG so a
 //! request with a seed is reproducible.
+//!
+//! Before that choice the request's logit processors adjust the scores, as OpenAI's API defines
+//! them: `logit_bias` adds a per-token bias, and the frequency and presence penalties subtract
+//! `count·frequency + [count > 0]·presence` for every token generated so far. Log-probabilities,
+//! when asked for, are the log-softmax of these adjusted scores (before temperature, top-k and
+//! top-p): the model's distribution under the request's processors.
+
+use std::collections::HashMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,7 +30,18 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// Generation ends when the text contains one of these; it is not part of the output.
     pub stop: Vec<String>,
+    /// Subtracted once per earlier occurrence of a token in the generated text, in `[-2, 2]`.
+    pub frequency_penalty: f32,
+    /// Subtracted from every token already generated, in `[-2, 2]`.
+    pub presence_penalty: f32,
+    /// Added to a token's score, in `[-100, 100]`.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report each chosen token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives [`SamplingParams::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -33,6 +52,10 @@ impl Default for SamplingParams {
             seed: None,
             max_tokens: 128,
             stop: Vec::new(),
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -60,8 +83,45 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "stop sequences must not be empty");
         }
+        for (name, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return bad(name, "must be in [-2, 2]");
+            }
+        }
+        if self
+            .logit_bias
+            .iter()
+            .any(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad("logit_bias", "biases must be in [-100, 100]");
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return bad("top_logprobs", "at most 20 alternatives");
+        }
         Ok(())
     }
+
+    /// Checks the token ids of `logit_bias` against the vocabulary size.
+    pub fn validate_vocab(&self, vocab: usize) -> Result<()> {
+        match self.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            Some((id, _)) => Err(EngineError::InvalidParam {
+                name: "logit_bias",
+                message: format!("token id {id} is outside the vocabulary of {vocab} tokens"),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A chosen token's log-probability and the most likely alternatives (best first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Chooses tokens for one request.
@@ -71,6 +131,14 @@ pub struct Sampler {
     top_p: f32,
     top_k: Option<usize>,
     rng: ChaCha8Rng,
+    frequency_penalty: f32,
+    presence_penalty: f32,
+    logit_bias: Vec<(u32, f32)>,
+    logprobs: Option<usize>,
+    /// How often each token was chosen so far (only kept when a penalty is set).
+    counts: HashMap<u32, u32>,
+    /// Adjusted scores, reused across steps.
+    scratch: Vec<f32>,
 }
 
 impl Sampler {
@@ -84,11 +152,52 @@ impl Sampler {
             top_p: params.top_p,
             top_k: params.top_k,
             rng,
+            frequency_penalty: params.frequency_penalty,
+            presence_penalty: params.presence_penalty,
+            logit_bias: params.logit_bias.clone(),
+            logprobs: params.logprobs,
+            counts: HashMap::new(),
+            scratch: Vec::new(),
         }
     }
 
-    /// The next token id for `logits` (one score per vocabulary entry).
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The next token id for `logits` (one score per vocabulary entry), with its
+    /// log-probabilities when the request asked for them.
+    pub fn sample(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprob>) {
+        let penalised = self.frequency_penalty != 0.0 || self.presence_penalty != 0.0;
+        let scores = if penalised || !self.logit_bias.is_empty() {
+            self.adjust(logits);
+            std::mem::take(&mut self.scratch)
+        } else {
+            Vec::new()
+        };
+        let view = if scores.is_empty() { logits } else { &scores };
+        let id = self.choose(view);
+        let logprob = self.logprobs.map(|k| token_logprob(view, id, k));
+        if penalised {
+            *self.counts.entry(id).or_default() += 1;
+        }
+        self.scratch = scores;
+        (id, logprob)
+    }
+
+    /// `logits` with the bias and penalties applied, into `scratch`.
+    fn adjust(&mut self, logits: &[f32]) {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(logits);
+        for &(id, bias) in &self.logit_bias {
+            if let Some(s) = self.scratch.get_mut(id as usize) {
+                *s += bias;
+            }
+        }
+        for (&id, &count) in &self.counts {
+            if let Some(s) = self.scratch.get_mut(id as usize) {
+                *s -= count as f32 * self.frequency_penalty + self.presence_penalty;
+            }
+        }
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.temperature == 0.0 {
             return argmax(logits);
         }
@@ -116,6 +225,32 @@ impl Sampler {
             draw -= p;
         }
         order[keep - 1]
+    }
+}
+
+/// The log-softmax of `logits` at `id`, and the `k` best alternatives.
+fn token_logprob(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let norm = max + sum.ln() as f32;
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        if k < order.len() {
+            order.select_nth_unstable_by(k, by_logit);
+            order.truncate(k);
+        }
+        order.sort_unstable_by(by_logit);
+        top = order
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - norm))
+            .collect();
+    }
+    TokenLogprob {
+        id,
+        logprob: logits[id as usize] - norm,
+        top,
     }
 }
 
@@ -163,14 +298,14 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(&params(0.0, None, 1.0, 1));
-        assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]).0, 1);
     }
 
     #[test]
     fn top_k_one_is_greedy() {
         let mut s = Sampler::new(&params(1.5, Some(1), 1.0, 7));
         for _ in 0..20 {
-            assert_eq!(s.sample(&[0.1, 2.0, 2.5, -1.0]), 2);
+            assert_eq!(s.sample(&[0.1, 2.0, 2.5, -1.0]).0, 2);
         }
     }
 
@@ -186,12 +321,63 @@ mod tests {
         let logits = [1.0, 1.0, 1.0, 1.0];
         let draw = |seed| {
             let mut s = Sampler::new(&params(1.0, None, 1.0, seed));
-            (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            (0..64).map(|_| s.sample(&logits).0).collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
         let seen: std::collections::BTreeSet<u32> = draw(3).into_iter().collect();
         assert_eq!(seen.len(), 4);
+    }
+
+    #[test]
+    fn logit_bias_steers_the_choice() {
+        let mut s = Sampler::new(&SamplingParams {
+            logit_bias: vec![(3, 10.0)],
+            ..params(0.0, None, 1.0, 1)
+        });
+        assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]).0, 3);
+        let mut s = Sampler::new(&SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..params(0.0, None, 1.0, 1)
+        });
+        assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]).0, 2);
+    }
+
+    #[test]
+    fn penalties_count_what_was_generated() {
+        // Greedy on flat scores repeats token 0 without penalties; a presence penalty walks the
+        // vocabulary, a frequency penalty grows with each repeat.
+        let logits = [1.0, 0.9, 0.8, 0.7];
+        let run = |frequency, presence| {
+            let mut s = Sampler::new(&SamplingParams {
+                frequency_penalty: frequency,
+                presence_penalty: presence,
+                ..params(0.0, None, 1.0, 1)
+            });
+            (0..4).map(|_| s.sample(&logits).0).collect::<Vec<_>>()
+        };
+        assert_eq!(run(0.0, 0.0), vec![0, 0, 0, 0]);
+        assert_eq!(run(0.0, 0.5), vec![0, 1, 2, 3]);
+        // Each pick lowers that token by 0.15: 1.0, then 0.9, then 0.85, then 0.8 lead.
+        assert_eq!(run(0.15, 0.0), vec![0, 1, 0, 2]);
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_best_alternatives() {
+        let logits = [0.0f32, 1.0, 2.0, 3.0];
+        let mut s = Sampler::new(&SamplingParams {
+            logprobs: Some(2),
+            ..params(0.0, None, 1.0, 1)
+        });
+        let (id, lp) = s.sample(&logits);
+        let lp = lp.expect("asked for");
+        let norm = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+        assert_eq!(id, 3);
+        assert!((lp.logprob - (3.0 - norm)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![3, 2]);
+        assert!((lp.top[1].1 - (2.0 - norm)).abs() < 1e-6);
+        let total: f32 = logits.iter().map(|l| (l - norm).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
     }
 
     #[test]
@@ -203,6 +389,29 @@ mod tests {
         assert!(matches!(
             p.validate(),
             Err(EngineError::InvalidParam { name: "top_p", .. })
+        ));
+        let p = SamplingParams {
+            presence_penalty: 2.5,
+            ..SamplingParams::default()
+        };
+        assert!(matches!(
+            p.validate(),
+            Err(EngineError::InvalidParam {
+                name: "presence_penalty",
+                ..
+            })
+        ));
+        let p = SamplingParams {
+            logit_bias: vec![(7, 1.0)],
+            ..SamplingParams::default()
+        };
+        assert!(p.validate_vocab(8).is_ok());
+        assert!(matches!(
+            p.validate_vocab(7),
+            Err(EngineError::InvalidParam {
+                name: "logit_bias",
+                ..
+            })
         ));
     }
 }

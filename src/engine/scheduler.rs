@@ -22,7 +22,7 @@ use super::kv::{KvPool, SeqCache};
 use super::linear::LoadedDelta;
 use super::llama::StepSeq;
 use super::models::TextModel;
-use super::sampling::SamplingParams;
+use super::sampling::{SamplingParams, TokenLogprob};
 use super::telemetry;
 
 /// Limits of one engine loop.
@@ -60,8 +60,10 @@ pub struct Done {
 
 /// Where a job's output goes. Called from the engine thread; must not block.
 pub trait Sink: Send {
-    /// New final text; `false` when the consumer has gone away.
-    fn text(&mut self, text: &str) -> bool;
+    /// A generated token (not an end-of-sequence token): the text it made final (may be empty)
+    /// and its log-probabilities when asked for; `false` when the consumer has gone away. The
+    /// text held back until generation ended comes last, without a token.
+    fn token(&mut self, text: &str, logprob: Option<TokenLogprob>) -> bool;
     /// Whether the consumer has gone away.
     fn closed(&self) -> bool;
     fn done(self: Box<Self>, done: Done);
@@ -507,7 +509,8 @@ impl Loop {
         }
         r.last_token = Some(now);
         let (id, finish) = (step.id, step.finish);
-        if !step.fresh.is_empty() && !r.job.sink.text(step.fresh) {
+        let deliver = !step.fresh.is_empty() || step.logprob.is_some();
+        if deliver && !r.job.sink.token(step.fresh, step.logprob) {
             return Ok(Some(Outcome::Gone));
         }
         r.next = Some(id);
@@ -524,7 +527,7 @@ impl Loop {
             Outcome::Done(finish) => {
                 let rest = r.decoder.flush();
                 if !rest.is_empty() {
-                    r.job.sink.text(rest);
+                    r.job.sink.token(rest, None);
                 }
                 r.job.sink.done(Done {
                     prompt_tokens,
@@ -557,7 +560,7 @@ mod tests {
     struct Null;
 
     impl Sink for Null {
-        fn text(&mut self, _: &str) -> bool {
+        fn token(&mut self, _: &str, _: Option<TokenLogprob>) -> bool {
             true
         }
         fn closed(&self) -> bool {

@@ -8,8 +8,11 @@
 //! key = "sk-acme-1"
 //! tenant = "acme"
 //! role = "user"     # or "admin": operates the server: sees every tenant and administers
-//!                   # adapters and merges
+//!                   # adapters and merges; or "metrics": may scrape /metrics and nothing else
 //! ```
+//!
+//! With keys configured, `/metrics` (which names every tenant's adapters and experiments) needs
+//! an admin or metrics key; `/health` and `/ready` stay open.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,17 +20,23 @@ use std::path::Path;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::state::AppState;
 use crate::adapters::Owner;
-use crate::error::ApiError;
+use crate::server::error::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     User,
     Admin,
+    /// Scrapes `/metrics`; no other route.
+    Metrics,
 }
+
+/// The one route a metrics key may call.
+pub const METRICS_PATH: &str = "/metrics";
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,13 +44,29 @@ pub struct Caller {
     /// `None` when the server runs without keys.
     pub tenant: Option<String>,
     pub role: Role,
+    /// A fingerprint of the key presented (never the key itself); `None` on an open server.
+    pub key_id: Option<String>,
 }
 
 impl Caller {
     pub const OPEN: Caller = Caller {
         tenant: None,
         role: Role::Admin,
+        key_id: None,
     };
+
+    /// The view of `owner` itself: what a bundle or an experiment arm it configured resolves
+    /// under. A shared owner is the operator, who sees every name.
+    pub fn owner(owner: &Owner) -> Caller {
+        match owner {
+            Owner::Tenant(t) => Caller {
+                tenant: Some(t.clone()),
+                role: Role::User,
+                key_id: None,
+            },
+            Owner::Shared => Caller::OPEN,
+        }
+    }
 
     /// Whether something owned by `owner` exists for this caller. Admins operate the whole
     /// server and see every tenant's names.
@@ -56,7 +81,9 @@ impl Caller {
     pub fn require_admin(&self) -> Result<(), ApiError> {
         match self.role {
             Role::Admin => Ok(()),
-            Role::User => Err(ApiError::Forbidden),
+            Role::User | Role::Metrics => {
+                Err(ApiError::Forbidden("this operation needs an admin key"))
+            }
         }
     }
 }
@@ -101,6 +128,7 @@ impl Keys {
             let caller = Caller {
                 tenant: Some(entry.tenant),
                 role: entry.role,
+                key_id: Some(fingerprint(&entry.key)),
             };
             if by_key.insert(entry.key, caller).is_some() {
                 return Err(format!("{}: a key appears twice", path.display()));
@@ -127,6 +155,12 @@ impl Keys {
     }
 }
 
+/// A short, stable fingerprint of a key, safe to keep and log.
+fn fingerprint(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -137,6 +171,12 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        state.keys.caller(bearer)
+        let caller = state.keys.caller(bearer)?;
+        if caller.role == Role::Metrics && parts.uri.path() != METRICS_PATH {
+            return Err(ApiError::Forbidden(
+                "a metrics key may only scrape /metrics",
+            ));
+        }
+        Ok(caller)
     }
 }

@@ -61,6 +61,12 @@ pub struct Sampling {
     pub top_k: Option<usize>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    pub frequency_penalty: f64,
+    pub presence_penalty: f64,
+    /// Token id and bias.
+    pub logit_bias: Vec<(u32, f64)>,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// A generation request for the engine.
@@ -82,9 +88,25 @@ pub struct GenerateJob {
 /// What a generation produces, in order: text pieces, then one `Done` or `Failed`.
 #[derive(Debug)]
 pub enum GenEvent {
-    Text(String),
+    Text(Piece),
     Done(Finished),
     Failed(BackendError),
+}
+
+/// Text made final by one generated token (or, last, text held back until the end), with the
+/// token's log-probabilities when the request asked for them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Piece {
+    pub text: String,
+    pub logprob: Option<TokenLogprobs>,
+}
+
+/// A token as text, its log-probability and the most likely alternatives (best first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
 }
 
 /// The events of one generation; dropping it cancels the generation.

@@ -11,8 +11,8 @@ use moka::future::Cache;
 
 use super::metrics;
 use crate::adapters::Registered;
-use crate::error::ApiError;
 use crate::merge::{self, AlignmentCache, MergeInput, MergeKey, MergeParams, MergedDelta, Silent};
+use crate::server::error::ApiError;
 
 /// A finished merge as the cache holds it.
 #[derive(Debug)]

@@ -12,13 +12,13 @@ use tokio::sync::mpsc;
 
 use super::backend::{
     Backend, BackendError, BaseInfo, BaseKind, FinishReason, Finished, GenEvent, GenStream,
-    GenerateJob, LabelScore, Prompt, Sampling, TaskHead,
+    GenerateJob, LabelScore, Piece, Prompt, Sampling, TaskHead, TokenLogprobs,
 };
 use crate::adapters::SavedTensor;
 use crate::engine::{
     self, DEFAULT_TEXT_SCALE, Done, EncodeJob, Encoder, EncoderEngine, Engine, EngineError,
     EngineLimits, EngineStats, Features, Head, Job, Message, ModelPath, SamplingParams, Sink,
-    TextModel, WeightFormat,
+    TextModel, TextTokenizer, TokenLogprob, WeightFormat,
 };
 use crate::merge::MergedDelta;
 
@@ -260,7 +260,14 @@ impl Backend for EngineBackend {
             seed: s.seed,
             max_tokens: fit_max_tokens(s, prompt.len(), tm.model.context_length())?,
             stop: s.stop.clone(),
+            frequency_penalty: s.frequency_penalty as f32,
+            presence_penalty: s.presence_penalty as f32,
+            logit_bias: s.logit_bias.iter().map(|&(id, b)| (id, b as f32)).collect(),
+            logprobs: s.logprobs,
         };
+        params
+            .validate_vocab(tm.tokenizer.vocab_size())
+            .map_err(backend_error)?;
         let (tx, rx) = mpsc::unbounded_channel();
         g.engine
             .submit(Job {
@@ -270,7 +277,10 @@ impl Backend for EngineBackend {
                 params,
                 delta,
                 deadline: job.deadline,
-                sink: Box::new(StreamSink { tx }),
+                sink: Box::new(StreamSink {
+                    tx,
+                    model: g.model.clone(),
+                }),
             })
             .map_err(backend_error)?;
         Ok(rx)
@@ -400,11 +410,17 @@ impl EncoderServer {
 /// Sends an engine job's output to its HTTP stream.
 struct StreamSink {
     tx: mpsc::UnboundedSender<GenEvent>,
+    /// Its tokenizer spells tokens out for log-probabilities.
+    model: Arc<TextModel>,
 }
 
 impl Sink for StreamSink {
-    fn text(&mut self, text: &str) -> bool {
-        self.tx.send(GenEvent::Text(text.to_string())).is_ok()
+    fn token(&mut self, text: &str, logprob: Option<TokenLogprob>) -> bool {
+        let piece = Piece {
+            text: text.to_string(),
+            logprob: logprob.map(|lp| spelled(&self.model.tokenizer, &lp)),
+        };
+        self.tx.send(GenEvent::Text(piece)).is_ok()
     }
 
     fn closed(&self) -> bool {
@@ -425,6 +441,16 @@ impl Sink for StreamSink {
 
     fn failed(self: Box<Self>, error: EngineError) {
         let _ = self.tx.send(GenEvent::Failed(backend_error(error)));
+    }
+}
+
+/// A token's log-probabilities with each token as its text.
+fn spelled(tokenizer: &TextTokenizer, lp: &TokenLogprob) -> TokenLogprobs {
+    let text = |id: u32| tokenizer.decode(&[id]).unwrap_or_default();
+    TokenLogprobs {
+        token: text(lp.id),
+        logprob: lp.logprob,
+        top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect(),
     }
 }
 
@@ -478,6 +504,10 @@ mod tests {
             top_k: None,
             seed: None,
             stop: Vec::new(),
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 

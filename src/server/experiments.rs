@@ -169,10 +169,29 @@ impl Experiment {
     }
 }
 
-/// Which `(experiment, arm)` served each recent request id, oldest ids first in `order`.
+/// Which experiment arm served a request, for which key, and whether it was scored.
+#[derive(Debug, Clone)]
+struct ServedBy {
+    experiment: String,
+    arm: String,
+    key_id: Option<String>,
+    scored: bool,
+}
+
+/// Why feedback for a request id was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not served by this experiment (or forgotten), or served to another key: reported alike,
+    /// so a key cannot probe other keys' request ids.
+    Unknown,
+    /// Already scored once.
+    Scored,
+}
+
+/// Recent request ids and what served them, oldest ids first in `order`.
 #[derive(Debug, Default)]
 struct Served {
-    by_id: HashMap<String, (String, String)>,
+    by_id: HashMap<String, ServedBy>,
     order: VecDeque<String>,
 }
 
@@ -196,13 +215,18 @@ impl Experiments {
         self.list.iter().find(|e| e.name == name)
     }
 
-    /// Remembers that `request_id` was served by `arm` of `experiment`.
-    pub fn remember(&self, request_id: &str, experiment: &str, arm: &str) {
+    /// Remembers that `request_id` was served by `arm` of `experiment` to the key `key_id`.
+    pub fn remember(&self, request_id: &str, experiment: &str, arm: &str, key_id: Option<&str>) {
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
         let Served { by_id: map, order } = &mut *served;
         map.insert(
             request_id.to_string(),
-            (experiment.to_string(), arm.to_string()),
+            ServedBy {
+                experiment: experiment.to_string(),
+                arm: arm.to_string(),
+                key_id: key_id.map(str::to_string),
+                scored: false,
+            },
         );
         order.push_back(request_id.to_string());
         while order.len() > REMEMBERED_REQUESTS {
@@ -212,14 +236,25 @@ impl Experiments {
         }
     }
 
-    /// `(experiment, arm)` that served `request_id`, if remembered.
-    pub fn served(&self, request_id: &str) -> Option<(String, String)> {
-        self.served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// Takes the one score of `request_id` for the key `key_id`: the arm that served it, when
+    /// `experiment` served it to that key and it was not scored yet.
+    pub fn claim(
+        &self,
+        request_id: &str,
+        experiment: &str,
+        key_id: Option<&str>,
+    ) -> Result<String, Refusal> {
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = served
             .by_id
-            .get(request_id)
-            .cloned()
+            .get_mut(request_id)
+            .filter(|s| s.experiment == experiment && s.key_id.as_deref() == key_id)
+            .ok_or(Refusal::Unknown)?;
+        if entry.scored {
+            return Err(Refusal::Scored);
+        }
+        entry.scored = true;
+        Ok(entry.arm.clone())
     }
 }
 
@@ -256,6 +291,20 @@ mod tests {
             (2800..3200).contains(&first),
             "arm0 got {first} of 4000 at weight 3:1"
         );
+    }
+
+    #[test]
+    fn feedback_is_claimed_once_by_the_key_that_was_served() {
+        let all = Experiments::new(vec![experiment(&[1.0])]);
+        all.remember("cmpl-1", "e", "arm0", Some("k1"));
+        assert_eq!(all.claim("cmpl-1", "e", Some("k2")), Err(Refusal::Unknown));
+        assert_eq!(
+            all.claim("cmpl-1", "other", Some("k1")),
+            Err(Refusal::Unknown)
+        );
+        assert_eq!(all.claim("cmpl-1", "e", Some("k1")), Ok("arm0".to_string()));
+        assert_eq!(all.claim("cmpl-1", "e", Some("k1")), Err(Refusal::Scored));
+        assert_eq!(all.claim("cmpl-2", "e", Some("k1")), Err(Refusal::Unknown));
     }
 
     #[test]

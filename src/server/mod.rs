@@ -8,7 +8,10 @@ pub mod auth;
 pub mod backend;
 pub mod bundles;
 pub mod cache;
+pub mod call;
+pub mod config;
 pub mod engine_backend;
+pub mod error;
 pub mod experiments;
 pub mod inflight;
 pub mod metrics;
@@ -30,7 +33,7 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::adapters::LoraAdapter;
-use crate::error::ApiError;
+use crate::server::error::ApiError;
 use backend::BaseInfo;
 use state::AppState;
 

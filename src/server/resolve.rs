@@ -1,16 +1,19 @@
-//! From a request's `model` (and `merge` field) to what serves it: a base model and, for an
-//! adapter or a set, the delta to apply — merged through the cache when needed. Names the
-//! caller may not see are reported exactly like names that do not exist.
+//! From a request's parsed `model` and `merge` field to what serves it: a base model and, for an
+//! adapter or a set, the delta to apply — merged through the cache when needed, after the base
+//! model's kind is checked against the route. Names the caller may not see are reported exactly
+//! like names that do not exist.
 
 use std::sync::Arc;
 
 use super::auth::Caller;
+use super::backend::BaseKind;
 use super::cache::Outcome;
+use super::call::ModelRequest;
 use super::spec::{MergeField, ModelSpec};
 use super::state::AppState;
 use crate::adapters::Registered;
-use crate::error::ApiError;
 use crate::merge::{MergeKey, MergeParams, MergedDelta, Method};
+use crate::server::error::ApiError;
 
 /// How the merged delta of a request was obtained.
 #[derive(Debug, Clone)]
@@ -52,28 +55,78 @@ impl Target {
     }
 }
 
-/// Resolves `model` for `caller`. `user` makes experiment arms sticky.
+/// What a resolution is for: the request's `model` as sent, and the kind of base model its
+/// route serves (`None`: any).
+#[derive(Clone, Copy)]
+struct Route<'a> {
+    model: &'a str,
+    kind: Option<BaseKind>,
+}
+
+impl Route<'_> {
+    /// Refuses a base model of the wrong kind for the route, before any merge is computed.
+    fn check(&self, state: &AppState, base: &str) -> Result<(), ApiError> {
+        let Some(want) = self.kind else {
+            return Ok(());
+        };
+        match state.base(base).map(|b| b.kind) {
+            Some(kind) if kind == want => Ok(()),
+            Some(BaseKind::Encoder) => Err(ApiError::bad(
+                "model",
+                format!(
+                    "{} is served by an encoder; use /v1/embeddings or /v1/classify",
+                    self.model
+                ),
+            )),
+            Some(BaseKind::Generator) => Err(ApiError::bad(
+                "model",
+                format!(
+                    "{} is served by a generation model; use /v1/completions or /v1/chat/completions",
+                    self.model
+                ),
+            )),
+            None => Err(ApiError::bad(
+                "model",
+                format!("the base model {base} of {} is not served", self.model),
+            )),
+        }
+    }
+}
+
+/// Resolves `req` for `caller` on a route serving `kind`. `user` makes experiment arms sticky.
 pub async fn resolve(
     state: &AppState,
     caller: &Caller,
-    model: &str,
-    merge: &MergeField,
+    req: &ModelRequest,
     user: Option<&str>,
+    kind: Option<BaseKind>,
 ) -> Result<Target, ApiError> {
-    let spec: ModelSpec = model.parse()?;
-    match spec {
+    let route = Route {
+        model: &req.model,
+        kind,
+    };
+    match &req.spec {
         ModelSpec::Experiment(name) => {
             let exp = state
                 .experiments
-                .get(&name)
+                .get(name)
                 .filter(|e| caller.can_see(&e.owner));
-            let exp = exp.ok_or_else(|| ApiError::not_found(format!("model {model:?}")))?;
+            let exp = exp.ok_or_else(|| ApiError::not_found(format!("model {:?}", req.model)))?;
+            if !req.merge.is_empty() {
+                return Err(ApiError::bad(
+                    "merge",
+                    "an experiment's arms fix their models; merge cannot be given",
+                ));
+            }
             let arm = exp.pick(user);
-            let mut target = resolve_spec(state, caller, &arm.spec, &MergeField::default()).await?;
+            // Arms name adapters as the experiment's owner sees them, whoever calls.
+            let owner = Caller::owner(&exp.owner);
+            let none = MergeField::default();
+            let mut target = resolve_spec(state, &owner, &arm.spec, &none, route).await?;
             target.arm = Some((exp.name.clone(), arm.name.clone()));
             Ok(target)
         }
-        spec => resolve_spec(state, caller, &spec, merge).await,
+        spec => resolve_spec(state, caller, spec, &req.merge, route).await,
     }
 }
 
@@ -82,6 +135,7 @@ async fn resolve_spec(
     caller: &Caller,
     spec: &ModelSpec,
     merge: &MergeField,
+    route: Route<'_>,
 ) -> Result<Target, ApiError> {
     match spec {
         ModelSpec::Name(name) if state.base(name).is_some() => {
@@ -91,6 +145,7 @@ async fn resolve_spec(
                     "merge parameters apply to adapters, not to a base model",
                 ));
             }
+            route.check(state, name)?;
             Ok(Target {
                 base: name.clone(),
                 delta: None,
@@ -101,6 +156,7 @@ async fn resolve_spec(
         }
         ModelSpec::Name(name) if merge.is_empty() => {
             let adapter = lookup(state, caller, name)?;
+            route.check(state, &adapter.base)?;
             Ok(Target {
                 base: adapter.base.clone(),
                 delta: Some(adapter.delta.clone()),
@@ -110,10 +166,10 @@ async fn resolve_spec(
             })
         }
         ModelSpec::Name(name) => {
-            merge_set(state, caller, &[(name.clone(), 1.0)], None, merge).await
+            merge_set(state, caller, &[(name.clone(), 1.0)], None, merge, route).await
         }
         ModelSpec::Set { members, method } => {
-            merge_set(state, caller, members, *method, merge).await
+            merge_set(state, caller, members, *method, merge, route).await
         }
         ModelSpec::Bundle(name) => {
             let bundle = state
@@ -137,7 +193,9 @@ async fn resolve_spec(
                     )));
                 }
             };
-            merge_set(state, caller, &members, method, &bundle.merge).await
+            // Members are the bundle owner's adapters, whoever calls.
+            let owner = Caller::owner(&bundle.owner);
+            merge_set(state, &owner, &members, method, &bundle.merge, route).await
         }
         ModelSpec::Experiment(_) => Err(ApiError::bad(
             "model",
@@ -163,6 +221,7 @@ async fn merge_set(
     members: &[(String, f64)],
     method: Option<Method>,
     merge: &MergeField,
+    route: Route<'_>,
 ) -> Result<Target, ApiError> {
     if members.len() > state.limits.max_set_size {
         let reason = format!(
@@ -194,6 +253,7 @@ async fn merge_set(
         );
         return Err(ApiError::bad("model", reason));
     }
+    route.check(state, &base)?;
     let key = MergeKey::new(
         &base,
         resolved

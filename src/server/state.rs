@@ -14,7 +14,7 @@ use super::cache::MergeCache;
 use super::experiments::Experiments;
 use super::inflight::InFlight;
 use crate::adapters::Registry;
-use crate::error::ApiError;
+use crate::server::error::ApiError;
 
 /// Limits, validated at start-up.
 #[derive(Debug, Clone)]

@@ -151,6 +151,7 @@ async fn concurrent_sets_give_exactly_what_each_gives_alone() {
         steps - steps_before
     );
     embeddings_in_a_mixed_batch_equal_alone(&url).await;
+    sampling_controls(&url).await;
     let _ = stop.send(());
     a_full_queue_answers_429_and_a_request_beyond_the_cache_400().await;
 }
@@ -233,6 +234,136 @@ async fn embeddings_in_a_mixed_batch_equal_alone(url: &str) {
     assert!(
         super::max_abs_diff(&alone[0][0], &alone[1][0]) > 1e-3,
         "sets must differ"
+    );
+}
+
+async fn post(url: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Log-probabilities, logit bias, penalties and `n` on the real model.
+async fn sampling_controls(url: &str) {
+    let model = "sentiment-lm+news-lm";
+    let prompt = "The capital of France is";
+    let greedy = json!({"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0});
+    let with = |extra: Value| {
+        let mut body = greedy.clone();
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (_, plain) = post(url, "/v1/completions", greedy.clone()).await;
+
+    // Greedy picks the most likely token: its log-probability is the best of the alternatives,
+    // and the tokens spell the text.
+    let (st, v) = post(url, "/v1/completions", with(json!({"logprobs": 3}))).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        text(&v),
+        text(&plain),
+        "asking for logprobs changes nothing"
+    );
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tokens.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(tokens.concat(), text(&v));
+    for (i, chosen) in lp["token_logprobs"].as_array().unwrap().iter().enumerate() {
+        let chosen = chosen.as_f64().unwrap();
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert_eq!(top.len(), 3, "{lp}");
+        let best = top
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(chosen <= 0.0 && (chosen - best).abs() < 1e-5, "{lp}");
+    }
+    let chat = json!({"model": model, "messages": [{"role": "user", "content": "Say hi"}],
+                      "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (st, v) = post(url, "/v1/chat/completions", chat).await;
+    assert_eq!(st, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(!content.is_empty());
+    assert!(
+        content
+            .iter()
+            .all(|t| t["top_logprobs"].as_array().unwrap().len() == 2
+                && t["logprob"].as_f64().unwrap() <= 0.0
+                && t["bytes"].is_array())
+    );
+
+    // A bias of +100 makes one token the greedy choice every time; -100 bans the first token.
+    let yes = super::smollm2().tokenizer.encode(" yes", false).unwrap();
+    assert_eq!(yes.len(), 1, "one token");
+    let bias = json!({"logit_bias": {yes[0].to_string(): 100}, "max_tokens": 3});
+    let (st, v) = post(url, "/v1/completions", with(bias)).await;
+    assert_eq!((st, text(&v).as_str()), (200, " yes yes yes"), "{v}");
+    let first = super::smollm2()
+        .tokenizer
+        .encode(&tokens[0..1].concat(), false)
+        .unwrap();
+    let ban = json!({"logit_bias": {first[0].to_string(): -100}});
+    let (_, v) = post(url, "/v1/completions", with(ban)).await;
+    assert!(
+        !text(&v).starts_with(tokens[0]),
+        "banned {:?}: {v}",
+        tokens[0]
+    );
+    let outside = json!({"logit_bias": {"1000000000": 1}});
+    let (st, v) = post(url, "/v1/completions", with(outside)).await;
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("logit_bias")),
+        "{v}"
+    );
+
+    // A repetitive continuation changes under a frequency penalty.
+    let repeat = json!({"model": model, "prompt": "1, 1, 1, 1, 1, 1, 1,", "max_tokens": 12, "temperature": 0});
+    let (_, free) = post(url, "/v1/completions", repeat.clone()).await;
+    let mut penalised = repeat.clone();
+    penalised["frequency_penalty"] = json!(2.0);
+    let (st, v) = post(url, "/v1/completions", penalised).await;
+    assert_eq!(st, 200);
+    assert_ne!(
+        text(&v),
+        text(&free),
+        "a frequency penalty of 2 changes the repeats"
+    );
+
+    // n choices: indexed, counted, reproducible with a seed, and different from each other.
+    let n = with(json!({"n": 3, "temperature": 1.0, "seed": 11, "max_tokens": 8}));
+    let (st, a) = post(url, "/v1/completions", n.clone()).await;
+    assert_eq!(st, 200, "{a}");
+    let choices = a["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let texts: std::collections::BTreeSet<&str> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i);
+            c["text"].as_str().unwrap()
+        })
+        .collect();
+    assert!(texts.len() >= 2, "seeded choices differ: {texts:?}");
+    assert!(a["usage"]["completion_tokens"].as_u64().unwrap() > 8);
+    let (_, b) = post(url, "/v1/completions", n).await;
+    assert_eq!(
+        a["choices"], b["choices"],
+        "the same seed gives the same choices"
     );
 }
 

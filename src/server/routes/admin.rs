@@ -9,10 +9,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::adapters::{LoraAdapter, Owner, Registered, owner_of, valid_name};
-use crate::error::ApiError;
 use crate::server::attach_base;
 use crate::server::auth::Caller;
-use crate::server::resolve::resolve;
+use crate::server::call::{ModelRequest, admit};
+use crate::server::error::ApiError;
 use crate::server::spec::MergeField;
 use crate::server::state::AppState;
 
@@ -187,14 +187,10 @@ pub async fn warm(
     crate::server::wire::ApiJson(req): crate::server::wire::ApiJson<WarmRequest>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
-    let target = resolve(
-        &state,
-        &caller,
-        &req.model,
-        &req.merge.unwrap_or_default(),
-        None,
-    )
-    .await?;
+    let model = ModelRequest::parse(&req.model, req.merge)?;
+    // Admitted like any request: a slot (or 429) and the request deadline for the merge.
+    let admitted = admit(&state, &caller, &model, None, None).await?;
+    let target = admitted.target;
     let merge = target
         .merge
         .as_ref()

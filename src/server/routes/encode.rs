@@ -1,5 +1,6 @@
 //! `POST /v1/embeddings` and `POST /v1/classify` on encoder models.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
@@ -9,11 +10,12 @@ use serde_json::json;
 
 use super::headers;
 use crate::adapters::Registered;
-use crate::error::ApiError;
+use crate::merge::MergedDelta;
 use crate::server::auth::Caller;
-use crate::server::backend::{BaseKind, LabelScore, TaskHead};
+use crate::server::backend::{Backend, BackendError, BaseKind, LabelScore, TaskHead};
+use crate::server::call::{Admitted, ModelRequest, admit};
+use crate::server::error::ApiError;
 use crate::server::metrics;
-use crate::server::resolve::{Target, resolve};
 use crate::server::spec::MergeField;
 use crate::server::state::AppState;
 use crate::server::wire::{ApiJson, ClassifyRequest, EmbeddingsRequest, request_id};
@@ -37,77 +39,37 @@ fn inputs(
     Ok(inputs)
 }
 
-/// What an encoder request needs while it runs: its slot, its target and its in-flight mark.
-struct EncoderCall {
-    target: Target,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _running: crate::server::inflight::Running,
-}
-
-impl EncoderCall {
-    async fn start(
-        state: &AppState,
-        caller: &Caller,
-        model: &str,
-        merge: Option<&MergeField>,
-        user: Option<&str>,
-    ) -> Result<Self, ApiError> {
-        let permit = state.admit()?;
-        let target = encoder_target(state, caller, model, merge, user).await?;
-        let running = state.inflight.start(vec![model.to_string()]);
-        Ok(Self {
-            target,
-            _permit: permit,
-            _running: running,
-        })
-    }
-
-    /// Runs `work(backend, base, delta)` on a blocking thread under the request timeout.
-    async fn run<T: Send + 'static>(
-        &self,
-        state: &AppState,
-        work: impl FnOnce(
-            &dyn crate::server::backend::Backend,
-            &str,
-            Option<&std::sync::Arc<crate::merge::MergedDelta>>,
-            Instant,
-        ) -> Result<T, crate::server::backend::BackendError>
-        + Send
-        + 'static,
-    ) -> Result<T, ApiError> {
-        let backend = state.backend.clone();
-        let (base, delta) = (self.target.base.clone(), self.target.delta.clone());
-        let deadline = Instant::now() + state.limits.request_timeout;
-        blocking(state, move || {
-            work(backend.as_ref(), &base, delta.as_ref(), deadline)
-        })
-        .await
-    }
-}
-
-async fn encoder_target(
+/// Admits an encoder request (`model` and `merge` parsed together first).
+async fn admit_encoder(
     state: &AppState,
     caller: &Caller,
     model: &str,
-    req_merge: Option<&MergeField>,
+    merge: Option<MergeField>,
     user: Option<&str>,
-) -> Result<Target, ApiError> {
-    let target = resolve(
-        state,
-        caller,
-        model,
-        &req_merge.cloned().unwrap_or_default(),
-        user,
-    )
-    .await?;
-    match state.base(&target.base).map(|b| b.kind) {
-        Some(BaseKind::Encoder) => Ok(target),
-        _ => Err(ApiError::bad(
-            "model",
-            format!(
-                "{model} is served by a generation model; use /v1/completions or /v1/chat/completions"
-            ),
-        )),
+) -> Result<Admitted, ApiError> {
+    let req = ModelRequest::parse(model, merge)?;
+    admit(state, caller, &req, user, Some(BaseKind::Encoder)).await
+}
+
+/// Runs `work(backend, base, delta, deadline)` on a blocking thread, answering 504 at the
+/// request's deadline (the encoder engine drops the job's remaining texts then too).
+async fn run<T: Send + 'static>(
+    state: &AppState,
+    call: &Admitted,
+    work: impl FnOnce(&dyn Backend, &str, Option<&Arc<MergedDelta>>, Instant) -> Result<T, BackendError>
+    + Send
+    + 'static,
+) -> Result<T, ApiError> {
+    let backend = state.backend.clone();
+    let (base, delta) = (call.target.base.clone(), call.target.delta.clone());
+    let deadline = call.deadline;
+    let task = tokio::task::spawn_blocking(move || {
+        work(backend.as_ref(), &base, delta.as_ref(), deadline)
+    });
+    match tokio::time::timeout_at(deadline.into(), task).await {
+        Err(_) => Err(ApiError::Timeout),
+        Ok(Err(e)) => Err(ApiError::internal(format!("encoder task failed: {e}"))),
+        Ok(Ok(result)) => result.map_err(ApiError::from),
     }
 }
 
@@ -123,19 +85,11 @@ pub async fn embeddings(
         ));
     }
     let inputs = inputs(&state, req.input)?;
-    let call = EncoderCall::start(
-        &state,
-        &caller,
-        &req.model,
-        req.merge.as_ref(),
-        req.user.as_deref(),
-    )
+    let call = admit_encoder(&state, &caller, &req.model, req.merge, req.user.as_deref()).await?;
+    let (vectors, tokens) = run(&state, &call, move |backend, base, delta, deadline| {
+        backend.embed(base, &inputs, delta, deadline)
+    })
     .await?;
-    let (vectors, tokens) = call
-        .run(&state, move |backend, base, delta, deadline| {
-            backend.embed(base, &inputs, delta, deadline)
-        })
-        .await?;
     metrics::tokens("prompt", tokens);
     let data: Vec<_> = vectors
         .iter()
@@ -162,20 +116,12 @@ pub async fn classify(
             ));
         }
     };
-    let call = EncoderCall::start(
-        &state,
-        &caller,
-        &req.model,
-        req.merge.as_ref(),
-        req.user.as_deref(),
-    )
-    .await?;
+    let call = admit_encoder(&state, &caller, &req.model, req.merge, req.user.as_deref()).await?;
     let heads = heads(&call.target.adapters, req.task.as_deref())?;
-    let scores = call
-        .run(&state, move |backend, base, delta, deadline| {
-            backend.classify(base, &inputs, &heads, delta, deadline)
-        })
-        .await?;
+    let scores = run(&state, &call, move |backend, base, delta, deadline| {
+        backend.classify(base, &inputs, &heads, delta, deadline)
+    })
+    .await?;
     let results: Vec<_> = scores.into_iter().map(|s| ranked(s, top_k)).collect();
     let body = json!({"object": "list", "model": req.model, "task": req.task.as_deref().unwrap_or("joint"), "data": results});
     Ok((headers(&call.target, &request_id("cls")), Json(body)).into_response())
@@ -250,17 +196,4 @@ fn ranked(mut scores: Vec<LabelScore>, top_k: usize) -> serde_json::Value {
     scores.truncate(top_k);
     let best = scores.first().cloned();
     json!({"label": best.as_ref().map(|b| &b.label), "task": best.as_ref().map(|b| &b.task), "score": best.map(|b| b.score), "top_k": scores})
-}
-
-/// Runs encoder work on a blocking thread under the request timeout.
-async fn blocking<T: Send + 'static>(
-    state: &AppState,
-    work: impl FnOnce() -> Result<T, crate::server::backend::BackendError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let task = tokio::task::spawn_blocking(work);
-    match tokio::time::timeout(state.limits.request_timeout, task).await {
-        Err(_) => Err(ApiError::Timeout),
-        Ok(Err(e)) => Err(ApiError::internal(format!("encoder task failed: {e}"))),
-        Ok(Ok(result)) => result.map_err(ApiError::from),
-    }
 }

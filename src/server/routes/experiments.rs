@@ -6,12 +6,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::generate::answer;
-use crate::error::ApiError;
 use crate::server::auth::Caller;
 use crate::server::backend::Prompt;
-use crate::server::experiments::Experiment;
+use crate::server::error::ApiError;
+use crate::server::experiments::{Experiment, Refusal};
 use crate::server::state::AppState;
-use crate::server::wire::{ApiJson, GenerationRequest};
+use crate::server::wire::{ApiJson, Endpoint, GenerationRequest};
 
 fn visible<'a>(
     state: &'a AppState,
@@ -77,19 +77,21 @@ pub async fn feedback(
     if !fb.score.is_finite() {
         return Err(ApiError::bad("score", "must be a finite number"));
     }
-    let (served_by, arm) = state
+    let arm = state
         .experiments
-        .served(&fb.request_id)
-        .filter(|(e, _)| e == &name)
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "request {:?} of experiment {name:?}",
+        .claim(&fb.request_id, &name, caller.key_id.as_deref())
+        .map_err(|refusal| match refusal {
+            Refusal::Unknown => ApiError::not_found(format!(
+                "request {:?} of experiment {name:?} for this key",
                 fb.request_id
-            ))
+            )),
+            Refusal::Scored => ApiError::Conflict {
+                what: format!("feedback for request {:?}", fb.request_id),
+            },
         })?;
     exp.feedback(&arm, fb.score);
     Ok(Json(
-        json!({"experiment": served_by, "arm": arm, "recorded": true}),
+        json!({"experiment": name, "arm": arm, "recorded": true}),
     ))
 }
 
@@ -106,12 +108,22 @@ pub async fn compare(
             "the arms name the models; leave model out",
         ));
     }
-    let prompt = if req.messages.is_some() {
-        Prompt::Chat(req.messages()?)
+    let (prompt, endpoint) = if req.messages.is_some() {
+        (Prompt::Chat(req.messages()?), Endpoint::Chat)
     } else {
-        Prompt::Text(req.prompt()?)
+        (Prompt::Text(req.prompt()?), Endpoint::Completion)
     };
-    let sampling = req.sampling(state.limits.default_max_tokens)?;
+    let sampling = req.sampling(state.limits.default_max_tokens, endpoint)?;
+    if req.choices()? != 1 || sampling.logprobs.is_some() {
+        return Err(ApiError::bad(
+            if sampling.logprobs.is_some() {
+                "logprobs"
+            } else {
+                "n"
+            },
+            "a comparison gives one answer per arm, without log-probabilities",
+        ));
+    }
     let mut answers = Vec::new();
     for arm in &exp.arms {
         let (text, finished, target) = answer(

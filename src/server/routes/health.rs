@@ -6,6 +6,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::json;
 
+use crate::server::auth::{Caller, Role};
+use crate::server::error::ApiError;
 use crate::server::metrics;
 use crate::server::state::AppState;
 
@@ -31,14 +33,23 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Prometheus text format.
-pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus text format. With keys configured it needs an admin or metrics key: the series
+/// name every tenant's adapters and experiments.
+pub async fn prometheus(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<impl IntoResponse, ApiError> {
+    if !matches!(caller.role, Role::Admin | Role::Metrics) {
+        return Err(ApiError::Forbidden(
+            "/metrics needs an admin or metrics key",
+        ));
+    }
     let engines = state.backend.engine_stats();
-    (
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
         metrics::render(&engines, &state.inflight.running()),
-    )
+    ))
 }

@@ -22,14 +22,16 @@ pub enum ApiError {
     },
     #[error("missing or invalid API key")]
     Unauthorized,
-    #[error("this operation needs an admin key")]
-    Forbidden,
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("{what} not found")]
     NotFound { what: String },
     #[error("{what} already exists")]
     Conflict { what: String },
     #[error("request body too large")]
     PayloadTooLarge,
+    #[error("the body must be JSON sent with content-type: application/json (got {found})")]
+    UnsupportedMediaType { found: String },
     #[error("server overloaded, retry later")]
     Overloaded,
     #[error("request timed out")]
@@ -70,13 +72,18 @@ impl ApiError {
                 "authentication_error",
                 "invalid_api_key",
             ),
-            Self::Forbidden => (StatusCode::FORBIDDEN, "permission_error", "admin_required"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", "forbidden"),
             Self::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
             Self::Conflict { .. } => (StatusCode::CONFLICT, "invalid_request_error", "conflict"),
             Self::PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 "body_too_large",
+            ),
+            Self::UnsupportedMediaType { .. } => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
             ),
             Self::Overloaded => (
                 StatusCode::TOO_MANY_REQUESTS,
