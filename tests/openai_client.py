@@ -6,7 +6,8 @@ Usage: tests/openai_client.py BASE_URL   (e.g. http://127.0.0.1:8123/v1)
 The server must serve smollm2-135m-instruct with the adapters `shout` and `shout-half` (see
 scripts/serve_check.sh, which sets this up). Checks completions and chat, streamed and not, with
 `model` naming a merged set and `extra_body` merge parameters, and that errors surface as the
-client's typed exceptions. Exits non-zero on the first failure.
+client's typed exceptions; several choices with log-probabilities and penalties; unsupported
+fields refused. Exits non-zero on the first failure.
 """
 
 import sys
@@ -48,6 +49,19 @@ def main(base_url: str) -> None:
     assert "".join(streamed) == text, (streamed, text)
     assert usage is not None and usage.completion_tokens >= 1, usage
 
+    # Several choices with log-probabilities, parsed by the client's own types.
+    many = client.chat.completions.create(model=merged, messages=messages, max_tokens=6, n=2, seed=5,
+                                          temperature=1.0, logprobs=True, top_logprobs=2,
+                                          frequency_penalty=0.5, presence_penalty=0.5)
+    assert [ch.index for ch in many.choices] == [0, 1], many
+    for ch in many.choices:
+        tokens = ch.logprobs.content
+        assert tokens and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens), ch
+    lp = client.completions.create(model=merged, prompt="The capital of France is", max_tokens=4,
+                                   temperature=0, logprobs=1, extra_body=merge)
+    assert "".join(lp.choices[0].logprobs.tokens) == lp.choices[0].text, lp
+    assert len(lp.choices[0].logprobs.top_logprobs[0]) == 1, lp
+
     models = [m.id for m in client.models.list()]
     assert "smollm2-135m-instruct" in models and "shout" in models, models
 
@@ -56,6 +70,8 @@ def main(base_url: str) -> None:
         (lambda: client.completions.create(model=merged, prompt="x", max_tokens=1,
                                            extra_body={"merge": {"density": 0}}), openai.BadRequestError),
         (lambda: client.chat.completions.create(model="shout@nope", messages=messages), openai.BadRequestError),
+        (lambda: client.chat.completions.create(model=merged, messages=messages,
+                                                response_format={"type": "json_object"}), openai.BadRequestError),
     ]:
         try:
             call()

@@ -133,17 +133,30 @@ impl LinearRegistry {
         device: &Device,
     ) -> Result<Arc<LoadedDelta>> {
         let key = Arc::downgrade(delta);
-        if let Ok(cache) = self.cache.lock()
-            && let Some((_, loaded)) = cache.iter().find(|(k, _)| k.ptr_eq(&key))
-        {
-            return Ok(loaded.clone());
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|(k, _)| k.strong_count() > 0);
+            if let Some((_, loaded)) = cache.iter().find(|(k, _)| k.ptr_eq(&key)) {
+                return Ok(loaded.clone());
+            }
         }
         let loaded = Arc::new(self.convert(delta, device)?);
         if let Ok(mut cache) = self.cache.lock() {
-            cache.retain(|(k, _)| k.strong_count() > 0);
             cache.push((key, loaded.clone()));
         }
         Ok(loaded)
+    }
+
+    /// Drops the conversions of deltas nobody holds any more (evicted merges that no running
+    /// request uses); a conversion still in use by a running sequence lives on in its `Arc`.
+    pub fn release_unused(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|(k, _)| k.strong_count() > 0);
+        }
+    }
+
+    /// Bytes a conversion of `delta` holds: f32 tensors of the same factors or dense matrix.
+    pub fn converted_bytes(delta: &MergedDelta) -> usize {
+        delta.bytes()
     }
 
     /// Converts without caching.

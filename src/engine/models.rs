@@ -138,6 +138,11 @@ impl TextModel {
     pub fn load_delta(&self, delta: &Arc<MergedDelta>) -> Result<Arc<LoadedDelta>> {
         self.model.registry().load_delta(delta, self.model.device())
     }
+
+    /// Drops conversions of deltas that are gone.
+    pub fn release_unused(&self) {
+        self.model.registry().release_unused();
+    }
 }
 
 /// A sentence encoder: BERT weights and a WordPiece `tokenizer.json`.
@@ -215,5 +220,10 @@ impl Encoder {
 
     pub fn load_delta(&self, delta: &Arc<MergedDelta>) -> Result<Arc<LoadedDelta>> {
         self.model.registry().load_delta(delta, self.model.device())
+    }
+
+    /// Drops conversions of deltas that are gone.
+    pub fn release_unused(&self) {
+        self.model.registry().release_unused();
     }
 }

@@ -182,6 +182,15 @@ pub trait Backend: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Bytes the backend holds for `delta` once it has served it (its converted copy), which
+    /// count against the merge cache's budget beside the delta itself.
+    fn converted_bytes(&self, _delta: &MergedDelta) -> usize {
+        0
+    }
+
+    /// Frees what the backend holds for deltas nobody holds any more (evicted merges).
+    fn release_unused(&self) {}
+
     /// Normalised embeddings of `inputs`, and the number of tokens read; not run, and a
     /// timeout, once `deadline` has passed.
     fn embed(

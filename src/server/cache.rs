@@ -2,6 +2,10 @@
 //! same uncached set share one merge (`try_get_with`); the merge itself runs on a blocking
 //! thread, never on an async worker. Beside it, the alignment cache keeps each set's SVD work
 //! per module, so a merge that changes only λ, density, p or the method within a family skips it.
+//!
+//! An entry weighs every copy of its delta: the host factors or dense matrices and the copy the
+//! backend converted for its model. Eviction frees both: after each merge the cache applies its
+//! pending evictions and asks the backend to drop conversions of deltas nobody holds.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,6 +13,7 @@ use std::time::Instant;
 
 use moka::future::Cache;
 
+use super::backend::Backend;
 use super::metrics;
 use crate::adapters::Registered;
 use crate::merge::{self, AlignmentCache, MergeInput, MergeKey, MergeParams, MergedDelta, Silent};
@@ -45,15 +50,19 @@ impl Outcome {
 pub struct MergeCache {
     cache: Cache<MergeKey, Arc<CachedMerge>>,
     alignments: Arc<AlignmentCache>,
+    backend: Arc<dyn Backend>,
 }
 
 impl MergeCache {
-    /// A cache of up to `max_bytes` of merged deltas and `alignment_bytes` of alignments.
-    pub fn new(max_bytes: u64, alignment_bytes: u64) -> Self {
+    /// A cache of up to `max_bytes` of merged deltas (with `backend`'s converted copies) and
+    /// `alignment_bytes` of alignments.
+    pub fn new(max_bytes: u64, alignment_bytes: u64, backend: Arc<dyn Backend>) -> Self {
+        let weigh = backend.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_k: &MergeKey, v: &Arc<CachedMerge>| {
-                u32::try_from(v.delta.bytes()).unwrap_or(u32::MAX)
+            .weigher(move |_k: &MergeKey, v: &Arc<CachedMerge>| {
+                let bytes = v.delta.bytes() + weigh.converted_bytes(&v.delta);
+                u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .eviction_listener(|_k, _v, cause| {
                 if cause.was_evicted() {
@@ -64,6 +73,7 @@ impl MergeCache {
         Self {
             cache,
             alignments: Arc::new(AlignmentCache::new(alignment_bytes)),
+            backend,
         }
     }
 
@@ -92,6 +102,9 @@ impl MergeCache {
             })
             .await
             .map_err(|e: Arc<ApiError>| clone_error(&e))?;
+        if computed.load(Ordering::SeqCst) {
+            self.release_evicted().await;
+        }
         let outcome = if computed.load(Ordering::SeqCst) {
             Outcome::Miss
         } else if present {
@@ -129,9 +142,16 @@ impl MergeCache {
         for key in &found {
             self.cache.invalidate(key).await;
         }
-        self.cache.run_pending_tasks().await;
+        self.release_evicted().await;
         metrics::cache_bytes(self.weighted_bytes());
         found.len()
+    }
+
+    /// Applies pending evictions, then frees the backend's conversions of evicted deltas that no
+    /// running request holds (those go when the request ends, at the next call).
+    async fn release_evicted(&self) {
+        self.cache.run_pending_tasks().await;
+        self.backend.release_unused();
     }
 
     pub fn weighted_bytes(&self) -> u64 {

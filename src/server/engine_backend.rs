@@ -286,6 +286,19 @@ impl Backend for EngineBackend {
         Ok(rx)
     }
 
+    fn converted_bytes(&self, delta: &MergedDelta) -> usize {
+        engine::LinearRegistry::converted_bytes(delta)
+    }
+
+    fn release_unused(&self) {
+        for (_, model) in &self.models {
+            match model {
+                Model::Generator(g) => g.model.release_unused(),
+                Model::Encoder(e) => e.encoder.release_unused(),
+            }
+        }
+    }
+
     fn engine_stats(&self) -> Vec<(String, EngineStats)> {
         self.models
             .iter()

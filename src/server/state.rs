@@ -80,11 +80,16 @@ impl AppState {
         // Install the metrics recorder before the first request records anything.
         super::metrics::handle();
         let bases = parts.backend.bases();
+        let cache = MergeCache::new(
+            parts.merge_cache_bytes,
+            parts.alignment_cache_bytes,
+            parts.backend.clone(),
+        );
         Self {
             backend: parts.backend,
             bases: Arc::new(bases),
             registry: Arc::new(parts.registry),
-            cache: MergeCache::new(parts.merge_cache_bytes, parts.alignment_cache_bytes),
+            cache,
             keys: Arc::new(parts.keys),
             bundles: Arc::new(parts.bundles),
             experiments: Arc::new(parts.experiments),

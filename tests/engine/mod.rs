@@ -3,6 +3,7 @@
 //! `models/cache/` (`make models` fetches them); each is loaded once per test binary.
 
 mod delta;
+mod memory;
 mod minilm;
 mod serving;
 mod smollm2;
