@@ -19,6 +19,7 @@ cp -r tests/fixtures/model-reference/smollm2/adapters/shout "$WORK/adapters/shou
 "$KNOTS" merge --method ta --lambda 0.5 --out "$WORK/adapters/shout-half" "$WORK/adapters/shout" >/dev/null
 
 "$KNOTS" serve --model smollm2-135m-instruct --adapters "$WORK/adapters" --port "$PORT" \
+    --state-db "$WORK/state.db" \
     --default-max-tokens 32 >"$WORK/server.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 1 300); do

@@ -12,8 +12,9 @@ use knots::merge::MergedDelta;
 use knots::server::auth::Keys;
 use knots::server::backend::*;
 use knots::server::bundles::{Bundle, BundleConfig};
-use knots::server::experiments::{Experiment, ExperimentConfig, Experiments};
+use knots::server::experiments::{Experiment, ExperimentConfig};
 use knots::server::state::{AppState, Limits, StateParts};
+use knots::server::store::Store;
 use knots::server::{attach_base, serve};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -313,7 +314,8 @@ pub async fn start(limits: Limits) -> TestServer {
         registry,
         keys,
         bundles,
-        experiments: Experiments::new(vec![Experiment::from_config(exp).unwrap()]),
+        experiments: vec![Experiment::from_config(exp).unwrap()],
+        store: Arc::new(Store::in_memory().unwrap()),
         limits,
         merge_cache_bytes: 64 << 20,
         alignment_cache_bytes: 64 << 20,

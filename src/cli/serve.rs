@@ -10,9 +10,9 @@ use crate::server::auth::Keys;
 use crate::server::backend::Backend;
 use crate::server::config::{ServeArgs, ServeConfig};
 use crate::server::engine_backend::EngineBackend;
-use crate::server::experiments::Experiments;
 use crate::server::state::{AppState, StateParts};
-use crate::server::{attach_base, serve, shutdown_signal};
+use crate::server::store::Store;
+use crate::server::{adapter_admin, attach_base, serve, shutdown_signal};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig::resolve(args).map_err(anyhow::Error::msg)?;
@@ -38,6 +38,11 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         Some(dir) => Registry::load_dir(dir, &|a| attach_base(&bases, a))?,
         None => Registry::default(),
     };
+    let store = Arc::new(match &config.state_db {
+        Some(path) => Store::open(path)?,
+        None => Store::in_memory()?,
+    });
+    let restored = adapter_admin::restore(&registry, &store, &bases, &config.adapter_roots)?;
     let keys = match &config.api_keys {
         Some(path) => Keys::load(path).map_err(anyhow::Error::msg)?,
         None => {
@@ -49,6 +54,8 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
     };
     tracing::info!(
         adapters = registry.len(),
+        restored,
+        state_db = %config.state_db.as_deref().map_or(":memory:".into(), |p| p.display().to_string()),
         bundles = config.bundles.len(),
         experiments = config.experiments.len(),
         "registry loaded"
@@ -58,7 +65,8 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         registry,
         keys,
         bundles: config.bundles,
-        experiments: Experiments::new(config.experiments),
+        experiments: config.experiments,
+        store,
         limits: config.limits,
         merge_cache_bytes: config.merge_cache_bytes,
         alignment_cache_bytes: config.alignment_cache_bytes,

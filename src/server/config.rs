@@ -7,6 +7,7 @@
 //! port = 8000
 //! merge_cache_bytes = 2147483648
 //! alignment_cache_bytes = 536870912
+//! state_db = "knots-state.db"
 //!
 //! [[bundles]]
 //! name = "support"
@@ -59,7 +60,8 @@ pub struct ServeArgs {
     /// same adapters skips them [default: 512 MiB].
     #[arg(long, env = "KNOTS_ALIGNMENT_CACHE_BYTES")]
     pub alignment_cache_bytes: Option<u64>,
-    /// Encoder (embeddings, classify) requests in flight at once; more get 429 [default: 64].
+    /// Requests doing server-side work at once (merges, encoder forwards); more get 429
+    /// [default: 64].
     #[arg(long, env = "KNOTS_MAX_CONCURRENCY")]
     pub max_concurrency: Option<usize>,
     /// Adapters in one merged set [default: 16].
@@ -103,6 +105,10 @@ pub struct ServeArgs {
     /// Bytes of KV cache per generation model [default: 1 GiB].
     #[arg(long, env = "KNOTS_KV_CACHE_BYTES")]
     pub kv_cache_bytes: Option<usize>,
+    /// SQLite database of durable state (run-time adapter changes, experiment requests and
+    /// feedback); `:memory:` keeps nothing [default: knots-state.db].
+    #[arg(long, env = "KNOTS_STATE_DB")]
+    pub state_db: Option<PathBuf>,
 }
 
 /// The `--config` file: the same settings, plus bundles and experiments.
@@ -131,6 +137,7 @@ struct ConfigFile {
     max_batch: Option<usize>,
     max_step_tokens: Option<usize>,
     kv_cache_bytes: Option<usize>,
+    state_db: Option<PathBuf>,
     #[serde(default)]
     bundles: Vec<BundleConfig>,
     #[serde(default)]
@@ -154,9 +161,14 @@ pub struct ServeConfig {
     pub engine: EngineOptions,
     pub bundles: Vec<Bundle>,
     pub experiments: Vec<Experiment>,
+    /// `None`: in memory only.
+    pub state_db: Option<PathBuf>,
 }
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+/// Where durable state lives unless `--state-db` says otherwise.
+pub const DEFAULT_STATE_DB: &str = "knots-state.db";
 
 impl ServeConfig {
     /// Merges flags over the file over the defaults, and validates the result.
@@ -248,6 +260,11 @@ impl ServeConfig {
             engine,
             bundles,
             experiments,
+            state_db: match args.state_db.or(file.state_db) {
+                Some(p) if p.as_os_str() == ":memory:" => None,
+                Some(p) => Some(p),
+                None => Some(PathBuf::from(DEFAULT_STATE_DB)),
+            },
         })
     }
 }

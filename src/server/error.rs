@@ -11,6 +11,7 @@ use crate::adapters::AdapterError;
 use crate::merge::MergeError;
 use crate::server::backend::BackendError;
 use crate::server::spec::SpecError;
+use crate::server::store::StoreError;
 
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +162,12 @@ fn merge_param(field: &str) -> String {
     match field {
         "weights" => "model".to_string(),
         other => format!("merge.{other}"),
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::internal(e)
     }
 }
 

@@ -1,6 +1,8 @@
 //! A/B experiments: named arms (each a `model` string) with traffic weights. A request for
 //! `exp:<name>` gets an arm chosen by a hash of its `user` (sticky), or at random without one.
-//! Per-arm statistics and feedback scores are kept in memory and exported as metrics.
+//! Every request an arm serves, how it ended and its feedback score are kept in the state store
+//! (so they survive restarts); per-arm statistics are computed from them and also exported as
+//! metrics.
 //!
 //! ```toml
 //! [[experiments]]
@@ -12,13 +14,14 @@
 //! ]
 //! ```
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::spec::ModelSpec;
+use super::store::{ArmTotals, Refusal, Store, StoreError};
 use crate::adapters::{Owner, valid_name};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,27 +54,12 @@ pub struct Arm {
     pub weight: f64,
 }
 
-/// Running totals of one arm.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ArmStats {
-    pub requests: u64,
-    pub errors: u64,
-    pub total_seconds: f64,
-    pub completion_tokens: u64,
-    pub feedback_count: u64,
-    pub feedback_sum: f64,
-}
-
 #[derive(Debug)]
 pub struct Experiment {
     pub name: String,
     pub owner: Owner,
     pub arms: Vec<Arm>,
-    stats: Mutex<BTreeMap<String, ArmStats>>,
 }
-
-/// How many request ids are remembered for feedback, per experiment.
-const REMEMBERED_REQUESTS: usize = 100_000;
 
 impl Experiment {
     pub fn from_config(c: ExperimentConfig) -> Result<Self, String> {
@@ -112,16 +100,11 @@ impl Experiment {
                 weight: a.weight,
             });
         }
-        let stats = arms
-            .iter()
-            .map(|a| (a.name.clone(), ArmStats::default()))
-            .collect();
         let owner = c.tenant.map_or(Owner::Shared, Owner::Tenant);
         Ok(Self {
             name: c.name,
             owner,
             arms,
-            stats: Mutex::new(stats),
         })
     }
 
@@ -145,116 +128,62 @@ impl Experiment {
         }
         &self.arms[self.arms.len() - 1]
     }
-
-    pub fn record(&self, arm: &str, ok: bool, seconds: f64, tokens: usize) {
-        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = stats.get_mut(arm) {
-            s.requests += 1;
-            s.errors += u64::from(!ok);
-            s.total_seconds += seconds;
-            s.completion_tokens += tokens as u64;
-        }
-    }
-
-    pub fn feedback(&self, arm: &str, score: f64) {
-        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = stats.get_mut(arm) {
-            s.feedback_count += 1;
-            s.feedback_sum += score;
-        }
-    }
-
-    pub fn stats(&self) -> BTreeMap<String, ArmStats> {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
 }
 
-/// Which experiment arm served a request, for which key, and whether it was scored.
-#[derive(Debug, Clone)]
-struct ServedBy {
-    experiment: String,
-    arm: String,
-    key_id: Option<String>,
-    scored: bool,
-}
-
-/// Why feedback for a request id was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// Not served by this experiment (or forgotten), or served to another key: reported alike,
-    /// so a key cannot probe other keys' request ids.
-    Unknown,
-    /// Already scored once.
-    Scored,
-}
-
-/// Recent request ids and what served them, oldest ids first in `order`.
-#[derive(Debug, Default)]
-struct Served {
-    by_id: HashMap<String, ServedBy>,
-    order: VecDeque<String>,
-}
-
-/// All experiments, and which arm served each recent request (for feedback).
-#[derive(Debug, Default)]
+/// All experiments, and the store of the requests they served.
+#[derive(Debug)]
 pub struct Experiments {
     pub list: Vec<Experiment>,
-    // std Mutex: a map update per request, never held across an .await.
-    served: Mutex<Served>,
+    store: Arc<Store>,
 }
 
 impl Experiments {
-    pub fn new(list: Vec<Experiment>) -> Self {
-        Self {
-            list,
-            served: Mutex::default(),
-        }
+    pub fn new(list: Vec<Experiment>, store: Arc<Store>) -> Self {
+        Self { list, store }
     }
 
     pub fn get(&self, name: &str) -> Option<&Experiment> {
         self.list.iter().find(|e| e.name == name)
     }
 
-    /// Remembers that `request_id` was served by `arm` of `experiment` to the key `key_id`.
-    pub fn remember(&self, request_id: &str, experiment: &str, arm: &str, key_id: Option<&str>) {
-        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-        let Served { by_id: map, order } = &mut *served;
-        map.insert(
-            request_id.to_string(),
-            ServedBy {
-                experiment: experiment.to_string(),
-                arm: arm.to_string(),
-                key_id: key_id.map(str::to_string),
-                scored: false,
-            },
-        );
-        order.push_back(request_id.to_string());
-        while order.len() > REMEMBERED_REQUESTS {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
-            }
-        }
+    /// Records, before the response goes out, that `arm` of `experiment` serves `request_id`
+    /// to the key `key_id`.
+    pub fn remember(
+        &self,
+        request_id: &str,
+        experiment: &str,
+        arm: &str,
+        key_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.store.served(request_id, experiment, arm, key_id)
     }
 
-    /// Takes the one score of `request_id` for the key `key_id`: the arm that served it, when
+    /// Records how `request_id` ended.
+    pub fn finished(
+        &self,
+        request_id: &str,
+        ok: bool,
+        seconds: f64,
+        tokens: usize,
+    ) -> Result<(), StoreError> {
+        self.store.finished(request_id, ok, seconds, tokens)
+    }
+
+    /// Stores the one score of `request_id` for the key `key_id`: the arm that served it, when
     /// `experiment` served it to that key and it was not scored yet.
-    pub fn claim(
+    pub fn feedback(
         &self,
         request_id: &str,
         experiment: &str,
         key_id: Option<&str>,
-    ) -> Result<String, Refusal> {
-        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = served
-            .by_id
-            .get_mut(request_id)
-            .filter(|s| s.experiment == experiment && s.key_id.as_deref() == key_id)
-            .ok_or(Refusal::Unknown)?;
-        if entry.scored {
-            return Err(Refusal::Scored);
-        }
-        entry.scored = true;
-        Ok(entry.arm.clone())
+        score: f64,
+    ) -> Result<Result<String, Refusal>, StoreError> {
+        self.store.feedback(request_id, experiment, key_id, score)
+    }
+
+    /// Per-arm totals of `experiment`.
+    pub fn totals(&self, experiment: &str) -> Result<BTreeMap<String, ArmTotals>, StoreError> {
+        self.store.arm_totals(experiment)
     }
 }
 
@@ -291,20 +220,6 @@ mod tests {
             (2800..3200).contains(&first),
             "arm0 got {first} of 4000 at weight 3:1"
         );
-    }
-
-    #[test]
-    fn feedback_is_claimed_once_by_the_key_that_was_served() {
-        let all = Experiments::new(vec![experiment(&[1.0])]);
-        all.remember("cmpl-1", "e", "arm0", Some("k1"));
-        assert_eq!(all.claim("cmpl-1", "e", Some("k2")), Err(Refusal::Unknown));
-        assert_eq!(
-            all.claim("cmpl-1", "other", Some("k1")),
-            Err(Refusal::Unknown)
-        );
-        assert_eq!(all.claim("cmpl-1", "e", Some("k1")), Ok("arm0".to_string()));
-        assert_eq!(all.claim("cmpl-1", "e", Some("k1")), Err(Refusal::Scored));
-        assert_eq!(all.claim("cmpl-2", "e", Some("k1")), Err(Refusal::Unknown));
     }
 
     #[test]

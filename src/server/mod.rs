@@ -4,6 +4,7 @@
 //! Step in the data flow: JSON → typed request → tenant check → registry → merge cache →
 //! backend (model engine) → JSON or SSE. Handlers never touch a tensor.
 
+pub mod adapter_admin;
 pub mod auth;
 pub mod backend;
 pub mod bundles;
@@ -19,6 +20,7 @@ pub mod resolve;
 pub mod routes;
 pub mod spec;
 pub mod state;
+pub mod store;
 pub mod wire;
 
 use std::future::Future;

@@ -11,8 +11,9 @@ use super::auth::Keys;
 use super::backend::{Backend, BaseInfo};
 use super::bundles::Bundle;
 use super::cache::MergeCache;
-use super::experiments::Experiments;
+use super::experiments::{Experiment, Experiments};
 use super::inflight::InFlight;
+use super::store::Store;
 use crate::adapters::Registry;
 use crate::server::error::ApiError;
 
@@ -54,6 +55,8 @@ pub struct AppState {
     pub keys: Arc<Keys>,
     pub bundles: Arc<Vec<Bundle>>,
     pub experiments: Arc<Experiments>,
+    /// Durable state: run-time adapter changes and experiment requests.
+    pub store: Arc<Store>,
     pub limits: Arc<Limits>,
     /// Directories adapters may be registered from at run time.
     pub adapter_roots: Arc<Vec<PathBuf>>,
@@ -68,7 +71,8 @@ pub struct StateParts {
     pub registry: Registry,
     pub keys: Keys,
     pub bundles: Vec<Bundle>,
-    pub experiments: Experiments,
+    pub experiments: Vec<Experiment>,
+    pub store: Arc<Store>,
     pub limits: Limits,
     pub merge_cache_bytes: u64,
     pub alignment_cache_bytes: u64,
@@ -92,7 +96,8 @@ impl AppState {
             cache,
             keys: Arc::new(parts.keys),
             bundles: Arc::new(parts.bundles),
-            experiments: Arc::new(parts.experiments),
+            experiments: Arc::new(Experiments::new(parts.experiments, parts.store.clone())),
+            store: parts.store,
             permits: Arc::new(Semaphore::new(parts.limits.max_concurrency)),
             inflight: Arc::new(InFlight::default()),
             limits: Arc::new(parts.limits),

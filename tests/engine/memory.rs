@@ -5,42 +5,15 @@
 //! within 1.25× the merge and alignment cache budgets together: every copy of a merged delta
 //! (host and converted) counts against the budget, and eviction frees all of them.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
+use super::process::{ServerProcess, client};
+
 const MERGE_BUDGET: u64 = 300 << 20;
 const ALIGNMENT_BUDGET: u64 = 32 << 20;
-
-/// Kills the server when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn resident_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
 
 async fn complete(client: &reqwest::Client, url: &str, model: &str) {
     let body = json!({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0});
@@ -55,45 +28,24 @@ async fn complete(client: &reqwest::Client, url: &str, model: &str) {
 
 #[tokio::test]
 async fn resident_memory_stays_within_the_cache_budgets() {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_knots"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "serve",
-            "--model",
-            "smollm2-135m-instruct",
-            "--adapters",
-            "models/adapters",
-        ])
-        .args(["--port", &port.to_string()])
-        .args(["--merge-cache-bytes", &MERGE_BUDGET.to_string()])
-        .args(["--alignment-cache-bytes", &ALIGNMENT_BUDGET.to_string()])
-        .args(["--kv-cache-bytes", &(64u64 << 20).to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    let pid = server.0.id();
-    let url = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap();
-    let mut ready = false;
-    for _ in 0..600 {
-        if client
-            .get(format!("{url}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(ready, "the server did not become ready");
+    let args: Vec<String> = [
+        "--model",
+        "smollm2-135m-instruct",
+        "--adapters",
+        "models/adapters",
+        "--state-db",
+        ":memory:",
+        "--merge-cache-bytes",
+        &MERGE_BUDGET.to_string(),
+        "--alignment-cache-bytes",
+        &ALIGNMENT_BUDGET.to_string(),
+        "--kv-cache-bytes",
+        &(64u64 << 20).to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let server = ServerProcess::start(&args).await;
+    let (url, client) = (server.url.clone(), client());
 
     let names = ["sentiment-lm", "news-lm", "language-lm", "shout"];
     let methods = ["ties", "dare-ties", "knots-ties", "ta"];
@@ -110,11 +62,11 @@ async fn resident_memory_stays_within_the_cache_budgets() {
     for i in 0..8 {
         complete(&client, &url, &set(i)).await;
     }
-    let warm = resident_bytes(pid);
+    let warm = server.resident_bytes();
     for i in 0..60 {
         complete(&client, &url, &set(i)).await;
     }
-    let end = resident_bytes(pid);
+    let end = server.resident_bytes();
     let merges: Value = client
         .get(format!("{url}/v1/merges"))
         .send()

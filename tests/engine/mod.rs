@@ -3,8 +3,10 @@
 //! `models/cache/` (`make models` fetches them); each is loaded once per test binary.
 
 mod delta;
+mod durability;
 mod memory;
 mod minilm;
+mod process;
 mod serving;
 mod smollm2;
 mod sources;

@@ -11,8 +11,8 @@ use knots::adapters::Registry;
 use knots::engine::{EngineLimits, TextModel, WeightFormat, argmax};
 use knots::server::auth::Keys;
 use knots::server::engine_backend::{EngineBackend, EngineOptions};
-use knots::server::experiments::Experiments;
 use knots::server::state::{AppState, Limits, StateParts};
+use knots::server::store::Store;
 use knots::server::{attach_base, serve};
 use serde_json::{Value, json};
 
@@ -60,7 +60,8 @@ async fn start_server(
         registry,
         keys: Keys::open(),
         bundles: Vec::new(),
-        experiments: Experiments::new(Vec::new()),
+        experiments: Vec::new(),
+        store: Arc::new(Store::in_memory().unwrap()),
         limits: Limits::default(),
         merge_cache_bytes: 1 << 30,
         alignment_cache_bytes: 64 << 20,

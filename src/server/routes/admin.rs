@@ -8,8 +8,8 @@ use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::adapters::{LoraAdapter, Owner, Registered, owner_of, valid_name};
-use crate::server::attach_base;
+use crate::adapters::{Owner, Registered, owner_of, valid_name};
+use crate::server::adapter_admin;
 use crate::server::auth::Caller;
 use crate::server::call::{ModelRequest, admit};
 use crate::server::error::ApiError;
@@ -72,38 +72,21 @@ pub async fn register(
             what: format!("adapter {:?}", req.name),
         });
     }
-    let dir = allowed_dir(&state, &req.path)?;
-    let entry = load(&state, dir, req.name).await?;
+    let dir = adapter_admin::allowed_dir(&state.adapter_roots, &req.path)?;
+    let entry = load(&state, dir.clone(), req.name.clone()).await?;
     let body = describe(&entry);
+    // Stored before it is served or acknowledged, so a restart registers it again.
+    state.store.adapter_registered(&req.name, &dir)?;
     state.registry.insert(entry);
     Ok(Json(body))
 }
 
-/// `path` canonicalised, if it lies inside an adapter root.
-fn allowed_dir(state: &AppState, path: &std::path::Path) -> Result<PathBuf, ApiError> {
-    let not_allowed = || ApiError::bad("path", "not a directory inside the server's adapter roots");
-    let dir = std::fs::canonicalize(path).map_err(|_| not_allowed())?;
-    let inside = state
-        .adapter_roots
-        .iter()
-        .filter_map(|r| std::fs::canonicalize(r).ok())
-        .any(|root| dir.starts_with(&root));
-    if inside && dir.is_dir() {
-        Ok(dir)
-    } else {
-        Err(not_allowed())
-    }
-}
-
+/// Loads an adapter on a blocking thread.
 async fn load(state: &AppState, dir: PathBuf, name: String) -> Result<Registered, ApiError> {
     let bases = state.bases.clone();
-    tokio::task::spawn_blocking(move || {
-        let adapter = LoraAdapter::load_named(&dir, name.clone())?;
-        let base = attach_base(&bases, &adapter).map_err(|reason| ApiError::bad("path", reason))?;
-        Ok(Registered::new(name, base, adapter))
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("adapter load failed: {e}")))?
+    tokio::task::spawn_blocking(move || adapter_admin::load(&bases, &dir, name))
+        .await
+        .map_err(|e| ApiError::internal(format!("adapter load failed: {e}")))?
 }
 
 pub async fn delete_adapter(
@@ -112,10 +95,12 @@ pub async fn delete_adapter(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     manageable(&caller, &name)?;
-    state
-        .registry
-        .remove(&name)
-        .ok_or_else(|| ApiError::not_found(format!("adapter {name:?}")))?;
+    if state.registry.get(&name).is_none() {
+        return Err(ApiError::not_found(format!("adapter {name:?}")));
+    }
+    // Stored first: a restart must not bring a deleted adapter back.
+    state.store.adapter_deleted(&name)?;
+    state.registry.remove(&name);
     let evicted = state.cache.evict_adapter(&name).await;
     Ok(Json(json!({"deleted": name, "evicted_merges": evicted})))
 }

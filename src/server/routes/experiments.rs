@@ -9,8 +9,9 @@ use super::generate::answer;
 use crate::server::auth::Caller;
 use crate::server::backend::Prompt;
 use crate::server::error::ApiError;
-use crate::server::experiments::{Experiment, Refusal};
+use crate::server::experiments::Experiment;
 use crate::server::state::AppState;
+use crate::server::store::Refusal;
 use crate::server::wire::{ApiJson, Endpoint, GenerationRequest};
 
 fn visible<'a>(
@@ -25,8 +26,8 @@ fn visible<'a>(
         .ok_or_else(|| ApiError::not_found(format!("experiment {name:?}")))
 }
 
-fn summary(e: &Experiment) -> Value {
-    let stats = e.stats();
+fn summary(state: &AppState, e: &Experiment) -> Result<Value, ApiError> {
+    let stats = state.experiments.totals(&e.name)?;
     let arms: Vec<_> = e
         .arms
         .iter()
@@ -38,18 +39,18 @@ fn summary(e: &Experiment) -> Value {
                    "feedback_count": s.feedback_count, "mean_feedback": mean(s.feedback_sum, s.feedback_count)})
         })
         .collect();
-    json!({"name": e.name, "model": format!("exp:{}", e.name), "arms": arms})
+    Ok(json!({"name": e.name, "model": format!("exp:{}", e.name), "arms": arms}))
 }
 
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Json<Value> {
-    let data: Vec<_> = state
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let data = state
         .experiments
         .list
         .iter()
         .filter(|e| caller.can_see(&e.owner))
-        .map(summary)
-        .collect();
-    Json(json!({"object": "list", "data": data}))
+        .map(|e| summary(&state, e))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 pub async fn show(
@@ -57,7 +58,7 @@ pub async fn show(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(summary(visible(&state, &caller, &name)?)))
+    Ok(Json(summary(&state, visible(&state, &caller, &name)?)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,13 +74,13 @@ pub async fn feedback(
     Path(name): Path<String>,
     ApiJson(fb): ApiJson<Feedback>,
 ) -> Result<Json<Value>, ApiError> {
-    let exp = visible(&state, &caller, &name)?;
+    visible(&state, &caller, &name)?;
     if !fb.score.is_finite() {
         return Err(ApiError::bad("score", "must be a finite number"));
     }
     let arm = state
         .experiments
-        .claim(&fb.request_id, &name, caller.key_id.as_deref())
+        .feedback(&fb.request_id, &name, caller.key_id.as_deref(), fb.score)?
         .map_err(|refusal| match refusal {
             Refusal::Unknown => ApiError::not_found(format!(
                 "request {:?} of experiment {name:?} for this key",
@@ -89,7 +90,6 @@ pub async fn feedback(
                 what: format!("feedback for request {:?}", fb.request_id),
             },
         })?;
-    exp.feedback(&arm, fb.score);
     Ok(Json(
         json!({"experiment": name, "arm": arm, "recorded": true}),
     ))

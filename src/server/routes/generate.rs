@@ -79,7 +79,7 @@ async fn run(
     if let Some((exp, arm)) = &target.arm {
         state
             .experiments
-            .remember(&call.id, exp, arm, caller.key_id.as_deref());
+            .remember(&call.id, exp, arm, caller.key_id.as_deref())?;
     }
     let include_usage = fields
         .stream_options
@@ -342,14 +342,18 @@ fn count_tokens(f: &Finished) {
     metrics::tokens("completion", f.completion_tokens);
 }
 
-/// Records a request served by an experiment arm: failed (`None`) or its choices' tokens.
+/// Records how a request served by an experiment arm ended: failed (`None`) or its choices'
+/// tokens. A store failure is logged: the answer is already on its way.
 fn record_arm(state: &AppState, target: &Target, call: &Call, finished: Option<&[&Finished]>) {
     if let Some((exp, arm)) = &target.arm {
         let seconds = call.started.elapsed().as_secs_f64();
         let tokens = finished.map_or(0, |f| f.iter().map(|f| f.completion_tokens).sum());
         metrics::arm(exp, arm, finished.is_some(), seconds, tokens);
-        if let Some(e) = state.experiments.get(exp) {
-            e.record(arm, finished.is_some(), seconds, tokens);
+        let stored = state
+            .experiments
+            .finished(&call.id, finished.is_some(), seconds, tokens);
+        if let Err(e) = stored {
+            tracing::error!(request = %call.id, error = %e, "recording an experiment outcome failed");
         }
     }
 }
