@@ -7,6 +7,7 @@ mod durability;
 mod memory;
 mod minilm;
 mod process;
+mod routes;
 mod serving;
 mod smollm2;
 mod sources;

@@ -42,6 +42,15 @@ async fn start_server(
     models: &[&str],
     limits: EngineLimits,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
+    start_configured(models, limits, |_| {}).await
+}
+
+/// A real server on the committed adapters, open (no keys) unless `configure` changes its parts.
+pub async fn start_configured(
+    models: &[&str],
+    limits: EngineLimits,
+    configure: impl FnOnce(&mut StateParts),
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     let options = EngineOptions {
         format: WeightFormat::F32,
         limits,
@@ -55,7 +64,7 @@ async fn start_server(
     let bases = knots::server::backend::Backend::bases(backend.as_ref());
     let registry =
         Registry::load_dir(&models_dir().join("adapters"), &|a| attach_base(&bases, a)).unwrap();
-    let state = AppState::new(StateParts {
+    let mut parts = StateParts {
         backend,
         registry,
         keys: Keys::open(),
@@ -66,7 +75,9 @@ async fn start_server(
         merge_cache_bytes: 1 << 30,
         alignment_cache_bytes: 64 << 20,
         adapter_roots: Vec::new(),
-    });
+    };
+    configure(&mut parts);
+    let state = AppState::new(parts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
