@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint bench bench-serve serve serve-check adapters eval eval-quick merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint bench bench-serve soak serve serve-check adapters eval eval-quick merge-example clean-example
 
 test: data models fmt lint doc docker-lint unit
 
@@ -41,6 +41,13 @@ bench:
 bench-serve: models
 	$(CARGO) build --release --bin knots
 	scripts/bench_serve.sh --out target/bench-serve.json
+
+# Soak test: a release server under 16 clients for 10 minutes on loopback over 200 distinct sets,
+# with disconnects and bad requests mixed in; report in target/soak.json (not part of CI).
+SOAK_SECONDS ?= 600
+soak: models
+	$(CARGO) build --release --bin knots
+	$(PYTHON) scripts/soak.py --seconds $(SOAK_SECONDS) --out target/soak.json
 
 # Merges the four example adapters with KnOTS-TIES into a PEFT adapter under $(EXAMPLE_OUT).
 merge-example: clean-example
