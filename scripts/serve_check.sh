@@ -41,6 +41,26 @@ curl -fsS -D - "http://127.0.0.1:$PORT/v1/chat/completions" -H 'content-type: ap
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai
 python3 tests/openai_client.py "http://127.0.0.1:$PORT/v1"
 
+# The metrics contract: promtool's lint is clean, and a Prometheus text-format parser reads
+# exactly one knots_lora_requests_info series whose value is the scrape time.
+command -v promtool >/dev/null || apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+python3 -c 'import prometheus_client' 2>/dev/null || python3 -m pip install --quiet prometheus-client
+curl -fsS "http://127.0.0.1:$PORT/metrics" >"$WORK/metrics.txt"
+promtool check metrics <"$WORK/metrics.txt"
+python3 - "$WORK/metrics.txt" <<'PY'
+import sys, time
+from prometheus_client.parser import text_string_to_metric_families
+families = {f.name: f for f in text_string_to_metric_families(open(sys.argv[1]).read())}
+info = families["knots_lora_requests_info"]
+assert len(info.samples) == 1, info.samples
+sample = info.samples[0]
+assert abs(sample.value - time.time()) < 60, sample
+assert set(sample.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}, sample
+for name in ("knots_engine_waiting_requests", "knots_engine_running_requests", "knots_engine_kv_cache_usage_ratio"):
+    assert name in families, name
+print("metrics: promtool clean,", len(families), "families parsed")
+PY
+
 kill -TERM "$SERVER"
 wait "$SERVER"
 echo "serve check passed"

@@ -13,6 +13,7 @@ use knots::server::auth::Keys;
 use knots::server::backend::*;
 use knots::server::bundles::{Bundle, BundleConfig};
 use knots::server::experiments::{Experiment, ExperimentConfig};
+use knots::server::metrics::Compat;
 use knots::server::state::{AppState, Limits, StateParts};
 use knots::server::store::Store;
 use knots::server::{attach_base, serve};
@@ -320,6 +321,7 @@ pub async fn start(limits: Limits) -> TestServer {
         merge_cache_bytes: 64 << 20,
         alignment_cache_bytes: 64 << 20,
         adapter_roots: vec![dir.path().join("spare")],
+        metrics_compat: Compat::Vllm,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1034,12 +1036,66 @@ async fn metrics_expose_requests_cache_and_adapter_gauge() {
         "knots_request_duration_seconds_bucket",
         "knots_merge_cache_requests_total{outcome=\"miss\"}",
         "knots_tokens_total{kind=\"completion\"}",
-        "knots:lora_requests_info{",
+        "knots_lora_requests_info{",
         "knots_merge_cache_bytes",
     ] {
         assert!(text.contains(needle), "missing {needle}");
     }
+    check_exposition(&text);
     s.stop().await.unwrap();
+}
+
+/// The text format's contract: every sample's family has HELP and TYPE lines, names are
+/// `knots_…` (or vLLM's `vllm:` names, which this server exports for compatibility), and each
+/// LoRA info family is exactly one series whose value is the scrape time.
+fn check_exposition(text: &str) {
+    let declared = |kind: &str, family: &str| {
+        text.lines()
+            .any(|l| l.starts_with(&format!("# {kind} {family} ")))
+    };
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| declared("TYPE", f)))
+            .unwrap_or(name);
+        assert!(
+            family.starts_with("knots_") || family.starts_with("vllm:"),
+            "{family}"
+        );
+        assert!(
+            !family.starts_with("knots_") || !family.contains(':'),
+            "{family}"
+        );
+        assert!(declared("HELP", family), "no HELP for {family}");
+        assert!(declared("TYPE", family), "no TYPE for {family}");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for family in ["knots_lora_requests_info", "vllm:lora_requests_info"] {
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .collect();
+        assert_eq!(series.len(), 1, "{family}: {series:?}");
+        let value: f64 = series[0].rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(
+            (value - now).abs() < 60.0,
+            "{family} carries the scrape time"
+        );
+        for label in [
+            "running_lora_adapters=",
+            "waiting_lora_adapters=",
+            "max_lora=",
+        ] {
+            assert!(series[0].contains(label), "{label} in {}", series[0]);
+        }
+    }
 }
 
 /// Core Space methods by name and through the `merge` field; a second λ reuses the alignment.

@@ -71,6 +71,7 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         merge_cache_bytes: config.merge_cache_bytes,
         alignment_cache_bytes: config.alignment_cache_bytes,
         adapter_roots: config.adapter_roots,
+        metrics_compat: config.metrics_compat,
     });
     let address = format!("{}:{}", config.host, config.port);
     let listener = tokio::net::TcpListener::bind(&address)

@@ -28,6 +28,7 @@ use crate::engine::{EngineLimits, WeightFormat};
 use crate::server::bundles::{Bundle, BundleConfig};
 use crate::server::engine_backend::EngineOptions;
 use crate::server::experiments::{Experiment, ExperimentConfig};
+use crate::server::metrics::Compat;
 use crate::server::state::Limits;
 
 /// `knots serve` flags. Every flag has an environment variable; unset values come from the
@@ -105,6 +106,10 @@ pub struct ServeArgs {
     /// Bytes of KV cache per generation model [default: 1 GiB].
     #[arg(long, env = "KNOTS_KV_CACHE_BYTES")]
     pub kv_cache_bytes: Option<usize>,
+    /// Also export another engine's metric names for routers built for it: `none` or `vllm`
+    /// [default: none].
+    #[arg(long, env = "KNOTS_METRICS_COMPAT")]
+    pub metrics_compat: Option<String>,
     /// SQLite database of durable state (run-time adapter changes, experiment requests and
     /// feedback); `:memory:` keeps nothing [default: knots-state.db].
     #[arg(long, env = "KNOTS_STATE_DB")]
@@ -138,6 +143,7 @@ struct ConfigFile {
     max_step_tokens: Option<usize>,
     kv_cache_bytes: Option<usize>,
     state_db: Option<PathBuf>,
+    metrics_compat: Option<String>,
     #[serde(default)]
     bundles: Vec<BundleConfig>,
     #[serde(default)]
@@ -163,6 +169,7 @@ pub struct ServeConfig {
     pub experiments: Vec<Experiment>,
     /// `None`: in memory only.
     pub state_db: Option<PathBuf>,
+    pub metrics_compat: Compat,
 }
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
@@ -260,6 +267,10 @@ impl ServeConfig {
             engine,
             bundles,
             experiments,
+            metrics_compat: match args.metrics_compat.or(file.metrics_compat) {
+                Some(s) => s.parse()?,
+                None => Compat::None,
+            },
             state_db: match args.state_db.or(file.state_db) {
                 Some(p) if p.as_os_str() == ":memory:" => None,
                 Some(p) => Some(p),

@@ -1,4 +1,4 @@
-//! Which adapter sets running encoder requests use, for `knots:lora_requests_info` (generation
+//! Which adapter sets running encoder requests use, for `knots_lora_requests_info` (generation
 //! requests are reported by their engine).
 
 use std::collections::BTreeMap;

@@ -1,11 +1,19 @@
 //! Prometheus metrics. One recorder per process (the exporter is global), rendered at
-//! `GET /metrics` together with the engines' state read at scrape time. Names follow Prometheus
-//! conventions; `knots:lora_requests_info` mirrors vLLM's `vllm:lora_requests_info` so
-//! adapter-affinity routers can read which adapter sets are running and waiting.
+//! `GET /metrics` together with the engines' state read at scrape time. Every family is named
+//! `knots_…` (no colons: Prometheus keeps those for recording rules) and has HELP and TYPE lines,
+//! so `promtool check metrics` passes. `knots_lora_requests_info` has the form of vLLM's
+//! `vllm:lora_requests_info` that adapter-affinity routers (the Gateway API inference extension's
+//! endpoint picker) read: exactly one series, its value the scrape's Unix time, labels listing the
+//! `model` strings of running and waiting requests. With [`Compat::Vllm`] the scrape also carries
+//! vLLM's own names for the queue, running, KV-cache and LoRA series, so a picker configured for
+//! vLLM works unchanged.
 
+use std::fmt::Write as _;
 use std::sync::OnceLock;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::cache::Outcome;
@@ -46,13 +54,124 @@ pub fn handle() -> PrometheusHandle {
                     )
                 })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
-            match builder.install_recorder() {
+            let handle = match builder.install_recorder() {
                 Ok(handle) => handle,
                 // Another recorder is installed (an embedding program's): render an empty one.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
+            };
+            describe();
+            handle
         })
         .clone()
+}
+
+/// Extra metric names a scrape carries for routers built for another engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compat {
+    /// `knots_…` names only.
+    #[default]
+    None,
+    /// Also vLLM's `vllm:` names for queue depth, running requests, KV-cache use and LoRA info.
+    Vllm,
+}
+
+impl std::str::FromStr for Compat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "vllm" => Ok(Self::Vllm),
+            other => Err(format!(
+                "unknown metrics compatibility {other:?} (none, vllm)"
+            )),
+        }
+    }
+}
+
+/// HELP text of every family the recorder exports.
+fn describe() {
+    describe_counter!("knots_requests_total", "HTTP requests by route and status.");
+    describe_histogram!(
+        "knots_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request (streamed responses: to the end of the stream's setup)."
+    );
+    describe_counter!(
+        "knots_tokens_total",
+        "Prompt and completion tokens processed."
+    );
+    describe_counter!("knots_merges_total", "Merges computed, by method.");
+    describe_histogram!(
+        "knots_merge_duration_seconds",
+        Unit::Seconds,
+        "Time to compute one merge, by method."
+    );
+    describe_counter!(
+        "knots_merge_cache_requests_total",
+        "Merge cache lookups by outcome (hit, miss, coalesced)."
+    );
+    describe_gauge!(
+        "knots_merge_cache_bytes",
+        Unit::Bytes,
+        "Bytes the merge cache holds, converted copies included."
+    );
+    describe_counter!(
+        "knots_merge_cache_evictions_total",
+        "Merges evicted from the cache to stay within its budget."
+    );
+    describe_counter!(
+        "knots_alignment_cache_requests_total",
+        "Alignment cache lookups per module, by outcome."
+    );
+    describe_gauge!(
+        "knots_alignment_cache_bytes",
+        Unit::Bytes,
+        "Bytes the alignment cache holds."
+    );
+    describe_counter!(
+        "knots_experiment_requests_total",
+        "Requests served by an experiment arm."
+    );
+    describe_counter!(
+        "knots_experiment_errors_total",
+        "Failed requests of an experiment arm."
+    );
+    describe_histogram!(
+        "knots_experiment_duration_seconds",
+        Unit::Seconds,
+        "Time to serve a request of an experiment arm."
+    );
+    describe_counter!(
+        "knots_experiment_tokens_total",
+        "Completion tokens of an experiment arm."
+    );
+    describe_gauge!(
+        "knots_engine_waiting_requests",
+        "Generation requests waiting in a base model's engine queue."
+    );
+    describe_gauge!(
+        "knots_engine_running_requests",
+        "Sequences a base model's engine is running."
+    );
+    describe_gauge!(
+        "knots_engine_kv_cache_usage_ratio",
+        "Reserved share of a base model's KV cache, 0 to 1."
+    );
+    describe_histogram!(
+        telemetry::STEP_TOKENS,
+        "Tokens run per engine step (decode tokens plus prefill chunks)."
+    );
+    describe_histogram!(
+        telemetry::TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "Time from submission to a sequence's first generated token."
+    );
+    describe_histogram!(
+        telemetry::INTER_TOKEN_LATENCY,
+        Unit::Seconds,
+        "Time between consecutive generated tokens of a sequence."
+    );
 }
 
 pub fn request(route: &'static str, status: u16, seconds: f64) {
@@ -102,15 +221,19 @@ pub fn arm(experiment: &str, arm: &str, ok: bool, seconds: f64, tokens: usize) {
     counter!("knots_experiment_tokens_total", &labels).increment(tokens as u64);
 }
 
-/// The metrics text: the recorder's series, the engines' gauges, and one
-/// `knots:lora_requests_info` series. `encoder_running` lists the adapter sets of running
-/// encoder requests.
-pub fn render(engines: &[(String, EngineStats)], encoder_running: &[String]) -> String {
+/// The metrics text: the recorder's series, the engines' gauges, one `knots_lora_requests_info`
+/// series, and with `compat` the other engine's names. `encoder_running` lists the `model`
+/// strings of running encoder requests.
+pub fn render(
+    engines: &[(String, EngineStats)],
+    encoder_running: &[String],
+    compat: Compat,
+) -> String {
     for (base, stats) in engines {
         let base = [("base", base.clone())];
         gauge!("knots_engine_waiting_requests", &base).set(stats.waiting as f64);
         gauge!("knots_engine_running_requests", &base).set(stats.running as f64);
-        gauge!("knots_engine_kv_cache_usage", &base).set(stats.kv_usage);
+        gauge!("knots_engine_kv_cache_usage_ratio", &base).set(stats.kv_usage);
     }
     let mut running: Vec<String> = encoder_running.to_vec();
     let mut waiting = Vec::new();
@@ -123,22 +246,118 @@ pub fn render(engines: &[(String, EngineStats)], encoder_running: &[String]) -> 
     waiting.sort();
     waiting.dedup();
     let max_lora = engines.iter().map(|(_, s)| s.max_batch).max().unwrap_or(0);
+    let info = LoraInfo {
+        running: &running,
+        waiting: &waiting,
+        max_lora,
+        now: unix_time(),
+    };
     let mut text = handle().render();
-    text.push_str(&lora_requests_info(&running, &waiting, max_lora));
+    text.push_str(&info.family("knots_lora_requests_info"));
+    if compat == Compat::Vllm {
+        text.push_str(&vllm_families(engines));
+        text.push_str(&info.family("vllm:lora_requests_info"));
+    }
     text
 }
 
-/// vLLM's form: exactly one series whose labels list the `model` strings of running and waiting
-/// requests and whose value is the time of the scrape.
-fn lora_requests_info(running: &[String], waiting: &[String], max_lora: usize) -> String {
-    let now = std::time::SystemTime::now()
+fn unix_time() -> f64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    let escape = |s: String| s.replace('\\', "\\\\").replace('"', "\\\"");
-    format!(
-        "# TYPE knots:lora_requests_info gauge\nknots:lora_requests_info{{running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\",max_lora=\"{max_lora}\"}} {now}\n",
-        escape(running.join(",")),
-        escape(waiting.join(",")),
-    )
+        .unwrap_or(0.0)
+}
+
+/// Which request `model` strings are running and waiting.
+struct LoraInfo<'a> {
+    running: &'a [String],
+    waiting: &'a [String],
+    max_lora: usize,
+    now: f64,
+}
+
+impl LoraInfo<'_> {
+    /// vLLM's form: exactly one series whose labels list the `model` strings of running and
+    /// waiting requests (comma-separated, as clients sent them) and whose value is the time of
+    /// the scrape.
+    fn family(&self, name: &str) -> String {
+        let escape = |s: String| {
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        format!(
+            "# HELP {name} Running and waiting adapter sets (request model strings); the value is the scrape time.\n\
+             # TYPE {name} gauge\n\
+             {name}{{running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\",max_lora=\"{}\"}} {}\n",
+            escape(self.running.join(",")),
+            escape(self.waiting.join(",")),
+            self.max_lora,
+            self.now,
+        )
+    }
+}
+
+/// vLLM's names for the engine gauges, one series per base model (`model_name`).
+fn vllm_families(engines: &[(String, EngineStats)]) -> String {
+    let families: [(&str, &str, fn(&EngineStats) -> f64); 4] = [
+        (
+            "vllm:num_requests_waiting",
+            "Requests waiting to be processed.",
+            |s| s.waiting as f64,
+        ),
+        ("vllm:num_requests_running", "Requests running.", |s| {
+            s.running as f64
+        }),
+        (
+            "vllm:gpu_cache_usage_perc",
+            "KV-cache usage, 1 means full.",
+            |s| s.kv_usage,
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage, 1 means full.",
+            |s| s.kv_usage,
+        ),
+    ];
+    let mut text = String::new();
+    for (name, help, value) in families {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (base, stats) in engines {
+            let _ = writeln!(text, "{name}{{model_name=\"{base}\"}} {}", value(stats));
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_info_is_one_escaped_series() {
+        let running = vec!["a+b@knots-ties".to_string(), "bundle:x".to_string()];
+        let waiting = vec!["q\"uote".to_string()];
+        let info = LoraInfo {
+            running: &running,
+            waiting: &waiting,
+            max_lora: 32,
+            now: 1.5e9,
+        };
+        let text = info.family("knots_lora_requests_info");
+        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            series,
+            [
+                "knots_lora_requests_info{running_lora_adapters=\"a+b@knots-ties,bundle:x\",waiting_lora_adapters=\"q\\\"uote\",max_lora=\"32\"} 1500000000"
+            ]
+        );
+        assert!(text.contains("# TYPE knots_lora_requests_info gauge"));
+    }
+
+    #[test]
+    fn compat_names_parse() {
+        assert_eq!("vllm".parse::<Compat>(), Ok(Compat::Vllm));
+        assert!("other".parse::<Compat>().is_err());
+    }
 }

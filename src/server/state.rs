@@ -13,6 +13,7 @@ use super::bundles::Bundle;
 use super::cache::MergeCache;
 use super::experiments::{Experiment, Experiments};
 use super::inflight::InFlight;
+use super::metrics::Compat;
 use super::store::Store;
 use crate::adapters::Registry;
 use crate::server::error::ApiError;
@@ -61,6 +62,8 @@ pub struct AppState {
     /// Directories adapters may be registered from at run time.
     pub adapter_roots: Arc<Vec<PathBuf>>,
     pub inflight: Arc<InFlight>,
+    /// Extra metric names for routers built for another engine.
+    pub metrics_compat: Compat,
     permits: Arc<Semaphore>,
     shutting_down: Arc<AtomicBool>,
 }
@@ -77,6 +80,7 @@ pub struct StateParts {
     pub merge_cache_bytes: u64,
     pub alignment_cache_bytes: u64,
     pub adapter_roots: Vec<PathBuf>,
+    pub metrics_compat: Compat,
 }
 
 impl AppState {
@@ -100,6 +104,7 @@ impl AppState {
             store: parts.store,
             permits: Arc::new(Semaphore::new(parts.limits.max_concurrency)),
             inflight: Arc::new(InFlight::default()),
+            metrics_compat: parts.metrics_compat,
             limits: Arc::new(parts.limits),
             adapter_roots: Arc::new(parts.adapter_roots),
             shutting_down: Arc::new(AtomicBool::new(false)),

@@ -11,6 +11,7 @@ use knots::adapters::Registry;
 use knots::engine::{EngineLimits, TextModel, WeightFormat, argmax};
 use knots::server::auth::Keys;
 use knots::server::engine_backend::{EngineBackend, EngineOptions};
+use knots::server::metrics::Compat;
 use knots::server::state::{AppState, Limits, StateParts};
 use knots::server::store::Store;
 use knots::server::{attach_base, serve};
@@ -75,6 +76,7 @@ pub async fn start_configured(
         merge_cache_bytes: 1 << 30,
         alignment_cache_bytes: 64 << 20,
         adapter_roots: Vec::new(),
+        metrics_compat: Compat::None,
     };
     configure(&mut parts);
     let state = AppState::new(parts);

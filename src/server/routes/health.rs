@@ -50,6 +50,6 @@ pub async fn prometheus(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        metrics::render(&engines, &state.inflight.running()),
+        metrics::render(&engines, &state.inflight.running(), state.metrics_compat),
     ))
 }
