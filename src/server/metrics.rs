@@ -298,9 +298,12 @@ impl LoraInfo<'_> {
     }
 }
 
+/// A gauge family computed from an engine's state: name, help, value.
+type EngineGauge = (&'static str, &'static str, fn(&EngineStats) -> f64);
+
 /// vLLM's names for the engine gauges, one series per base model (`model_name`).
 fn vllm_families(engines: &[(String, EngineStats)]) -> String {
-    let families: [(&str, &str, fn(&EngineStats) -> f64); 4] = [
+    let families: [EngineGauge; 4] = [
         (
             "vllm:num_requests_waiting",
             "Requests waiting to be processed.",
