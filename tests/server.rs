@@ -12,7 +12,7 @@ use knots::merge::MergedDelta;
 use knots::server::auth::Keys;
 use knots::server::backend::*;
 use knots::server::bundles::{Bundle, BundleConfig};
-use knots::server::experiments::{Experiment, ExperimentConfig};
+use knots::server::experiments::{Experiment, ExperimentConfig, Experiments};
 use knots::server::metrics::Compat;
 use knots::server::state::{AppState, Limits, StateParts};
 use knots::server::store::Store;
@@ -310,13 +310,15 @@ pub async fn start(limits: Limits) -> TestServer {
     let exp: ExperimentConfig = serde_json::from_value(json!({
         "name": "ab", "arms": [{"name": "merged", "model": "math+code", "weight": 1.0}, {"name": "single", "model": "math", "weight": 1.0}]
     })).unwrap();
+    let store = Arc::new(Store::in_memory().unwrap());
     let state = AppState::new(StateParts {
         backend: backend.clone(),
         registry,
         keys,
         bundles,
-        experiments: vec![Experiment::from_config(exp).unwrap()],
-        store: Arc::new(Store::in_memory().unwrap()),
+        experiments: Experiments::load(vec![Experiment::from_config(exp).unwrap()], store.clone())
+            .unwrap(),
+        store,
         limits,
         merge_cache_bytes: 64 << 20,
         alignment_cache_bytes: 64 << 20,
@@ -959,7 +961,7 @@ async fn experiments_assign_sticky_arms_and_collect_feedback() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|a| a["mean_feedback"] == 0.75)
+            .any(|a| a["feedback"]["mean"] == 0.75)
     );
     let (st, _, cmp) = post(
         &s,

@@ -10,6 +10,7 @@ use crate::server::auth::Keys;
 use crate::server::backend::Backend;
 use crate::server::config::{ServeArgs, ServeConfig};
 use crate::server::engine_backend::EngineBackend;
+use crate::server::experiments::Experiments;
 use crate::server::state::{AppState, StateParts};
 use crate::server::store::Store;
 use crate::server::{adapter_admin, attach_base, serve, shutdown_signal};
@@ -65,7 +66,7 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         registry,
         keys,
         bundles: config.bundles,
-        experiments: config.experiments,
+        experiments: Experiments::load(config.experiments, store.clone())?,
         store,
         limits: config.limits,
         merge_cache_bytes: config.merge_cache_bytes,

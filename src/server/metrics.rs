@@ -147,6 +147,10 @@ fn describe() {
         "Completion tokens of an experiment arm."
     );
     describe_gauge!(
+        "knots_experiment_feedback_mean",
+        "Mean feedback score of an experiment arm."
+    );
+    describe_gauge!(
         "knots_engine_waiting_requests",
         "Generation requests waiting in a base model's engine queue."
     );
@@ -219,6 +223,15 @@ pub fn arm(experiment: &str, arm: &str, ok: bool, seconds: f64, tokens: usize) {
     }
     histogram!("knots_experiment_duration_seconds", &labels).record(seconds);
     counter!("knots_experiment_tokens_total", &labels).increment(tokens as u64);
+}
+
+/// The mean feedback score of an experiment arm, after each score.
+pub fn feedback_mean(experiment: &str, arm: &str, mean: f64) {
+    let labels = [
+        ("experiment", experiment.to_string()),
+        ("arm", arm.to_string()),
+    ];
+    gauge!("knots_experiment_feedback_mean", &labels).set(mean);
 }
 
 /// The metrics text: the recorder's series, the engines' gauges, one `knots_lora_requests_info`

@@ -4,6 +4,7 @@
 //! Step in the data flow: JSON → typed request → tenant check → registry → merge cache →
 //! backend (model engine) → JSON or SSE. Handlers never touch a tensor.
 
+pub mod ab_stats;
 pub mod adapter_admin;
 pub mod auth;
 pub mod backend;
@@ -62,8 +63,27 @@ pub fn app(state: AppState) -> Router {
             get(routes::admin::list_merges).post(routes::admin::warm),
         )
         .route("/v1/merges/{id}", delete(routes::admin::evict))
-        .route("/v1/experiments", get(routes::experiments::list))
+        .route(
+            "/v1/experiments",
+            get(routes::experiments::list).post(routes::experiments::create),
+        )
         .route("/v1/experiments/{name}", get(routes::experiments::show))
+        .route(
+            "/v1/experiments/{name}/weights",
+            post(routes::experiments::weights),
+        )
+        .route(
+            "/v1/experiments/{name}/pause",
+            post(routes::experiments::pause),
+        )
+        .route(
+            "/v1/experiments/{name}/resume",
+            post(routes::experiments::resume),
+        )
+        .route(
+            "/v1/experiments/{name}/stop",
+            post(routes::experiments::stop),
+        )
         .route(
             "/v1/experiments/{name}/feedback",
             post(routes::experiments::feedback),
@@ -123,6 +143,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/merges"),
     ("DELETE", "/v1/merges/{id}"),
     ("GET", "/v1/experiments"),
+    ("POST", "/v1/experiments"),
+    ("POST", "/v1/experiments/{name}/weights"),
+    ("POST", "/v1/experiments/{name}/pause"),
+    ("POST", "/v1/experiments/{name}/resume"),
+    ("POST", "/v1/experiments/{name}/stop"),
     ("GET", "/v1/experiments/{name}"),
     ("POST", "/v1/experiments/{name}/feedback"),
     ("POST", "/v1/experiments/{name}/compare"),

@@ -121,8 +121,7 @@ pub async fn resolve(
             let arm = exp.pick(user);
             // Arms name adapters as the experiment's owner sees them, whoever calls.
             let owner = Caller::owner(&exp.owner);
-            let none = MergeField::default();
-            let mut target = resolve_spec(state, &owner, &arm.spec, &none, route).await?;
+            let mut target = resolve_spec(state, &owner, &arm.spec, &arm.merge, route).await?;
             target.arm = Some((exp.name.clone(), arm.name.clone()));
             Ok(target)
         }

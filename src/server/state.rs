@@ -11,7 +11,7 @@ use super::auth::Keys;
 use super::backend::{Backend, BaseInfo};
 use super::bundles::Bundle;
 use super::cache::MergeCache;
-use super::experiments::{Experiment, Experiments};
+use super::experiments::Experiments;
 use super::inflight::InFlight;
 use super::metrics::Compat;
 use super::store::Store;
@@ -74,7 +74,8 @@ pub struct StateParts {
     pub registry: Registry,
     pub keys: Keys,
     pub bundles: Vec<Bundle>,
-    pub experiments: Vec<Experiment>,
+    /// Loaded with [`Experiments::load`] over the same store.
+    pub experiments: Experiments,
     pub store: Arc<Store>,
     pub limits: Limits,
     pub merge_cache_bytes: u64,
@@ -100,7 +101,7 @@ impl AppState {
             cache,
             keys: Arc::new(parts.keys),
             bundles: Arc::new(parts.bundles),
-            experiments: Arc::new(Experiments::new(parts.experiments, parts.store.clone())),
+            experiments: Arc::new(parts.experiments),
             store: parts.store,
             permits: Arc::new(Semaphore::new(parts.limits.max_concurrency)),
             inflight: Arc::new(InFlight::default()),

@@ -1,6 +1,7 @@
 //! The durable state of a server, in an embedded SQLite database (`--state-db`, WAL journal):
-//! adapters registered or deleted at run time, and every request an experiment served — which
-//! arm, for which key, how it ended, and its feedback score. Each write commits before the API
+//! adapters registered or deleted at run time, experiments created or changed over the API with
+//! their events, and every request an experiment served — which arm, for which key, how it
+//! ended, and its feedback score. Each write commits before the API
 //! acknowledges it, so a restart (or a `kill -9`) loses nothing the API confirmed; a restart
 //! reads the adapter changes back and experiment statistics come from the stored requests.
 //!
@@ -33,6 +34,20 @@ const MIGRATIONS: &[&str] = &[
          score REAL                      -- NULL until feedback
      );
      CREATE INDEX served_by_arm ON served (experiment, arm);",
+    // 2: experiments created or changed over the API, and their events.
+    "CREATE TABLE experiments (
+         name TEXT PRIMARY KEY,
+         config TEXT NOT NULL,           -- JSON: arms, control, guardrails, tenant
+         lifecycle TEXT NOT NULL,        -- JSON: weights, paused arms, status
+         changed_at INTEGER NOT NULL
+     );
+     CREATE TABLE experiment_events (
+         id INTEGER PRIMARY KEY,
+         experiment TEXT NOT NULL,
+         at INTEGER NOT NULL,
+         kind TEXT NOT NULL,
+         detail TEXT NOT NULL
+     );",
 ];
 
 /// What went wrong with the state database.
@@ -70,15 +85,32 @@ pub enum Refusal {
     Scored,
 }
 
-/// Totals of one experiment arm, from its stored requests.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct ArmTotals {
+/// What one experiment arm's finished requests recorded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArmSamples {
     pub requests: u64,
     pub errors: u64,
-    pub total_seconds: f64,
+    /// Latency of each finished request, in seconds.
+    pub seconds: Vec<f64>,
     pub completion_tokens: u64,
-    pub feedback_count: u64,
-    pub feedback_sum: f64,
+    /// Each feedback score.
+    pub scores: Vec<f64>,
+}
+
+/// An experiment as stored: its definition and its lifecycle, both JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredExperiment {
+    pub name: String,
+    pub config: String,
+    pub lifecycle: String,
+}
+
+/// Something that happened to an experiment (created, weights changed, paused by a guardrail…).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Event {
+    pub at: i64,
+    pub kind: String,
+    pub detail: String,
 }
 
 /// The state database. Writes are short transactions on one connection.
@@ -249,28 +281,89 @@ impl Store {
         Ok(Ok(arm))
     }
 
-    /// Per-arm totals of `experiment`'s stored requests.
-    pub fn arm_totals(&self, experiment: &str) -> Result<BTreeMap<String, ArmTotals>, StoreError> {
+    /// Per-arm samples of `experiment`'s finished requests and scores.
+    pub fn arm_samples(
+        &self,
+        experiment: &str,
+    ) -> Result<BTreeMap<String, ArmSamples>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT arm, COUNT(ok), COALESCE(SUM(ok = 0), 0), COALESCE(SUM(seconds), 0),
-                    COALESCE(SUM(tokens), 0), COUNT(score), COALESCE(SUM(score), 0)
-             FROM served WHERE experiment = ?1 GROUP BY arm",
+            "SELECT arm, ok, seconds, tokens, score FROM served
+             WHERE experiment = ?1 AND ok IS NOT NULL",
+        )?;
+        let mut rows = stmt.query([experiment])?;
+        let mut out: BTreeMap<String, ArmSamples> = BTreeMap::new();
+        while let Some(r) = rows.next()? {
+            let s = out.entry(r.get::<_, String>(0)?).or_default();
+            s.requests += 1;
+            s.errors += u64::from(!r.get::<_, bool>(1)?);
+            s.seconds.push(r.get::<_, Option<f64>>(2)?.unwrap_or(0.0));
+            s.completion_tokens += r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64;
+            if let Some(score) = r.get::<_, Option<f64>>(4)? {
+                s.scores.push(score);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The mean feedback score of one arm, if it has any.
+    pub fn feedback_mean(&self, experiment: &str, arm: &str) -> Result<Option<f64>, StoreError> {
+        Ok(self.conn().query_row(
+            "SELECT AVG(score) FROM served WHERE experiment = ?1 AND arm = ?2 AND score IS NOT NULL",
+            params![experiment, arm],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Stores an experiment's definition and lifecycle (replacing what was there).
+    pub fn put_experiment(&self, e: &StoredExperiment) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO experiments (name, config, lifecycle, changed_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET config = excluded.config,
+                 lifecycle = excluded.lifecycle, changed_at = excluded.changed_at",
+            params![e.name, e.config, e.lifecycle, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored experiment.
+    pub fn experiments(&self) -> Result<Vec<StoredExperiment>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT name, config, lifecycle FROM experiments ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(StoredExperiment {
+                name: r.get(0)?,
+                config: r.get(1)?,
+                lifecycle: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Records an event of `experiment`.
+    pub fn event(&self, experiment: &str, kind: &str, detail: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO experiment_events (experiment, at, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![experiment, now(), kind, detail],
+        )?;
+        Ok(())
+    }
+
+    /// The events of `experiment`, oldest first.
+    pub fn events(&self, experiment: &str) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT at, kind, detail FROM experiment_events WHERE experiment = ?1 ORDER BY id",
         )?;
         let rows = stmt.query_map([experiment], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                ArmTotals {
-                    requests: r.get::<_, i64>(1)? as u64,
-                    errors: r.get::<_, i64>(2)? as u64,
-                    total_seconds: r.get(3)?,
-                    completion_tokens: r.get::<_, i64>(4)? as u64,
-                    feedback_count: r.get::<_, i64>(5)? as u64,
-                    feedback_sum: r.get(6)?,
-                },
-            ))
+            Ok(Event {
+                at: r.get(0)?,
+                kind: r.get(1)?,
+                detail: r.get(2)?,
+            })
         })?;
-        Ok(rows.collect::<Result<BTreeMap<_, _>, _>>()?)
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 }
 
@@ -306,19 +399,20 @@ mod tests {
         assert_eq!(give("r1", "e", Some("k1")), Ok("arm0".to_string()));
         assert_eq!(give("r1", "e", Some("k1")), Err(Refusal::Scored));
         assert_eq!(give("nope", "e", Some("k1")), Err(Refusal::Unknown));
-        let totals = store.arm_totals("e").unwrap();
+        let samples = store.arm_samples("e").unwrap();
         assert_eq!(
-            totals["arm0"],
-            ArmTotals {
+            samples["arm0"],
+            ArmSamples {
                 requests: 1,
                 errors: 0,
-                total_seconds: 0.5,
+                seconds: vec![0.5],
                 completion_tokens: 7,
-                feedback_count: 1,
-                feedback_sum: 0.75,
+                scores: vec![0.75],
             }
         );
-        assert_eq!((totals["arm1"].requests, totals["arm1"].errors), (1, 1));
+        assert_eq!((samples["arm1"].requests, samples["arm1"].errors), (1, 1));
+        assert_eq!(store.feedback_mean("e", "arm0").unwrap(), Some(0.75));
+        assert_eq!(store.feedback_mean("e", "arm1").unwrap(), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod delta;
 mod durability;
+mod experiments;
 mod memory;
 mod minilm;
 mod process;

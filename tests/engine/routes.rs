@@ -8,7 +8,7 @@ use std::path::Path;
 use knots::engine::EngineLimits;
 use knots::server::auth::Keys;
 use knots::server::bundles::{Bundle, BundleConfig};
-use knots::server::experiments::{Experiment, ExperimentConfig};
+use knots::server::experiments::{Experiment, ExperimentConfig, Experiments};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -104,7 +104,11 @@ async fn every_route_on_the_real_models() {
         move |parts| {
             parts.keys = keys;
             parts.bundles = vec![bundle];
-            parts.experiments = vec![Experiment::from_config(experiment).unwrap()];
+            parts.experiments = Experiments::load(
+                vec![Experiment::from_config(experiment).unwrap()],
+                parts.store.clone(),
+            )
+            .unwrap();
             parts.adapter_roots = roots;
         },
     )
@@ -213,7 +217,7 @@ async fn every_route_on_the_real_models() {
         .find(|a| a["name"] == fb["arm"])
         .unwrap();
     assert_eq!(
-        (arm["requests"].as_u64(), arm["feedback_count"].as_u64()),
+        (arm["requests"].as_u64(), arm["feedback"]["count"].as_u64()),
         (Some(1), Some(1))
     );
     let (st, list) = api.get("/v1/experiments", ACME).await;

@@ -11,6 +11,7 @@ use knots::adapters::Registry;
 use knots::engine::{EngineLimits, TextModel, WeightFormat, argmax};
 use knots::server::auth::Keys;
 use knots::server::engine_backend::{EngineBackend, EngineOptions};
+use knots::server::experiments::Experiments;
 use knots::server::metrics::Compat;
 use knots::server::state::{AppState, Limits, StateParts};
 use knots::server::store::Store;
@@ -65,13 +66,14 @@ pub async fn start_configured(
     let bases = knots::server::backend::Backend::bases(backend.as_ref());
     let registry =
         Registry::load_dir(&models_dir().join("adapters"), &|a| attach_base(&bases, a)).unwrap();
+    let store = Arc::new(Store::in_memory().unwrap());
     let mut parts = StateParts {
         backend,
         registry,
         keys: Keys::open(),
         bundles: Vec::new(),
-        experiments: Vec::new(),
-        store: Arc::new(Store::in_memory().unwrap()),
+        experiments: Experiments::load(Vec::new(), store.clone()).unwrap(),
+        store,
         limits: Limits::default(),
         merge_cache_bytes: 1 << 30,
         alignment_cache_bytes: 64 << 20,

@@ -51,9 +51,38 @@ async fn admit_encoder(
     admit(state, caller, &req, user, Some(BaseKind::Encoder)).await
 }
 
+/// Runs `work` for the request `id`; a request an experiment arm serves is stored before it runs
+/// and its outcome after.
+async fn run<T: Send + 'static>(
+    state: &AppState,
+    caller: &Caller,
+    call: &Admitted,
+    id: &str,
+    work: impl FnOnce(&dyn Backend, &str, Option<&Arc<MergedDelta>>, Instant) -> Result<T, BackendError>
+    + Send
+    + 'static,
+) -> Result<T, ApiError> {
+    let Some((exp, arm)) = &call.target.arm else {
+        return run_blocking(state, call, work).await;
+    };
+    state
+        .experiments
+        .remember(id, exp, arm, caller.key_id.as_deref())?;
+    let result = run_blocking(state, call, work).await;
+    let seconds = call.started.elapsed().as_secs_f64();
+    metrics::arm(exp, arm, result.is_ok(), seconds, 0);
+    if let Err(e) = state
+        .experiments
+        .finished(exp, id, result.is_ok(), seconds, 0)
+    {
+        tracing::error!(request = %id, error = %e, "recording an experiment outcome failed");
+    }
+    result
+}
+
 /// Runs `work(backend, base, delta, deadline)` on a blocking thread, answering 504 at the
 /// request's deadline (the encoder engine drops the job's remaining texts then too).
-async fn run<T: Send + 'static>(
+async fn run_blocking<T: Send + 'static>(
     state: &AppState,
     call: &Admitted,
     work: impl FnOnce(&dyn Backend, &str, Option<&Arc<MergedDelta>>, Instant) -> Result<T, BackendError>
@@ -86,9 +115,14 @@ pub async fn embeddings(
     }
     let inputs = inputs(&state, req.input)?;
     let call = admit_encoder(&state, &caller, &req.model, req.merge, req.user.as_deref()).await?;
-    let (vectors, tokens) = run(&state, &call, move |backend, base, delta, deadline| {
-        backend.embed(base, &inputs, delta, deadline)
-    })
+    let id = request_id("emb");
+    let (vectors, tokens) = run(
+        &state,
+        &caller,
+        &call,
+        &id,
+        move |backend, base, delta, deadline| backend.embed(base, &inputs, delta, deadline),
+    )
     .await?;
     metrics::tokens("prompt", tokens);
     let data: Vec<_> = vectors
@@ -97,7 +131,7 @@ pub async fn embeddings(
         .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
         .collect();
     let body = json!({"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
-    Ok((headers(&call.target, &request_id("emb")), Json(body)).into_response())
+    Ok((headers(&call.target, &id), Json(body)).into_response())
 }
 
 pub async fn classify(
@@ -118,13 +152,20 @@ pub async fn classify(
     };
     let call = admit_encoder(&state, &caller, &req.model, req.merge, req.user.as_deref()).await?;
     let heads = heads(&call.target.adapters, req.task.as_deref())?;
-    let scores = run(&state, &call, move |backend, base, delta, deadline| {
-        backend.classify(base, &inputs, &heads, delta, deadline)
-    })
+    let id = request_id("cls");
+    let scores = run(
+        &state,
+        &caller,
+        &call,
+        &id,
+        move |backend, base, delta, deadline| {
+            backend.classify(base, &inputs, &heads, delta, deadline)
+        },
+    )
     .await?;
     let results: Vec<_> = scores.into_iter().map(|s| ranked(s, top_k)).collect();
     let body = json!({"object": "list", "model": req.model, "task": req.task.as_deref().unwrap_or("joint"), "data": results});
-    Ok((headers(&call.target, &request_id("cls")), Json(body)).into_response())
+    Ok((headers(&call.target, &id), Json(body)).into_response())
 }
 
 /// The heads of the tasks asked for: one named task, or every task of the set (`joint`).

@@ -1,4 +1,8 @@
-//! Experiments: list, per-arm statistics, feedback, and the side-by-side compare call.
+//! Experiments: create, list, report (per-arm statistics and each arm against the control),
+//! lifecycle changes (weights, pause, resume, stop), feedback, and the side-by-side compare call.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -6,19 +10,19 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::generate::answer;
-use crate::server::auth::Caller;
+use crate::adapters::Owner;
+use crate::server::ab_stats::{self, Summary, quantile};
+use crate::server::auth::{Caller, Role};
 use crate::server::backend::Prompt;
 use crate::server::error::ApiError;
-use crate::server::experiments::Experiment;
+use crate::server::experiments::{Change, ChangeError, Experiment, ExperimentConfig};
+use crate::server::metrics;
 use crate::server::state::AppState;
-use crate::server::store::Refusal;
+use crate::server::store::{ArmSamples, Refusal};
 use crate::server::wire::{ApiJson, Endpoint, GenerationRequest};
 
-fn visible<'a>(
-    state: &'a AppState,
-    caller: &Caller,
-    name: &str,
-) -> Result<&'a Experiment, ApiError> {
+/// The experiment `name` if `caller` may see it (else the same 404 as a missing one).
+fn visible(state: &AppState, caller: &Caller, name: &str) -> Result<Arc<Experiment>, ApiError> {
     state
         .experiments
         .get(name)
@@ -26,31 +30,82 @@ fn visible<'a>(
         .ok_or_else(|| ApiError::not_found(format!("experiment {name:?}")))
 }
 
-fn summary(state: &AppState, e: &Experiment) -> Result<Value, ApiError> {
-    let stats = state.experiments.totals(&e.name)?;
-    let arms: Vec<_> = e
+/// The experiment `name` if `caller` may change it: an admin, or a user of its tenant.
+fn manageable(state: &AppState, caller: &Caller, name: &str) -> Result<Arc<Experiment>, ApiError> {
+    let e = visible(state, caller, name)?;
+    let owns = matches!((&e.owner, &caller.tenant), (Owner::Tenant(t), Some(mine)) if t == mine);
+    if caller.role == Role::Admin || (caller.role == Role::User && owns) {
+        Ok(e)
+    } else {
+        Err(ApiError::Forbidden(
+            "only an admin or the experiment's tenant may change it",
+        ))
+    }
+}
+
+/// Definition and lifecycle, without statistics.
+fn outline(e: &Experiment) -> Value {
+    let life = e.lifecycle();
+    let arms: Vec<Value> = e
         .arms
         .iter()
         .map(|a| {
-            let s = stats.get(&a.name).cloned().unwrap_or_default();
-            let mean = |sum: f64, n: u64| if n > 0 { Some(sum / n as f64) } else { None };
-            json!({"name": a.name, "model": a.model, "weight": a.weight, "requests": s.requests, "errors": s.errors,
-                   "mean_latency_seconds": mean(s.total_seconds, s.requests), "completion_tokens": s.completion_tokens,
-                   "feedback_count": s.feedback_count, "mean_feedback": mean(s.feedback_sum, s.feedback_count)})
+            json!({"name": a.name, "model": a.model, "weight": life.weights.get(&a.name),
+                   "paused": life.paused_arms.contains(&a.name),
+                   "merge": (!a.merge.is_empty()).then_some(&a.merge)})
         })
         .collect();
-    Ok(json!({"name": e.name, "model": format!("exp:{}", e.name), "arms": arms}))
+    json!({"name": e.name, "model": format!("exp:{}", e.name), "status": life.status,
+           "control": e.control, "guardrails": e.guardrails, "arms": arms})
 }
 
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
-    let data = state
+/// The full report: per-arm statistics and each arm against the control.
+fn report(state: &AppState, e: &Experiment) -> Result<Value, ApiError> {
+    let samples = state.experiments.samples(&e.name)?;
+    let empty = ArmSamples::default();
+    let of = |arm: &str| samples.get(arm).unwrap_or(&empty);
+    let control = Summary::of(&of(&e.control).scores);
+    let mut body = outline(e);
+    for arm in body["arms"].as_array_mut().into_iter().flatten() {
+        let name = arm["name"].as_str().unwrap_or_default().to_string();
+        let s = of(&name);
+        let feedback = Summary::of(&s.scores);
+        let vs_control = match (&control, &feedback) {
+            (Some(c), Some(f)) if name != e.control => ab_stats::compare(c, f, 0.05).map(|c| {
+                json!({"difference": c.difference,
+                    "ci95": [c.interval.0, c.interval.1], "p_value": c.p_value,
+                    "significant": c.p_value <= 0.05})
+            }),
+            _ => None,
+        };
+        let stats = json!({
+            "requests": s.requests, "errors": s.errors,
+            "error_rate": (s.requests > 0).then(|| s.errors as f64 / s.requests as f64),
+            "latency_p50_seconds": quantile(&s.seconds, 0.5),
+            "latency_p95_seconds": quantile(&s.seconds, 0.95),
+            "completion_tokens": s.completion_tokens,
+            "feedback": {"count": s.scores.len(), "mean": feedback.map(|f| f.mean),
+                         "ci95": feedback.filter(|f| f.n > 1).map(|f| { let (lo, hi) = f.interval95(); [lo, hi] })},
+            "vs_control": vs_control,
+        });
+        if let (Some(arm), Some(stats)) = (arm.as_object_mut(), stats.as_object()) {
+            arm.extend(stats.clone());
+        }
+    }
+    body["statistics_method"] = json!(ab_stats::METHOD);
+    body["events"] = json!(state.experiments.events(&e.name)?);
+    Ok(body)
+}
+
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Json<Value> {
+    let data: Vec<Value> = state
         .experiments
-        .list
+        .all()
         .iter()
         .filter(|e| caller.can_see(&e.owner))
-        .map(|e| summary(&state, e))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({"object": "list", "data": data})))
+        .map(|e| outline(e))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub async fn show(
@@ -58,7 +113,116 @@ pub async fn show(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(summary(&state, visible(&state, &caller, &name)?)?))
+    let e = visible(&state, &caller, &name)?;
+    Ok(Json(report(&state, &e)?))
+}
+
+fn change_error(e: ChangeError) -> ApiError {
+    match e {
+        ChangeError::Invalid { field, reason } => ApiError::bad(field, reason),
+        ChangeError::Exists(name) => ApiError::Conflict {
+            what: format!("experiment {name:?}"),
+        },
+        ChangeError::Store(e) => e.into(),
+    }
+}
+
+/// Creates an experiment: an admin for any tenant (or shared), a user for its own tenant.
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(mut config): ApiJson<ExperimentConfig>,
+) -> Result<Json<Value>, ApiError> {
+    match caller.role {
+        Role::Admin => {}
+        Role::User => match (&config.tenant, &caller.tenant) {
+            (None, Some(mine)) => config.tenant = Some(mine.clone()),
+            (Some(t), Some(mine)) if t == mine => {}
+            _ => {
+                return Err(ApiError::Forbidden(
+                    "a user may create experiments of its own tenant only",
+                ));
+            }
+        },
+        Role::Metrics => {
+            return Err(ApiError::Forbidden(
+                "a metrics key may only scrape /metrics",
+            ));
+        }
+    }
+    let e = state.experiments.create(config).map_err(change_error)?;
+    Ok(Json(outline(&e)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsRequest {
+    pub weights: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmRequest {
+    /// One arm; the whole experiment when absent.
+    #[serde(default)]
+    pub arm: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    #[serde(default)]
+    pub winner: Option<String>,
+}
+
+async fn apply(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    change: Change,
+) -> Result<Json<Value>, ApiError> {
+    let e = manageable(state, caller, name)?;
+    state.experiments.change(&e, change).map_err(change_error)?;
+    Ok(Json(outline(&e)))
+}
+
+/// Sets arm weights (a ramp-up).
+pub async fn weights(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<WeightsRequest>,
+) -> Result<Json<Value>, ApiError> {
+    apply(&state, &caller, &name, Change::Weights(req.weights)).await
+}
+
+/// Pauses one arm, or the whole experiment (traffic goes to the control).
+pub async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ArmRequest>,
+) -> Result<Json<Value>, ApiError> {
+    apply(&state, &caller, &name, Change::Pause { arm: req.arm }).await
+}
+
+pub async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ArmRequest>,
+) -> Result<Json<Value>, ApiError> {
+    apply(&state, &caller, &name, Change::Resume { arm: req.arm }).await
+}
+
+/// Stops the experiment, recording a winner (traffic goes to it, or to the control).
+pub async fn stop(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<StopRequest>,
+) -> Result<Json<Value>, ApiError> {
+    apply(&state, &caller, &name, Change::Stop { winner: req.winner }).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +254,9 @@ pub async fn feedback(
                 what: format!("feedback for request {:?}", fb.request_id),
             },
         })?;
+    if let Some(mean) = state.experiments.feedback_mean(&name, &arm)? {
+        metrics::feedback_mean(&name, &arm, mean);
+    }
     Ok(Json(
         json!({"experiment": name, "arm": arm, "recorded": true}),
     ))

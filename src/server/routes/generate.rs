@@ -351,7 +351,7 @@ fn record_arm(state: &AppState, target: &Target, call: &Call, finished: Option<&
         metrics::arm(exp, arm, finished.is_some(), seconds, tokens);
         let stored = state
             .experiments
-            .finished(&call.id, finished.is_some(), seconds, tokens);
+            .finished(exp, &call.id, finished.is_some(), seconds, tokens);
         if let Err(e) = stored {
             tracing::error!(request = %call.id, error = %e, "recording an experiment outcome failed");
         }

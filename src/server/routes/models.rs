@@ -49,14 +49,15 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Json<Value> 
     }
     for e in state
         .experiments
-        .list
+        .all()
         .iter()
         .filter(|e| caller.can_see(&e.owner))
     {
+        let life = e.lifecycle();
         let arms: Vec<_> = e
             .arms
             .iter()
-            .map(|a| json!({"name": a.name, "model": a.model, "weight": a.weight}))
+            .map(|a| json!({"name": a.name, "model": a.model, "weight": life.weights.get(&a.name)}))
             .collect();
         data.push(model(
             &format!("exp:{}", e.name),
