@@ -106,6 +106,10 @@ if [ "$FORCE" = 1 ] || ! have_image "$RUST_TAG"; then
         || die "no Rust toolchain with cargo and rustc at '$TOOLCHAIN' (set RUST_TOOLCHAIN_DIR)"
     VERSION="$("$TOOLCHAIN/bin/rustc" --version | awk '{print $2}')"
     echo "Rust toolchain $VERSION from $TOOLCHAIN"
+    NEEDED="$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' "$(dirname "$0")/../Cargo.toml")"
+    if [ -n "$NEEDED" ] && [ "$(printf '%s\n%s\n' "$NEEDED" "$VERSION" | sort -V | head -n 1)" != "$NEEDED" ]; then
+        die "Rust $VERSION is older than the crate's rust-version $NEEDED"
+    fi
     # The same packages as the official rust:*-slim images.
     bootstrap "$WORK/rust" ca-certificates,gcc,libc6-dev
     # The official image's layout: toolchains under RUSTUP_HOME, tools on PATH in CARGO_HOME/bin.

@@ -47,9 +47,10 @@ logs() {
 # The image's default command, with the README's volume layout.
 docker run -d --name "$NAME" -p "127.0.0.1:$PORT:8000" \
     -v "$CACHE:/models/cache:ro" -v "$ADAPTERS:/adapters:ro" "$IMAGE" >/dev/null
+RUN_START=$(date +%s)
 echo "started $IMAGE as $NAME on 127.0.0.1:$PORT; waiting for /ready (up to ${TIMEOUT}s)"
 
-deadline=$(($(date +%s) + TIMEOUT))
+deadline=$((RUN_START + TIMEOUT))
 until curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1; do
     if [ "$(docker inspect -f '{{.State.Running}}' "$NAME" 2>/dev/null)" != true ]; then
         logs
@@ -61,7 +62,7 @@ until curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1; do
     fi
     sleep 2
 done
-echo "ready after $(($(date +%s) - START))s since the check started"
+echo "ready $(($(date +%s) - RUN_START))s after the container started"
 
 code=$(curl -sS -o "$WORK/body.json" -w '%{http_code}' --max-time 120 \
     "http://127.0.0.1:$PORT/v1/completions" -H 'content-type: application/json' \
