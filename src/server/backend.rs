@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::engine::EngineStats;
+use crate::labels::Example;
 use crate::merge::MergedDelta;
 
 /// What a base model is served for.
@@ -200,6 +201,23 @@ pub trait Backend: Send + Sync + 'static {
         delta: Option<&Arc<MergedDelta>>,
         deadline: Instant,
     ) -> Result<(Vec<Vec<f32>>, usize), BackendError>;
+
+    /// Label-word accuracy of a generation base under `delta`: the fraction of `examples` whose
+    /// gold class's label word (its first token) scores highest among `label_words` at the
+    /// answer position of `prompt` (`{text}` replaced by the example) in the chat template.
+    fn label_word_accuracy(
+        &self,
+        base: &str,
+        delta: Option<&Arc<MergedDelta>>,
+        prompt: &str,
+        label_words: &[String],
+        examples: &[Example],
+    ) -> Result<f64, BackendError> {
+        let _ = (delta, prompt, label_words, examples);
+        Err(BackendError::Failed(format!(
+            "{base}: this backend does not score label words"
+        )))
+    }
 
     /// Scores of every label of every head, per input.
     fn classify(

@@ -20,6 +20,7 @@ use crate::engine::{
     EngineLimits, EngineStats, Features, Head, Job, Message, ModelPath, SamplingParams, Sink,
     TextModel, TextTokenizer, TokenLogprob, WeightFormat,
 };
+use crate::labels::{self, CausalTask, Example};
 use crate::merge::MergedDelta;
 
 /// A generation model and the engine loop that serves it.
@@ -331,6 +332,37 @@ impl Backend for EngineBackend {
             .to_vec2::<f32>()
             .map_err(|e| backend_error(e.into()))?;
         Ok((vectors, tokens))
+    }
+
+    fn label_word_accuracy(
+        &self,
+        base: &str,
+        delta: Option<&Arc<MergedDelta>>,
+        prompt: &str,
+        label_words: &[String],
+        examples: &[Example],
+    ) -> Result<f64, BackendError> {
+        let Model::Generator(g) = self.model(base)? else {
+            return Err(BackendError::InvalidInput {
+                param: "model",
+                message: format!("{base} does not generate"),
+            });
+        };
+        let tm = &g.model;
+        let task = CausalTask {
+            task: "evaluate",
+            prompt,
+            label_words,
+            train: &[],
+            val: &[],
+        };
+        let answers = labels::answer_tokens(tm, label_words).map_err(backend_error)?;
+        let delta = delta
+            .map(|d| tm.load_delta(d))
+            .transpose()
+            .map_err(backend_error)?;
+        labels::label_word_accuracy(tm, &task, &answers, delta.as_deref(), examples)
+            .map_err(backend_error)
     }
 
     fn classify(

@@ -14,6 +14,7 @@ pub mod call;
 pub mod config;
 pub mod engine_backend;
 pub mod error;
+pub mod evaluate;
 pub mod experiments;
 pub mod inflight;
 pub mod metrics;
@@ -85,6 +86,10 @@ pub fn app(state: AppState) -> Router {
             post(routes::experiments::stop),
         )
         .route(
+            "/v1/experiments/{name}/evaluate",
+            post(routes::experiments::evaluate),
+        )
+        .route(
             "/v1/experiments/{name}/feedback",
             post(routes::experiments::feedback),
         )
@@ -148,6 +153,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/experiments/{name}/pause"),
     ("POST", "/v1/experiments/{name}/resume"),
     ("POST", "/v1/experiments/{name}/stop"),
+    ("POST", "/v1/experiments/{name}/evaluate"),
     ("GET", "/v1/experiments/{name}"),
     ("POST", "/v1/experiments/{name}/feedback"),
     ("POST", "/v1/experiments/{name}/compare"),

@@ -2,7 +2,8 @@
 //! state database: an experiment created over the API assigns users stickily, across a SIGKILL
 //! and restart too, with its lifecycle kept; traffic follows the weights within a binomial
 //! tolerance; a feedback stream where one arm is truly better is found significant by the
-//! always-valid comparison while an A/A stream is not; a latency guardrail pauses an arm.
+//! always-valid comparison while an A/A stream is not; a latency guardrail pauses an arm; the
+//! arms are scored offline on a suite task; a stop routes traffic to the winner.
 
 use std::collections::BTreeMap;
 
@@ -200,6 +201,38 @@ async fn experiments_on_a_real_server() {
             "control"
         );
     }
+
+    // Offline comparison on the suite's sentiment task, with the benchmark's code.
+    let (status, _, v) = api
+        .post(
+            "/v1/experiments/better/evaluate",
+            json!({"task": "sentiment", "examples": 60}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    for a in v["arms"].as_array().unwrap() {
+        assert_eq!(a["metric"], "classification_accuracy", "{v}");
+        let acc = a["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc) && a["standard_error"].as_f64().unwrap() > 0.0);
+    }
+    let single = v["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "single")
+        .unwrap();
+    assert!(
+        single["accuracy"].as_f64().unwrap() > 0.6,
+        "the sentiment adapter on its task: {v}"
+    );
+    let (status, _, v) = api
+        .post("/v1/experiments/better/evaluate", json!({"task": "nope"}))
+        .await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("task")),
+        "{v}"
+    );
 
     // Stop with a winner: traffic goes to it, and the results stay readable.
     let (status, _, _) = api

@@ -232,6 +232,19 @@ async fn every_route_on_the_real_models() {
     assert_eq!(st, 200, "{cmp}");
     assert_eq!(cmp["answers"].as_array().unwrap().len(), 2);
 
+    let (st, v) = api
+        .post(
+            "/v1/experiments/ab/evaluate",
+            ACME,
+            json!({"task": "sentiment", "examples": 8}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    for a in v["arms"].as_array().unwrap() {
+        assert_eq!(a["metric"], "label_word_accuracy", "{v}");
+        assert!((0.0..=1.0).contains(&a["accuracy"].as_f64().unwrap()));
+    }
+
     // Adapter administration: register from an adapter root, serve it, reload, delete.
     let (st, _) = api
         .post(

@@ -169,7 +169,7 @@ pub async fn classify(
 }
 
 /// The heads of the tasks asked for: one named task, or every task of the set (`joint`).
-fn heads(
+pub fn heads(
     adapters: &[std::sync::Arc<Registered>],
     task: Option<&str>,
 ) -> Result<Vec<TaskHead>, ApiError> {

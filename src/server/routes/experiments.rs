@@ -227,6 +227,33 @@ pub async fn stop(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct EvaluateRequest {
+    /// A task of the benchmark suite.
+    pub task: String,
+    /// Test examples to score per arm.
+    #[serde(default = "default_examples")]
+    pub examples: usize,
+}
+
+fn default_examples() -> usize {
+    100
+}
+
+/// Scores every arm on a labelled task of the benchmark suite.
+pub async fn evaluate(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<EvaluateRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let e = visible(&state, &caller, &name)?;
+    Ok(Json(
+        crate::server::evaluate::evaluate(&state, &e, &req.task, req.examples).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Feedback {
     pub request_id: String,
     pub score: f64,
