@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::process::{ServerProcess, client};
+use super::process::{ServerProcess, client, get_json};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -134,14 +134,7 @@ async fn acknowledged_writes_survive_kill_9() {
 
     let server = ServerProcess::start(&args).await;
     let url = server.url.clone();
-    let listed: Value = client
-        .get(format!("{url}/v1/adapters"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = get_json(&client, &format!("{url}/v1/adapters")).await;
     let present: BTreeSet<String> = listed["data"]
         .as_array()
         .unwrap()
@@ -171,14 +164,7 @@ async fn acknowledged_writes_survive_kill_9() {
         }
     }
     assert!(scored >= scores.len());
-    let stats: Value = client
-        .get(format!("{url}/v1/experiments/ab"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&client, &format!("{url}/v1/experiments/ab")).await;
     let arms = stats["arms"].as_array().unwrap();
     let count = |field: &str| {
         arms.iter()

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
-use super::process::{ServerProcess, client};
+use super::process::{ServerProcess, client, get_json};
 
 const MERGE_BUDGET: u64 = 300 << 20;
 const ALIGNMENT_BUDGET: u64 = 32 << 20;
@@ -67,14 +67,7 @@ async fn resident_memory_stays_within_the_cache_budgets() {
         complete(&client, &url, &set(i)).await;
     }
     let end = server.resident_bytes();
-    let merges: Value = client
-        .get(format!("{url}/v1/merges"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let merges: Value = get_json(&client, &format!("{url}/v1/merges")).await;
     let budget = MERGE_BUDGET + ALIGNMENT_BUDGET;
     let growth = end.saturating_sub(warm);
     eprintln!(

@@ -77,3 +77,9 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// `GET url` as JSON.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let r = client.get(url).send().await.unwrap();
+    r.json().await.unwrap()
+}
