@@ -146,6 +146,7 @@ mod tests {
         let found = (0..20)
             .filter(|_| run(&mut rng, 0.5, 0.6, 2000, 100))
             .count();
+        eprintln!("0.5 vs 0.6: found in {found} of 20 runs");
         assert!(found >= 18, "found in {found} of 20 runs");
     }
 
@@ -157,6 +158,7 @@ mod tests {
         let false_positives = (0..200)
             .filter(|_| run(&mut rng, 0.5, 0.5, 1000, 50))
             .count();
+        eprintln!("A/A: {false_positives} of 200 runs rejected at 5% under 20 looks each");
         assert!(
             false_positives <= 10,
             "{false_positives} of 200 A/A runs rejected at 5%"
