@@ -51,6 +51,14 @@ pub struct MergeCache {
     cache: Cache<MergeKey, Arc<CachedMerge>>,
     alignments: Arc<AlignmentCache>,
     backend: Arc<dyn Backend>,
+    /// Merges computed at once: they are CPU-bound (more than the cores only adds their
+    /// transient memory, a dense update per adapter for TIES and DARE, not speed).
+    merging: Arc<tokio::sync::Semaphore>,
+}
+
+/// Merges computed at once: the machine's cores.
+fn merge_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 impl MergeCache {
@@ -74,6 +82,7 @@ impl MergeCache {
             cache,
             alignments: Arc::new(AlignmentCache::new(alignment_bytes)),
             backend,
+            merging: Arc::new(tokio::sync::Semaphore::new(merge_slots())),
         }
     }
 
@@ -90,12 +99,19 @@ impl MergeCache {
         let flag = computed.clone();
         let merge_key = key.clone();
         let alignments = self.alignments.clone();
+        let merging = self.merging.clone();
         let entry = self
             .cache
             .try_get_with(key, async move {
                 flag.store(true, Ordering::SeqCst);
+                let _slot = merging
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| ApiError::internal(format!("merge slots closed: {e}")))?;
                 tokio::task::spawn_blocking(move || {
-                    run_merge(merge_key, &members, &params, &alignments)
+                    let merged = run_merge(merge_key, &members, &params, &alignments);
+                    release_free_memory();
+                    merged
                 })
                 .await
                 .map_err(|e| ApiError::internal(format!("merge task failed: {e}")))?
@@ -196,6 +212,18 @@ fn run_merge(
         delta: Arc::new(delta),
         merge_ms: seconds * 1e3,
     }))
+}
+
+/// Returns the heap's free pages to the operating system. A merge's transient buffers (dense
+/// updates per adapter, SVD work) are large and freed at once; glibc keeps such freed memory in
+/// its per-thread arenas, so without this the resident size grows with every burst of merges on
+/// new blocking threads even though the cache stays within its budget.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heap structures; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// `try_get_with` shares one error among all waiters; each gets its own copy.
