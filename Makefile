@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint docker-check bench bench-serve soak serve serve-check adapters eval eval-quick merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint docker-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example
 
 test: data models fmt lint doc docker-lint unit
 
@@ -42,6 +42,18 @@ unit: data models
 
 bench:
 	$(CARGO) bench --bench merge
+
+# Structured fuzzing (tests/fuzz/) in a release build: FUZZ_CASES cases of each target (a hundredth
+# of them for the router target, whose cases are HTTP exchanges), the per-target counts and the
+# total. `make test` runs the same targets with a small budget.
+FUZZ_CASES ?= 300000
+fuzz:
+	@mkdir -p target
+	@{ KNOTS_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release --test integration fuzz:: -- --nocapture; \
+		echo $$? > target/fuzz.rc; } 2>&1 | tee target/fuzz.log
+	@awk '/^fuzz [a-z_]+: [0-9]+ cases/ { n += $$3; print "  " $$2 " " $$3 } \
+		END { print "fuzz: " n " cases in total" }' target/fuzz.log
+	@exit $$(cat target/fuzz.rc)
 
 # The serving benchmark: a release server on the default models and the committed adapters under
 # load (1-32 clients over 8 adapter sets, and the base alone), MiniLM embeddings, and the

@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod engine;
 mod eval;
+mod fuzz;
 mod golden;
 mod openapi;
 mod properties;

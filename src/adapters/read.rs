@@ -291,11 +291,17 @@ fn build_module(
             found,
         });
     }
-    Ok(LoraModule {
-        a,
-        b,
-        scale: config.scale_for(module),
-    })
+    // The update is applied in f32: its scale, and lora_B times it, must be finite there.
+    let scale = config.scale_for(module);
+    let largest = b.as_slice().iter().fold(0f32, |m, x| m.max(x.abs()));
+    if !(scale as f32).is_finite() || f64::from(largest) * scale.abs() > f64::from(f32::MAX) {
+        return Err(AdapterError::BadTensor {
+            path: path.into(),
+            key: format!("{module}.lora_B.weight"),
+            reason: format!("scaled by lora_alpha / r = {scale:e}, it overflows f32"),
+        });
+    }
+    Ok(LoraModule { a, b, scale })
 }
 
 fn into_matrix(path: &Path, t: RawTensor) -> Result<Matrix, AdapterError> {

@@ -2,13 +2,14 @@
 //! adapters may be registered from, loading one, and replaying the stored registrations and
 //! deletions onto the registry a restart loaded from `--adapters`.
 
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use super::attach_base;
 use super::backend::BaseInfo;
 use super::error::ApiError;
 use super::store::{AdapterChange, Store, StoreError};
-use crate::adapters::{LoraAdapter, Registered, Registry};
+use crate::adapters::{AdapterError, LoraAdapter, Registered, Registry};
 
 /// `path` canonicalised, if it is a directory inside one of `roots`.
 pub fn allowed_dir(roots: &[PathBuf], path: &Path) -> Result<PathBuf, ApiError> {
@@ -25,9 +26,17 @@ pub fn allowed_dir(roots: &[PathBuf], path: &Path) -> Result<PathBuf, ApiError> 
     }
 }
 
-/// Loads the adapter in `dir` as `name`, attached to its served base.
+/// Loads the adapter in `dir` as `name`, attached to its served base. A directory without the
+/// adapter's files (or with a directory in a file's place) is the caller's error, naming `path`.
 pub fn load(bases: &[BaseInfo], dir: &Path, name: String) -> Result<Registered, ApiError> {
-    let adapter = LoraAdapter::load_named(dir, name.clone())?;
+    let adapter = LoraAdapter::load_named(dir, name.clone()).map_err(|e| match &e {
+        AdapterError::Io { source, .. }
+            if matches!(source.kind(), ErrorKind::NotFound | ErrorKind::IsADirectory) =>
+        {
+            ApiError::bad("path", e.to_string())
+        }
+        _ => ApiError::from(e),
+    })?;
     let base = attach_base(bases, &adapter).map_err(|reason| ApiError::bad("path", reason))?;
     Ok(Registered::new(name, base, adapter))
 }

@@ -195,14 +195,14 @@ pub fn heads(
     }
 }
 
-/// An adapter's head: its saved classifier if it has one, else label-text embeddings.
+/// An adapter's head: its saved classifier (a non-empty matrix) if it has one, else label-text
+/// embeddings.
 fn head_of(a: &Registered) -> Option<TaskHead> {
     let info = a.adapter.task.as_ref();
-    let weight = a
-        .adapter
-        .saved_modules
-        .iter()
-        .find(|(k, _)| k.ends_with("classifier.weight") || k.ends_with("score.weight"));
+    let weight = a.adapter.saved_modules.iter().find(|(k, w)| {
+        (k.ends_with("classifier.weight") || k.ends_with("score.weight"))
+            && matches!(w.shape[..], [n, h] if n > 0 && h > 0)
+    });
     let classifier = weight.map(|(k, w)| {
         let bias_key = k.replace(".weight", ".bias");
         let bias = a
