@@ -17,7 +17,8 @@ use knots::merge::MergedDelta;
 use knots::server::auth::Keys;
 use knots::server::backend::*;
 use knots::server::bundles::{Bundle, BundleConfig};
-use knots::server::experiments::{Experiment, ExperimentConfig};
+use knots::server::experiments::{Experiment, ExperimentConfig, Experiments};
+use knots::server::metrics::Compat;
 use knots::server::state::{AppState, Limits, StateParts};
 use knots::server::store::Store;
 use knots::server::{app, attach_base};
@@ -217,6 +218,10 @@ impl Env {
                                         {"name": "single", "model": "math", "weight": 1.0}]
             }))
             .unwrap();
+            let store = Arc::new(Store::in_memory().unwrap());
+            let experiments =
+                Experiments::load(vec![Experiment::from_config(exp).unwrap()], store.clone())
+                    .unwrap();
             let state = AppState::new(StateParts {
                 backend,
                 registry,
@@ -225,8 +230,8 @@ impl Env {
                     bundle("stem", "math+code@ties", None),
                     bundle("acme-only", "secret+math", Some("acme")),
                 ],
-                experiments: vec![Experiment::from_config(exp).unwrap()],
-                store: Arc::new(Store::in_memory().unwrap()),
+                experiments,
+                store,
                 limits: Limits {
                     request_timeout: Duration::from_secs(20),
                     body_limit_bytes: BODY_LIMIT,
@@ -235,6 +240,7 @@ impl Env {
                 merge_cache_bytes: 16 << 20,
                 alignment_cache_bytes: 16 << 20,
                 adapter_roots: vec![spare.clone()],
+                metrics_compat: Compat::None,
             });
             app(state)
         });
