@@ -10,8 +10,9 @@ sets (merged sets over four methods with varied weights, single adapters and the
 and embeddings), so the merge cache keeps evicting; 5% of streamed requests disconnect after the
 first chunk, and 5% of requests are bad on purpose (malformed JSON, a wrong content type, an
 unknown adapter, max_tokens beyond the context, a bad merge parameter) and must get a 4xx.
-Resident memory is read from /proc at the end of warm-up (the first fifth of the run) and at the
-end. Exits non-zero when a request gets a 5xx or fails unexpectedly, a bad request is not a 4xx,
+Resident memory and the merge cache's bytes are sampled every 15 s; warm-up ends at the first
+sample after the first fifth of the run where the merge cache holds at least 90% of its budget
+(its steady state), and growth is measured from there to the end. Exits non-zero when a request gets a 5xx or fails unexpectedly, a bad request is not a 4xx,
 resident memory grows more than 10% after warm-up, or the merge cache reports more bytes than
 its budget.
 """
@@ -174,11 +175,21 @@ def main() -> int:
                    for i in range(args.clients)]
         for t in threads:
             t.start()
-        time.sleep(args.seconds / 5)
-        warm = resident(server.pid)
+        samples = []  # (seconds since start, resident bytes, merge cache bytes)
+        while any(t.is_alive() for t in threads):
+            time.sleep(15)
+            try:
+                cached = get_json(port, "/v1/merges").get("bytes", 0)
+            except (OSError, ValueError):
+                cached = 0
+            samples.append((round(time.time() - start), resident(server.pid), cached))
         for t in threads:
             t.join()
         end = resident(server.pid)
+        steady = [s for s in samples
+                  if s[0] >= args.seconds / 5 and s[2] >= 0.9 * args.merge_cache_bytes]
+        warm_at = steady[0] if steady else next((s for s in samples if s[0] >= args.seconds / 5), samples[-1])
+        warm = warm_at[1]
         merges = get_json(port, "/v1/merges")
         alive = server.poll() is None
     finally:
@@ -188,7 +199,9 @@ def main() -> int:
     report = {
         "seconds": round(time.time() - start), "clients": args.clients, "distinct_sets": len(pool),
         "requests": sum(tally.counts.values()), "by_class": dict(sorted(tally.counts.items())),
+        "warm_up_ends_at_seconds": warm_at[0],
         "resident_warm_bytes": warm, "resident_end_bytes": end, "resident_growth": round(growth, 4),
+        "samples_seconds_resident_cache": samples,
         "merge_cache_bytes": merges.get("bytes"), "merge_cache_budget": args.merge_cache_bytes,
         "server_alive_at_end": alive, "failures": tally.failures,
     }

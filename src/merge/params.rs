@@ -202,6 +202,10 @@ impl MergeParams {
         Ok(params)
     }
 
+    /// The largest |λ| and |adapter weight| accepted: far beyond any useful scale, and small
+    /// enough that a scaled f32 update stays finite.
+    pub const MAX_SCALE: f64 = 1e4;
+
     fn validate(&self) -> Result<(), MergeError> {
         if !(0.0..=1.0).contains(&self.common_fraction) {
             return Err(MergeError::invalid(
@@ -209,10 +213,14 @@ impl MergeParams {
                 format!("must be in [0, 1], got {}", self.common_fraction),
             ));
         }
-        if !self.lambda.is_finite() {
+        if !(self.lambda.is_finite() && self.lambda.abs() <= Self::MAX_SCALE) {
             return Err(MergeError::invalid(
                 "lambda",
-                format!("must be finite, got {}", self.lambda),
+                format!(
+                    "must be finite with |lambda| ≤ {}, got {}",
+                    Self::MAX_SCALE,
+                    self.lambda
+                ),
             ));
         }
         if !(self.density > 0.0 && self.density <= 1.0) {

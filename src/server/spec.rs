@@ -12,7 +12,7 @@
 //! Whether a bare name is a base or an adapter is decided later, against what is served.
 
 use crate::adapters::valid_name;
-use crate::merge::{MergeOptions, Method};
+use crate::merge::{MergeOptions, MergeParams, Method};
 
 /// A request's `model`, syntactically valid.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,8 +88,14 @@ fn parse_member(part: &str) -> Result<(String, f64), SpecError> {
             let weight: f64 = w
                 .parse()
                 .map_err(|_| bad("model", format!("weight {w:?} of {name:?} is not a number")))?;
-            if !weight.is_finite() {
-                return Err(bad("model", format!("weight of {name:?} must be finite")));
+            if !(weight.is_finite() && weight.abs() <= MergeParams::MAX_SCALE) {
+                return Err(bad(
+                    "model",
+                    format!(
+                        "weight of {name:?} must be finite with |weight| ≤ {}",
+                        MergeParams::MAX_SCALE
+                    ),
+                ));
             }
             (name, weight)
         }
@@ -215,6 +221,7 @@ mod tests {
             "a:x",
             "a:nan",
             "a:inf",
+            "a:1e300",
             "../x",
             "a/../b",
             "%2e%2e",
