@@ -262,3 +262,63 @@ fn core_merges_export_exact_peft_adapters() {
         }
     }
 }
+
+#[test]
+fn eval_scores_an_experiments_arms_on_a_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        r#"
+        models = ["all-minilm-l6-v2"]
+        adapters = "models/adapters"
+        state_db = ":memory:"
+
+        [[experiments]]
+        name = "offline"
+        arms = [{ name = "single", model = "sentiment" },
+                { name = "merged", model = "sentiment+news@knots-ties" }]
+        "#,
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let args = [
+        "eval",
+        "--experiment",
+        "offline",
+        "--serve-config",
+        config,
+        "--task",
+        "sentiment",
+        "--test-per-task",
+        "20",
+    ];
+    let o = knots(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (report["task"].as_str(), report["examples"].as_u64()),
+        (Some("sentiment"), Some(20))
+    );
+    let arms = report["arms"].as_array().unwrap();
+    assert_eq!(arms.len(), 2);
+    for a in arms {
+        assert_eq!(a["metric"], "classification_accuracy", "{report}");
+        assert!((0.0..=1.0).contains(&a["accuracy"].as_f64().unwrap()));
+    }
+    let o = knots(&[
+        "eval",
+        "--experiment",
+        "nope",
+        "--serve-config",
+        config,
+        "--task",
+        "sentiment",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no experiment \"nope\""),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -19,6 +19,7 @@ use crate::eval::{
     Report, TaskData, TaskDef, svg,
 };
 use crate::merge::Method;
+use crate::server::config::{ServeArgs, ServeConfig};
 
 /// The two benchmarks `knots eval` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -63,6 +64,43 @@ pub struct EvalArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "KNOTS_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Instead of the benchmark, score every arm of this experiment on the first `--task`
+    /// (`--test-per-task` examples, default 100), as `POST /v1/experiments/{name}/evaluate` does.
+    #[arg(long, requires = "serve_config")]
+    pub experiment: Option<String>,
+    /// The `knots serve` config file whose models, adapters, experiments and state database the
+    /// experiment comes from.
+    #[arg(long)]
+    pub serve_config: Option<PathBuf>,
+}
+
+/// Scores the arms of `--experiment` with the server's own evaluation; returns its JSON.
+pub fn run_experiment(args: &EvalArgs, name: &str) -> anyhow::Result<String> {
+    let task = args
+        .suite
+        .tasks
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("give the task to score the arms on with --task"))?
+        .clone();
+    let serve_args = ServeArgs {
+        config: args.serve_config.clone(),
+        device: Some(args.device.clone()),
+        ..ServeArgs::default()
+    };
+    let config = ServeConfig::resolve(serve_args).map_err(anyhow::Error::msg)?;
+    let examples = args.test_per_task.unwrap_or(100);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let state = super::serve::build_state(config).await?;
+        let e = state
+            .experiments
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("no experiment {name:?} in the config or state"))?;
+        let report = crate::server::evaluate::evaluate(&state, &e, &task, examples)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(serde_json::to_string_pretty(&report)? + "\n")
+    })
 }
 
 /// Runs the selected benchmarks; returns the markdown report.

@@ -58,7 +58,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Classify(args) => infer::run_classify(&args),
         Command::Serve(args) => serve::run(args),
         Command::Eval(args) => {
-            print!("{}", eval::run(&args)?);
+            match &args.experiment {
+                Some(name) => print!("{}", eval::run_experiment(&args, name)?),
+                None => print!("{}", eval::run(&args)?),
+            }
             Ok(())
         }
         Command::Train(args) => train::run(&args),

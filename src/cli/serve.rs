@@ -29,6 +29,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn start(config: ServeConfig) -> anyhow::Result<()> {
+    let (address, grace) = (
+        format!("{}:{}", config.host, config.port),
+        config.shutdown_grace,
+    );
+    let state = build_state(config).await?;
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    tracing::info!(%address, "serving");
+    serve(listener, state, shutdown_signal(), grace).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The server's state from its configuration: models loaded, adapters registered (stored
+/// run-time changes applied), keys, bundles and experiments.
+pub async fn build_state(config: ServeConfig) -> anyhow::Result<AppState> {
     let (models, device, engine) = (config.models.clone(), config.device.clone(), config.engine);
     let backend =
         tokio::task::spawn_blocking(move || EngineBackend::load(&models, &device, engine))
@@ -61,7 +78,7 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         experiments = config.experiments.len(),
         "registry loaded"
     );
-    let state = AppState::new(StateParts {
+    Ok(AppState::new(StateParts {
         backend,
         registry,
         keys,
@@ -73,13 +90,5 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         alignment_cache_bytes: config.alignment_cache_bytes,
         adapter_roots: config.adapter_roots,
         metrics_compat: config.metrics_compat,
-    });
-    let address = format!("{}:{}", config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(&address)
-        .await
-        .with_context(|| format!("binding {address}"))?;
-    tracing::info!(%address, "serving");
-    serve(listener, state, shutdown_signal(), config.shutdown_grace).await?;
-    tracing::info!("stopped");
-    Ok(())
+    }))
 }
