@@ -5,7 +5,7 @@
 //! acknowledges it, so a restart (or a `kill -9`) loses nothing the API confirmed; a restart
 //! reads the adapter changes back and experiment statistics come from the stored requests.
 //!
-//! The schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] lists every step in order,
+//! The schema is versioned with `PRAGMA user_version`; `MIGRATIONS` lists every step in order,
 //! and opening a database applies the ones it has not seen, in one transaction each.
 
 use std::collections::BTreeMap;
