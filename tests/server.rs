@@ -192,6 +192,26 @@ impl Backend for TestBackend {
     }
 }
 
+/// The test servers' keys file: two tenants' users, an operator and a metrics scraper.
+pub const TEST_KEYS: &str = r#"
+[[keys]]
+key = "sk-acme-user"
+tenant = "acme"
+role = "user"
+[[keys]]
+key = "sk-globex-user"
+tenant = "globex"
+role = "user"
+[[keys]]
+key = "sk-operator"
+tenant = "ops"
+role = "admin"
+[[keys]]
+key = "sk-scraper"
+tenant = "ops"
+role = "metrics"
+"#;
+
 /// A running server on a random port.
 pub struct TestServer {
     pub url: String,
@@ -268,28 +288,7 @@ pub async fn start(limits: Limits) -> TestServer {
     let bases = backend.bases();
     let registry = Registry::load_dir(&root, &|a| attach_base(&bases, a)).unwrap();
     let keys_file = dir.path().join("keys.toml");
-    std::fs::write(
-        &keys_file,
-        r#"
-        [[keys]]
-        key = "sk-acme-user"
-        tenant = "acme"
-        role = "user"
-        [[keys]]
-        key = "sk-globex-user"
-        tenant = "globex"
-        role = "user"
-        [[keys]]
-        key = "sk-operator"
-        tenant = "ops"
-        role = "admin"
-        [[keys]]
-        key = "sk-scraper"
-        tenant = "ops"
-        role = "metrics"
-    "#,
-    )
-    .unwrap();
+    std::fs::write(&keys_file, TEST_KEYS).unwrap();
     let keys = Keys::load(&keys_file).unwrap();
     let bundles = vec![
         Bundle::from_config(BundleConfig {

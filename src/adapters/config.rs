@@ -59,7 +59,7 @@ pub struct AdapterConfig {
 
 /// Options that change the computation in ways knots does not implement. Each is accepted only
 /// at its neutral value (`false`, `null`, `"none"`, empty).
-const UNSUPPORTED_OPTIONS: &[&str] = &[
+pub const UNSUPPORTED_OPTIONS: &[&str] = &[
     "use_dora",
     "lora_bias",
     "use_qalora",

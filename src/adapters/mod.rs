@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use config::{AdapterConfig, TargetModules};
+pub use config::{AdapterConfig, TargetModules, UNSUPPORTED_OPTIONS};
 pub use error::AdapterError;
 pub use read::{CONFIG_FILE, PEFT_PREFIX, TASK_FILE, WEIGHTS_FILE};
 pub use registry::{Owner, Registered, Registry, owner_of, valid_name};

@@ -41,19 +41,23 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 ApiError::bad("body", e.body_text())
             }
         })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de)
-            .map(ApiJson)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let param = if matches!(path.as_str(), "" | "." | "?") {
-                    "body".to_string()
-                } else {
-                    path
-                };
-                ApiError::bad(param, format!("invalid JSON body: {}", e.inner()))
-            })
+        parse_json(&bytes).map(ApiJson)
     }
+}
+
+/// A JSON body parsed into `T`; an error names the path of the first bad field (`body` when
+/// the whole body is wrong).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let param = if matches!(path.as_str(), "" | "." | "?") {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::bad(param, format!("invalid JSON body: {}", e.inner()))
+    })
 }
 
 /// Whether a `Content-Type` names JSON: `application/json` or `application/<x>+json`, with any

@@ -146,18 +146,7 @@ pub fn config_json() -> Gen<String> {
         field("inference_mode", pick_str(&["true", "false"])),
         field("revision", json_value()),
     ];
-    for option in [
-        "use_dora",
-        "lora_bias",
-        "use_qalora",
-        "use_bdlora",
-        "layer_replication",
-        "target_parameters",
-        "trainable_token_indices",
-        "alora_invocation_tokens",
-        "arrow_config",
-        "monteclora_config",
-    ] {
+    for &option in knots::adapters::UNSUPPORTED_OPTIONS {
         fields.push(field(option, neutral_or_not()));
     }
     // The four keys a config needs come first most of the time, so most cases get past them.

@@ -247,18 +247,9 @@ pub fn other_body(model: Gen<String>) -> Gen<String> {
     )
 }
 
-/// The body's parse as the server does it: the path of the first bad field as the param.
+/// The body's parse as the server does it.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let param = if matches!(path.as_str(), "" | "." | "?") {
-            "body".to_string()
-        } else {
-            path
-        };
-        ApiError::bad(param, format!("invalid JSON body: {}", e.inner()))
-    })
+    knots::server::wire::parse_json(bytes)
 }
 
 /// A refusal must be a 4xx naming a field.

@@ -174,28 +174,7 @@ impl Env {
         let spare = dir.path().join("spare");
         fixture(&spare.join("extra"), 6, "org/gen-base", None);
         let keys_file = dir.path().join("keys.toml");
-        std::fs::write(
-            &keys_file,
-            r#"
-            [[keys]]
-            key = "sk-acme-user"
-            tenant = "acme"
-            role = "user"
-            [[keys]]
-            key = "sk-globex-user"
-            tenant = "globex"
-            role = "user"
-            [[keys]]
-            key = "sk-operator"
-            tenant = "ops"
-            role = "admin"
-            [[keys]]
-            key = "sk-scraper"
-            tenant = "ops"
-            role = "metrics"
-            "#,
-        )
-        .unwrap();
+        std::fs::write(&keys_file, crate::server::TEST_KEYS).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
