@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint docker-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint docker-check deploy-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example
 
 test: data models fmt lint doc docker-lint unit
 
@@ -36,6 +36,19 @@ docker-lint:
 # make docker-check DOCKER_RUST_IMAGE=... DOCKER_RUNTIME_IMAGE=...
 docker-check: models
 	scripts/docker_check.sh
+
+# Offline checks of the Kubernetes manifests in deploy/kubernetes/ (no cluster): schemas of
+# Kubernetes 1.30-1.37 (kubernetes-validate, from pip), hand-written schemas of InferencePool,
+# HTTPRoute and the endpoint picker's config, and cross-checks with knots' flags, routes and
+# metrics; then the checker's self-test. DEPLOY_CRDS="a.yaml b.yaml" also validates the custom
+# kinds against those CustomResourceDefinition files (README, "Kubernetes").
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+DEPLOY_CRDS ?=
+deploy-check:
+	@$(PYTHON) -c "import sys, kubernetes_validate.version as v; sys.exit(v.__version__ != '$(KUBERNETES_VALIDATE_VERSION)')" 2>/dev/null \
+		|| $(PYTHON) -m pip install --quiet kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+	$(PYTHON) deploy/kubernetes/validate.py $(addprefix --crd ,$(DEPLOY_CRDS))
+	$(PYTHON) deploy/kubernetes/validate.py --self-test
 
 unit: data models
 	$(CARGO) test
