@@ -9,7 +9,7 @@ include models/models.mk
 
 .PHONY: test data fmt lint doc unit docker-lint docker-check deploy-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example
 
-test: data models fmt lint doc docker-lint unit
+test: data models fmt lint doc docker-lint deploy-check unit
 
 # Fetches the benchmark's labelled texts into data/cache/ (sha256-checked; a no-op when present).
 data:

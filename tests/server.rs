@@ -61,12 +61,14 @@ impl Backend for TestBackend {
                 kind: BaseKind::Generator,
                 context_length: 64,
                 aliases: vec!["org/gen-base".into()],
+                weights: Vec::new(),
             },
             BaseInfo {
                 id: "enc".into(),
                 kind: BaseKind::Encoder,
                 context_length: 64,
                 aliases: vec!["org/enc-base".into()],
+                weights: Vec::new(),
             },
         ]
     }
@@ -321,7 +323,11 @@ pub async fn start(limits: Limits) -> TestServer {
         limits,
         merge_cache_bytes: 64 << 20,
         alignment_cache_bytes: 64 << 20,
+        merge_store: None,
         adapter_roots: vec![dir.path().join("spare")],
+        adapter_cache: knots::adapters::AdapterCache::new(
+            std::env::temp_dir().join("knots-test-adapter-cache"),
+        ),
         metrics_compat: Compat::Vllm,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

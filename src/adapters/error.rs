@@ -62,6 +62,8 @@ pub enum AdapterError {
     OutputExists { path: PathBuf },
     #[error("cannot export: {reason}")]
     Export { reason: String },
+    #[error("adapter source {uri}: {reason}")]
+    Source { uri: String, reason: String },
 }
 
 impl AdapterError {

@@ -5,6 +5,7 @@
 
 mod config;
 mod error;
+mod fetch;
 mod read;
 mod registry;
 mod write;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{AdapterConfig, TargetModules, UNSUPPORTED_OPTIONS};
 pub use error::AdapterError;
+pub use fetch::{AdapterCache, AdapterUri};
 pub use read::{CONFIG_FILE, PEFT_PREFIX, TASK_FILE, WEIGHTS_FILE};
 pub use registry::{Owner, Registered, Registry, owner_of, valid_name};
 pub use write::{DELTA_FILE, ExportInfo, RECORD_FILE, write_delta, write_peft};

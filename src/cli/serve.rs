@@ -5,15 +5,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::adapters::Registry;
+use crate::adapters::{AdapterCache, Registry};
 use crate::server::auth::Keys;
 use crate::server::backend::Backend;
 use crate::server::config::{ServeArgs, ServeConfig};
 use crate::server::engine_backend::EngineBackend;
 use crate::server::experiments::Experiments;
+use crate::server::merge_store::MergeStore;
 use crate::server::state::{AppState, StateParts};
-use crate::server::store::Store;
-use crate::server::{adapter_admin, attach_base, serve, shutdown_signal};
+use crate::server::store::{self, Store};
+use crate::server::{adapter_admin, attach_base, serve, shutdown_signal, sync};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig::resolve(args).map_err(anyhow::Error::msg)?;
@@ -33,7 +34,16 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         format!("{}:{}", config.host, config.port),
         config.shutdown_grace,
     );
+    // Replicas sharing a PostgreSQL state database take each other's changes.
+    let shared_state = config
+        .state_db
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .is_some_and(store::is_postgres);
     let state = build_state(config).await?;
+    if shared_state {
+        tokio::spawn(sync::run(state.clone()));
+    }
     let listener = tokio::net::TcpListener::bind(&address)
         .await
         .with_context(|| format!("binding {address}"))?;
@@ -56,11 +66,30 @@ pub async fn build_state(config: ServeConfig) -> anyhow::Result<AppState> {
         Some(dir) => Registry::load_dir(dir, &|a| attach_base(&bases, a))?,
         None => Registry::default(),
     };
+    let merge_store = match config.merge_store.clone() {
+        Some(uri) => {
+            let bases = bases.clone();
+            let store =
+                tokio::task::spawn_blocking(move || MergeStore::open(&uri, &bases)).await??;
+            tracing::info!(uri = store.uri(), "shared merge store");
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
     let store = Arc::new(match &config.state_db {
-        Some(path) => Store::open(path)?,
+        Some(path) => Store::open_spec(path)?,
         None => Store::in_memory()?,
     });
-    let restored = adapter_admin::restore(&registry, &store, &bases, &config.adapter_roots)?;
+    let adapter_cache = AdapterCache::new(&config.adapter_cache);
+    let bases = Arc::new(bases);
+    let restored = adapter_admin::restore(
+        &registry,
+        &store,
+        &bases,
+        &config.adapter_roots,
+        &adapter_cache,
+    )
+    .await?;
     let keys = match &config.api_keys {
         Some(path) => Keys::load(path).map_err(anyhow::Error::msg)?,
         None => {
@@ -88,7 +117,9 @@ pub async fn build_state(config: ServeConfig) -> anyhow::Result<AppState> {
         limits: config.limits,
         merge_cache_bytes: config.merge_cache_bytes,
         alignment_cache_bytes: config.alignment_cache_bytes,
+        merge_store,
         adapter_roots: config.adapter_roots,
+        adapter_cache,
         metrics_compat: config.metrics_compat,
     }))
 }

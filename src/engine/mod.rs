@@ -50,6 +50,6 @@ pub use llama::{KvCache, Llama, LlamaConfig, StepSeq};
 pub use models::{Encoder, TextModel};
 pub use sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, TokenLogprob, argmax};
 pub use scheduler::{Done, Engine, EngineLimits, EngineStats, Job, Sink};
-pub use source::{ManifestModel, ModelPath, hub_cache, manifest, models_dir, resolve};
+pub use source::{ManifestModel, ModelPath, manifest, models_dir, resolve};
 pub use tokenizer::TextTokenizer;
 pub use weights::{WeightFormat, WeightStore};

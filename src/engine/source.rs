@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use hf_hub::{Cache, Repo};
+use hf_hub::Repo;
+
+use crate::hub::{hub_cache, hub_offline};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
@@ -17,6 +19,27 @@ pub enum ModelPath {
     Gguf(PathBuf),
     /// A directory with `config.json`, safetensors weights and `tokenizer.json`.
     HfDir(PathBuf),
+}
+
+impl ModelPath {
+    /// The files that hold the weights: the GGUF file, or a directory's `config.json` and its
+    /// safetensors files in name order.
+    pub fn weight_files(&self) -> Vec<PathBuf> {
+        match self {
+            Self::Gguf(file) => vec![file.clone()],
+            Self::HfDir(dir) => {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                    .collect();
+                files.sort();
+                files.insert(0, dir.join("config.json"));
+                files
+            }
+        }
+    }
 }
 
 /// One entry of `models/manifest.toml`.
@@ -117,19 +140,6 @@ fn is_repo_id(spec: &str) -> bool {
     matches!(spec.split_once('/'), Some((org, name)) if ok(org) && ok(name) && !name.contains('/'))
 }
 
-/// The hub cache directory: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
-pub fn hub_cache() -> Cache {
-    match std::env::var_os("HF_HUB_CACHE") {
-        Some(dir) => Cache::new(PathBuf::from(dir)),
-        None => Cache::from_env(),
-    }
-}
-
-fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
-}
-
 /// Files a model directory needs, then the optional ones.
 const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
 const OPTIONAL: [&str; 3] = [
@@ -151,7 +161,7 @@ fn hub(repo_id: &str) -> Result<ModelPath> {
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
         return Ok(ModelPath::HfDir(dir));
     }
-    if offline() {
+    if hub_offline() {
         return Err(EngineError::ModelNotFound {
             spec: repo_id.to_string(),
             message: "not in the local hub cache and HF_HUB_OFFLINE is set".into(),

@@ -133,6 +133,12 @@ impl MergeKey {
         digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The canonical form with full adapter digests: what a content-addressed store hashes, so
+    /// two keys share an address only when every input and parameter is the same.
+    pub fn canonical(&self) -> String {
+        self.render(usize::MAX)
+    }
+
     /// Whether the adapter `name` takes part in this merge.
     pub fn contains(&self, name: &str) -> bool {
         self.members.iter().any(|m| m.name == name)
@@ -143,33 +149,39 @@ impl fmt::Display for MergeKey {
     /// `base|a:w@digest+b:w@digest|method|lambda,density,dare_p,seed`, with 12 digest digits,
     /// then `,isotropize` and `,common_fraction` where the method reads them.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}|", self.base)?;
-        for (i, m) in self.members.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "+" };
-            write!(
-                f,
-                "{sep}{}:{}@{}",
-                m.name,
-                m.weight(),
-                &m.digest.to_string()[..12]
-            )?;
-        }
-        write!(
-            f,
-            "|{}|{},{},{},{}",
+        f.write_str(&self.render(12))
+    }
+}
+
+impl MergeKey {
+    /// The canonical form with the first `digits` hex digits of each adapter digest.
+    fn render(&self, digits: usize) -> String {
+        let members: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| {
+                let digest = m.digest.to_string();
+                let shown = &digest[..digits.min(digest.len())];
+                format!("{}:{}@{shown}", m.name, m.weight())
+            })
+            .collect();
+        let mut out = format!(
+            "{}|{}|{}|{},{},{},{}",
+            self.base,
+            members.join("+"),
             self.method,
             self.lambda(),
             self.density(),
             self.dare_p(),
             self.seed()
-        )?;
+        );
         if self.isotropize {
-            f.write_str(",isotropize")?;
+            out.push_str(",isotropize");
         }
         if self.method == Method::CoreIsoCts {
-            write!(f, ",{}", self.common_fraction())?;
+            out.push_str(&format!(",{}", self.common_fraction()));
         }
-        Ok(())
+        out
     }
 }
 

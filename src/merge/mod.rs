@@ -8,6 +8,7 @@ mod align_cache;
 mod core;
 mod dare;
 mod delta;
+mod delta_file;
 mod error;
 mod key;
 mod methods;
@@ -21,6 +22,7 @@ pub use align::{Alignment, Factors, SVD_CUT, align, align_with_cut, dense_concat
 pub use align_cache::{AlignmentCache, AlignmentStats};
 pub use core::{Bases, CORE_CUT, CoreBasis, core_basis};
 pub use delta::{MergedDelta, ModuleDelta};
+pub use delta_file::{DELTA_FORMAT_VERSION, DeltaFileError};
 pub use error::MergeError;
 pub use key::{KeyMember, MergeKey};
 pub use methods::{merge, merge_cached};

@@ -4,6 +4,7 @@
 //! [`GenStream`]; dropping the stream cancels the job. The other calls are synchronous and
 //! heavy, and the server makes them from blocking threads.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,6 +34,8 @@ pub struct BaseInfo {
     pub context_length: usize,
     /// Other names adapters may give in `base_model_name_or_path` (an upstream repo id, …).
     pub aliases: Vec<String>,
+    /// The files holding its weights; the shared merge store keys on their digest.
+    pub weights: Vec<PathBuf>,
 }
 
 /// One chat message.

@@ -8,12 +8,12 @@
 //! pending evictions and asks the backend to drop conversions of deltas nobody holds.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use moka::future::Cache;
 
 use super::backend::Backend;
+use super::merge_store::MergeStore;
 use super::metrics;
 use crate::adapters::Registered;
 use crate::merge::{self, AlignmentCache, MergeInput, MergeKey, MergeParams, MergedDelta, Silent};
@@ -34,6 +34,8 @@ pub enum Outcome {
     Miss,
     /// Another request was already merging this set; this one waited for it.
     Coalesced,
+    /// Not in this process, found in the shared merge store.
+    Fetched,
 }
 
 impl Outcome {
@@ -42,6 +44,7 @@ impl Outcome {
             Self::Hit => "hit",
             Self::Miss => "miss",
             Self::Coalesced => "coalesced",
+            Self::Fetched => "fetched",
         }
     }
 }
@@ -54,6 +57,8 @@ pub struct MergeCache {
     /// Merges computed at once: they are CPU-bound (more than the cores only adds their
     /// transient memory, a dense update per adapter for TIES and DARE, not speed).
     merging: Arc<tokio::sync::Semaphore>,
+    /// The shared store below this cache, when configured.
+    store: Option<Arc<MergeStore>>,
 }
 
 /// Merges computed at once: the machine's cores.
@@ -64,7 +69,12 @@ fn merge_slots() -> usize {
 impl MergeCache {
     /// A cache of up to `max_bytes` of merged deltas (with `backend`'s converted copies) and
     /// `alignment_bytes` of alignments.
-    pub fn new(max_bytes: u64, alignment_bytes: u64, backend: Arc<dyn Backend>) -> Self {
+    pub fn new(
+        max_bytes: u64,
+        alignment_bytes: u64,
+        backend: Arc<dyn Backend>,
+        store: Option<Arc<MergeStore>>,
+    ) -> Self {
         let weigh = backend.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
@@ -83,6 +93,7 @@ impl MergeCache {
             alignments: Arc::new(AlignmentCache::new(alignment_bytes)),
             backend,
             merging: Arc::new(tokio::sync::Semaphore::new(merge_slots())),
+            store,
         }
     }
 
@@ -95,38 +106,46 @@ impl MergeCache {
         params: MergeParams,
     ) -> Result<(Arc<CachedMerge>, Outcome), ApiError> {
         let present = self.cache.contains_key(&key);
-        let computed = Arc::new(AtomicBool::new(false));
-        let flag = computed.clone();
+        let how = Arc::new(std::sync::Mutex::new(None));
+        let found = how.clone();
         let merge_key = key.clone();
         let alignments = self.alignments.clone();
         let merging = self.merging.clone();
+        let store = self.store.clone();
         let entry = self
             .cache
             .try_get_with(key, async move {
-                flag.store(true, Ordering::SeqCst);
+                if let Some(fetched) = fetch_stored(store.as_deref(), &merge_key).await {
+                    *lock(&found) = Some(Outcome::Fetched);
+                    return Ok(fetched);
+                }
+                *lock(&found) = Some(Outcome::Miss);
                 let _slot = merging
                     .acquire_owned()
                     .await
                     .map_err(|e| ApiError::internal(format!("merge slots closed: {e}")))?;
-                tokio::task::spawn_blocking(move || {
+                let merged = tokio::task::spawn_blocking(move || {
                     let merged = run_merge(merge_key, &members, &params, &alignments);
                     release_free_memory();
                     merged
                 })
                 .await
-                .map_err(|e| ApiError::internal(format!("merge task failed: {e}")))?
+                .map_err(|e| ApiError::internal(format!("merge task failed: {e}")))??;
+                if let Some(store) = store {
+                    tokio::spawn(save_stored(store, merged.clone()));
+                }
+                Ok(merged)
             })
             .await
             .map_err(|e: Arc<ApiError>| clone_error(&e))?;
-        if computed.load(Ordering::SeqCst) {
+        let produced = *lock(&how);
+        if produced.is_some() {
             self.release_evicted().await;
         }
-        let outcome = if computed.load(Ordering::SeqCst) {
-            Outcome::Miss
-        } else if present {
-            Outcome::Hit
-        } else {
-            Outcome::Coalesced
+        let outcome = match produced {
+            Some(outcome) => outcome,
+            None if present => Outcome::Hit,
+            None => Outcome::Coalesced,
         };
         metrics::cache_outcome(outcome);
         metrics::cache_bytes(self.weighted_bytes());
@@ -212,6 +231,52 @@ fn run_merge(
         delta: Arc::new(delta),
         merge_ms: seconds * 1e3,
     }))
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The merge of `key` from the shared store, if there is one and it has it. A failed or refused
+/// fetch is logged and counted; the caller then computes the merge.
+async fn fetch_stored(store: Option<&MergeStore>, key: &MergeKey) -> Option<Arc<CachedMerge>> {
+    let store = store?;
+    match store.fetch(key).await {
+        Ok(Some(fetched)) => {
+            metrics::merge_store_fetch("fetched", Some(fetched.fetch_ms / 1e3));
+            tracing::info!(key = %key, ms = fetched.fetch_ms, "fetched from the merge store");
+            Some(Arc::new(CachedMerge {
+                key: key.clone(),
+                delta: Arc::new(fetched.delta),
+                merge_ms: fetched.fetch_ms,
+            }))
+        }
+        Ok(None) => {
+            metrics::merge_store_fetch("absent", None);
+            None
+        }
+        Err(e) => {
+            metrics::merge_store_fetch("failed", None);
+            tracing::warn!(key = %key, error = %e, "merge store fetch failed; computing");
+            None
+        }
+    }
+}
+
+/// Writes a computed merge to the shared store (in the background: the request does not wait).
+async fn save_stored(store: Arc<MergeStore>, merged: Arc<CachedMerge>) {
+    let outcome = match store
+        .save(&merged.key, merged.delta.clone(), merged.merge_ms)
+        .await
+    {
+        Ok(true) => "written",
+        Ok(false) => "present",
+        Err(e) => {
+            tracing::warn!(key = %merged.key, error = %e, "merge store write failed");
+            "failed"
+        }
+    };
+    metrics::merge_store_write(outcome);
 }
 
 /// Returns the heap's free pages to the operating system. A merge's transient buffers (dense

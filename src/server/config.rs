@@ -8,6 +8,7 @@
 //! merge_cache_bytes = 2147483648
 //! alignment_cache_bytes = 536870912
 //! state_db = "knots-state.db"
+//! merge_store = "s3://merges/knots"
 //!
 //! [[bundles]]
 //! name = "support"
@@ -110,10 +111,20 @@ pub struct ServeArgs {
     /// [default: none].
     #[arg(long, env = "KNOTS_METRICS_COMPAT")]
     pub metrics_compat: Option<String>,
-    /// SQLite database of durable state (run-time adapter changes, experiment requests and
-    /// feedback); `:memory:` keeps nothing [default: knots-state.db].
+    /// Durable state (run-time adapter changes, experiments, their requests and feedback): a
+    /// SQLite file, `:memory:` (keeps nothing), or `postgres://user@host/db` shared by replicas
+    /// [default: knots-state.db].
     #[arg(long, env = "KNOTS_STATE_DB")]
     pub state_db: Option<PathBuf>,
+    /// Shared store of computed merges below the in-process cache, for replicas to share:
+    /// `file:///dir` (or a directory path) or `s3://bucket/prefix` (credentials and endpoint from
+    /// the AWS_* environment variables) [default: none].
+    #[arg(long, env = "KNOTS_MERGE_STORE")]
+    pub merge_store: Option<String>,
+    /// Local directory adapters registered by URI (s3://, hf://) are fetched into
+    /// [default: knots-adapter-cache].
+    #[arg(long, env = "KNOTS_ADAPTER_CACHE")]
+    pub adapter_cache: Option<PathBuf>,
 }
 
 /// The `--config` file: the same settings, plus bundles and experiments.
@@ -143,6 +154,8 @@ struct ConfigFile {
     max_step_tokens: Option<usize>,
     kv_cache_bytes: Option<usize>,
     state_db: Option<PathBuf>,
+    merge_store: Option<String>,
+    adapter_cache: Option<PathBuf>,
     metrics_compat: Option<String>,
     #[serde(default)]
     bundles: Vec<BundleConfig>,
@@ -169,10 +182,17 @@ pub struct ServeConfig {
     pub experiments: Vec<Experiment>,
     /// `None`: in memory only.
     pub state_db: Option<PathBuf>,
+    /// URI of the shared merge store, if any.
+    pub merge_store: Option<String>,
+    /// Where remote adapters are fetched to.
+    pub adapter_cache: PathBuf,
     pub metrics_compat: Compat,
 }
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+/// Where adapters registered by URI are fetched to unless `--adapter-cache` says otherwise.
+pub const DEFAULT_ADAPTER_CACHE: &str = "knots-adapter-cache";
 
 /// Where durable state lives unless `--state-db` says otherwise.
 pub const DEFAULT_STATE_DB: &str = "knots-state.db";
@@ -276,6 +296,11 @@ impl ServeConfig {
                 Some(p) => Some(p),
                 None => Some(PathBuf::from(DEFAULT_STATE_DB)),
             },
+            merge_store: args.merge_store.or(file.merge_store),
+            adapter_cache: args
+                .adapter_cache
+                .or(file.adapter_cache)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ADAPTER_CACHE)),
         })
     }
 }

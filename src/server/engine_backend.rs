@@ -99,6 +99,7 @@ impl EngineBackend {
                     kind,
                     context_length,
                     aliases,
+                    weights: path.weight_files(),
                 },
                 model,
             ));

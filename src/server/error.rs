@@ -177,6 +177,7 @@ impl From<AdapterError> for ApiError {
             AdapterError::Io { .. }
             | AdapterError::OutputExists { .. }
             | AdapterError::Export { .. } => Self::internal(e),
+            AdapterError::Source { .. } => Self::bad("uri", e.to_string()),
             other => Self::bad("adapter", other.to_string()),
         }
     }

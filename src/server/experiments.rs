@@ -382,6 +382,39 @@ impl Experiments {
         })
     }
 
+    /// Takes what another replica sharing the state database stored since: experiments it
+    /// created, and the lifecycle (weights, paused arms, status) of each one. Returns how many
+    /// experiments changed.
+    pub fn refresh(&self) -> Result<usize, StoreError> {
+        let stored = self.store.experiments()?;
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+        let mut changed = 0;
+        for s in stored {
+            let life = serde_json::from_str::<Lifecycle>(&s.lifecycle).ok();
+            if let Some(e) = list.iter().find(|e| e.name == s.name) {
+                if let Some(life) = life
+                    && life.weights.keys().eq(e.lifecycle().weights.keys())
+                    && life != e.lifecycle()
+                {
+                    *e.life.write().unwrap_or_else(|p| p.into_inner()) = life;
+                    changed += 1;
+                }
+                continue;
+            }
+            let parsed = serde_json::from_str::<ExperimentConfig>(&s.config)
+                .map_err(|e| e.to_string())
+                .and_then(Experiment::from_config);
+            if let Ok(e) = parsed {
+                if let Some(life) = life {
+                    *e.life.write().unwrap_or_else(|p| p.into_inner()) = life;
+                }
+                list.push(Arc::new(e));
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Experiment>> {
         self.all().into_iter().find(|e| e.name == name)
     }

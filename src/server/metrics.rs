@@ -121,6 +121,19 @@ fn describe() {
         "Merges evicted from the cache to stay within its budget."
     );
     describe_counter!(
+        "knots_merge_store_requests_total",
+        "Shared merge store lookups by outcome (fetched, absent, failed: computed instead)."
+    );
+    describe_histogram!(
+        "knots_merge_store_fetch_seconds",
+        Unit::Seconds,
+        "Time to fetch, verify and decode one merge from the shared store."
+    );
+    describe_counter!(
+        "knots_merge_store_writes_total",
+        "Shared merge store writes by outcome (written, present, failed)."
+    );
+    describe_counter!(
         "knots_alignment_cache_requests_total",
         "Alignment cache lookups per module, by outcome."
     );
@@ -194,6 +207,18 @@ pub fn merge_done(method: &'static str, seconds: f64) {
 
 pub fn cache_outcome(outcome: Outcome) {
     counter!("knots_merge_cache_requests_total", "outcome" => outcome.as_str()).increment(1);
+}
+
+/// A shared merge store lookup; `seconds` for one that fetched.
+pub fn merge_store_fetch(outcome: &'static str, seconds: Option<f64>) {
+    counter!("knots_merge_store_requests_total", "outcome" => outcome).increment(1);
+    if let Some(s) = seconds {
+        histogram!("knots_merge_store_fetch_seconds").record(s);
+    }
+}
+
+pub fn merge_store_write(outcome: &'static str) {
+    counter!("knots_merge_store_writes_total", "outcome" => outcome).increment(1);
 }
 
 pub fn cache_bytes(bytes: u64) {

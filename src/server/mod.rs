@@ -17,12 +17,14 @@ pub mod error;
 pub mod evaluate;
 pub mod experiments;
 pub mod inflight;
+pub mod merge_store;
 pub mod metrics;
 pub mod resolve;
 pub mod routes;
 pub mod spec;
 pub mod state;
 pub mod store;
+pub mod sync;
 pub mod wire;
 
 use std::future::Future;

@@ -13,9 +13,10 @@ use super::bundles::Bundle;
 use super::cache::MergeCache;
 use super::experiments::Experiments;
 use super::inflight::InFlight;
+use super::merge_store::MergeStore;
 use super::metrics::Compat;
 use super::store::Store;
-use crate::adapters::Registry;
+use crate::adapters::{AdapterCache, Registry};
 use crate::server::error::ApiError;
 
 /// Limits, validated at start-up.
@@ -61,6 +62,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// Directories adapters may be registered from at run time.
     pub adapter_roots: Arc<Vec<PathBuf>>,
+    /// Where adapters registered by URI are fetched to.
+    pub adapter_cache: Arc<AdapterCache>,
     pub inflight: Arc<InFlight>,
     /// Extra metric names for routers built for another engine.
     pub metrics_compat: Compat,
@@ -80,7 +83,10 @@ pub struct StateParts {
     pub limits: Limits,
     pub merge_cache_bytes: u64,
     pub alignment_cache_bytes: u64,
+    /// The shared merge store below the cache, if configured.
+    pub merge_store: Option<Arc<MergeStore>>,
     pub adapter_roots: Vec<PathBuf>,
+    pub adapter_cache: AdapterCache,
     pub metrics_compat: Compat,
 }
 
@@ -93,6 +99,7 @@ impl AppState {
             parts.merge_cache_bytes,
             parts.alignment_cache_bytes,
             parts.backend.clone(),
+            parts.merge_store,
         );
         Self {
             backend: parts.backend,
@@ -108,6 +115,7 @@ impl AppState {
             metrics_compat: parts.metrics_compat,
             limits: Arc::new(parts.limits),
             adapter_roots: Arc::new(parts.adapter_roots),
+            adapter_cache: Arc::new(parts.adapter_cache),
             shutting_down: Arc::new(AtomicBool::new(false)),
         }
     }

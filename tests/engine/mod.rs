@@ -9,7 +9,9 @@ mod memory;
 mod minilm;
 mod process;
 mod routes;
+mod scale_out;
 mod serving;
+mod shared_state;
 mod smollm2;
 mod sources;
 

@@ -12,6 +12,11 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `knots serve` with `args` from the repository root and waits until it is ready.
     pub async fn start(args: &[String]) -> Self {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// [`ServerProcess::start`] with extra environment variables.
+    pub async fn start_with_env(args: &[String], env: &[(&str, String)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -22,6 +27,7 @@ impl ServerProcess {
             .arg("serve")
             .args(args)
             .args(["--port", &port.to_string()])
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -77,7 +77,11 @@ pub async fn start_configured(
         limits: Limits::default(),
         merge_cache_bytes: 1 << 30,
         alignment_cache_bytes: 64 << 20,
+        merge_store: None,
         adapter_roots: Vec::new(),
+        adapter_cache: knots::adapters::AdapterCache::new(
+            std::env::temp_dir().join("knots-test-adapter-cache"),
+        ),
         metrics_compat: Compat::None,
     };
     configure(&mut parts);

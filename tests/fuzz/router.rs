@@ -48,12 +48,14 @@ impl Backend for InstantBackend {
                 kind: BaseKind::Generator,
                 context_length: 64,
                 aliases: vec!["org/gen-base".into()],
+                weights: Vec::new(),
             },
             BaseInfo {
                 id: "enc".into(),
                 kind: BaseKind::Encoder,
                 context_length: 64,
                 aliases: vec!["org/enc-base".into()],
+                weights: Vec::new(),
             },
         ]
     }
@@ -218,7 +220,11 @@ impl Env {
                 },
                 merge_cache_bytes: 16 << 20,
                 alignment_cache_bytes: 16 << 20,
+                merge_store: None,
                 adapter_roots: vec![spare.clone()],
+                adapter_cache: knots::adapters::AdapterCache::new(
+                    std::env::temp_dir().join("knots-test-adapter-cache"),
+                ),
                 metrics_compat: Compat::None,
             });
             app(state)

@@ -43,7 +43,11 @@ pub async fn list_adapters(State(state): State<AppState>, caller: Caller) -> Jso
 pub struct RegisterRequest {
     pub name: String,
     /// A directory inside one of the server's adapter roots.
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
+    /// Or a URI: `s3://bucket/prefix`, `hf://org/name[@revision]`, `file:///dir`.
+    pub uri: Option<String>,
+    /// The SHA-256 the adapter's content must have (as `GET /v1/adapters` reports it).
+    pub digest: Option<String>,
 }
 
 /// Checks that `caller` is an admin and `name` a valid adapter name.
@@ -72,11 +76,26 @@ pub async fn register(
             what: format!("adapter {:?}", req.name),
         });
     }
-    let dir = adapter_admin::allowed_dir(&state.adapter_roots, &req.path)?;
-    let entry = load(&state, dir.clone(), req.name.clone()).await?;
+    let source = match (&req.path, &req.uri) {
+        (Some(path), None) => path.to_string_lossy().into_owned(),
+        (None, Some(uri)) => uri.clone(),
+        _ => return Err(ApiError::bad("path", "give exactly one of path and uri")),
+    };
+    let (entry, source) = adapter_admin::fetch_and_load(
+        &state.bases,
+        &state.adapter_roots,
+        &state.adapter_cache,
+        &source,
+        req.name.clone(),
+        req.digest.as_deref(),
+    )
+    .await?;
     let body = describe(&entry);
     // Stored before it is served or acknowledged, so a restart registers it again.
-    state.store.adapter_registered(&req.name, &dir)?;
+    let digest = entry.adapter.digest.to_string();
+    state
+        .store
+        .adapter_registered(&req.name, &source, &digest)?;
     state.registry.insert(entry);
     Ok(Json(body))
 }
