@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint docker-check deploy-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example
+.PHONY: test data fmt lint doc unit test-services docker-lint docker-check deploy-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example
 
 test: data models fmt lint doc docker-lint deploy-check unit
 
@@ -50,8 +50,16 @@ deploy-check:
 	$(PYTHON) deploy/kubernetes/validate.py $(addprefix --crd ,$(DEPLOY_CRDS))
 	$(PYTHON) deploy/kubernetes/validate.py --self-test
 
-unit: data models
+unit: data models test-services
 	$(CARGO) test
+
+# Services the integration tests start on loopback: an S3-compatible server (moto) and
+# PostgreSQL (Debian's server binaries; the package also creates the postgres user the tests
+# run it as when they run as root).
+test-services:
+	@$(PYTHON) -c "import moto.server, flask" 2>/dev/null || $(PYTHON) -m pip install --quiet "moto[server]"
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 bench:
 	$(CARGO) bench --bench merge

@@ -5,6 +5,7 @@
 mod delta;
 mod durability;
 mod experiments;
+mod fleet;
 mod memory;
 mod minilm;
 mod process;
