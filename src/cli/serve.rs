@@ -14,7 +14,7 @@ use crate::server::experiments::Experiments;
 use crate::server::merge_store::MergeStore;
 use crate::server::state::{AppState, StateParts};
 use crate::server::store::{self, Store};
-use crate::server::{adapter_admin, attach_base, serve, shutdown_signal, sync};
+use crate::server::{adapter_admin, attach_base, metrics_app, serve, shutdown_signal, sync};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig::resolve(args).map_err(anyhow::Error::msg)?;
@@ -34,6 +34,9 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
         format!("{}:{}", config.host, config.port),
         config.shutdown_grace,
     );
+    let metrics_address = config
+        .metrics_port
+        .map(|port| format!("{}:{port}", config.host));
     // Replicas sharing a PostgreSQL state database take each other's changes.
     let shared_state = config
         .state_db
@@ -47,6 +50,18 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&address)
         .await
         .with_context(|| format!("binding {address}"))?;
+    if let Some(address) = metrics_address {
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding the metrics port {address}"))?;
+        tracing::info!(%address, "serving metrics without a key");
+        let app = metrics_app(state.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                tracing::error!(%error, "the metrics listener stopped");
+            }
+        });
+    }
     tracing::info!(%address, "serving");
     serve(listener, state, shutdown_signal(), grace).await?;
     tracing::info!("stopped");

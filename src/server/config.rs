@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// [default: knots-adapter-cache].
     #[arg(long, env = "KNOTS_ADAPTER_CACHE")]
     pub adapter_cache: Option<PathBuf>,
+    /// A second port serving /metrics, /health and /ready without an API key, for routers and
+    /// Prometheus on a private network [default: none].
+    #[arg(long, env = "KNOTS_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
 }
 
 /// The `--config` file: the same settings, plus bundles and experiments.
@@ -156,6 +160,7 @@ struct ConfigFile {
     state_db: Option<PathBuf>,
     merge_store: Option<String>,
     adapter_cache: Option<PathBuf>,
+    metrics_port: Option<u16>,
     metrics_compat: Option<String>,
     #[serde(default)]
     bundles: Vec<BundleConfig>,
@@ -186,6 +191,7 @@ pub struct ServeConfig {
     pub merge_store: Option<String>,
     /// Where remote adapters are fetched to.
     pub adapter_cache: PathBuf,
+    pub metrics_port: Option<u16>,
     pub metrics_compat: Compat,
 }
 
@@ -301,6 +307,7 @@ impl ServeConfig {
                 .adapter_cache
                 .or(file.adapter_cache)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ADAPTER_CACHE)),
+            metrics_port: args.metrics_port.or(file.metrics_port),
         })
     }
 }

@@ -113,6 +113,16 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The router of the `--metrics-port` listener: metrics, liveness and readiness, no key.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(routes::health::health))
+        .route("/ready", get(routes::health::ready))
+        .route("/metrics", get(routes::health::prometheus_open))
+        .fallback(|| async { ApiError::not_found("route") })
+        .with_state(state)
+}
+
 /// Request metrics and a log line per request.
 async fn observe(req: Request, next: Next) -> Response {
     let route = req

@@ -300,3 +300,39 @@ async fn merges_and_adapters_come_from_s3_and_the_hub() {
     let (dir_text, _) = complete(&a.url, "news-lm").await;
     assert_eq!(hub_text, dir_text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_serves_metrics_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, crate::server::TEST_KEYS).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let keys = keys.display().to_string();
+    let port = port.to_string();
+    let server =
+        ServerProcess::start(&serve_args(&["--api-keys", &keys, "--metrics-port", &port])).await;
+    let get = |url: String| async move { client().get(url).send().await.unwrap() };
+    assert_eq!(get(format!("{}/metrics", server.url)).await.status(), 401);
+    let open = get(format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(open.status(), 200);
+    assert!(
+        open.text()
+            .await
+            .unwrap()
+            .contains("knots_lora_requests_info{")
+    );
+    assert_eq!(
+        get(format!("http://127.0.0.1:{port}/ready")).await.status(),
+        200
+    );
+    assert_eq!(
+        get(format!("http://127.0.0.1:{port}/v1/models"))
+            .await
+            .status(),
+        404
+    );
+}

@@ -44,12 +44,22 @@ pub async fn prometheus(
             "/metrics needs an admin or metrics key",
         ));
     }
+    Ok(render(&state))
+}
+
+/// The metrics text without a key, for the `--metrics-port` listener: routers and Prometheus
+/// that cannot send a bearer token scrape it on a port the cluster network keeps private.
+pub async fn prometheus_open(State(state): State<AppState>) -> impl IntoResponse {
+    render(&state)
+}
+
+fn render(state: &AppState) -> impl IntoResponse + use<> {
     let engines = state.backend.engine_stats();
-    Ok((
+    (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
         metrics::render(&engines, &state.inflight.running(), state.metrics_compat),
-    ))
+    )
 }
