@@ -7,7 +7,12 @@
 //! - `knots merge` end to end on 6 rank-16 adapters at Llama-3-8B's attention shapes, one timed
 //!   run per method with its peak resident memory (only when the filter names `llama3`).
 //!
-//! Run with `cargo bench --bench merge` (or `-- vit_l14`, `-- llama3`).
+//! - the shared merge store: computing a merge against fetching it (read, verify, decode) from a
+//!   directory store, or an S3 store named by `KNOTS_BENCH_S3` (`s3://bucket/prefix`, with the
+//!   `AWS_*` variables), for SmolLM2-sized sets and a Llama-3-8B-shaped one (only when the
+//!   filter names `store`).
+//!
+//! Run with `cargo bench --bench merge` (or `-- vit_l14`, `-- llama3`, `-- store`).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -19,9 +24,11 @@ use knots::adapters::{AdapterDigest, ExportInfo, LoraAdapter, LoraModule, write_
 use knots::cli::merge::{Format, MergeArgs, MergeFlags};
 use knots::matrix::Matrix;
 use knots::merge::{
-    self, AlignmentCache, Factors, MergeInput, MergeOptions, MergeParams, MergedDelta, Method,
-    ModuleDelta, Silent, align,
+    self, AlignmentCache, Factors, MergeInput, MergeKey, MergeOptions, MergeParams, MergedDelta,
+    Method, ModuleDelta, Silent, align,
 };
+use knots::server::backend::{BaseInfo, BaseKind};
+use knots::server::merge_store::MergeStore;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -252,6 +259,74 @@ fn bench_llama3(_: &mut Criterion) {
     }
 }
 
+/// Merge compute time against store fetch time (run alone: `cargo bench --bench merge -- store`).
+fn bench_store(_: &mut Criterion) {
+    if !std::env::args().skip(1).any(|a| a.contains("store")) {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut stores = vec![format!("file://{}", dir.path().display())];
+    stores.extend(std::env::var("KNOTS_BENCH_S3").ok());
+    let base = BaseInfo {
+        id: "base".into(),
+        kind: BaseKind::Generator,
+        context_length: 1,
+        aliases: Vec::new(),
+        weights: Vec::new(),
+    };
+    let cases = [
+        (
+            "smollm2_attention_8x16",
+            adapters(&smollm2_attention()),
+            Method::KnotsTies,
+        ),
+        (
+            "smollm2_attention_8x16",
+            adapters(&smollm2_attention()),
+            Method::Ties,
+        ),
+        (
+            "llama3_8b_attention_6x16",
+            adapters_n(6, &llama3_8b_attention()),
+            Method::KnotsTies,
+        ),
+    ];
+    println!("merge store: compute vs fetch (fetch: median of 5)");
+    for (shape, set, method) in cases {
+        let inputs: Vec<_> = set.iter().map(MergeInput::new).collect();
+        let params = MergeParams::new(method, MergeOptions::default()).expect("defaults are valid");
+        let started = Instant::now();
+        let delta = std::sync::Arc::new(merge::merge(&inputs, &params, &Silent).expect("merge"));
+        let compute = started.elapsed().as_secs_f64();
+        let members = set.iter().map(|a| (a.name.clone(), a.digest, 1.0));
+        let key = MergeKey::new("base", members, &params).expect("key");
+        for uri in &stores {
+            let store = MergeStore::open(uri, std::slice::from_ref(&base)).expect("store");
+            runtime
+                .block_on(store.save(&key, delta.clone(), compute * 1e3))
+                .expect("save");
+            let mut times: Vec<f64> = (0..5)
+                .map(|_| {
+                    let started = Instant::now();
+                    let fetched = runtime.block_on(store.fetch(&key)).expect("fetch");
+                    assert!(fetched.is_some_and(|f| f.delta == *delta));
+                    started.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            println!(
+                "  {shape:<26} {:<10} {:>7.1} MB  compute {compute:7.3} s  fetch {:7.3} s ({:.0}x)  {}",
+                method.as_str(),
+                delta.bytes() as f64 / 1e6,
+                times[2],
+                compute / times[2],
+                uri.split(':').next().unwrap_or(""),
+            );
+        }
+    }
+}
+
 fn merge_args(paths: &[PathBuf], out: &Path, method: Method) -> MergeArgs {
     MergeArgs {
         adapters: paths.to_vec(),
@@ -310,6 +385,7 @@ criterion_group!(
     bench_alignment,
     bench_merges,
     bench_vit_l14,
-    bench_llama3
+    bench_llama3,
+    bench_store
 );
 criterion_main!(benches);
