@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::process::{ServerProcess, client};
+use super::process::{ServerProcess, client, smollm2_args};
 use super::scale_out::metric;
 use super::shared_state::PgServer;
 
@@ -180,21 +180,14 @@ async fn a_fleet_routes_by_affinity_shares_merges_and_survives_a_kill() {
     let pg = PgServer::start().await;
     let store = tempfile::tempdir().unwrap();
     let store_uri = format!("file://{}", store.path().display());
-    let args: Vec<String> = [
-        "--model",
-        "smollm2-135m-instruct",
-        "--adapters",
-        "models/adapters",
+    let args = smollm2_args(&[
         "--state-db",
         &pg.url,
         "--merge-store",
         &store_uri,
         "--merge-cache-bytes",
         "67108864",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let mut replicas = Vec::new();
     for _ in 0..3 {
         replicas.push(Some(ServerProcess::start(&args).await));

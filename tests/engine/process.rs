@@ -17,11 +17,7 @@ impl ServerProcess {
 
     /// [`ServerProcess::start`] with extra environment variables.
     pub async fn start_with_env(args: &[String], env: &[(&str, String)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_knots"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .arg("serve")
@@ -88,4 +84,27 @@ pub fn client() -> reqwest::Client {
 pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
     let r = client.get(url).send().await.unwrap();
     r.json().await.unwrap()
+}
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `knots serve` arguments for SmolLM2 with the committed adapters, then `extra`.
+pub fn smollm2_args(extra: &[&str]) -> Vec<String> {
+    [
+        "--model",
+        "smollm2-135m-instruct",
+        "--adapters",
+        "models/adapters",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
 }

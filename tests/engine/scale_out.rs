@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::process::{ServerProcess, client};
+use super::process::{ServerProcess, client, free_port, smollm2_args};
 
 /// A completion's text and its `x-knots-merge` header.
 async fn complete(url: &str, model: &str) -> (String, String) {
@@ -54,15 +54,7 @@ pub async fn await_writes(url: &str, n: f64) {
 }
 
 fn serve_args(extra: &[&str]) -> Vec<String> {
-    let base = [
-        "--model",
-        "smollm2-135m-instruct",
-        "--adapters",
-        "models/adapters",
-        "--state-db",
-        ":memory:",
-    ];
-    base.iter().chain(extra).map(|s| s.to_string()).collect()
+    smollm2_args(&[&["--state-db", ":memory:"], extra].concat())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -125,11 +117,7 @@ pub struct S3Server {
 
 impl S3Server {
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new("python3")
             .args([
                 "-m",
@@ -306,11 +294,7 @@ async fn the_metrics_port_serves_metrics_without_a_key() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.toml");
     std::fs::write(&keys, crate::server::TEST_KEYS).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let keys = keys.display().to_string();
     let port = port.to_string();
     let server =

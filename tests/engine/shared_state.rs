@@ -10,7 +10,7 @@ use std::time::Duration;
 use knots::server::store::{AdapterChange, Refusal, Store};
 use serde_json::{Value, json};
 
-use super::process::{ServerProcess, client};
+use super::process::{ServerProcess, client, free_port, smollm2_args};
 
 /// A PostgreSQL server in a temporary directory on a free loopback port (trust auth, user
 /// `knots`), stopped when dropped. Run as the `postgres` user when the tests run as root.
@@ -57,11 +57,7 @@ impl PgServer {
             .status()
             .unwrap();
         assert!(init.success(), "initdb failed");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = as_postgres_user(pg_bin("postgres"))
             .arg("-D")
             .arg(&data)
@@ -191,17 +187,7 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_on_one_database_agree() {
     let pg = PgServer::start().await;
-    let args: Vec<String> = [
-        "--model",
-        "smollm2-135m-instruct",
-        "--adapters",
-        "models/adapters",
-        "--state-db",
-        &pg.url,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = smollm2_args(&["--state-db", &pg.url]);
     let a = ServerProcess::start(&args).await;
     let b = ServerProcess::start(&args).await;
     let prompt = |model: &str| json!({"model": model, "prompt": "Hello", "max_tokens": 2});
