@@ -3,17 +3,21 @@
 
 No cluster is involved. Every YAML file here must parse; then:
 
-- Kubernetes' own kinds (Deployment, Service, ConfigMap, HorizontalPodAutoscaler) are validated
-  strictly (unknown fields are errors) against the OpenAPI schemas of each Kubernetes version in
-  K8S_VERSIONS, as bundled by the `kubernetes-validate` package;
+- Kubernetes' own kinds (Deployment, Service, ConfigMap, HorizontalPodAutoscaler, NetworkPolicy)
+  are validated strictly (unknown fields are errors) against the OpenAPI schemas of each
+  Kubernetes version in K8S_VERSIONS, as bundled by the `kubernetes-validate` package;
 - InferencePool and HTTPRoute against the hand-written schemas in schemas/, and, with
   `--crd FILE` (repeatable), also against the openAPIV3Schema of those CustomResourceDefinitions
   (made strict the same way);
 - the endpoint picker's EndpointPickerConfig (inside the `knots-epp` ConfigMap) against
   schemas/endpointpickerconfig-v1alpha1.schema.yaml plus the picker's own loader rules;
 - names, labels, ports and references agree across the manifests, and with knots itself: flags
-  and environment variables with src/server/config.rs, probe paths with the server's routes,
-  metric names and labels with src/server/metrics.rs, volumes and user with docker/Dockerfile.
+  and environment variables with src/server/config.rs, probe and scrape paths with the routes of
+  the server's two listeners (src/server/mod.rs), metric names and labels with
+  src/server/metrics.rs, volumes, user and default environment with docker/Dockerfile; the
+  endpoint picker scrapes the keyless --metrics-port, which no Service exposes and the
+  NetworkPolicy admits only from named peers; what knots writes is on a writable volume; replicas
+  share their state database.
 
 Prints one line per check and ends with `deploy-check: N passed, M failed`; exits 1 on a failure.
 """
@@ -46,9 +50,6 @@ CUSTOM_SCHEMAS = {
 }
 EPP_SCHEMA = "knots-deploy/endpointpickerconfig-v1alpha1"
 EPP_CONFIGMAP, EPP_KEY = "knots-epp", "knots-epp.yaml"
-
-# `knots serve` flags another change is adding: reported, not failed, while config.rs lacks them.
-PENDING_FLAGS = {"merge-store"}
 
 # The endpoint picker's LoRA info labels (the model server protocol's names).
 LORA_LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
@@ -246,34 +247,52 @@ def check_cel_rules(report: Report, pool: dict, route: dict) -> None:
 # --- knots' own facts, read from its source -----------------------------------------------------
 
 
-def serve_flags() -> tuple[set[str], set[str]]:
-    """`knots serve` flag names and environment variables, from ServeArgs in config.rs."""
+def serve_flags() -> dict[str, str | None]:
+    """`knots serve` flag names and their environment variables, from ServeArgs in config.rs."""
     text = (ROOT / "src/server/config.rs").read_text()
     body = text[text.index("pub struct ServeArgs") :]
     body = body[: body.index("\n}\n")]
-    flags, envs = set(), set()
+    flags = {}
     for attr, field in re.findall(r"#\[arg\(([^]]*)\)\]\s*pub (\w+):", body, re.S):
         long = re.search(r'long\s*=\s*"([^"]+)"', attr)
-        flags.add(long.group(1) if long else field.replace("_", "-"))
-        envs.update(re.findall(r'env\s*=\s*"([^"]+)"', attr))
-    return flags, envs
+        env = re.search(r'env\s*=\s*"([^"]+)"', attr)
+        flags[long.group(1) if long else field.replace("_", "-")] = env.group(1) if env else None
+    return flags
 
 
 def knots_routes() -> set[str]:
+    """Every path the servers route: the API listener's and the metrics listener's."""
     text = (ROOT / "src/server/mod.rs").read_text()
     return set(re.findall(r'\.route\(\s*"([^"]+)"', text))
+
+
+def metrics_routes() -> set[str]:
+    """The paths of the --metrics-port listener (served without a key): `metrics_app`."""
+    text = (ROOT / "src/server/mod.rs").read_text()
+    body = text[text.index("pub fn metrics_app") :]
+    body = body[: body.index("\n}\n")]
+    return set(re.findall(r'\.route\(\s*"([^"]+)"', body))
+
+
+def is_postgres(spec: str) -> bool:
+    """As store::is_postgres: a state database shared by replicas."""
+    return spec.startswith(("postgres://", "postgresql://"))
 
 
 def knots_metrics() -> str:
     return (ROOT / "src/server/metrics.rs").read_text()
 
 
-def dockerfile() -> tuple[list[str], str, set[str]]:
+def dockerfile() -> tuple[list[str], str, dict[str, str]]:
     text = (ROOT / "docker/Dockerfile").read_text()
     volumes = yaml.safe_load(re.search(r"^VOLUME (\[.*\])$", text, re.M).group(1))
     user = re.search(r"^USER (\S+)$", text, re.M).group(1)
-    env = set(re.findall(r"\b(KNOTS_[A-Z_]+)=", text))
+    env = dict(re.findall(r"\b(KNOTS_[A-Z_]+)=(\S+)", text))
     return volumes, user, env
+
+
+class FromSecret(str):
+    """A setting whose value is in a Secret (`name/key`): not readable here."""
 
 
 # --- Consistency --------------------------------------------------------------------------------
@@ -307,46 +326,83 @@ def container_args(container: dict) -> dict[str, str]:
     return args
 
 
+def knots_container(dep: dict) -> dict:
+    containers = dep["spec"]["template"]["spec"]["containers"]
+    return next((c for c in containers if c["name"] == "knots"), containers[0])
+
+
+def serve_settings(knots: dict, args: dict, flags: dict, docker_env: dict) -> dict[str, str]:
+    """The container's effective `knots serve` settings by flag name: the image's ENV, under the
+    container's KNOTS_* variables (a FromSecret for one read from a Secret), under its args."""
+    by_env = {env: flag for flag, env in flags.items() if env}
+    settings = {by_env[k]: v for k, v in docker_env.items() if k in by_env}
+    for e in knots.get("env", []):
+        if e["name"] in by_env:
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            settings[by_env[e["name"]]] = (
+                FromSecret(f"{ref['name']}/{ref['key']}") if ref else str(e.get("value", ""))
+            )
+    settings.update(args)
+    return settings
+
+
+def under(path: str, dirs: set[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
 def check_deployment(report: Report, dep: dict) -> tuple[dict, dict, dict]:
+    """Returns the pod labels, the container ports by name and the effective knots settings."""
     spec = dep["spec"]
     pod = spec["template"]
     labels = pod["metadata"]["labels"]
     report.check(subset(spec["selector"]["matchLabels"], labels),
                  "Deployment selector matches its pod labels")
     report.check("replicas" not in spec, "Deployment leaves the replica count to the HPA")
-    containers = pod["spec"]["containers"]
-    knots = next((c for c in containers if c["name"] == "knots"), containers[0])
+    knots = knots_container(dep)
     args = container_args(knots)
     report.check(knots.get("args", [None])[0] == "serve", "container runs `knots serve`")
 
-    flags, envs = serve_flags()
-    unknown = sorted(set(args) - flags - PENDING_FLAGS)
+    flags = serve_flags()
+    unknown = sorted(set(args) - set(flags))
     report.check(not unknown, "every flag in args is a `knots serve` flag (config.rs)",
                  ", ".join(unknown))
-    for flag in sorted((set(args) & PENDING_FLAGS) - flags):
-        report.note(f"--{flag} is not in config.rs yet (pending change)")
     volumes, user, docker_env = dockerfile()
     env_names = {e["name"] for e in knots.get("env", []) if e["name"].startswith("KNOTS_")}
-    unknown_env = sorted(env_names - envs - docker_env)
+    unknown_env = sorted(env_names - set(flags.values()) - set(docker_env))
     report.check(not unknown_env, "every KNOTS_* variable is read by knots (config.rs, Dockerfile)",
                  ", ".join(unknown_env))
-    if "metrics-compat" in args:
-        report.check(args["metrics-compat"] in ("none", "vllm"), "--metrics-compat is none or vllm")
+    settings = serve_settings(knots, args, flags, docker_env)
+    if "metrics-compat" in settings:
+        report.check(settings["metrics-compat"] in ("none", "vllm"),
+                     "--metrics-compat is none or vllm")
 
     ports = {p.get("name"): p["containerPort"] for p in knots.get("ports", [])}
-    report.check(int(args.get("port", 8000)) in ports.values(),
-                 "the container port is knots' --port", f"{args.get('port')} vs {ports}")
-    routes = knots_routes()
+    api_port = int(settings.get("port", 8000))
+    report.check(api_port in ports.values(),
+                 "the container port is knots' --port", f"{api_port} vs {ports}")
+    metrics_port = settings.get("metrics-port")
+    report.check(
+        metrics_port is not None and int(metrics_port) == ports.get("metrics")
+        and int(metrics_port) != api_port,
+        "knots' --metrics-port is the container port `metrics`, apart from --port",
+        f"--metrics-port {metrics_port}, ports {ports}",
+    )
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         get = knots.get(probe, {}).get("httpGet")
         if not report.check(get is not None, f"{probe} is an HTTP GET"):
             continue
         port = ports.get(get["port"]) if isinstance(get["port"], str) else get["port"]
+        routes = metrics_routes() if port == ports.get("metrics") else knots_routes()
         report.check(get["path"] in routes and port in ports.values(),
-                     f"{probe} {get['path']} is a knots route on the container port")
+                     f"{probe} {get['path']} is a route of the knots listener on its port")
     report.check(knots.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/ready"
                  and knots.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/health",
                  "readiness is /ready and liveness is /health")
+    annotations = pod["metadata"].get("annotations", {})
+    if "prometheus.io/port" in annotations:
+        report.check(annotations["prometheus.io/port"] == str(ports.get("metrics"))
+                     and annotations.get("prometheus.io/path", "/metrics") in metrics_routes(),
+                     "the prometheus.io/* annotations name the keyless metrics port and path")
 
     mounts = {m["mountPath"] for m in knots.get("volumeMounts", [])}
     report.check(set(volumes) <= mounts, "the image's volumes are all mounted",
@@ -357,10 +413,37 @@ def check_deployment(report: Report, dep: dict) -> tuple[dict, dict, dict]:
     used = {m["name"] for m in knots.get("volumeMounts", [])}
     report.check(used <= declared, "every volume mount names a pod volume",
                  f"{sorted(used - declared)}")
+
+    # What knots writes must be on a writable mount when the root file system is read-only.
+    if knots.get("securityContext", {}).get("readOnlyRootFilesystem"):
+        writable = {m["mountPath"] for m in knots.get("volumeMounts", []) if not m.get("readOnly")}
+        env = {e["name"]: e.get("value") for e in knots.get("env", [])}
+        written = {"--adapter-cache": settings.get("adapter-cache", "knots-adapter-cache")}
+        state_db = settings.get("state-db", "knots-state.db")
+        if not isinstance(state_db, FromSecret) and not is_postgres(state_db) \
+                and state_db != ":memory:":
+            written["--state-db"] = state_db
+        if env.get("HF_HUB_CACHE"):
+            written["HF_HUB_CACHE"] = env["HF_HUB_CACHE"]
+        for what, path in written.items():
+            report.check(path.startswith("/") and under(path, writable),
+                         f"{what} ({path}) is on a writable volume (read-only root file system)",
+                         f"writable mounts {sorted(writable)}")
+
+    store = settings.get("merge-store")
+    if store is not None:
+        report.check(store.startswith(("s3://", "file:///")) or store.startswith("/"),
+                     f"--merge-store {store} is s3://bucket/prefix, file:///dir or a path")
+        if store.startswith("s3://"):
+            report.check(
+                any("secretRef" in e for e in knots.get("envFrom", []))
+                or "AWS_ACCESS_KEY_ID" in {e["name"] for e in knots.get("env", [])},
+                "the s3:// merge store gets AWS_* credentials (envFrom a Secret)",
+            )
     resources = knots.get("resources", {})
     report.check(bool(resources.get("requests")) and "memory" in resources.get("limits", {}),
                  "the container has resource requests and a memory limit")
-    return labels, ports, args
+    return labels, ports, settings
 
 
 def check_service(report: Report, svc: dict, labels: dict, ports: dict) -> None:
@@ -370,6 +453,8 @@ def check_service(report: Report, svc: dict, labels: dict, ports: dict) -> None:
         resolved = ports.get(target) if isinstance(target, str) else target
         report.check(resolved in ports.values(),
                      f"Service port {port['port']} targets the container port", str(target))
+        report.check(resolved != ports.get("metrics"),
+                     f"Service port {port['port']} is not the keyless metrics port")
 
 
 def check_pool(report: Report, pool: dict, labels: dict, ports: dict, args: dict) -> None:
@@ -417,6 +502,20 @@ def check_hpa(report: Report, hpa: dict, dep: dict, args: dict) -> None:
                             selector, args)
 
 
+def check_shared_state(report: Report, hpa: dict, settings: dict) -> None:
+    """Replicas must share one state database, or an adapter registered through one pod (and an
+    experiment's changes) stay on that pod."""
+    if hpa["spec"].get("maxReplicas", 1) <= 1:
+        return
+    state_db = settings.get("state-db", "knots-state.db")
+    if isinstance(state_db, FromSecret):
+        report.check(True, f"replicas share the state database (KNOTS_STATE_DB from Secret "
+                     f"{state_db}; whether it holds a postgres:// URL is not checked here)")
+    else:
+        report.check(is_postgres(state_db), "replicas share the state database (postgres://)",
+                     f"state-db {state_db} is per pod")
+
+
 def check_metric_labels(report: Report, what: str, name: str, labels: dict, args: dict) -> None:
     """knots' engine gauges carry one label naming the served model: `base` on its own names,
     `model_name` on vLLM's (--metrics-compat=vllm)."""
@@ -440,7 +539,8 @@ def check_metric_labels(report: Report, what: str, name: str, labels: dict, args
 # --- The endpoint picker's configuration --------------------------------------------------------
 
 
-def check_epp(report: Report, docs: list, registry: Registry, labels: dict, args: dict) -> None:
+def check_epp(report: Report, docs: list, registry: Registry, labels: dict, ports: dict,
+              pool: dict, args: dict) -> None:
     maps = [d for _, d in docs if d.get("kind") == "ConfigMap"
             and d["metadata"]["name"] == EPP_CONFIGMAP]
     if not report.check(len(maps) == 1 and EPP_KEY in maps[0].get("data", {}),
@@ -476,9 +576,21 @@ def check_epp(report: Report, docs: list, registry: Registry, labels: dict, args
         report.check(any(by_name.get(u) == scorer for u in used),
                      f"the default profile uses the {scorer}")
 
-    source = next(p for p in config["plugins"] if p["type"] == "metrics-data-source")
-    report.check(source.get("parameters", {}).get("path", "/metrics") in knots_routes(),
-                 "EPP scrapes a knots route (/metrics)")
+    # The data source scrapes each pod at the pool's target port, or at its `port` parameter
+    # (one override for every endpoint: only right for a pool with one target port).
+    params = next(p for p in config["plugins"] if p["type"] == "metrics-data-source").get(
+        "parameters", {})
+    targets = [p["number"] for p in pool["spec"]["targetPorts"]]
+    if "port" in params:
+        report.check(len(targets) == 1, "EPP scrape port override on a pool with one target port")
+    scrape_port = params.get("port", targets[0])
+    keyless = scrape_port == ports.get("metrics")
+    report.check(keyless or "api-keys" not in args,
+                 "EPP scrapes the keyless --metrics-port (knots runs with --api-keys)",
+                 f"port {scrape_port}, metrics port {ports.get('metrics')}")
+    path = params.get("path", "/metrics")
+    report.check(path == "/metrics" and path in (metrics_routes() if keyless else knots_routes()),
+                 f"EPP scrapes /metrics, a route of the listener on port {scrape_port}")
     extractor = next(p for p in config["plugins"] if p["type"] == "core-metrics-extractor")
     check_engine_mapping(report, extractor.get("parameters", {}), labels, args)
 
@@ -511,6 +623,36 @@ def check_engine_mapping(report: Report, params: dict, labels: dict, args: dict)
                  f"({', '.join(LORA_LABELS)})")
 
 
+def check_network_policy(report: Report, policy: dict, labels: dict, ports: dict) -> None:
+    spec = policy["spec"]
+    report.check(subset(spec["podSelector"].get("matchLabels", {}), labels)
+                 and bool(spec["podSelector"].get("matchLabels")),
+                 "NetworkPolicy selects the knots pods")
+    report.check("Ingress" in spec.get("policyTypes", ["Ingress"]), "NetworkPolicy limits ingress")
+    rules = spec.get("ingress", [])
+
+    def resolve(port: object) -> int | None:
+        return ports.get(port) if isinstance(port, str) else port
+
+    named = [p.get("port") for r in rules for p in r.get("ports", [])]
+    bad = [p for p in named if p is not None and resolve(p) not in ports.values()]
+    report.check(not bad, "NetworkPolicy ports are container ports", f"{bad}")
+
+    def admits(rule: dict, number: int) -> bool:
+        rule_ports = rule.get("ports", [])
+        return not rule_ports or any(
+            p.get("port") is None or resolve(p["port"]) == number for p in rule_ports)
+
+    api = ports.get("http")
+    metrics = ports.get("metrics")
+    report.check(any(admits(r, api) and not r.get("from") for r in rules),
+                 "NetworkPolicy admits every peer to the API port")
+    metric_rules = [r for r in rules if admits(r, metrics)]
+    report.check(bool(metric_rules) and all(r.get("from") for r in metric_rules),
+                 "NetworkPolicy admits only named peers to the keyless metrics port "
+                 "(the endpoint picker, Prometheus)")
+
+
 def run_checks(docs: list, registry: Registry, crds: dict, report: Report) -> Report:
     for (api, kind), (_, source) in sorted(crds.items()):
         if (api, kind) in CUSTOM_SCHEMAS:
@@ -521,14 +663,17 @@ def run_checks(docs: list, registry: Registry, crds: dict, report: Report) -> Re
     pool = one(report, docs, "InferencePool")
     route = one(report, docs, "HTTPRoute")
     hpa = one(report, docs, "HorizontalPodAutoscaler")
-    if all((dep, svc, pool, route, hpa)):
-        labels, ports, args = check_deployment(report, dep)
+    policy = one(report, docs, "NetworkPolicy")
+    if all((dep, svc, pool, route, hpa, policy)):
+        labels, ports, settings = check_deployment(report, dep)
         check_service(report, svc, labels, ports)
-        check_pool(report, pool, labels, ports, args)
+        check_pool(report, pool, labels, ports, settings)
         check_cel_rules(report, pool, route)
         check_route(report, route, pool)
-        check_hpa(report, hpa, dep, args)
-        check_epp(report, docs, registry, labels, args)
+        check_hpa(report, hpa, dep, settings)
+        check_shared_state(report, hpa, settings)
+        check_epp(report, docs, registry, labels, ports, pool, settings)
+        check_network_policy(report, policy, labels, ports)
     return report
 
 
@@ -550,13 +695,33 @@ def container(docs: list) -> dict:
     return kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 
 
+def set_arg(flag: str, value: str | None):
+    """A mutation of one `--flag=value` of the knots container (None drops it)."""
+    def mutate(docs: list) -> None:
+        args = [a for a in container(docs)["args"] if not a.startswith(f"--{flag}=")]
+        container(docs)["args"] = args + ([f"--{flag}={value}"] if value is not None else [])
+    return mutate
+
+
+def drop_env(name: str):
+    def mutate(docs: list) -> None:
+        container(docs)["env"] = [e for e in container(docs)["env"] if e["name"] != name]
+    return mutate
+
+
+def policy_rules(docs: list) -> list:
+    return kind(docs, "NetworkPolicy")["spec"]["ingress"]
+
+
 # Each of these breaks the manifests in one way that some check must catch (`--self-test`).
 MUTATIONS = {
     "unknown container field": lambda d: container(d).update(imagePullPolcy="Always"),
     "Service selector off": lambda d: kind(d, "Service")["spec"]["selector"].update(
         {"app.kubernetes.io/name": "other"}),
     "Service targetPort unknown": lambda d: kind(d, "Service")["spec"]["ports"][0].update(
-        targetPort="metrics"),
+        targetPort="grpc"),
+    "Service exposes the metrics port": lambda d: kind(d, "Service")["spec"]["ports"].append(
+        {"name": "metrics", "port": 9090, "targetPort": "metrics"}),
     "InferencePool unknown field": lambda d: kind(d, "InferencePool")["spec"].update(
         targetPortNumber=8000),
     "InferencePool bad failureMode": lambda d: kind(d, "InferencePool")["spec"][
@@ -586,9 +751,26 @@ MUTATIONS = {
         path="/healthz"),
     "state volume not mounted": lambda d: container(d).update(volumeMounts=[
         m for m in container(d)["volumeMounts"] if m["mountPath"] != "/state"]),
+    "metrics port not a container port": set_arg("metrics-port", "9091"),
+    "no metrics port": set_arg("metrics-port", None),
+    "adapter cache on the read-only root": set_arg("adapter-cache", None),
+    "adapter cache not mounted": set_arg("adapter-cache", "/var/cache/knots"),
+    "hub cache on the read-only root": lambda d: next(
+        e for e in container(d)["env"] if e["name"] == "HF_HUB_CACHE").update(
+        value="/nonexistent/.cache/huggingface"),
+    "per-pod state with several replicas": drop_env("KNOTS_STATE_DB"),
+    "S3 merge store without credentials": lambda d: container(d).pop("envFrom"),
+    "merge store of an unknown scheme": set_arg("merge-store", "gs://knots-merges/prod"),
+    "Prometheus annotation on the API port": lambda d: kind(d, "Deployment")["spec"]["template"][
+        "metadata"]["annotations"].update({"prometheus.io/port": "8000"}),
     "EPP unknown plugin type": epp_edit(lambda c: c["plugins"].append({"type": "lora-scorer"})),
     "EPP unknown parameter": epp_edit(lambda c: c["plugins"][0]["parameters"].update(
         timeout="1s")),
+    "EPP scrapes the API port": epp_edit(lambda c: c["plugins"][0]["parameters"].update(
+        port=8000)),
+    "EPP scrape port unset": epp_edit(lambda c: c["plugins"][0]["parameters"].pop("port")),
+    "EPP scrape path not on the metrics listener": epp_edit(
+        lambda c: c["plugins"][0]["parameters"].update(path="/v1/models")),
     "EPP undefined pluginRef": epp_edit(lambda c: c["schedulingProfiles"][0]["plugins"].append(
         {"pluginRef": "prefix-cache-scorer"})),
     "EPP duplicate plugin": epp_edit(lambda c: c["plugins"].append({"type": "queue-scorer"})),
@@ -600,6 +782,15 @@ MUTATIONS = {
         engineLabelKey="inference.networking.k8s.io/engine-type")),
     "EPP old apiVersion": epp_edit(lambda c: c.update(
         apiVersion="inference.networking.x-k8s.io/v1alpha1")),
+    "NetworkPolicy selector off": lambda d: kind(d, "NetworkPolicy")["spec"]["podSelector"][
+        "matchLabels"].update({"app.kubernetes.io/name": "other"}),
+    "NetworkPolicy opens the metrics port to all": lambda d: policy_rules(d)[1].pop("from"),
+    "NetworkPolicy admits nobody to the metrics port": lambda d: policy_rules(d).pop(1),
+    "NetworkPolicy closes the API port": lambda d: policy_rules(d).pop(0),
+    "NetworkPolicy unknown port name": lambda d: policy_rules(d)[0]["ports"][0].update(
+        port="api"),
+    "NetworkPolicy unknown field": lambda d: kind(d, "NetworkPolicy")["spec"].update(
+        ingressRules=[]),
 }
 
 
