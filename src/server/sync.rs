@@ -6,7 +6,7 @@
 //! Feedback needs no step of its own: it is checked and stored in the shared database.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::adapter_admin;
 use super::state::AppState;
@@ -17,23 +17,31 @@ pub const INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs the sync loop until the server shuts down.
 pub async fn run(state: AppState) {
-    let mut applied: HashMap<String, AdapterChange> = HashMap::new();
+    let mut seen = Seen::default();
     loop {
         tokio::time::sleep(INTERVAL).await;
         if state.is_shutting_down() {
             return;
         }
-        if let Err(error) = once(&state, &mut applied).await {
+        if let Err(error) = once(&state, &mut seen).await {
             tracing::warn!(%error, "state sync failed; retrying");
         }
     }
 }
 
-/// One pass; `applied` holds the last change seen per adapter name.
-pub async fn once(
-    state: &AppState,
-    applied: &mut HashMap<String, AdapterChange>,
-) -> Result<(), super::store::StoreError> {
+/// How long a registration that did not load here waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// What the loop has done: the last change applied per adapter name, and when a change last
+/// failed to load.
+#[derive(Default)]
+pub struct Seen {
+    applied: HashMap<String, AdapterChange>,
+    failed: HashMap<String, (AdapterChange, Instant)>,
+}
+
+/// One pass.
+pub async fn once(state: &AppState, seen: &mut Seen) -> Result<(), super::store::StoreError> {
     let changes = {
         let store = state.store.clone();
         tokio::task::spawn_blocking(move || store.adapter_changes())
@@ -46,11 +54,21 @@ pub async fn once(
                 name.clone()
             }
         };
-        if applied.get(&name) == Some(&change) {
+        if seen.applied.get(&name) == Some(&change) {
+            continue;
+        }
+        let retry_later = seen
+            .failed
+            .get(&name)
+            .is_some_and(|(c, at)| *c == change && at.elapsed() < RETRY_AFTER);
+        if retry_later {
             continue;
         }
         if apply(state, &change).await {
-            applied.insert(name, change);
+            seen.failed.remove(&name);
+            seen.applied.insert(name, change);
+        } else {
+            seen.failed.insert(name, (change, Instant::now()));
         }
     }
     let experiments = state.experiments.clone();
@@ -64,7 +82,7 @@ pub async fn once(
 }
 
 /// Brings the registry in line with one stored change; whether it is done (a registration that
-/// does not load is tried again next time).
+/// does not load is tried again after [`RETRY_AFTER`]).
 async fn apply(state: &AppState, change: &AdapterChange) -> bool {
     match change {
         AdapterChange::Deleted { name } => {
