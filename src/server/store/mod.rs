@@ -5,8 +5,8 @@
 //! reads the adapter changes back and experiment statistics come from the stored requests.
 //!
 //! Two databases hold it with the same tables and statements: an embedded SQLite file
-//! (`--state-db PATH`, the default, WAL journal; [`sqlite`]) for one server, and PostgreSQL
-//! (`--state-db postgres://…`; [`postgres`]) for replicas that share their state. Statements are
+//! (`--state-db PATH`, the default, WAL journal; `sqlite.rs`) for one server, and PostgreSQL
+//! (`--state-db postgres://…`; `postgres.rs`) for replicas that share their state. Statements are
 //! written once with `?N` parameters and values of four kinds ([`Value`]).
 //!
 //! Each database records its schema version; `MIGRATIONS` (per database) lists every step in
