@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit docker-lint docker-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example
+.PHONY: test data fmt lint doc unit docker-lint docker-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example cuda gpu-check
 
 test: data models fmt lint doc docker-lint unit
 
@@ -39,6 +39,16 @@ docker-check: models
 
 unit: data models
 	$(CARGO) test
+
+# The CUDA binary, built without a GPU from NVIDIA's pip wheels (CUDA 13.0, pinned), packed as
+# target/cuda/knots.xz for a GPU machine; about 14 minutes cold on 2 cores. Not part of `make test`.
+cuda:
+	scripts/build_cuda.sh
+
+# The GPU check (scripts/gpu_check.sh) on this machine's CPU, in its quick configuration: what a
+# GPU machine runs with `--device cuda`, validated end to end with `--device cpu`.
+gpu-check: models
+	scripts/gpu_check.sh --device cpu --quick
 
 bench:
 	$(CARGO) bench --bench merge
