@@ -377,7 +377,7 @@ def main():
         smol["num_hidden_layers"] = 4
     models = [("smollm2-135m-shaped", smol)]
     if not (quick and torch_dev == "cpu"):
-        models.append(("llama-3.2-1b-shaped", LLAMA_1B))
+        models.append(("llama3-1b-shaped", LLAMA_1B))
 
     prompt = [1, 510, 4, 77, 1234, 42, 9, 300, 12, 7, 2500, 18, 64, 91, 5, 3000]
     for seed, (name, cfg) in enumerate(models):
