@@ -13,8 +13,8 @@ use clap::Args;
 use super::merge::MergeFlags;
 use crate::adapters::LoraAdapter;
 use crate::engine::{
-    self, BLOCK_POSITIONS, DEFAULT_TEXT_SCALE, SeqCache, StepSeq, WeightFormat, Encoder, Head, Message, SamplingParams, Scope, TextModel, classify,
-    generate, parse_device,
+    self, BLOCK_POSITIONS, DEFAULT_TEXT_SCALE, Encoder, Head, Message, SamplingParams, Scope,
+    SeqCache, StepSeq, TextModel, WeightFormat, classify, generate, parse_device,
 };
 use crate::merge::{self, MergeInput, MergedDelta, Silent};
 
@@ -155,7 +155,11 @@ pub struct LogitsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt, tokenized without special tokens.
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
     pub prompt: Option<String>,
     /// The prompt as token ids, comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -204,7 +208,7 @@ pub fn run_logits(args: &LogitsArgs) -> anyhow::Result<()> {
     let mut greedy = Vec::with_capacity(args.greedy);
     let mut logits = first.clone();
     for i in 0..args.greedy {
-        let id = engine::argmax(&logits) as u32;
+        let id = engine::argmax(&logits);
         greedy.push(id);
         if i + 1 < args.greedy {
             logits = run(&[id], &mut cache)?;

@@ -510,7 +510,12 @@ impl Llama {
         if self.device.is_cpu() && self.embed.dtype() == DType::F32 {
             KvPool::new(self.kv_shape(), budget_bytes)
         } else {
-            KvPool::on_device(self.kv_shape(), budget_bytes, &self.device, self.embed.dtype())
+            KvPool::on_device(
+                self.kv_shape(),
+                budget_bytes,
+                &self.device,
+                self.embed.dtype(),
+            )
         }
     }
 
@@ -669,7 +674,7 @@ mod tests {
             let logits = logits.to_vec2::<f32>().expect("logits");
             next = logits
                 .iter()
-                .map(|row| vec![crate::engine::argmax(row) as u32])
+                .map(|row| vec![crate::engine::argmax(row)])
                 .collect();
             out.extend(logits);
         }
@@ -693,8 +698,14 @@ mod tests {
     fn a_bf16_model_follows_the_f32_model() {
         let (full, half) = (tiny(), tiny_as(DType::BF16));
         let budget = 8 * full.kv_shape().block_bytes();
-        let d32 = full.registry().load_delta(&delta(), &Device::Cpu).expect("delta");
-        let d16 = half.registry().load_delta(&delta(), &Device::Cpu).expect("delta");
+        let d32 = full
+            .registry()
+            .load_delta(&delta(), &Device::Cpu)
+            .expect("delta");
+        let d16 = half
+            .registry()
+            .load_delta(&delta(), &Device::Cpu)
+            .expect("delta");
         let want = run(&full, full.kv_pool(budget), &d32);
         let got = run(&half, half.kv_pool(budget), &d16);
         // The prefill step's rows (later steps feed each model's own argmax).

@@ -37,7 +37,9 @@ impl DeviceReps<'_> {
         let (b, a) = (&member.lora.b, &member.lora.a);
         let b = Tensor::from_slice(b.as_slice(), b.shape(), self.device)?;
         let a = Tensor::from_slice(a.as_slice(), a.shape(), self.device)?;
-        let update = b.matmul(&a)?.affine(f64::from(member.lora.scale as f32), 0.0)?;
+        let update = b
+            .matmul(&a)?
+            .affine(f64::from(member.lora.scale as f32), 0.0)?;
         if !self.params.method.uses_dare() || self.params.dare_p == 0.0 {
             return Ok(Some(update));
         }
@@ -128,8 +130,9 @@ pub(crate) fn dare_sum(
 
 fn host_dense(shape: (usize, usize), values: &Tensor) -> Result<ModuleDelta> {
     let values = values.flatten_all()?.to_vec1::<f32>()?;
-    let matrix = Matrix::from_vec(shape.0, shape.1, values)
-        .map_err(|e| MergeError::Device { message: e.to_string() })?;
+    let matrix = Matrix::from_vec(shape.0, shape.1, values).map_err(|e| MergeError::Device {
+        message: e.to_string(),
+    })?;
     Ok(ModuleDelta::Dense(matrix))
 }
 
@@ -290,7 +293,10 @@ mod tests {
         let inputs: Vec<MergeInput<'_>> = adapters
             .iter()
             .zip([1.0, 0.5, 1.5])
-            .map(|(a, w)| MergeInput { adapter: a, weight: w })
+            .map(|(a, w)| MergeInput {
+                adapter: a,
+                weight: w,
+            })
             .collect();
         for (method, density) in [
             (Method::Ties, 0.2),
@@ -307,8 +313,8 @@ mod tests {
             };
             let params = MergeParams::new(method, options).expect("params");
             let host = merge(&inputs, &params, &Silent).expect("host");
-            let tensors = merge_on(&inputs, &params, &Silent, None, Some(&Device::Cpu))
-                .expect("tensors");
+            let tensors =
+                merge_on(&inputs, &params, &Silent, None, Some(&Device::Cpu)).expect("tensors");
             assert_eq!(host.modules.len(), tensors.modules.len());
             for (path, want) in &host.modules {
                 let got = tensors.get(path).expect("module").to_dense();
