@@ -38,6 +38,10 @@ PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 started=$(date +%s)
+"$PYTHON" -c 'import torch, transformers, peft, safetensors, tokenizers' || {
+    echo "gpu_check: $PYTHON lacks torch, transformers, peft, safetensors or tokenizers" >&2
+    exit 1
+}
 
 if [ -z "$KNOTS" ]; then
     if [ "${DEVICE%%:*}" = cuda ]; then
