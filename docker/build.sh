@@ -47,29 +47,27 @@ ARGS=()
 if [ "$CUDA" = 1 ] && [ -n "${CUDA_COMPUTE_CAP:-}" ]; then
     ARGS+=(--build-arg "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP")
 fi
-{
-    rust_image="${DOCKER_RUST_IMAGE:-}"
-    runtime_image="${DOCKER_RUNTIME_IMAGE:-}"
-    if [ -z "$rust_image" ] || [ -z "$runtime_image" ]; then
-        public_rust="$(arg_default RUST_IMAGE)"
-        public_runtime="$(arg_default RUNTIME_IMAGE)"
-        if available "${rust_image:-$public_rust}" && available "${runtime_image:-$public_runtime}"; then
-            rust_image="${rust_image:-$public_rust}"
-            runtime_image="${runtime_image:-$public_runtime}"
-        else
-            [ "${DOCKER_LOCAL_BASES:-auto}" != never ] \
-                || die "cannot pull $public_rust / $public_runtime (DOCKER_LOCAL_BASES=never)"
-            echo "cannot pull $public_rust / $public_runtime: using local base images"
-            export LOCAL_RUST_IMAGE="${LOCAL_RUST_IMAGE:-knots-local/rust:bookworm}"
-            export LOCAL_RUNTIME_IMAGE="${LOCAL_RUNTIME_IMAGE:-knots-local/debian:bookworm-slim}"
-            docker/make_local_bases.sh
-            rust_image="${rust_image:-$LOCAL_RUST_IMAGE}"
-            runtime_image="${runtime_image:-$LOCAL_RUNTIME_IMAGE}"
-        fi
+rust_image="${DOCKER_RUST_IMAGE:-}"
+runtime_image="${DOCKER_RUNTIME_IMAGE:-}"
+if [ -z "$rust_image" ] || [ -z "$runtime_image" ]; then
+    public_rust="$(arg_default RUST_IMAGE)"
+    public_runtime="$(arg_default RUNTIME_IMAGE)"
+    if available "${rust_image:-$public_rust}" && available "${runtime_image:-$public_runtime}"; then
+        rust_image="${rust_image:-$public_rust}"
+        runtime_image="${runtime_image:-$public_runtime}"
+    else
+        [ "${DOCKER_LOCAL_BASES:-auto}" != never ] \
+            || die "cannot pull $public_rust / $public_runtime (DOCKER_LOCAL_BASES=never)"
+        echo "cannot pull $public_rust / $public_runtime: using local base images"
+        export LOCAL_RUST_IMAGE="${LOCAL_RUST_IMAGE:-knots-local/rust:bookworm}"
+        export LOCAL_RUNTIME_IMAGE="${LOCAL_RUNTIME_IMAGE:-knots-local/debian:bookworm-slim}"
+        docker/make_local_bases.sh
+        rust_image="${rust_image:-$LOCAL_RUST_IMAGE}"
+        runtime_image="${runtime_image:-$LOCAL_RUNTIME_IMAGE}"
     fi
-    ARGS+=(--build-arg "RUST_IMAGE=$rust_image" --build-arg "RUNTIME_IMAGE=$runtime_image")
-    echo "base images: $rust_image (build), $runtime_image (runtime)"
-}
+fi
+ARGS+=(--build-arg "RUST_IMAGE=$rust_image" --build-arg "RUNTIME_IMAGE=$runtime_image")
+echo "base images: $rust_image (build), $runtime_image (runtime)"
 
 CA="${DOCKER_BUILD_CA:-${CARGO_HTTP_CAINFO:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}"
 [ -n "${DOCKER_BUILD_NETWORK:-}" ] && ARGS+=(--network "$DOCKER_BUILD_NETWORK")
