@@ -41,7 +41,8 @@ unit: data models
 	$(CARGO) test
 
 # The CUDA binary, built without a GPU from NVIDIA's pip wheels (CUDA 13.0, pinned), packed as
-# target/cuda/knots.xz for a GPU machine; about 14 minutes cold on 2 cores. Not part of `make test`.
+# target/cuda/knots.xz for a GPU machine. Cold it compiles the kernels and every dependency (48 minutes
+# here on 2 cores shared with other builds; an incremental rebuild about 4). Not part of `make test`.
 cuda:
 	scripts/build_cuda.sh
 
