@@ -7,7 +7,7 @@ EXAMPLE_ADAPTERS := $(wildcard tests/fixtures/knots-golden/knots_ties/adapters/t
 # `make models`: fetches the default base models into models/cache/.
 include models/models.mk
 
-.PHONY: test data fmt lint doc unit test-services docker-lint docker-check deploy-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example
+.PHONY: test data fmt lint doc unit test-services docker-lint docker-check deploy-check bench bench-serve soak fuzz serve serve-check adapters eval eval-quick merge-example clean-example cuda gpu-check
 
 test: data models fmt lint doc docker-lint deploy-check unit
 
@@ -60,6 +60,17 @@ test-services:
 	@$(PYTHON) -c "import moto.server, flask" 2>/dev/null || $(PYTHON) -m pip install --quiet "moto[server]"
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
 		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+# The CUDA binary, built without a GPU from NVIDIA's pip wheels (CUDA 13.0, pinned), packed as
+# target/cuda/knots.xz for a GPU machine. Cold it compiles the kernels and every dependency (48 minutes
+# here on 2 cores shared with other builds; an incremental rebuild about 4). Not part of `make test`.
+cuda:
+	scripts/build_cuda.sh
+
+# The GPU check (scripts/gpu_check.sh) on this machine's CPU, in its quick configuration: what a
+# GPU machine runs with `--device cuda`, validated end to end with `--device cpu`.
+gpu-check: models
+	scripts/gpu_check.sh --device cpu --quick
 
 bench:
 	$(CARGO) bench --bench merge

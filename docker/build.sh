@@ -9,8 +9,8 @@
 #   - the Dockerfile's public defaults when they are present or can be pulled;
 #   - otherwise the local stand-ins of docker/make_local_bases.sh, built first if missing
 #     (needs root and debootstrap). DOCKER_LOCAL_BASES=never makes that an error instead.
-# CUDA image (--cuda: docker/Dockerfile.cuda, tag `knots:cuda`): the public CUDA images unless
-# DOCKER_CUDA_DEVEL_IMAGE / DOCKER_CUDA_RUNTIME_IMAGE are set; there are no local stand-ins.
+# CUDA image (--cuda: docker/Dockerfile.cuda, tag `knots:cuda`): the same base images (its CUDA
+# toolkit comes from pip wheels, docker/cuda-toolkit.sh); CUDA_COMPUTE_CAP is passed on when set.
 #
 # CA bundle: cargo in the build trusts DOCKER_BUILD_CA, else CARGO_HTTP_CAINFO, else
 # SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt (this machine's bundle, so a
@@ -44,32 +44,30 @@ arg_default() { sed -n "s/^ARG $1=//p" "$DOCKERFILE" | head -n 1; }
 available() { docker image inspect "$1" >/dev/null 2>&1 || docker pull -q "$1" >/dev/null 2>&1; }
 
 ARGS=()
-if [ "$CUDA" = 1 ]; then
-    [ -n "${DOCKER_CUDA_DEVEL_IMAGE:-}" ] && ARGS+=(--build-arg "CUDA_DEVEL_IMAGE=$DOCKER_CUDA_DEVEL_IMAGE")
-    [ -n "${DOCKER_CUDA_RUNTIME_IMAGE:-}" ] && ARGS+=(--build-arg "CUDA_RUNTIME_IMAGE=$DOCKER_CUDA_RUNTIME_IMAGE")
-else
-    rust_image="${DOCKER_RUST_IMAGE:-}"
-    runtime_image="${DOCKER_RUNTIME_IMAGE:-}"
-    if [ -z "$rust_image" ] || [ -z "$runtime_image" ]; then
-        public_rust="$(arg_default RUST_IMAGE)"
-        public_runtime="$(arg_default RUNTIME_IMAGE)"
-        if available "${rust_image:-$public_rust}" && available "${runtime_image:-$public_runtime}"; then
-            rust_image="${rust_image:-$public_rust}"
-            runtime_image="${runtime_image:-$public_runtime}"
-        else
-            [ "${DOCKER_LOCAL_BASES:-auto}" != never ] \
-                || die "cannot pull $public_rust / $public_runtime (DOCKER_LOCAL_BASES=never)"
-            echo "cannot pull $public_rust / $public_runtime: using local base images"
-            export LOCAL_RUST_IMAGE="${LOCAL_RUST_IMAGE:-knots-local/rust:bookworm}"
-            export LOCAL_RUNTIME_IMAGE="${LOCAL_RUNTIME_IMAGE:-knots-local/debian:bookworm-slim}"
-            docker/make_local_bases.sh
-            rust_image="${rust_image:-$LOCAL_RUST_IMAGE}"
-            runtime_image="${runtime_image:-$LOCAL_RUNTIME_IMAGE}"
-        fi
-    fi
-    ARGS+=(--build-arg "RUST_IMAGE=$rust_image" --build-arg "RUNTIME_IMAGE=$runtime_image")
-    echo "base images: $rust_image (build), $runtime_image (runtime)"
+if [ "$CUDA" = 1 ] && [ -n "${CUDA_COMPUTE_CAP:-}" ]; then
+    ARGS+=(--build-arg "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP")
 fi
+rust_image="${DOCKER_RUST_IMAGE:-}"
+runtime_image="${DOCKER_RUNTIME_IMAGE:-}"
+if [ -z "$rust_image" ] || [ -z "$runtime_image" ]; then
+    public_rust="$(arg_default RUST_IMAGE)"
+    public_runtime="$(arg_default RUNTIME_IMAGE)"
+    if available "${rust_image:-$public_rust}" && available "${runtime_image:-$public_runtime}"; then
+        rust_image="${rust_image:-$public_rust}"
+        runtime_image="${runtime_image:-$public_runtime}"
+    else
+        [ "${DOCKER_LOCAL_BASES:-auto}" != never ] \
+            || die "cannot pull $public_rust / $public_runtime (DOCKER_LOCAL_BASES=never)"
+        echo "cannot pull $public_rust / $public_runtime: using local base images"
+        export LOCAL_RUST_IMAGE="${LOCAL_RUST_IMAGE:-knots-local/rust:bookworm}"
+        export LOCAL_RUNTIME_IMAGE="${LOCAL_RUNTIME_IMAGE:-knots-local/debian:bookworm-slim}"
+        docker/make_local_bases.sh
+        rust_image="${rust_image:-$LOCAL_RUST_IMAGE}"
+        runtime_image="${runtime_image:-$LOCAL_RUNTIME_IMAGE}"
+    fi
+fi
+ARGS+=(--build-arg "RUST_IMAGE=$rust_image" --build-arg "RUNTIME_IMAGE=$runtime_image")
+echo "base images: $rust_image (build), $runtime_image (runtime)"
 
 CA="${DOCKER_BUILD_CA:-${CARGO_HTTP_CAINFO:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}"
 [ -n "${DOCKER_BUILD_NETWORK:-}" ] && ARGS+=(--network "$DOCKER_BUILD_NETWORK")

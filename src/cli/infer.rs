@@ -5,6 +5,7 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -12,8 +13,8 @@ use clap::Args;
 use super::merge::MergeFlags;
 use crate::adapters::LoraAdapter;
 use crate::engine::{
-    self, DEFAULT_TEXT_SCALE, Encoder, Head, Message, SamplingParams, Scope, TextModel, classify,
-    generate, parse_device,
+    self, BLOCK_POSITIONS, DEFAULT_TEXT_SCALE, Encoder, Head, Message, SamplingParams, Scope,
+    SeqCache, StepSeq, TextModel, WeightFormat, classify, generate, parse_device,
 };
 use crate::merge::{self, MergeInput, MergedDelta, Silent};
 
@@ -54,7 +55,14 @@ impl ModelArgs {
             (many, _) => {
                 let params = self.merge.params()?;
                 let inputs: Vec<MergeInput<'_>> = many.iter().map(MergeInput::new).collect();
-                Some(merge::merge(&inputs, &params, &Silent)?)
+                let device = self.merge.device()?;
+                Some(merge::merge_on(
+                    &inputs,
+                    &params,
+                    &Silent,
+                    None,
+                    device.as_ref(),
+                )?)
             }
         };
         Ok((adapters, delta.map(Arc::new)))
@@ -139,6 +147,84 @@ pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
             gen_out.finish
         );
     }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt, tokenized without special tokens.
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    pub prompt: Option<String>,
+    /// The prompt as token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Vec<u32>,
+    /// Weights: native (a GGUF file's quantized blocks), f32, or bf16 (generation models).
+    #[arg(long, env = "KNOTS_DTYPE", default_value = "native")]
+    pub dtype: WeightFormat,
+    /// Greedy tokens generated after the prompt (an end-of-sequence token does not stop them).
+    #[arg(long, default_value_t = 64)]
+    pub greedy: usize,
+}
+
+/// Writes `{"prompt_ids", "logits", "greedy_ids", "prefill_secs", "decode_secs",
+/// "decode_tokens_per_sec"}` to stdout: the logits (f32) of the prompt's last position, then
+/// `greedy` argmax tokens, one decode step each.
+pub fn run_logits(args: &LogitsArgs) -> anyhow::Result<()> {
+    let (path, device) = args.model.resolve()?;
+    let (_, delta) = args.model.delta()?;
+    let model = TextModel::load_as(&path, &device, args.dtype)?;
+    let loaded = delta.map(|d| model.load_delta(&d)).transpose()?;
+    let prompt = match &args.prompt {
+        Some(text) => model.encode_plain(text)?,
+        None => args.prompt_ids.clone(),
+    };
+    let llama = &model.model;
+    let positions = prompt.len() + args.greedy;
+    let shape = llama.kv_shape();
+    let mut pool = llama.kv_pool(positions.div_ceil(BLOCK_POSITIONS) * shape.block_bytes());
+    let mut cache = pool
+        .reserve(positions)
+        .context("the prompt and --greedy do not fit the cache")?;
+    let mut run = |tokens: &[u32], cache: &mut SeqCache| -> anyhow::Result<Vec<f32>> {
+        pool.grow(cache, cache.len() + tokens.len())?;
+        let seq = StepSeq {
+            cache,
+            tokens,
+            delta: loaded.as_deref(),
+            logits: true,
+        };
+        Ok(llama.step(&mut [seq])?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let started = Instant::now();
+    let first = run(&prompt, &mut cache)?;
+    let prefill_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut greedy = Vec::with_capacity(args.greedy);
+    let mut logits = first.clone();
+    for i in 0..args.greedy {
+        let id = engine::argmax(&logits);
+        greedy.push(id);
+        if i + 1 < args.greedy {
+            logits = run(&[id], &mut cache)?;
+        }
+    }
+    let decode_secs = started.elapsed().as_secs_f64();
+    let steps = args.greedy.saturating_sub(1);
+    let out = serde_json::json!({
+        "prompt_ids": prompt,
+        "logits": first,
+        "greedy_ids": greedy,
+        "prefill_secs": prefill_secs,
+        "decode_secs": decode_secs,
+        "decode_tokens_per_sec": steps as f64 / decode_secs.max(1e-9),
+    });
+    println!("{out}");
     Ok(())
 }
 

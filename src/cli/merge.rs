@@ -47,9 +47,21 @@ pub struct MergeFlags {
     /// [default: 0.8].
     #[arg(long, env = "KNOTS_COMMON_FRACTION")]
     pub common_fraction: Option<f64>,
+    /// Where ties, dare-ties and dare run their O(n·O·I) tensor work: cpu (the host
+    /// implementation) or cuda:N; the result is the same within f32 rounding [default: cpu].
+    #[arg(long, env = "KNOTS_MERGE_DEVICE")]
+    pub merge_device: Option<String>,
 }
 
 impl MergeFlags {
+    /// The device of `--merge-device`; `None` for the host implementation.
+    pub fn device(&self) -> anyhow::Result<Option<candle_core::Device>> {
+        match self.merge_device.as_deref() {
+            None | Some("cpu") => Ok(None),
+            Some(spec) => Ok(Some(crate::engine::parse_device(spec)?)),
+        }
+    }
+
     /// The validated parameters, with the method defaulting to knots-ties.
     pub fn params(&self) -> Result<MergeParams, merge::MergeError> {
         let options = MergeOptions {
@@ -95,6 +107,8 @@ pub struct MergeSummary {
     pub ranks: Vec<(Option<usize>, usize)>,
     pub bytes: u64,
     pub seconds: f64,
+    /// The merge alone, without reading and writing.
+    pub merge_seconds: f64,
     pub truncation_error: Option<f64>,
     pub out: PathBuf,
     pub format: Format,
@@ -134,10 +148,12 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<MergeSummary> {
         .map(|(adapter, &weight)| MergeInput { adapter, weight })
         .collect();
 
+    let device = args.merge.device()?;
     let started = Instant::now();
     let bar = Bar::new();
-    let merged = merge::merge(&inputs, &params, &bar);
+    let merged = merge::merge_on(&inputs, &params, &bar, None, device.as_ref());
     bar.finish();
+    let merge_seconds = started.elapsed().as_secs_f64();
     let mut delta = merged?;
     let mut truncation_error = None;
     if let (Format::Peft, Some(rank)) = (args.format, args.rank) {
@@ -158,6 +174,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<MergeSummary> {
         ranks: rank_histogram(&delta),
         bytes: dir_bytes(&args.out),
         seconds: started.elapsed().as_secs_f64(),
+        merge_seconds,
         truncation_error,
         out: args.out.clone(),
         format: args.format,
@@ -258,6 +275,7 @@ impl fmt::Display for MergeSummary {
             })
             .collect();
         writeln!(f, "modules: {}", ranks.join("; "))?;
+        writeln!(f, "merge took {:.3} s", self.merge_seconds)?;
         if let Some(err) = self.truncation_error {
             writeln!(f, "truncated SVD relative error: {err:.3e}")?;
         }

@@ -29,6 +29,9 @@ pub enum Command {
     Data(data::DataArgs),
     /// Generate text with a base model and an optional adapter set (streams to stdout).
     Generate(infer::GenerateArgs),
+    /// Print the logits of a prompt's last position and a greedy continuation as JSON, through the
+    /// serving engine's batched forward (reference checks such as scripts/gpu_check.sh).
+    Logits(infer::LogitsArgs),
     /// Print sentence embeddings, one JSON array per line.
     Embed(infer::EmbedArgs),
     /// Classify texts with adapter heads or label-text heads.
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => infer::run_generate(&args),
+        Command::Logits(args) => infer::run_logits(&args),
         Command::Embed(args) => infer::run_embed(&args),
         Command::Classify(args) => infer::run_classify(&args),
         Command::Serve(args) => serve::run(args),

@@ -72,9 +72,15 @@ async fn start(config: ServeConfig) -> anyhow::Result<()> {
 /// run-time changes applied), keys, bundles and experiments.
 pub async fn build_state(config: ServeConfig) -> anyhow::Result<AppState> {
     let (models, device, engine) = (config.models.clone(), config.device.clone(), config.engine);
-    let backend =
-        tokio::task::spawn_blocking(move || EngineBackend::load(&models, &device, engine))
-            .await??;
+    let merge_device = config.merge_device.clone();
+    let backend = tokio::task::spawn_blocking(move || {
+        let mut backend = EngineBackend::load(&models, &device, engine)?;
+        if let Some(spec) = &merge_device {
+            backend.set_merge_device(spec)?;
+        }
+        Ok::<_, crate::engine::EngineError>(backend)
+    })
+    .await??;
     let backend: Arc<dyn Backend> = Arc::new(backend);
     let bases = backend.bases();
     let registry = match &config.adapters {

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use super::error::{EngineError, Result};
-use super::kv::{BLOCK_POSITIONS, KvPool, SeqCache};
+use super::kv::{BLOCK_POSITIONS, SeqCache};
 use super::linear::LoadedDelta;
 use super::llama::{Llama, StepSeq};
 use super::sampling::{Sampler, SamplingParams, TokenLogprob};
@@ -66,10 +66,7 @@ pub fn generate(
     check_prompt(prompt, context)?;
     let positions = (prompt.len() + params.max_tokens).min(context);
     let shape = model.kv_shape();
-    let mut pool = KvPool::new(
-        shape,
-        positions.div_ceil(BLOCK_POSITIONS) * shape.block_bytes(),
-    );
+    let mut pool = model.kv_pool(positions.div_ceil(BLOCK_POSITIONS) * shape.block_bytes());
     let mut cache = pool.reserve(positions).ok_or(EngineError::CacheTooSmall {
         positions,
         capacity: 0,

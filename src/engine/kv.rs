@@ -8,10 +8,17 @@
 //! the context) when it is admitted, so a running sequence can never run out of cache; blocks are
 //! handed over as positions are filled.
 //!
-//! The cache is host memory: attention runs here on the CPU, one task per query row, each row
+//! On the CPU the cache is host memory: attention runs here, one task per query row, each row
 //! reading the keys of its own sequence only. Query rows of any mix of sequences, prefill chunks
 //! and decode steps, go through the same code, and each row's result does not depend on the
 //! other rows of the batch.
+//!
+//! On a GPU ([`KvPool::on_device`]) a sequence's keys and values are device tensors instead, one
+//! `(kv_heads, positions, head_dim)` pair per layer sized for its whole reservation when its first
+//! positions are handed over, written in place (`slice_set`) and read by tensor-op attention
+//! (`Llama::step`); the pool's budget and reservations work the same way.
+
+use candle_core::{DType, Device, Tensor};
 
 use super::error::{EngineError, Result};
 use super::host;
@@ -53,6 +60,8 @@ impl KvShape {
 pub struct SeqCache {
     shape: KvShape,
     blocks: Vec<Box<[f32]>>,
+    /// A device pool's cache: per layer, keys and values `(kv_heads, capacity, head_dim)`.
+    tensors: Option<Vec<(Tensor, Tensor)>>,
     len: usize,
     reserved: usize,
 }
@@ -69,7 +78,46 @@ impl SeqCache {
 
     /// Positions the blocks handed over so far can hold.
     pub fn allocated(&self) -> usize {
-        self.blocks.len() * BLOCK_POSITIONS
+        match &self.tensors {
+            Some(_) => self.capacity(),
+            None => self.blocks.len() * BLOCK_POSITIONS,
+        }
+    }
+
+    /// Whether keys and values are device tensors (see [`KvPool::on_device`]).
+    pub fn on_tensors(&self) -> bool {
+        self.tensors.is_some()
+    }
+
+    /// Writes the keys and values `k`, `v: (kv_heads, n, head_dim)` of positions
+    /// `position..position + n` in `layer` of a tensor cache.
+    pub(crate) fn write_tensors(
+        &mut self,
+        layer: usize,
+        position: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let (keys, values) = self.layer_tensors_full(layer)?;
+        keys.slice_set(&k.to_dtype(keys.dtype())?.contiguous()?, 1, position)?;
+        values.slice_set(&v.to_dtype(values.dtype())?.contiguous()?, 1, position)?;
+        Ok(())
+    }
+
+    /// Keys and values of positions `0..positions` in `layer` of a tensor cache, views
+    /// `(kv_heads, positions, head_dim)`.
+    pub(crate) fn layer_tensors(&self, layer: usize, positions: usize) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.layer_tensors_full(layer)?;
+        Ok((k.narrow(1, 0, positions)?, v.narrow(1, 0, positions)?))
+    }
+
+    fn layer_tensors_full(&self, layer: usize) -> Result<&(Tensor, Tensor)> {
+        self.tensors
+            .as_ref()
+            .and_then(|t| t.get(layer))
+            .ok_or(EngineError::EmptyInput {
+                what: "device KV cache",
+            })
     }
 
     /// Positions this sequence may hold in all.
@@ -114,6 +162,8 @@ pub struct KvPool {
     reserved: usize,
     /// Blocks given back, ready for reuse.
     free: Vec<Box<[f32]>>,
+    /// Where a tensor cache lives and its element type; `None` for host blocks.
+    tensors: Option<(Device, DType)>,
 }
 
 impl KvPool {
@@ -123,6 +173,16 @@ impl KvPool {
             capacity: budget_bytes / shape.block_bytes().max(1),
             reserved: 0,
             free: Vec::new(),
+            tensors: None,
+        }
+    }
+
+    /// A pool whose caches are `dtype` tensors on `device` (a GPU; on the CPU it serves tests of
+    /// the device path). The budget counts f32 positions, as for host blocks.
+    pub fn on_device(shape: KvShape, budget_bytes: usize, device: &Device, dtype: DType) -> Self {
+        Self {
+            tensors: Some((device.clone(), dtype)),
+            ..Self::new(shape, budget_bytes)
         }
     }
 
@@ -148,7 +208,8 @@ impl KvPool {
         self.reserved += blocks;
         Some(SeqCache {
             shape: self.shape,
-            blocks: Vec::with_capacity(blocks),
+            blocks: Vec::with_capacity(if self.tensors.is_some() { 0 } else { blocks }),
+            tensors: None,
             len: 0,
             reserved: blocks,
         })
@@ -161,6 +222,21 @@ impl KvPool {
                 prompt_tokens: positions,
                 context: seq.capacity(),
             });
+        }
+        if let Some((device, dtype)) = &self.tensors {
+            if seq.tensors.is_none() {
+                let shape = (self.shape.kv_heads, seq.capacity(), self.shape.head_dim);
+                let layers = (0..self.shape.layers)
+                    .map(|_| {
+                        Ok((
+                            Tensor::zeros(shape, *dtype, device)?,
+                            Tensor::zeros(shape, *dtype, device)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                seq.tensors = Some(layers);
+            }
+            return Ok(());
         }
         while seq.blocks.len() * BLOCK_POSITIONS < positions {
             let block = self

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::{EngineError, Result};
 use super::host;
@@ -70,6 +70,8 @@ pub struct LinearRegistry {
     /// Converted deltas, keyed by the address of the `MergedDelta` they came from; the weak
     /// pointer tells when that delta is gone so the entry can be dropped.
     cache: Mutex<Vec<(Weak<MergedDelta>, Arc<LoadedDelta>)>>,
+    /// The element type deltas are converted to: the model's (`None`: f32).
+    dtype: Option<DType>,
 }
 
 impl LinearRegistry {
@@ -103,6 +105,11 @@ impl LinearRegistry {
             id,
             out_dim: shape.0,
         })
+    }
+
+    /// Converts deltas to `dtype` (a bf16 model's), not f32.
+    pub fn set_dtype(&mut self, dtype: DType) {
+        self.dtype = (dtype != DType::F32).then_some(dtype);
     }
 
     /// Module paths of every linear layer.
@@ -154,7 +161,8 @@ impl LinearRegistry {
         }
     }
 
-    /// Bytes a conversion of `delta` holds: f32 tensors of the same factors or dense matrix.
+    /// Bytes a conversion of `delta` holds: f32 tensors of the same factors or dense matrix (a
+    /// bf16 model's hold half; the budget counts f32).
     pub fn converted_bytes(delta: &MergedDelta) -> usize {
         delta.bytes()
     }
@@ -176,7 +184,7 @@ impl LinearRegistry {
                     actual: d.shape(),
                 });
             }
-            layers[id] = Some(layer_delta(d, device)?);
+            layers[id] = Some(layer_delta(d, device, self.dtype)?);
         }
         Ok(LoadedDelta {
             layers,
@@ -220,19 +228,23 @@ impl LinearRegistry {
     }
 }
 
-fn transposed(m: &Matrix, device: &Device) -> Result<Tensor> {
+fn transposed(m: &Matrix, device: &Device, dtype: Option<DType>) -> Result<Tensor> {
     let t = m.transpose();
-    Ok(Tensor::from_slice(t.as_slice(), t.shape(), device)?)
+    let t = Tensor::from_slice(t.as_slice(), t.shape(), device)?;
+    Ok(match dtype {
+        Some(dtype) => t.to_dtype(dtype)?,
+        None => t,
+    })
 }
 
-fn layer_delta(d: &ModuleDelta, device: &Device) -> Result<LayerDelta> {
+fn layer_delta(d: &ModuleDelta, device: &Device, dtype: Option<DType>) -> Result<LayerDelta> {
     Ok(match d {
         ModuleDelta::LowRank { b, a } => LayerDelta::LowRank {
-            a_t: transposed(a, device)?,
-            b_t: transposed(b, device)?,
+            a_t: transposed(a, device, dtype)?,
+            b_t: transposed(b, device, dtype)?,
         },
         ModuleDelta::Dense(w) => LayerDelta::Dense {
-            w_t: transposed(w, device)?,
+            w_t: transposed(w, device, dtype)?,
         },
     })
 }

@@ -9,11 +9,11 @@
 //! [`Llama::step`] is the serving engine's batched forward over many sequences, each with its own
 //! delta and paged cache (see `kv`).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
-use super::kv::{self, KvShape, QueryRow, SeqCache};
+use super::kv::{self, KvPool, KvShape, QueryRow, SeqCache};
 use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups};
 use super::ops;
 use super::rope::{Rope, RopeScaling, RowAngles, causal_mask, rope_rows};
@@ -152,7 +152,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if t > 1 {
-            let mask = ctx.mask(t)?;
+            let mask = ctx.mask(t)?.to_dtype(scores.dtype())?;
             scores = scores
                 .reshape((b, self.kv_heads, n_rep, t, total))?
                 .broadcast_add(&mask)?
@@ -194,6 +194,10 @@ impl Attention {
                 .map_err(|_| EngineError::EmptyInput { what: "q, k, v" })?;
         let q = rope_rows(&q, self.heads, &ctx.angles)?;
         let k = rope_rows(&k, self.kv_heads, &ctx.angles)?;
+        if seqs.iter().any(|s| s.cache.on_tensors()) {
+            let out = self.attend_tensors(&q, &k, &v, layer, ctx, seqs)?;
+            return self.o.forward_rows(&out, ctx.deltas);
+        }
         let (k, v) = (host(&k)?, host(&v)?);
         let kv_dim = self.kv_heads * self.head_dim;
         let mut row = 0;
@@ -219,6 +223,59 @@ impl Attention {
         let out = kv::attend(layer, self.heads, &host(&q)?, &queries);
         let out = Tensor::from_vec(out, (rows, self.heads * self.head_dim), ctx.device)?;
         self.o.forward_rows(&out, ctx.deltas)
+    }
+}
+
+impl Attention {
+    /// The device path of [`Attention::step`]: every sequence's new keys and values are written
+    /// into its tensor cache, then its query rows attend to its own positions with tensor ops
+    /// (grouped heads folded into the query axis, as in [`Attention::forward`]). Returns
+    /// `(rows, heads·head_dim)`.
+    fn attend_tensors(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        ctx: &BatchCtx<'_>,
+        seqs: &mut [StepSeq<'_>],
+    ) -> Result<Tensor> {
+        let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let n_rep = heads / kv_heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for s in seqs.iter_mut() {
+            let (n, start) = (s.tokens.len(), s.cache.len());
+            let by_head = |t: &Tensor, h: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, row, n)?
+                    .reshape((n, h, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            s.cache
+                .write_tensors(layer, start, &by_head(k, kv_heads)?, &by_head(v, kv_heads)?)?;
+            let total = start + n;
+            let (keys, values) = s.cache.layer_tensors(layer, total)?;
+            let qs = by_head(q, heads)?.reshape((kv_heads, n_rep * n, hd))?;
+            let mut scores = (qs.matmul(&keys.to_dtype(qs.dtype())?.t()?)? * scale)?;
+            if n > 1 {
+                let mask = causal_mask(n, start, ctx.device)?.to_dtype(scores.dtype())?;
+                scores = scores
+                    .reshape((kv_heads, n_rep, n, total))?
+                    .broadcast_add(&mask)?
+                    .reshape((kv_heads, n_rep * n, total))?;
+            }
+            let probs = ops::softmax_last(&scores, false)?;
+            let out = probs
+                .matmul(&values.to_dtype(qs.dtype())?)?
+                .reshape((heads, n, hd))?
+                .transpose(0, 1)?
+                .reshape((n, heads * hd))?;
+            outs.push(out);
+            row += n;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
     }
 }
 
@@ -332,6 +389,7 @@ impl Llama {
             store.insert("lm_head.weight", embed.clone());
         }
         let mut reg = LinearRegistry::default();
+        reg.set_dtype(embed.dtype());
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -430,7 +488,11 @@ impl Llama {
         cache.len += ids.len();
         let last = x.narrow(1, ids.len() - 1, 1)?;
         let h = ops::rms_norm(&last, &self.norm, step.eps, step.grad)?;
-        Ok(self.lm_head.forward(&h, delta)?.flatten_all()?)
+        Ok(self
+            .lm_head
+            .forward(&h, delta)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?)
     }
 
     /// Sizes of this model's paged KV cache entries.
@@ -439,6 +501,21 @@ impl Llama {
             layers: self.blocks.len(),
             kv_heads: self.cfg.kv_heads(),
             head_dim: self.cfg.head_dim(),
+        }
+    }
+
+    /// A paged KV cache pool for [`Llama::step`] within `budget_bytes`: host blocks and per-row
+    /// host attention for f32 on the CPU, device tensors and tensor-op attention otherwise.
+    pub fn kv_pool(&self, budget_bytes: usize) -> KvPool {
+        if self.device.is_cpu() && self.embed.dtype() == DType::F32 {
+            KvPool::new(self.kv_shape(), budget_bytes)
+        } else {
+            KvPool::on_device(
+                self.kv_shape(),
+                budget_bytes,
+                &self.device,
+                self.embed.dtype(),
+            )
         }
     }
 
@@ -510,6 +587,150 @@ impl Llama {
             wanted.len(),
             &self.device,
         )?;
-        self.lm_head.forward_rows(&h, Deltas::Grouped(&head_groups))
+        Ok(self
+            .lm_head
+            .forward_rows(&h, Deltas::Grouped(&head_groups))?
+            .to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::matrix::Matrix;
+    use crate::merge::{MergedDelta, ModuleDelta};
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 997) as f32 / 498.0 - 1.0) * 0.3)
+            .collect()
+    }
+
+    /// A two-layer model with grouped heads and random weights.
+    fn tiny() -> Llama {
+        tiny_as(DType::F32)
+    }
+
+    fn tiny_as(dtype: DType) -> Llama {
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
+            "max_position_embeddings": 64, "tie_word_embeddings": true
+        }))
+        .expect("config");
+        let mut tensors = HashMap::new();
+        let mut seed = 0;
+        let mut add = |name: String, shape: &[usize]| {
+            seed += 1;
+            let n = shape.iter().product();
+            let t = Tensor::from_vec(values(n, seed), shape, &Device::Cpu).expect("tensor");
+            tensors.insert(name, t);
+        };
+        add("model.embed_tokens.weight".into(), &[40, 32]);
+        add("model.norm.weight".into(), &[32]);
+        for l in 0..2 {
+            let p = format!("model.layers.{l}");
+            for (m, shape) in [
+                ("self_attn.q_proj", [32, 32]),
+                ("self_attn.k_proj", [16, 32]),
+                ("self_attn.v_proj", [16, 32]),
+                ("self_attn.o_proj", [32, 32]),
+                ("mlp.gate_proj", [48, 32]),
+                ("mlp.up_proj", [48, 32]),
+                ("mlp.down_proj", [32, 48]),
+            ] {
+                add(format!("{p}.{m}.weight"), &shape);
+            }
+            add(format!("{p}.input_layernorm.weight"), &[32]);
+            add(format!("{p}.post_attention_layernorm.weight"), &[32]);
+        }
+        let mut store = WeightStore::new(tensors, Device::Cpu);
+        store.cast(dtype).expect("cast");
+        Llama::new(cfg, store).expect("model")
+    }
+
+    /// Logits of three sequences (two adapter sets and the base) over a prefill step and three
+    /// decode steps, with the caches of `pool`.
+    fn run(model: &Llama, mut pool: KvPool, delta: &LoadedDelta) -> Vec<Vec<f32>> {
+        let prompts: [&[u32]; 3] = [&[1, 5, 9, 2, 7], &[3], &[4, 4, 8]];
+        let mut caches: Vec<SeqCache> = (0..3).map(|_| pool.reserve(16).expect("room")).collect();
+        let mut out = Vec::new();
+        let mut next: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        for _ in 0..4 {
+            let mut seqs = Vec::new();
+            for ((cache, tokens), i) in caches.iter_mut().zip(&next).zip(0..) {
+                pool.grow(cache, cache.len() + tokens.len()).expect("grow");
+                seqs.push(StepSeq {
+                    cache,
+                    tokens,
+                    delta: (i != 2).then_some(delta),
+                    logits: true,
+                });
+            }
+            let logits = model.step(&mut seqs).expect("step");
+            let logits = logits.to_vec2::<f32>().expect("logits");
+            next = logits
+                .iter()
+                .map(|row| vec![crate::engine::argmax(row)])
+                .collect();
+            out.extend(logits);
+        }
+        out
+    }
+
+    fn delta() -> Arc<MergedDelta> {
+        let modules = BTreeMap::from([(
+            "model.layers.1.self_attn.v_proj".to_string(),
+            ModuleDelta::LowRank {
+                b: Matrix::from_vec(16, 2, values(32, 50)).expect("b"),
+                a: Matrix::from_vec(2, 32, values(64, 51)).expect("a"),
+            },
+        )]);
+        Arc::new(MergedDelta { modules })
+    }
+
+    /// A bf16 model (weights, activations, delta and KV cache in bf16) stays close to the f32
+    /// one: within 3% of the logits' range on a prefill step of three sequences.
+    #[test]
+    fn a_bf16_model_follows_the_f32_model() {
+        let (full, half) = (tiny(), tiny_as(DType::BF16));
+        let budget = 8 * full.kv_shape().block_bytes();
+        let d32 = full
+            .registry()
+            .load_delta(&delta(), &Device::Cpu)
+            .expect("delta");
+        let d16 = half
+            .registry()
+            .load_delta(&delta(), &Device::Cpu)
+            .expect("delta");
+        let want = run(&full, full.kv_pool(budget), &d32);
+        let got = run(&half, half.kv_pool(budget), &d16);
+        // The prefill step's rows (later steps feed each model's own argmax).
+        let (want, got) = (&want[..3], &got[..3]);
+        let range = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+        for (a, b) in want.iter().flatten().zip(got.iter().flatten()) {
+            assert!((a - b).abs() <= 0.03 * range, "{a} vs {b} (range {range})");
+        }
+    }
+
+    /// The device path (tensor KV cache, tensor-op attention) gives what the host path gives.
+    #[test]
+    fn tensor_cache_attention_matches_the_host_path() {
+        let model = tiny();
+        let delta = delta();
+        let delta = model
+            .registry()
+            .load_delta(&delta, &Device::Cpu)
+            .expect("delta");
+        let budget = 8 * model.kv_shape().block_bytes();
+        let host = run(&model, model.kv_pool(budget), &delta);
+        let pool = KvPool::on_device(model.kv_shape(), budget, &Device::Cpu, DType::F32);
+        let tensors = run(&model, pool, &delta);
+        for (a, b) in host.iter().flatten().zip(tensors.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+        }
     }
 }

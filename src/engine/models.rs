@@ -60,16 +60,33 @@ impl TextModel {
 
     /// Loads with the projection weights held as `format` says.
     pub fn load_as(path: &ModelPath, device: &Device, format: WeightFormat) -> Result<Self> {
+        let dtype = match format {
+            WeightFormat::Bf16 => Some(candle_core::DType::BF16),
+            WeightFormat::Native | WeightFormat::F32 => None,
+        };
+        let format = if dtype.is_some() {
+            WeightFormat::F32
+        } else {
+            format
+        };
         match path {
-            ModelPath::Gguf(file) => Self::from_gguf(file, device, format),
-            ModelPath::HfDir(dir) => Self::from_dir(dir, device),
+            ModelPath::Gguf(file) => Self::from_gguf(file, device, format, dtype),
+            ModelPath::HfDir(dir) => Self::from_dir(dir, device, dtype),
         }
     }
 
-    fn from_gguf(file: &Path, device: &Device, format: WeightFormat) -> Result<Self> {
+    fn from_gguf(
+        file: &Path,
+        device: &Device,
+        format: WeightFormat,
+        dtype: Option<candle_core::DType>,
+    ) -> Result<Self> {
         let gguf = GgufFile::open(file)?;
         let cfg = gguf.llama_config()?;
-        let store = gguf.load_weights(&cfg, device, format)?;
+        let mut store = gguf.load_weights(&cfg, device, format)?;
+        if let Some(dtype) = dtype {
+            store.cast(dtype)?;
+        }
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let source = gguf.meta_str("tokenizer.chat_template").unwrap_or(CHATML);
         let chat = ChatTemplate::new(
@@ -84,7 +101,7 @@ impl TextModel {
         })
     }
 
-    fn from_dir(dir: &Path, device: &Device) -> Result<Self> {
+    fn from_dir(dir: &Path, device: &Device, dtype: Option<candle_core::DType>) -> Result<Self> {
         let cfg: LlamaConfig = read_json(&dir.join("config.json"), "config.json")?;
         let mut eos =
             read_json::<GenerationIds>(&dir.join("config.json"), "config.json")?.eos_token_id;
@@ -115,7 +132,10 @@ impl TextModel {
             tokenizer.bos_token.clone(),
             tokenizer.eos_token.clone(),
         )?;
-        let store = WeightStore::from_safetensors_dir(dir, device)?;
+        let mut store = WeightStore::from_safetensors_dir(dir, device)?;
+        if let Some(dtype) = dtype {
+            store.cast(dtype)?;
+        }
         Ok(Self {
             model: Llama::new(cfg, store)?,
             tokenizer,

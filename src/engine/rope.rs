@@ -70,8 +70,8 @@ impl Rope {
     /// Rotates `x: (batch, heads, seq, head_dim)` for positions `offset..offset + seq`.
     pub fn apply(&self, x: &Tensor, offset: usize, grad: bool) -> Result<Tensor> {
         let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, offset, seq)?;
-        let sin = self.sin.narrow(0, offset, seq)?;
+        let cos = self.cos.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, seq)?.to_dtype(x.dtype())?;
         super::ops::rope(&x.contiguous()?, &cos, &sin, grad)
     }
 }
@@ -97,7 +97,11 @@ impl Rope {
 pub fn rope_rows(x: &Tensor, heads: usize, angles: &RowAngles) -> Result<Tensor> {
     let (rows, width) = x.dims2()?;
     let x = x.reshape((1, rows, heads, width / heads.max(1)))?;
-    let y = candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &angles.cos, &angles.sin)?;
+    let (cos, sin) = (
+        angles.cos.to_dtype(x.dtype())?,
+        angles.sin.to_dtype(x.dtype())?,
+    );
+    let y = candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)?;
     Ok(y.reshape((rows, width))?)
 }
 

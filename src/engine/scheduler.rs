@@ -194,7 +194,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the loop on its own thread.
     pub fn start(model: Arc<TextModel>, limits: EngineLimits) -> Self {
-        let pool = KvPool::new(model.model.kv_shape(), limits.kv_cache_bytes);
+        let pool = model.model.kv_pool(limits.kv_cache_bytes);
         let block_positions = super::kv::BLOCK_POSITIONS;
         let shared = Arc::new(Shared {
             waiting: Mutex::new(Waiting::default()),

@@ -73,6 +73,14 @@ impl WeightStore {
         &self.device
     }
 
+    /// Converts every tensor (not the quantized weights) to `dtype`.
+    pub fn cast(&mut self, dtype: DType) -> Result<()> {
+        for t in self.tensors.values_mut() {
+            *t = t.to_dtype(dtype)?;
+        }
+        Ok(())
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
@@ -156,6 +164,9 @@ pub enum WeightFormat {
     Native,
     /// Every weight dequantized to f32 (what the reference-parity tests use).
     F32,
+    /// Every weight in bfloat16, activations, deltas and the KV cache too (generation models;
+    /// meant for GPUs, where the matmuls run at bf16 rates; logits come out in f32).
+    Bf16,
 }
 
 impl std::str::FromStr for WeightFormat {
@@ -165,9 +176,10 @@ impl std::str::FromStr for WeightFormat {
         match s {
             "native" | "auto" => Ok(Self::Native),
             "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
             other => Err(EngineError::InvalidParam {
                 name: "dtype",
-                message: format!("{other:?} is not a weight format (native or f32)"),
+                message: format!("{other:?} is not a weight format (native, f32 or bf16)"),
             }),
         }
     }

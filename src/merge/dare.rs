@@ -21,17 +21,35 @@ pub(crate) fn apply(values: &mut [f32], p: f64, key: DareKey<'_>) {
     if p <= 0.0 {
         return;
     }
-    let mut rng = ChaCha12Rng::from_seed(stream_seed(key));
-    // Keep when a uniform u32 falls below (1 − p)·2³², exact to 2⁻³².
-    let keep_below = ((1.0 - p) * 4_294_967_296.0).round() as u64;
-    let rescale = (1.0 / (1.0 - p)) as f32;
+    let rescale = rescale(p);
+    let mut keep = keeper(p, key);
     for x in values {
-        if u64::from(rng.next_u32()) < keep_below {
+        if keep() {
             *x *= rescale;
         } else {
             *x = 0.0;
         }
     }
+}
+
+/// The factor DARE scales kept entries by.
+pub(crate) fn rescale(p: f64) -> f32 {
+    (1.0 / (1.0 - p)) as f32
+}
+
+/// The mask [`apply`] uses for `len` entries: 1 where an entry is kept, 0 where it is dropped
+/// (the same stream, so the same mask, for the device merge).
+pub(crate) fn keep_mask(len: usize, p: f64, key: DareKey<'_>) -> Vec<u8> {
+    let mut keep = keeper(p, key);
+    (0..len).map(|_| u8::from(keep())).collect()
+}
+
+/// Draws whether the next entry is kept.
+fn keeper(p: f64, key: DareKey<'_>) -> impl FnMut() -> bool {
+    let mut rng = ChaCha12Rng::from_seed(stream_seed(key));
+    // Keep when a uniform u32 falls below (1 − p)·2³², exact to 2⁻³².
+    let keep_below = ((1.0 - p) * 4_294_967_296.0).round() as u64;
+    move || u64::from(rng.next_u32()) < keep_below
 }
 
 fn stream_seed(key: DareKey<'_>) -> [u8; 32] {

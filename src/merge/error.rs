@@ -22,6 +22,16 @@ pub enum MergeError {
     Svd { module: String },
     #[error("rank must be at least 1")]
     ZeroRank,
+    #[error("merge on the device: {message}")]
+    Device { message: String },
+}
+
+impl From<candle_core::Error> for MergeError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Device {
+            message: e.to_string(),
+        }
+    }
 }
 
 impl MergeError {

@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use candle_core::Device;
 use faer::Mat;
 use rayon::prelude::*;
 
@@ -10,6 +11,7 @@ use super::align::{Alignment, Factors, align};
 use super::align_cache::{AlignKey, Aligned, AlignmentCache, Family};
 use super::core::{self, Bases, CoreBasis, CoreFactors, core_basis};
 use super::dare::{self, DareKey};
+use super::device;
 use super::plan::{ModulePlan, Plan};
 use super::ties::{RepSource, Ties, ties_merge};
 use super::{
@@ -34,19 +36,26 @@ pub fn merge_cached(
     progress: &dyn Progress,
     cache: Option<&AlignmentCache>,
 ) -> Result<MergedDelta, MergeError> {
+    merge_on(inputs, params, progress, cache, None)
+}
+
+/// [`merge_cached`] with the dense methods' O(n·O·I) work (TIES, DARE-TIES, DARE) on `device`
+/// with tensor ops (`None`: the host implementation). The result is the host's within f32
+/// rounding; the SVDs of the aligned methods always run on the host.
+pub fn merge_on(
+    inputs: &[MergeInput<'_>],
+    params: &MergeParams,
+    progress: &dyn Progress,
+    cache: Option<&AlignmentCache>,
+    device: Option<&Device>,
+) -> Result<MergedDelta, MergeError> {
     let plan = Plan::new(inputs)?;
-    let modules = match params.method {
-        Method::Ta | Method::KnotsTa => task_arithmetic(&plan, params.lambda),
-        Method::CoreTa if !params.isotropize => task_arithmetic(&plan, params.lambda),
-        Method::Dare => dare_sum(&plan, params, progress),
-        Method::Ties | Method::DareTies => dense_ties(&plan, params, progress),
-        Method::KnotsTies | Method::KnotsDareTies => knots_ties(&plan, params, progress, cache)?,
-        Method::CoreTa
-        | Method::CoreTies
-        | Method::CoreDareTies
-        | Method::CoreTsv
-        | Method::CoreIsoC
-        | Method::CoreIsoCts => core_merge(&plan, params, progress, cache)?,
+    let modules = match (params.method, device) {
+        (Method::Dare, Some(d)) => device::dare_sum(&plan, params, d, progress)?,
+        (Method::Ties | Method::DareTies, Some(d)) => {
+            device::dense_ties(&plan, params, d, progress)?
+        }
+        _ => merge_on_host(&plan, params, progress, cache)?,
     };
     let modules = plan
         .modules
@@ -55,6 +64,27 @@ pub fn merge_cached(
         .zip(modules)
         .collect();
     Ok(MergedDelta { modules })
+}
+
+fn merge_on_host(
+    plan: &Plan<'_>,
+    params: &MergeParams,
+    progress: &dyn Progress,
+    cache: Option<&AlignmentCache>,
+) -> Result<Vec<ModuleDelta>, MergeError> {
+    Ok(match params.method {
+        Method::Ta | Method::KnotsTa => task_arithmetic(plan, params.lambda),
+        Method::CoreTa if !params.isotropize => task_arithmetic(plan, params.lambda),
+        Method::Dare => dare_sum(plan, params, progress),
+        Method::Ties | Method::DareTies => dense_ties(plan, params, progress),
+        Method::KnotsTies | Method::KnotsDareTies => knots_ties(plan, params, progress, cache)?,
+        Method::CoreTa
+        | Method::CoreTies
+        | Method::CoreDareTies
+        | Method::CoreTsv
+        | Method::CoreIsoC
+        | Method::CoreIsoCts => core_merge(plan, params, progress, cache)?,
+    })
 }
 
 /// `λ·Σ w_i·c_i·B_i·A_i` as `[λw_1c_1B_1 … λw_nc_nB_n] · [A_1; …; A_n]`, never dense.

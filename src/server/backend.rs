@@ -195,6 +195,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Frees what the backend holds for deltas nobody holds any more (evicted merges).
     fn release_unused(&self) {}
 
+    /// Where the dense merge methods run their tensor work (`--merge-device`); `None`: the host.
+    fn merge_device(&self) -> Option<candle_core::Device> {
+        None
+    }
+
     /// Normalised embeddings of `inputs`, and the number of tokens read; not run, and a
     /// timeout, once `deadline` has passed.
     fn embed(

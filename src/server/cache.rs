@@ -112,6 +112,7 @@ impl MergeCache {
         let alignments = self.alignments.clone();
         let merging = self.merging.clone();
         let store = self.store.clone();
+        let device = self.backend.merge_device();
         let entry = self
             .cache
             .try_get_with(key, async move {
@@ -125,7 +126,8 @@ impl MergeCache {
                     .await
                     .map_err(|e| ApiError::internal(format!("merge slots closed: {e}")))?;
                 let merged = tokio::task::spawn_blocking(move || {
-                    let merged = run_merge(merge_key, &members, &params, &alignments);
+                    let merged =
+                        run_merge(merge_key, &members, &params, &alignments, device.as_ref());
                     release_free_memory();
                     merged
                 })
@@ -212,6 +214,7 @@ fn run_merge(
     members: &[(Arc<Registered>, f64)],
     params: &MergeParams,
     alignments: &AlignmentCache,
+    device: Option<&candle_core::Device>,
 ) -> Result<Arc<CachedMerge>, ApiError> {
     let started = Instant::now();
     let inputs: Vec<MergeInput<'_>> = members
@@ -221,7 +224,7 @@ fn run_merge(
             weight: *weight,
         })
         .collect();
-    let delta = merge::merge_cached(&inputs, params, &Silent, Some(alignments))?;
+    let delta = merge::merge_on(&inputs, params, &Silent, Some(alignments), device)?;
     let seconds = started.elapsed().as_secs_f64();
     metrics::merge_done(params.method.as_str(), seconds);
     metrics::alignment_cache(alignments.stats());

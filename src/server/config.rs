@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// Device for the models: cpu or cuda:N [default: cpu].
     #[arg(long, env = "KNOTS_DEVICE")]
     pub device: Option<String>,
+    /// Where TIES, DARE-TIES and DARE merges run their tensor work: cpu or cuda:N
+    /// [default: --device].
+    #[arg(long, env = "KNOTS_MERGE_DEVICE")]
+    pub merge_device: Option<String>,
     /// Base projection weights: `native` keeps a GGUF model's quantized blocks, `f32`
     /// dequantizes them [default: native].
     #[arg(long, env = "KNOTS_DTYPE")]
@@ -152,6 +156,7 @@ struct ConfigFile {
     #[serde(default)]
     adapter_roots: Vec<PathBuf>,
     device: Option<String>,
+    merge_device: Option<String>,
     dtype: Option<String>,
     max_queue: Option<usize>,
     max_batch: Option<usize>,
@@ -182,6 +187,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     pub adapter_roots: Vec<PathBuf>,
     pub device: String,
+    /// `--merge-device`; `None`: the models' device.
+    pub merge_device: Option<String>,
     pub engine: EngineOptions,
     pub bundles: Vec<Bundle>,
     pub experiments: Vec<Experiment>,
@@ -290,6 +297,7 @@ impl ServeConfig {
                 .device
                 .or(file.device)
                 .unwrap_or_else(|| "cpu".to_string()),
+            merge_device: args.merge_device.or(file.merge_device),
             engine,
             bundles,
             experiments,

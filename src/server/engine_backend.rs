@@ -52,6 +52,8 @@ pub struct EngineOptions {
 /// Every served base model.
 pub struct EngineBackend {
     models: Vec<(BaseInfo, Model)>,
+    /// Where the dense merges run: the models' GPU by default, `None` (the host) on the CPU.
+    merge_device: Option<candle_core::Device>,
 }
 
 impl EngineBackend {
@@ -104,7 +106,19 @@ impl EngineBackend {
                 model,
             ));
         }
-        Ok(Self { models })
+        let merge_device = (!device.is_cpu()).then_some(device);
+        Ok(Self {
+            models,
+            merge_device,
+        })
+    }
+
+    /// Runs the dense merges on `spec` (`cpu`: the host implementation, `cuda:N`: that GPU)
+    /// instead of the models' device.
+    pub fn set_merge_device(&mut self, spec: &str) -> Result<(), EngineError> {
+        let device = engine::parse_device(spec)?;
+        self.merge_device = (!device.is_cpu()).then_some(device);
+        Ok(())
     }
 
     fn model(&self, base: &str) -> Result<&Model, BackendError> {
@@ -290,6 +304,10 @@ impl Backend for EngineBackend {
 
     fn converted_bytes(&self, delta: &MergedDelta) -> usize {
         engine::LinearRegistry::converted_bytes(delta)
+    }
+
+    fn merge_device(&self) -> Option<candle_core::Device> {
+        self.merge_device.clone()
     }
 
     fn release_unused(&self) {

@@ -152,7 +152,7 @@ impl From<MergeError> for ApiError {
             | MergeError::DuplicateAdapter { .. }
             | MergeError::ShapeMismatch { .. } => Self::bad("model", e.to_string()),
             MergeError::ZeroRank => Self::bad("rank", e.to_string()),
-            MergeError::Svd { .. } => Self::internal(e),
+            MergeError::Svd { .. } | MergeError::Device { .. } => Self::internal(e),
         }
     }
 }

@@ -314,3 +314,45 @@ fn cancelled_generation_and_oversized_prompts() {
         "{err}"
     );
 }
+
+/// `knots logits` (what scripts/gpu_check.sh compares across devices) gives the reference's
+/// final logits and greedy tokens, on the serving engine's step path.
+#[test]
+fn the_logits_command_matches_the_reference() {
+    let case = reference_json("smollm2/base_plain_1.json");
+    let prompt: Vec<String> = ids(&case["input_ids"]).iter().map(u32::to_string).collect();
+    let want_ids = ids(&case["greedy"]["new_ids"]);
+    let greedy = want_ids.len().min(8);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knots"))
+        .args(["logits", "--model"])
+        .arg(gguf_path())
+        .args(["--dtype", "f32", "--greedy", &greedy.to_string()])
+        .args(["--prompt-ids", &prompt.join(",")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let logits: Vec<f32> = json["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let want = reference_tensor("smollm2/base_plain_1.safetensors", "final_logits");
+    let diff = max_abs_diff(&logits, &want);
+    assert!(diff <= LOGIT_TOL, "max abs diff {diff}");
+    let gaps = case["greedy"]["top2_logit_gap_per_step"]
+        .as_array()
+        .unwrap();
+    let sure = gaps
+        .iter()
+        .position(|g| g.as_f64().unwrap() < 2.0 * f64::from(LOGIT_TOL))
+        .unwrap_or(gaps.len())
+        .min(greedy);
+    assert_eq!(ids(&json["greedy_ids"])[..sure], want_ids[..sure]);
+    assert!(json["decode_tokens_per_sec"].as_f64().unwrap() > 0.0);
+}
