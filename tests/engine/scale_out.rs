@@ -144,10 +144,14 @@ impl S3Server {
         panic!("moto did not start");
     }
 
-    /// Creates a bucket or writes an object (moto takes unsigned requests).
+    /// Creates a bucket or writes an object. moto checks no signature, but refuses to overwrite
+    /// an object for a request without credentials: any well-formed header will do.
     pub async fn put(&self, path: &str, body: Vec<u8>) {
+        let credentials = "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, \
+                           SignedHeaders=host, Signature=0";
         let r = client()
             .put(format!("{}/{path}", self.endpoint))
+            .header("authorization", credentials)
             .body(body)
             .send()
             .await
@@ -175,8 +179,12 @@ impl Drop for S3Server {
 }
 
 async fn register(url: &str, body: Value) -> (u16, Value) {
+    register_at(url, "/v1/adapters", body).await
+}
+
+async fn register_at(url: &str, path: &str, body: Value) -> (u16, Value) {
     let r = client()
-        .post(format!("{url}/v1/adapters"))
+        .post(format!("{url}{path}"))
         .json(&body)
         .send()
         .await
@@ -251,13 +259,21 @@ async fn merges_and_adapters_come_from_s3_and_the_hub() {
     let digest = body["sha256"].as_str().unwrap().to_string();
     let (status, body) = register(
         &b.url,
-        json!({"name": "loud", "uri": "s3://knots/adapters/loud", "digest": digest}),
+        json!({"name": "loud", "uri": "s3://knots/adapters/loud", "digest": &digest}),
     )
     .await;
     assert_eq!(status, 200, "{body}");
     let (loud_a, _) = complete(&a.url, "loud").await;
     let (loud_b, _) = complete(&b.url, "loud").await;
     assert_eq!(loud_a, loud_b);
+    // New content under the same URI: a reload fetches it again.
+    for (file, bytes) in adapter_files("news-lm") {
+        s3.put(&format!("knots/adapters/loud/{file}"), bytes).await;
+    }
+    let (status, body) = register_at(&a.url, "/v1/adapters/reload", json!({"name": "loud"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["changed"], true, "{body}");
+    assert_ne!(body["adapter"]["sha256"], json!(digest));
     let (status, body) = register(
         &a.url,
         json!({"name": "hub-news", "uri": "hf://acme/news-adapter"}),

@@ -8,13 +8,14 @@ use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::adapters::{Owner, Registered, owner_of, valid_name};
+use crate::adapters::{AdapterUri, Owner, Registered, owner_of, valid_name};
 use crate::server::adapter_admin;
 use crate::server::auth::Caller;
 use crate::server::call::{ModelRequest, admit};
 use crate::server::error::ApiError;
 use crate::server::spec::MergeField;
 use crate::server::state::AppState;
+use crate::server::store::AdapterChange;
 
 fn describe(a: &Registered) -> Value {
     let ranks: std::collections::BTreeSet<usize> =
@@ -140,9 +141,29 @@ pub async fn reload(
         .registry
         .get(&req.name)
         .ok_or_else(|| ApiError::not_found(format!("adapter {:?}", req.name)))?;
-    let entry = load(&state, old.adapter.path.clone(), req.name.clone()).await?;
+    // A run-time registration from a URI is fetched again; any other re-reads its directory.
+    let source = state
+        .store
+        .adapter_changes()?
+        .into_iter()
+        .find_map(|c| match c {
+            AdapterChange::Registered { name, source, .. } if name == req.name => Some(source),
+            _ => None,
+        });
+    let dir = match source.as_deref().map(AdapterUri::parse).transpose()? {
+        Some(uri @ (AdapterUri::S3(_) | AdapterUri::Hub { .. })) => {
+            state.adapter_cache.local_dir(&uri, true).await?
+        }
+        _ => old.adapter.path.clone(),
+    };
+    let entry = load(&state, dir, req.name.clone()).await?;
     let changed = entry.adapter.digest != old.adapter.digest;
     let body = describe(&entry);
+    if let (Some(source), true) = (&source, changed) {
+        // The new content is what a restart or another replica must load now.
+        let digest = entry.adapter.digest.to_string();
+        state.store.adapter_registered(&req.name, source, &digest)?;
+    }
     state.registry.insert(entry);
     let evicted = if changed {
         state.cache.evict_adapter(&req.name).await
