@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::Caller;
 use super::backend::BaseKind;
-use super::inflight::Running;
+use super::inflight::{Phase, Running};
 use super::resolve::{Target, resolve};
 use super::spec::{MergeField, ModelSpec};
 use super::state::AppState;
@@ -99,12 +99,14 @@ pub async fn admit(
     let started = Instant::now();
     let deadline = started + state.limits.request_timeout;
     let slot = state.admit()?;
+    let waiting = state.inflight.start(Phase::Waiting, req.model.clone());
     let resolving = resolve(state, caller, req, user, kind);
     let target = tokio::time::timeout_at(deadline.into(), resolving)
         .await
         .map_err(|_| ApiError::Timeout)??;
-    let running =
-        (kind == Some(BaseKind::Encoder)).then(|| state.inflight.start(vec![req.model.clone()]));
+    drop(waiting);
+    let running = (kind == Some(BaseKind::Encoder))
+        .then(|| state.inflight.start(Phase::Running, req.model.clone()));
     Ok(Admitted {
         target,
         started,

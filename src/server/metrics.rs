@@ -17,6 +17,7 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::cache::Outcome;
+use super::inflight::{InFlight, Phase};
 use crate::engine::{EngineStats, telemetry};
 use crate::merge::AlignmentStats;
 
@@ -260,21 +261,17 @@ pub fn feedback_mean(experiment: &str, arm: &str, mean: f64) {
 }
 
 /// The metrics text: the recorder's series, the engines' gauges, one `knots_lora_requests_info`
-/// series, and with `compat` the other engine's names. `encoder_running` lists the `model`
-/// strings of running encoder requests.
-pub fn render(
-    engines: &[(String, EngineStats)],
-    encoder_running: &[String],
-    compat: Compat,
-) -> String {
+/// series, and with `compat` the other engine's names. `inflight` adds the `model` strings of
+/// running encoder requests, and of requests being resolved and merged as waiting.
+pub fn render(engines: &[(String, EngineStats)], inflight: &InFlight, compat: Compat) -> String {
     for (base, stats) in engines {
         let base = [("base", base.clone())];
         gauge!("knots_engine_waiting_requests", &base).set(stats.waiting as f64);
         gauge!("knots_engine_running_requests", &base).set(stats.running as f64);
         gauge!("knots_engine_kv_cache_usage_ratio", &base).set(stats.kv_usage);
     }
-    let mut running: Vec<String> = encoder_running.to_vec();
-    let mut waiting = Vec::new();
+    let mut running = inflight.sets(Phase::Running);
+    let mut waiting = inflight.sets(Phase::Waiting);
     for (_, stats) in engines {
         running.extend(stats.running_labels.iter().cloned());
         waiting.extend(stats.waiting_labels.iter().cloned());

@@ -60,6 +60,6 @@ fn render(state: &AppState) -> impl IntoResponse + use<> {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        metrics::render(&engines, &state.inflight.running(), state.metrics_compat),
+        metrics::render(&engines, &state.inflight, state.metrics_compat),
     )
 }
