@@ -310,8 +310,9 @@ fn bench_store(_: &mut Criterion) {
                 .map(|_| {
                     let started = Instant::now();
                     let fetched = runtime.block_on(store.fetch(&key)).expect("fetch");
+                    let seconds = started.elapsed().as_secs_f64();
                     assert!(fetched.is_some_and(|f| f.delta == *delta));
-                    started.elapsed().as_secs_f64()
+                    seconds
                 })
                 .collect();
             times.sort_by(f64::total_cmp);

@@ -123,12 +123,15 @@ impl MergeStore {
             .await?
             .ok_or_else(|| corrupt("the manifest has no payload".into()))?;
         let delta = tokio::task::spawn_blocking(move || {
-            if payload.len() as u64 != manifest.bytes
-                || hex(&Sha256::digest(&payload)) != manifest.sha256
-            {
+            // The digest and the decoding each read the whole payload: side by side.
+            let (digest, decoded) = rayon::join(
+                || hex(&Sha256::digest(&payload)),
+                || MergedDelta::decode(&payload),
+            );
+            if payload.len() as u64 != manifest.bytes || digest != manifest.sha256 {
                 return Err("the payload does not match its digest".to_string());
             }
-            MergedDelta::decode(&payload).map_err(|e| e.to_string())
+            decoded.map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| MergeStoreError::Task(e.to_string()))?
