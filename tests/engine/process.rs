@@ -86,6 +86,22 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value 
     r.json().await.unwrap()
 }
 
+/// `POST url+path` with a JSON body: status, JSON answer (null if none) and headers.
+pub async fn post_json(
+    url: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value, reqwest::header::HeaderMap) {
+    let r = client()
+        .post(format!("{url}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, r.json().await.unwrap_or_default(), headers)
+}
+
 /// A loopback port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

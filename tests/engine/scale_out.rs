@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::process::{ServerProcess, client, free_port, smollm2_args};
+use super::process::{ServerProcess, client, free_port, post_json, smollm2_args};
 
 /// A completion's text and its `x-knots-merge` header.
 async fn complete(url: &str, model: &str) -> (String, String) {
@@ -183,13 +183,8 @@ async fn register(url: &str, body: Value) -> (u16, Value) {
 }
 
 async fn register_at(url: &str, path: &str, body: Value) -> (u16, Value) {
-    let r = client()
-        .post(format!("{url}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    let (status, answer, _) = post_json(url, path, body).await;
+    (status, answer)
 }
 
 fn adapter_files(name: &str) -> Vec<(String, Vec<u8>)> {

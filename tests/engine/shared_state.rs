@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use knots::server::store::{AdapterChange, Refusal, Store};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::process::{ServerProcess, client, free_port, smollm2_args};
+use super::process::{ServerProcess, client, free_port, post_json, smollm2_args};
 
 /// A PostgreSQL server in a temporary directory on a free loopback port (trust auth, user
 /// `knots`), stopped when dropped. Run as the `postgres` user when the tests run as root.
@@ -162,17 +162,6 @@ async fn two_connections_share_one_store() {
     .unwrap();
 }
 
-async fn post(url: &str, path: &str, body: Value) -> (u16, Value, reqwest::header::HeaderMap) {
-    let r = client()
-        .post(format!("{url}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let (status, headers) = (r.status().as_u16(), r.headers().clone());
-    (status, r.json().await.unwrap_or(Value::Null), headers)
-}
-
 /// Polls `check` until it holds (the replicas sync every two seconds).
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     for _ in 0..100 {
@@ -193,7 +182,7 @@ async fn replicas_on_one_database_agree() {
     let prompt = |model: &str| json!({"model": model, "prompt": "Hello", "max_tokens": 2});
 
     // Registered on A: served by B.
-    let (status, v, _) = post(
+    let (status, v, _) = post_json(
         &a.url,
         "/v1/adapters",
         json!({"name": "loud", "path": "models/adapters/shout"}),
@@ -201,7 +190,7 @@ async fn replicas_on_one_database_agree() {
     .await;
     assert_eq!(status, 200, "{v}");
     eventually("B serving A's adapter", async || {
-        post(&b.url, "/v1/completions", prompt("loud")).await.0 == 200
+        post_json(&b.url, "/v1/completions", prompt("loud")).await.0 == 200
     })
     .await;
 
@@ -209,23 +198,26 @@ async fn replicas_on_one_database_agree() {
     let experiment = json!({"name": "ab", "arms": [
         {"name": "merged", "model": "sentiment-lm+news-lm"},
         {"name": "single", "model": "sentiment-lm"}]});
-    let (status, v, _) = post(&a.url, "/v1/experiments", experiment).await;
+    let (status, v, _) = post_json(&a.url, "/v1/experiments", experiment).await;
     assert_eq!(status, 200, "{v}");
     eventually("B routing A's experiment", async || {
-        post(&b.url, "/v1/completions", prompt("exp:ab")).await.0 == 200
+        post_json(&b.url, "/v1/completions", prompt("exp:ab"))
+            .await
+            .0
+            == 200
     })
     .await;
-    let (status, _, headers) = post(&a.url, "/v1/completions", prompt("exp:ab")).await;
+    let (status, _, headers) = post_json(&a.url, "/v1/completions", prompt("exp:ab")).await;
     assert_eq!(status, 200);
     let id = headers["x-request-id"].to_str().unwrap().to_string();
     let score = json!({"request_id": id, "score": 1.0});
-    let (status, v, _) = post(&b.url, "/v1/experiments/ab/feedback", score.clone()).await;
+    let (status, v, _) = post_json(&b.url, "/v1/experiments/ab/feedback", score.clone()).await;
     assert_eq!(status, 200, "{v}");
-    let (status, _, _) = post(&a.url, "/v1/experiments/ab/feedback", score).await;
+    let (status, _, _) = post_json(&a.url, "/v1/experiments/ab/feedback", score).await;
     assert_eq!(status, 409);
 
     // Weights changed on B reach A; a deletion on B reaches A.
-    let (status, v, _) = post(
+    let (status, v, _) = post_json(
         &b.url,
         "/v1/experiments/ab/weights",
         json!({"weights": {"merged": 0.0, "single": 1.0}}),
@@ -234,7 +226,7 @@ async fn replicas_on_one_database_agree() {
     assert_eq!(status, 200, "{v}");
     eventually("A taking B's weights", async || {
         for _ in 0..8 {
-            let (_, _, h) = post(&a.url, "/v1/completions", prompt("exp:ab")).await;
+            let (_, _, h) = post_json(&a.url, "/v1/completions", prompt("exp:ab")).await;
             if h["x-knots-arm"] != "ab/single" {
                 return false;
             }
@@ -249,7 +241,7 @@ async fn replicas_on_one_database_agree() {
         .unwrap();
     assert_eq!(deleted.status(), 200);
     eventually("A dropping the adapter B deleted", async || {
-        post(&a.url, "/v1/completions", prompt("loud")).await.0 == 404
+        post_json(&a.url, "/v1/completions", prompt("loud")).await.0 == 404
     })
     .await;
 }
