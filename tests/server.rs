@@ -53,24 +53,29 @@ fn fingerprint(delta: Option<&Arc<MergedDelta>>) -> Option<f64> {
     })
 }
 
+/// The bases the test backends serve: a generator `gen` and an encoder `enc`.
+pub fn test_bases() -> Vec<BaseInfo> {
+    vec![
+        BaseInfo {
+            id: "gen".into(),
+            kind: BaseKind::Generator,
+            context_length: 64,
+            aliases: vec!["org/gen-base".into()],
+            weights: Vec::new(),
+        },
+        BaseInfo {
+            id: "enc".into(),
+            kind: BaseKind::Encoder,
+            context_length: 64,
+            aliases: vec!["org/enc-base".into()],
+            weights: Vec::new(),
+        },
+    ]
+}
+
 impl Backend for TestBackend {
     fn bases(&self) -> Vec<BaseInfo> {
-        vec![
-            BaseInfo {
-                id: "gen".into(),
-                kind: BaseKind::Generator,
-                context_length: 64,
-                aliases: vec!["org/gen-base".into()],
-                weights: Vec::new(),
-            },
-            BaseInfo {
-                id: "enc".into(),
-                kind: BaseKind::Encoder,
-                context_length: 64,
-                aliases: vec!["org/enc-base".into()],
-                weights: Vec::new(),
-            },
-        ]
+        test_bases()
     }
 
     fn generate(&self, job: GenerateJob) -> Result<GenStream, BackendError> {

@@ -242,13 +242,7 @@ mod tests {
 
     /// An adapter of rank 4 on three modules of different shapes (the third only when `all`).
     fn adapter(name: &str, seed: u32, all: bool) -> LoraAdapter {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state as f32 / u32::MAX as f32) - 0.5
-        };
+        let mut next = crate::merge::test_values(seed);
         let mut modules = std::collections::BTreeMap::new();
         let shapes = [("k", 24, 40), ("q", 40, 40), ("v", 16, 40)];
         for (path, rows, cols) in shapes.into_iter().take(if all { 3 } else { 2 }) {

@@ -441,14 +441,7 @@ mod tests {
     }
 
     fn adapter_of_rank(name: &str, seed: u32, rank: usize) -> LoraAdapter {
-        // Deterministic pseudo-random values without a dependency on an RNG crate.
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state as f32 / u32::MAX as f32) - 0.5
-        };
+        let mut next = crate::merge::test_values(seed);
         let a = Matrix::from_fn(rank, 6, |_, _| next());
         let b = Matrix::from_fn(5, rank, |_, _| next());
         let config = serde_json::from_str(&format!(

@@ -31,3 +31,15 @@ pub use params::{MergeOptions, MergeParams, Method};
 pub use plan::MergeInput;
 pub use progress::{Progress, Silent};
 pub use truncate::{Truncated, truncate};
+
+/// Deterministic pseudo-random values in [-0.5, 0.5) for the merge tests (xorshift, no RNG crate).
+#[cfg(test)]
+pub(crate) fn test_values(seed: u32) -> impl FnMut() -> f32 {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        (state as f32 / u32::MAX as f32) - 0.5
+    }
+}

@@ -42,22 +42,7 @@ struct InstantBackend;
 
 impl Backend for InstantBackend {
     fn bases(&self) -> Vec<BaseInfo> {
-        vec![
-            BaseInfo {
-                id: "gen".into(),
-                kind: BaseKind::Generator,
-                context_length: 64,
-                aliases: vec!["org/gen-base".into()],
-                weights: Vec::new(),
-            },
-            BaseInfo {
-                id: "enc".into(),
-                kind: BaseKind::Encoder,
-                context_length: 64,
-                aliases: vec!["org/enc-base".into()],
-                weights: Vec::new(),
-            },
-        ]
+        crate::server::test_bases()
     }
 
     fn generate(&self, job: GenerateJob) -> Result<GenStream, BackendError> {

@@ -1,15 +1,16 @@
 //! PostgreSQL, for replicas that share their state (`--state-db postgres://user@host/db`). One
 //! connection owned by a dedicated thread (the synchronous client runs its own I/O and must not
-//! run on the server's async workers); statements are sent to it and their results awaited,
-//! as the SQLite mutex is. A lost connection is opened again on the next statement. The schema
-//! version is a row of `knots_schema`; migrations run under an advisory lock, so replicas
-//! starting together apply each step once.
+//! run on the server's async workers); statements are sent to it and their results awaited, as
+//! the SQLite mutex is, and each statement is prepared once per connection. A lost connection is
+//! opened again on the next statement. The schema version is a row of `knots_schema`; migrations
+//! run under an advisory lock, so replicas starting together apply each step once.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::mpsc::{Sender, sync_channel};
 
 use postgres::types::{ToSql, Type};
-use postgres::{Client, NoTls};
+use postgres::{Client, NoTls, Statement};
 
 use super::{Database, Row, StoreError, Value};
 
@@ -54,7 +55,14 @@ const MIGRATIONS: &[&str] = &[
 /// Any key for `pg_advisory_xact_lock`, the same in every replica.
 const MIGRATION_LOCK: i64 = 0x6b6e_6f74_735f_6462;
 
-type Job = Box<dyn FnOnce(&mut Option<Client>) + Send>;
+/// The connection thread's state: the client and the statements prepared on it (each statement
+/// is prepared once per connection, not per call).
+struct Connection {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+type Job = Box<dyn FnOnce(&mut Option<Connection>) + Send>;
 
 pub struct Postgres {
     jobs: Mutex<Sender<Job>>,
@@ -71,16 +79,20 @@ impl Postgres {
         std::thread::Builder::new()
             .name("knots-postgres".into())
             .spawn(move || {
-                let mut client: Option<Client> = None;
+                let mut conn: Option<Connection> = None;
                 for job in rx {
-                    if client.as_ref().is_none_or(Client::is_closed) {
-                        client = Client::connect(&url, NoTls)
+                    if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+                        conn = Client::connect(&url, NoTls)
                             .inspect_err(
                                 |e| tracing::warn!(error = %e, "state database connection failed"),
                             )
-                            .ok();
+                            .ok()
+                            .map(|client| Connection {
+                                client,
+                                statements: HashMap::new(),
+                            });
                     }
-                    job(&mut client);
+                    job(&mut conn);
                 }
             })
             .map_err(pg_error)?;
@@ -94,7 +106,7 @@ impl Postgres {
     /// Runs `f` on the connection thread and waits for its result.
     fn run<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<R, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (tx, rx) = sync_channel(1);
         let job: Job = Box::new(move |client| {
@@ -114,8 +126,8 @@ impl Postgres {
     }
 }
 
-fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    let mut tx = client.transaction().map_err(pg_error)?;
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let mut tx = conn.client.transaction().map_err(pg_error)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .map_err(pg_error)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS knots_schema (version BIGINT NOT NULL)")
@@ -184,13 +196,20 @@ fn column(row: &postgres::Row, i: usize) -> Result<Value, postgres::Error> {
     })
 }
 
-/// Prepares `sql` and binds `params` to its parameter types.
+/// `sql` prepared on this connection (once), with `params` bound to its parameter types.
 fn bound(
-    client: &mut Client,
+    conn: &mut Connection,
     sql: &str,
     params: &[Value],
-) -> Result<(postgres::Statement, Vec<Box<dyn ToSql + Sync + Send>>), StoreError> {
-    let stmt = client.prepare(&dollar_params(sql)).map_err(pg_error)?;
+) -> Result<(Statement, Vec<Box<dyn ToSql + Sync + Send>>), StoreError> {
+    let stmt = match conn.statements.get(sql) {
+        Some(stmt) => stmt.clone(),
+        None => {
+            let stmt = conn.client.prepare(&dollar_params(sql)).map_err(pg_error)?;
+            conn.statements.insert(sql.to_string(), stmt.clone());
+            stmt
+        }
+    };
     let values = params
         .iter()
         .zip(stmt.params())
@@ -209,17 +228,17 @@ fn refs(values: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
 impl Database for Postgres {
     fn execute(&self, sql: &str, params: Vec<Value>) -> Result<u64, StoreError> {
         let sql = sql.to_string();
-        self.run(move |client| {
-            let (stmt, values) = bound(client, &sql, &params)?;
-            client.execute(&stmt, &refs(&values)).map_err(pg_error)
+        self.run(move |conn| {
+            let (stmt, values) = bound(conn, &sql, &params)?;
+            conn.client.execute(&stmt, &refs(&values)).map_err(pg_error)
         })
     }
 
     fn query(&self, sql: &str, params: Vec<Value>) -> Result<Vec<Row>, StoreError> {
         let sql = sql.to_string();
-        self.run(move |client| {
-            let (stmt, values) = bound(client, &sql, &params)?;
-            let rows = client.query(&stmt, &refs(&values)).map_err(pg_error)?;
+        self.run(move |conn| {
+            let (stmt, values) = bound(conn, &sql, &params)?;
+            let rows = conn.client.query(&stmt, &refs(&values)).map_err(pg_error)?;
             rows.iter()
                 .map(|r| {
                     (0..r.len())
