@@ -202,8 +202,9 @@ pub fn add_low_rank(
 }
 
 /// `h = x · aᵀ` (`rank` values) for `a_t: x.len() × rank` row-major, sixteen (or eight) columns
-/// of `a_t` at a time so their sums stay in one register across the whole input; each `h_j`
-/// sums over the input in order.
+/// of `a_t` at a time so their sums stay in registers across the whole input. Each `h_j` sums
+/// the input in four interleaved chains (inputs `i ≡ 0, 1, 2, 3 mod 4`), added in a fixed order
+/// at the end: four independent multiply-adds per step instead of one long dependent chain.
 #[inline(always)]
 fn low_rank_hidden(x: &[f32], a_t: &[f32], rank: usize) -> Vec<f32> {
     let mut h = vec![0f32; rank];
@@ -227,52 +228,70 @@ fn hidden_columns<const W: usize>(
     c: usize,
     h: &mut [f32],
 ) -> usize {
-    let mut acc = [0f32; W];
-    for (&xi, row) in x.iter().zip(a_t.chunks_exact(rank)) {
-        let a = &row[c..c + W];
-        for j in 0..W {
-            acc[j] += xi * a[j];
+    const CHAINS: usize = 4;
+    let mut acc = [[0f32; W]; CHAINS];
+    let blocks = x.chunks_exact(CHAINS);
+    let tail = blocks.remainder();
+    for (xs, rows) in blocks.zip(a_t.chunks_exact(CHAINS * rank)) {
+        for (k, chain) in acc.iter_mut().enumerate() {
+            let a = &rows[k * rank + c..k * rank + c + W];
+            for j in 0..W {
+                chain[j] += xs[k] * a[j];
+            }
         }
     }
-    h[c..c + W].copy_from_slice(&acc);
+    let done = x.len() - tail.len();
+    for (i, &xi) in tail.iter().enumerate() {
+        let a = &a_t[(done + i) * rank + c..(done + i) * rank + c + W];
+        for j in 0..W {
+            acc[i][j] += xi * a[j];
+        }
+    }
+    for j in 0..W {
+        h[c + j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+    }
     W
 }
 
 /// Adds the dense update `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows`,
-/// with `x: (·, in_dim)` and `w_t = ΔWᵀ: in_dim × out_dim`, row-major. Work is split over
-/// columns, so `ΔW` is read once for all the rows; each row's sums run in the same order
-/// whatever the other rows are.
+/// with `x: (·, in_dim)` and `w = ΔW: out_dim × in_dim`, row-major. Work is split over
+/// contiguous ranges of outputs, so `ΔW` streams from memory once, in order, for all the rows
+/// (each output's weights are read once and dotted with every row while they sit in L1); each
+/// row's sums run in the same order whatever the other rows are.
 pub fn add_dense(
     out: &mut [f32],
     x: &[f32],
     rows: &[u32],
-    w_t: &[f32],
+    w: &[f32],
     in_dim: usize,
     out_dim: usize,
 ) {
     if in_dim == 0 || out_dim == 0 || rows.is_empty() {
         return;
     }
-    // Columns per work item: at least eight items per call, whole cache lines.
-    let width = (out_dim / 8).next_multiple_of(16).clamp(16, 256);
+    // Outputs per work item: about sixteen items per call, so two workers stay balanced.
+    let width = out_dim.div_ceil(16).max(1);
     let items = out_dim.div_ceil(width);
     let mut update = vec![0f32; rows.len() * out_dim];
     let scatter = Scatter::new(std::slice::from_mut(&mut update));
     par_for(items, |item| {
-        let c0 = item * width;
-        let n = width.min(out_dim - c0);
+        let o0 = item * width;
+        let n = width.min(out_dim - o0);
         let mut acc = vec![0f32; rows.len() * n];
         wide(|| {
-            for (i, w_row) in w_t.chunks_exact(out_dim).enumerate() {
-                let w = &w_row[c0..c0 + n];
-                for (&r, a) in rows.iter().zip(acc.chunks_exact_mut(n)) {
-                    axpy(a, x[r as usize * in_dim + i], w);
+            for (j, w_row) in w[o0 * in_dim..(o0 + n) * in_dim]
+                .chunks_exact(in_dim)
+                .enumerate()
+            {
+                for (k, &r) in rows.iter().enumerate() {
+                    let r = r as usize;
+                    acc[k * n + j] = dot(&x[r * in_dim..(r + 1) * in_dim], w_row);
                 }
             }
         });
         for (k, a) in acc.chunks_exact(n).enumerate() {
-            // SAFETY: columns `c0..c0 + n` of every row belong to this item alone.
-            unsafe { scatter.write_slice(0, k * out_dim + c0, a) };
+            // SAFETY: outputs `o0..o0 + n` of every row belong to this item alone.
+            unsafe { scatter.write_slice(0, k * out_dim + o0, a) };
         }
     });
     drop(scatter);
@@ -427,6 +446,20 @@ pub fn gelu_erf(x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// `silu(gate) · up` element-wise (SwiGLU), spread over the pool; `silu(v) = v / (1 + e^(−v))`,
+/// as candle computes it.
+pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    const CHUNK: usize = 2048;
+    let mut out = vec![0f32; gate.len().min(up.len())];
+    par_chunks(&mut out, CHUNK, |i, chunk| {
+        let (g, u) = (&gate[i * CHUNK..], &up[i * CHUNK..]);
+        for ((o, &g), &u) in chunk.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,17 +505,17 @@ mod tests {
 
     #[test]
     fn dense_update_matches_the_matrix_product_on_chosen_rows() {
-        let (in_dim, out_dim) = (7, 300); // several column items, a short last one
+        let (in_dim, out_dim) = (7, 300); // several output items, a short last one
         let x: Vec<f32> = (0..4 * in_dim).map(|i| i as f32 * 0.1 - 0.9).collect();
-        let w_t: Vec<f32> = (0..in_dim * out_dim).map(|i| (i as f32).sin()).collect();
+        let w: Vec<f32> = (0..out_dim * in_dim).map(|i| (i as f32).sin()).collect();
         let mut out = vec![1f32; 4 * out_dim];
-        add_dense(&mut out, &x, &[3, 0, 2], &w_t, in_dim, out_dim);
+        add_dense(&mut out, &x, &[3, 0, 2], &w, in_dim, out_dim);
         for r in 0..4 {
             for o in 0..out_dim {
                 let mut expected = 1.0;
                 if r != 1 {
                     expected += (0..in_dim)
-                        .map(|i| x[r * in_dim + i] * w_t[i * out_dim + o])
+                        .map(|i| x[r * in_dim + i] * w[o * in_dim + i])
                         .sum::<f32>();
                 }
                 let got = out[r * out_dim + o];
@@ -560,6 +593,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn silu_mul_matches_candles_silu_times_up() {
+        let gate: Vec<f32> = (0..5000).map(|i| (i as f32 * 0.013).sin() * 6.0).collect();
+        let up: Vec<f32> = (0..5000).map(|i| (i as f32 * 0.007).cos()).collect();
+        let g = Tensor::new(gate.as_slice(), &Device::Cpu).unwrap();
+        let u = Tensor::new(up.as_slice(), &Device::Cpu).unwrap();
+        let want: Vec<f32> = (g.silu().unwrap() * u).unwrap().to_vec1().unwrap();
+        assert_eq!(silu_mul(&gate, &up), want);
     }
 
     #[test]

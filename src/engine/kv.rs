@@ -286,20 +286,37 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
     let n_rep = (heads / shape.kv_heads.max(1)).max(1);
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; rows.len() * heads * hd];
-    // One item per (row, head): a single decode row still spreads its heads over the workers.
-    host::par_chunks(&mut out, hd, |i, oh| {
-        let (row, h) = (&rows[i / heads], i % heads);
-        let kv_head = h / n_rep;
-        let qh = &q[i * hd..(i + 1) * hd];
+    // One item per (row, KV head) when there are enough of them: the query heads that share a
+    // KV head are adjacent in `q` and in the output, and each key and value row is read once for
+    // all of them. A few rows (a single decode row) take one item per query head instead, so
+    // they still spread over the workers. Either way each head's sums run in the same order.
+    let per = if rows.len() * (heads / n_rep) >= 8 {
+        n_rep
+    } else {
+        1
+    };
+    host::par_chunks(&mut out, per * hd, |i, group_out| {
+        let (row, h0) = (&rows[i * per / heads], i * per % heads);
+        let kv_head = h0 / n_rep;
+        let positions = row.position + 1;
+        let qs = &q[i * per * hd..(i + 1) * per * hd];
         host::wide(|| {
             // Plain loops: an iterator's closures would not be compiled inside `wide`.
-            let mut scores = vec![0f32; row.position + 1];
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = host::dot(qh, row.cache.row(layer, false, j, kv_head)) * scale;
+            let mut scores = vec![0f32; per * positions];
+            for j in 0..positions {
+                let k = row.cache.row(layer, false, j, kv_head);
+                for (h, qh) in qs.chunks_exact(hd).enumerate() {
+                    scores[h * positions + j] = host::dot(qh, k) * scale;
+                }
             }
-            host::softmax(&mut scores);
-            for (j, w) in scores.iter().enumerate() {
-                host::axpy(oh, *w, row.cache.row(layer, true, j, kv_head));
+            for head_scores in scores.chunks_exact_mut(positions) {
+                host::softmax(head_scores);
+            }
+            for j in 0..positions {
+                let v = row.cache.row(layer, true, j, kv_head);
+                for (h, oh) in group_out.chunks_exact_mut(hd).enumerate() {
+                    host::axpy(oh, scores[h * positions + j], v);
+                }
             }
         });
     });
@@ -336,6 +353,50 @@ mod tests {
         let mut seq = pool.reserve(5).unwrap();
         pool.grow(&mut seq, BLOCK_POSITIONS).unwrap();
         assert!(pool.grow(&mut seq, BLOCK_POSITIONS + 1).is_err());
+    }
+
+    /// Grouped heads: with enough rows one item serves every query head of a KV head; each row
+    /// still gets exactly what it gets alone (one item per query head).
+    #[test]
+    fn grouped_head_attention_equals_each_row_alone() {
+        let shape = KvShape {
+            layers: 1,
+            kv_heads: 2,
+            head_dim: 4,
+        };
+        let (heads, hd) = (6, 4);
+        let mut pool = KvPool::new(shape, 16 * shape.block_bytes());
+        let mut seqs: Vec<SeqCache> = (0..4).map(|_| pool.reserve(20).unwrap()).collect();
+        for (s, seq) in seqs.iter_mut().enumerate() {
+            pool.grow(seq, 20).unwrap();
+            for p in 0..20 {
+                let k: Vec<f32> = (0..8)
+                    .map(|i| ((s * 31 + p * 7 + i) as f32 * 0.3).sin())
+                    .collect();
+                let v: Vec<f32> = (0..8)
+                    .map(|i| ((s * 17 + p * 5 + i) as f32 * 0.2).cos())
+                    .collect();
+                seq.write(0, p, &k, &v);
+            }
+            seq.advance(20);
+        }
+        let rows: Vec<QueryRow<'_>> = seqs
+            .iter()
+            .enumerate()
+            .map(|(s, cache)| QueryRow {
+                cache,
+                position: 10 + s,
+            })
+            .collect();
+        let q: Vec<f32> = (0..rows.len() * heads * hd)
+            .map(|i| (i as f32 * 0.09).cos())
+            .collect();
+        let together = attend(0, heads, &q, &rows);
+        for (r, row) in rows.iter().enumerate() {
+            let part = r * heads * hd..(r + 1) * heads * hd;
+            let alone = attend(0, heads, &q[part.clone()], std::slice::from_ref(row));
+            assert_eq!(alone, together[part], "row {r}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::{EngineError, Result};
 use super::host;
+use super::masked::MaskedMatrix;
 use super::qmatmul::{self, PackedMatrix};
 use super::weights::WeightStore;
 use crate::matrix::Matrix;
@@ -28,8 +29,10 @@ use crate::merge::{MergedDelta, ModuleDelta};
 enum LayerDelta {
     /// `aᵀ: I × k` and `bᵀ: k × O`.
     LowRank { a_t: Tensor, b_t: Tensor },
-    /// `ΔWᵀ: I × O`.
-    Dense { w_t: Tensor },
+    /// `ΔW: O × I`, each output's weights contiguous (the host kernel streams them in order).
+    Dense { w: Tensor },
+    /// `ΔW: O × I` with most entries zero, packed in host memory (f32 CPU models only).
+    Masked(MaskedMatrix),
 }
 
 /// A [`MergedDelta`] ready to apply: one optional tensor pair per linear layer of one model.
@@ -228,13 +231,16 @@ impl LinearRegistry {
     }
 }
 
-fn transposed(m: &Matrix, device: &Device, dtype: Option<DType>) -> Result<Tensor> {
-    let t = m.transpose();
-    let t = Tensor::from_slice(t.as_slice(), t.shape(), device)?;
+fn as_tensor(m: &Matrix, device: &Device, dtype: Option<DType>) -> Result<Tensor> {
+    let t = Tensor::from_slice(m.as_slice(), m.shape(), device)?;
     Ok(match dtype {
         Some(dtype) => t.to_dtype(dtype)?,
         None => t,
     })
+}
+
+fn transposed(m: &Matrix, device: &Device, dtype: Option<DType>) -> Result<Tensor> {
+    as_tensor(&m.transpose(), device, dtype)
 }
 
 fn layer_delta(d: &ModuleDelta, device: &Device, dtype: Option<DType>) -> Result<LayerDelta> {
@@ -243,9 +249,18 @@ fn layer_delta(d: &ModuleDelta, device: &Device, dtype: Option<DType>) -> Result
             a_t: transposed(a, device, dtype)?,
             b_t: transposed(b, device, dtype)?,
         },
-        ModuleDelta::Dense(w) => LayerDelta::Dense {
-            w_t: transposed(w, device, dtype)?,
-        },
+        ModuleDelta::Dense(w) => {
+            let (rows, cols) = w.shape();
+            let packed = (device.is_cpu() && dtype.is_none())
+                .then(|| MaskedMatrix::pack(w.as_slice(), rows, cols))
+                .flatten();
+            match packed {
+                Some(m) => LayerDelta::Masked(m),
+                None => LayerDelta::Dense {
+                    w: as_tensor(w, device, dtype)?,
+                },
+            }
+        }
     })
 }
 
@@ -568,7 +583,11 @@ impl LayerDelta {
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             LayerDelta::LowRank { a_t, b_t } => x.matmul(a_t)?.matmul(b_t)?,
-            LayerDelta::Dense { w_t } => x.matmul(w_t)?,
+            LayerDelta::Dense { w } => x.matmul(&w.t()?)?,
+            LayerDelta::Masked(m) => {
+                let w = Tensor::from_vec(m.to_dense(), m.shape(), x.device())?;
+                x.matmul(&w.t()?)?
+            }
         })
     }
 }
@@ -589,7 +608,7 @@ fn add_groups_on_host(
         .enumerate()
         .filter_map(|(i, &(rows, layer))| match layer {
             LayerDelta::LowRank { a_t, b_t } => Some((i, rows, a_t, b_t)),
-            LayerDelta::Dense { .. } => None,
+            LayerDelta::Dense { .. } | LayerDelta::Masked(_) => None,
         })
         .collect();
     let factors: Vec<&Tensor> = low_rank.iter().flat_map(|&(_, _, a, b)| [a, b]).collect();
@@ -607,12 +626,16 @@ fn add_groups_on_host(
     })
     .map_or_else(|| low_rank.iter().map(|g| g.0).collect(), |()| Vec::new());
     for (i, &(rows, layer)) in groups.iter().enumerate() {
-        if let LayerDelta::Dense { w_t } = layer {
-            let added =
-                host::with_slice(w_t, |w| host::add_dense(sum, xs, rows, w, in_dim, out_dim));
-            if added.is_none() {
-                rest.push(i);
+        match layer {
+            LayerDelta::Dense { w } => {
+                let added =
+                    host::with_slice(w, |w| host::add_dense(sum, xs, rows, w, in_dim, out_dim));
+                if added.is_none() {
+                    rest.push(i);
+                }
             }
+            LayerDelta::Masked(m) => m.add_rows(sum, xs, rows),
+            LayerDelta::LowRank { .. } => {}
         }
     }
     rest

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
+use super::host;
 use super::kv::{self, KvPool, KvShape, QueryRow, SeqCache};
 use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups};
 use super::ops;
@@ -325,7 +326,10 @@ impl Block {
             LoraLinear::forward_rows_shared(&[&self.gate, &self.up], &h, ctx.deltas)?
                 .try_into()
                 .map_err(|_| EngineError::EmptyInput { what: "gate, up" })?;
-        let gated = (gate.silu()? * up)?;
+        let gated = match host::with_slices(&[&gate, &up], |s| host::silu_mul(s[0], s[1])) {
+            Some(g) => Tensor::from_vec(g, gate.dims(), ctx.device)?,
+            None => (gate.silu()? * up)?,
+        };
         Ok((x + self.down.forward_rows(&gated, ctx.deltas)?)?)
     }
 }

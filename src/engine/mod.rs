@@ -20,6 +20,7 @@ mod host;
 mod kv;
 mod linear;
 mod llama;
+mod masked;
 mod models;
 mod ops;
 mod qmatmul;
