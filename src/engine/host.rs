@@ -254,10 +254,7 @@ fn hidden_columns<const W: usize>(
 }
 
 /// Adds the dense update `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows`,
-/// with `x: (·, in_dim)` and `w = ΔW: out_dim × in_dim`, row-major. Work is split over
-/// contiguous ranges of outputs, so `ΔW` streams from memory once, in order, for all the rows
-/// (each output's weights are read once and dotted with every row while they sit in L1); each
-/// row's sums run in the same order whatever the other rows are.
+/// with `x: (·, in_dim)` and `w = ΔW: out_dim × in_dim`, row-major (see [`add_by_outputs`]).
 pub fn add_dense(
     out: &mut [f32],
     x: &[f32],
@@ -265,6 +262,25 @@ pub fn add_dense(
     w: &[f32],
     in_dim: usize,
     out_dim: usize,
+) {
+    add_by_outputs(out, x, rows, in_dim, out_dim, |o, _| {
+        Some(&w[o * in_dim..(o + 1) * in_dim])
+    });
+}
+
+/// Adds `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows`, with
+/// `x: (·, in_dim)`, where `weight(o, scratch)` gives output `o`'s row of `ΔW` (`in_dim` long):
+/// a slice of a dense matrix, or `None` after unpacking a packed row into `scratch`. Work is split over
+/// contiguous ranges of outputs, so `ΔW` streams from memory once, in order, for all the rows
+/// (each output's weights are dotted with every row while they sit in L1); each row's sums run
+/// in the same order whatever the other rows are.
+pub fn add_by_outputs<'w>(
+    out: &mut [f32],
+    x: &[f32],
+    rows: &[u32],
+    in_dim: usize,
+    out_dim: usize,
+    weight: impl Fn(usize, &mut [f32]) -> Option<&'w [f32]> + Sync,
 ) {
     if in_dim == 0 || out_dim == 0 || rows.is_empty() {
         return;
@@ -278,11 +294,11 @@ pub fn add_dense(
         let o0 = item * width;
         let n = width.min(out_dim - o0);
         let mut acc = vec![0f32; rows.len() * n];
+        let mut scratch = vec![0f32; in_dim];
         wide(|| {
-            for (j, w_row) in w[o0 * in_dim..(o0 + n) * in_dim]
-                .chunks_exact(in_dim)
-                .enumerate()
-            {
+            for j in 0..n {
+                let given = weight(o0 + j, &mut scratch);
+                let w_row = given.unwrap_or(&scratch);
                 for (k, &r) in rows.iter().enumerate() {
                     let r = r as usize;
                     acc[k * n + j] = dot(&x[r * in_dim..(r + 1) * in_dim], w_row);

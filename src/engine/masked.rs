@@ -91,8 +91,9 @@ impl MaskedMatrix {
         let values = &self.values[self.starts[r]..self.starts[r + 1]];
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") && self.cols.is_multiple_of(LANES) {
-            // SAFETY: the CPU has AVX-512F; `dst` holds `chunks · LANES` floats and `values`
-            // holds the set bits of every mask (checked in `unpack_avx512`).
+            // SAFETY: the CPU has AVX-512F; `values` holds exactly the set bits of `masks`, as
+            // `pack` built them (the fields never change after), and `unpack_avx512` checks
+            // `dst`'s length.
             unsafe { unpack_avx512(masks, values, dst) };
             return;
         }
@@ -100,40 +101,13 @@ impl MaskedMatrix {
     }
 
     /// Adds `x_r · Wᵀ` to row `r` of `out: (·, rows)` for every `r` in `rows`, with
-    /// `x: (·, cols)`: the same contract and the same sums as [`host::add_dense`].
+    /// `x: (·, cols)`: the same kernel and the same sums as [`host::add_dense`], each output row
+    /// unpacked as it is needed.
     pub fn add_rows(&self, out: &mut [f32], x: &[f32], rows: &[u32]) {
-        let (out_dim, in_dim) = (self.rows, self.cols);
-        if out_dim == 0 || rows.is_empty() {
-            return;
-        }
-        let width = out_dim.div_ceil(16).max(1);
-        let items = out_dim.div_ceil(width);
-        let mut update = vec![0f32; rows.len() * out_dim];
-        let scatter = host::Scatter::new(std::slice::from_mut(&mut update));
-        host::par_for(items, |item| {
-            let o0 = item * width;
-            let n = width.min(out_dim - o0);
-            let mut acc = vec![0f32; rows.len() * n];
-            let mut w_row = vec![0f32; in_dim];
-            host::wide(|| {
-                for j in 0..n {
-                    self.unpack_row(o0 + j, &mut w_row);
-                    for (k, &r) in rows.iter().enumerate() {
-                        let r = r as usize;
-                        acc[k * n + j] = host::dot(&x[r * in_dim..(r + 1) * in_dim], &w_row);
-                    }
-                }
-            });
-            for (k, a) in acc.chunks_exact(n).enumerate() {
-                // SAFETY: outputs `o0..o0 + n` of every row belong to this item alone.
-                unsafe { scatter.write_slice(0, k * out_dim + o0, a) };
-            }
+        host::add_by_outputs(out, x, rows, self.cols, self.rows, |o, scratch| {
+            self.unpack_row(o, scratch);
+            None
         });
-        drop(scatter);
-        for (&r, u) in rows.iter().zip(update.chunks_exact(out_dim)) {
-            let r = r as usize;
-            host::axpy(&mut out[r * out_dim..(r + 1) * out_dim], 1.0, u);
-        }
     }
 }
 
@@ -153,17 +127,23 @@ fn unpack_scalar(masks: &[u16], values: &[f32], dst: &mut [f32]) {
 }
 
 /// [`unpack_scalar`] with one masked expand-load per mask (`dst.len() == masks.len() · LANES`).
+///
+/// # Safety
+/// The CPU has AVX-512F and `values` holds at least as many values as `masks` has set bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn unpack_avx512(masks: &[u16], values: &[f32], dst: &mut [f32]) {
     use std::arch::x86_64::*;
     assert_eq!(dst.len(), masks.len() * LANES, "unpack row length");
-    let total: usize = masks.iter().map(|m| m.count_ones() as usize).sum();
-    assert_eq!(total, values.len(), "unpack value count");
+    debug_assert_eq!(
+        masks.iter().map(|m| m.count_ones() as usize).sum::<usize>(),
+        values.len(),
+        "unpack value count"
+    );
     let mut at = 0;
     for (c, &mask) in masks.iter().enumerate() {
-        // SAFETY: `values[at..]` holds at least `mask.count_ones()` values (the total was
-        // checked) and `dst[c·LANES..]` holds `LANES` floats (the length was checked).
+        // SAFETY: `values[at..]` holds at least `mask.count_ones()` values (the caller's
+        // guarantee) and `dst[c·LANES..]` holds `LANES` floats (the length was checked).
         unsafe {
             let v = _mm512_maskz_expandloadu_ps(mask, values.as_ptr().add(at));
             _mm512_storeu_ps(dst.as_mut_ptr().add(c * LANES), v);
