@@ -102,10 +102,28 @@ impl Matrix {
     pub fn from_faer<T: Copy + Into<f64>>(m: MatRef<'_, T>) -> Self {
         let (rows, cols) = (m.nrows(), m.ncols());
         let mut data = vec![0.0f32; rows * cols];
-        // Column by column: contiguous reads from faer's column-major storage.
-        for j in 0..cols {
-            for (i, &x) in m.col(j).iter().enumerate() {
-                data[i * cols + j] = x.into() as f32;
+        if cols == 0 {
+            return Self { rows, cols, data };
+        }
+        if m.col_stride() == 1 {
+            // Rows contiguous (a transposed column-major matrix): straight row copies.
+            for (i, out) in data.chunks_exact_mut(cols).enumerate() {
+                for (o, &x) in out.iter_mut().zip(m.row(i).iter()) {
+                    *o = x.into() as f32;
+                }
+            }
+        } else {
+            // Column-major: a band of columns at a time, so each written row segment fills a
+            // cache line while the band's columns are read in order.
+            const BAND: usize = 16;
+            for j0 in (0..cols).step_by(BAND) {
+                let band = m.subcols(j0, BAND.min(cols - j0));
+                for i in 0..rows {
+                    let out = &mut data[i * cols + j0..i * cols + j0 + band.ncols()];
+                    for (o, &x) in out.iter_mut().zip(band.row(i).iter()) {
+                        *o = x.into() as f32;
+                    }
+                }
             }
         }
         Self { rows, cols, data }
@@ -181,5 +199,32 @@ impl Matrix {
 
     pub fn transpose(&self) -> Matrix {
         Matrix::from_fn(self.cols, self.rows, |i, j| self.data[j * self.cols + i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faer_views_of_either_layout_copy_to_the_same_matrix() {
+        let m = faer::Mat::<f64>::from_fn(37, 21, |i, j| (i * 100 + j) as f64);
+        let t = faer::Mat::<f64>::from_fn(21, 37, |i, j| (j * 100 + i) as f64);
+        // Column-major, and the transpose of a column-major matrix (rows contiguous).
+        for copy in [
+            Matrix::from_faer(m.as_ref()),
+            Matrix::from_faer(t.transpose()),
+        ] {
+            assert_eq!((copy.rows(), copy.cols()), (37, 21));
+            for i in 0..37 {
+                for j in 0..21 {
+                    assert_eq!(copy.row(i)[j], (i * 100 + j) as f32);
+                }
+            }
+        }
+        assert_eq!(
+            Matrix::from_faer(faer::Mat::<f64>::zeros(3, 0).as_ref()).rows(),
+            3
+        );
     }
 }

@@ -96,7 +96,8 @@ pub fn align_with_cut(
         let v_c = svd.V().subrows(row, q_i.ncols());
         // rep_i = diag(s)·V_c[block i, kept]ᵀ·Q_iᵀ  (k × I)
         let sv = Mat::<f64>::from_fn(kept.len(), q_i.ncols(), |i, j| s[i] * v_c[(j, kept[i])]);
-        reps.push(Matrix::from_faer((&sv * q_i.transpose()).as_ref()));
+        // Computed transposed (I × k, column-major) so its columns are rep_i's rows.
+        reps.push(Matrix::from_faer((q_i * sv.transpose()).transpose()));
         row += q_i.ncols();
     }
     Ok(Alignment { u, s, reps })
