@@ -102,27 +102,17 @@ impl Matrix {
     pub fn from_faer<T: Copy + Into<f64>>(m: MatRef<'_, T>) -> Self {
         let (rows, cols) = (m.nrows(), m.ncols());
         let mut data = vec![0.0f32; rows * cols];
-        if cols == 0 {
-            return Self { rows, cols, data };
-        }
-        if m.col_stride() == 1 {
-            // Rows contiguous (a transposed column-major matrix): straight row copies.
-            for (i, out) in data.chunks_exact_mut(cols).enumerate() {
-                for (o, &x) in out.iter_mut().zip(m.row(i).iter()) {
+        // A band of columns at a time, so each written row segment fills whole cache lines while
+        // the band's columns are read in order (column-major views); a view whose rows are
+        // contiguous (a transposed column-major matrix) is one band, copied row by row.
+        const BAND: usize = 16;
+        let band_width = if m.col_stride() == 1 { cols } else { BAND };
+        for j0 in (0..cols).step_by(band_width.max(1)) {
+            let band = m.subcols(j0, band_width.min(cols - j0));
+            for i in 0..rows {
+                let out = &mut data[i * cols + j0..i * cols + j0 + band.ncols()];
+                for (o, &x) in out.iter_mut().zip(band.row(i).iter()) {
                     *o = x.into() as f32;
-                }
-            }
-        } else {
-            // Column-major: a band of columns at a time, so each written row segment fills a
-            // cache line while the band's columns are read in order.
-            const BAND: usize = 16;
-            for j0 in (0..cols).step_by(BAND) {
-                let band = m.subcols(j0, BAND.min(cols - j0));
-                for i in 0..rows {
-                    let out = &mut data[i * cols + j0..i * cols + j0 + band.ncols()];
-                    for (o, &x) in out.iter_mut().zip(band.row(i).iter()) {
-                        *o = x.into() as f32;
-                    }
                 }
             }
         }
