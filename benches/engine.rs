@@ -1,16 +1,22 @@
 //! Engine throughput on this machine: SmolLM2 prefill and decode tokens/s for the base model,
 //! one adapter (`shout`) and an 8-adapter knots-ties delta of rank 128, and MiniLM sentences/s
-//! at batch 32. Needs `make models`. Run: `cargo bench --bench engine`.
+//! at batch 32; then the serving engine in process (no HTTP): aggregate decode tokens/s of 1 and
+//! 16 concurrent sequences on the quantized base, alone and over 8 adapters. Needs `make models`.
+//! Run: `cargo bench --bench engine` (`-- batched` runs only the engine part).
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use knots::adapters::LoraAdapter;
-use knots::engine::{Encoder, SamplingParams, TextModel, generate, resolve};
+use knots::engine::{
+    Done, Encoder, Engine, EngineError, EngineLimits, Job, LoadedDelta, SamplingParams, Sink,
+    TextModel, TokenLogprob, WeightFormat, generate, resolve,
+};
 use knots::matrix::Matrix;
 use knots::merge::{MergeInput, MergeOptions, MergeParams, MergedDelta, Method, Silent, merge};
 use rand::{Rng, SeedableRng};
@@ -81,15 +87,111 @@ fn run_generation(model: &TextModel, name: &str, delta: Option<Arc<MergedDelta>>
     );
 }
 
+/// Counts a job's tokens and reports its end.
+struct Counting {
+    tokens: Arc<AtomicUsize>,
+    done: mpsc::Sender<()>,
+}
+
+impl Sink for Counting {
+    fn token(&mut self, _: &str, _: Option<TokenLogprob>) -> bool {
+        self.tokens.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+    fn closed(&self) -> bool {
+        false
+    }
+    fn done(self: Box<Self>, _: Done) {
+        let _ = self.done.send(());
+    }
+    fn failed(self: Box<Self>, error: EngineError) {
+        panic!("job failed: {error}");
+    }
+}
+
+/// Aggregate decode tokens/s of `clients` closed-loop clients, each sending 64-token greedy
+/// requests for `secs` seconds, client `i` with `deltas[i % len]` (none when empty).
+fn run_engine(model: &Arc<TextModel>, name: &str, clients: usize, deltas: &[Arc<LoadedDelta>]) {
+    let engine = Engine::start(model.clone(), EngineLimits::default());
+    let prompts: Vec<Vec<u32>> = [
+        "The history of the city of Paris begins",
+        "Write a short poem about the sea.",
+        "Explain how a bicycle works.",
+        "List three facts about the Moon.",
+    ]
+    .iter()
+    .map(|p| model.encode_plain(p).expect("prompt"))
+    .collect();
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = mpsc::channel();
+    let submit = |i: usize, round: usize| {
+        let params = SamplingParams {
+            max_tokens: 64,
+            ..SamplingParams::default()
+        };
+        let job = Job {
+            tenant: format!("client-{i}"),
+            label: name.into(),
+            prompt: prompts[(i + round) % prompts.len()].clone(),
+            params,
+            delta: (!deltas.is_empty()).then(|| deltas[i % deltas.len()].clone()),
+            deadline: Instant::now() + Duration::from_secs(600),
+            sink: Box::new(Counting {
+                tokens: tokens.clone(),
+                done: tx.clone(),
+            }),
+        };
+        engine.submit(job).expect("submit");
+    };
+    // One warm-up round, then closed-loop rounds for the measured time.
+    (0..clients).for_each(|i| submit(i, 0));
+    (0..clients).for_each(|_| rx.recv().expect("done"));
+    tokens.store(0, Ordering::Relaxed);
+    let secs = 20.0;
+    let started = Instant::now();
+    let mut sent = 0;
+    (0..clients).for_each(|i| submit(i, 1));
+    while started.elapsed().as_secs_f64() < secs {
+        rx.recv().expect("done");
+        sent += 1;
+        submit(sent % clients, 2 + sent / clients);
+    }
+    let rate = tokens.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    println!("engine {name:<30} {clients:>2} clients: {rate:>6.1} tok/s");
+    (0..clients).for_each(|_| rx.recv().expect("done"));
+}
+
+/// The serving engine on the quantized base: 1 and 16 clients, base alone and over 8 adapters.
+fn batched(models: &Path, shout: &LoraAdapter) {
+    let model = Arc::new(
+        TextModel::load_as(
+            &resolve("smollm2-135m-instruct", models).expect("model"),
+            &Device::Cpu,
+            WeightFormat::Native,
+        )
+        .expect("load"),
+    );
+    let deltas: Vec<Arc<LoadedDelta>> = eight_adapters(shout)
+        .iter()
+        .map(|a| model.load_delta(&Arc::new(a.delta())).expect("delta"))
+        .collect();
+    run_engine(&model, "base", 1, &[]);
+    run_engine(&model, "base", 16, &[]);
+    run_engine(&model, "8 rank-16 adapters", 16, &deltas);
+}
+
 fn main() {
     let models = root().join("models");
+    let shout_dir = root().join("tests/fixtures/model-reference/smollm2/adapters/shout");
+    let shout = LoraAdapter::load(&shout_dir).expect("shout");
+    if std::env::args().any(|a| a == "batched") {
+        return batched(&models, &shout);
+    }
     let text = TextModel::load(
         &resolve("smollm2-135m-instruct", &models).expect("model"),
         &Device::Cpu,
     )
     .expect("load");
-    let shout_dir = root().join("tests/fixtures/model-reference/smollm2/adapters/shout");
-    let shout = LoraAdapter::load(&shout_dir).expect("shout");
     run_generation(&text, "base", None);
     run_generation(&text, "one adapter (r=8)", Some(Arc::new(shout.delta())));
     let adapters = eight_adapters(&shout);
@@ -137,4 +239,5 @@ fn main() {
         (32 * rounds) as f64 / secs,
         secs * 1000.0 / rounds as f64
     );
+    batched(&models, &shout);
 }

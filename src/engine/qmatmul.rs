@@ -33,6 +33,8 @@ const BLOCK: usize = 32;
 const GROUP: usize = 16;
 /// Four-input steps per block (one `vpdpbusd` each).
 const QUADS: usize = BLOCK / 4;
+/// Below this many activation rows the VNNI kernel splits each row's sums over two chains.
+const SPLIT: usize = 4;
 
 /// Whether this CPU runs the packed kernels (AVX-512 with VNNI); other CPUs keep candle's
 /// quantized matmul.
@@ -308,6 +310,11 @@ impl PackedMatrix {
     }
 
     /// [`Self::group_product`] for exactly `N` activation rows.
+    ///
+    /// Each step `s` of a block issues one `vpdpbusd` per activation row, so the `N` rows are
+    /// `N` independent dependency chains that keep the multiply units busy (one chain of eight
+    /// dependent `vpdpbusd` per row would wait on their latency), and the per-row sums and
+    /// accumulators stay in registers.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn group_vnni<const N: usize>(
@@ -320,41 +327,57 @@ impl PackedMatrix {
         use std::arch::x86_64::*;
         let bb = self.width.block_bytes();
         let low = _mm512_set1_epi8(0x0F);
-        let xs: [ActRow<'_>; N] = std::array::from_fn(|t| acts.row(t0 + t));
+        // Row `t`'s quantized bytes as 32-bit words (four inputs each), its scales and sums.
+        let rows: [ActRow<'_>; N] = std::array::from_fn(|t| acts.row(t0 + t));
+        let words: [*const i32; N] = std::array::from_fn(|t| rows[t].qs.as_ptr().cast());
+        let scales: [*const f32; N] = std::array::from_fn(|t| rows[t].scale.as_ptr());
+        let sums: [*const f32; N] = std::array::from_fn(|t| rows[t].scaled_sum.as_ptr());
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..self.blocks {
             let at = (group * self.blocks + b) * GROUP;
             let q = self.qs[at * bb..(at + GROUP) * bb].as_ptr();
-            let mut w = [_mm512_setzero_si512(); QUADS];
+            // With few rows, odd steps go to a second set of sums (below `SPLIT` rows), so
+            // there are still at least two chains; integer sums are exact in any order.
+            let mut dp = [[_mm512_setzero_si512(); N]; 2];
             // SAFETY (all loads): the group's block holds `GROUP · bb` bytes and `GROUP`
-            // scales and offsets; every activation row holds `blocks · BLOCK` bytes.
+            // scales and offsets; every activation row holds `blocks · BLOCK` bytes, i.e.
+            // `blocks · QUADS` words, and `blocks` scales and sums.
+            let mut step = |s: usize, w: __m512i| {
+                let dp = &mut dp[if N < SPLIT { s % 2 } else { 0 }];
+                for t in 0..N {
+                    let four =
+                        _mm512_set1_epi32(unsafe { words[t].add(b * QUADS + s).read_unaligned() });
+                    dp[t] = _mm512_dpbusd_epi32(dp[t], w, four);
+                }
+            };
             match self.width {
                 Width::Bytes => {
-                    for (s, w) in w.iter_mut().enumerate() {
-                        *w = unsafe { _mm512_loadu_si512(q.add(s * 64).cast()) };
+                    for s in 0..QUADS {
+                        step(s, unsafe { _mm512_loadu_si512(q.add(s * 64).cast()) });
                     }
                 }
                 Width::Nibbles => {
                     for s in 0..QUADS / 2 {
                         let v = unsafe { _mm512_loadu_si512(q.add(s * 64).cast()) };
-                        w[s] = _mm512_and_si512(v, low);
-                        w[s + QUADS / 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                        step(s, _mm512_and_si512(v, low));
+                        step(
+                            s + QUADS / 2,
+                            _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                        );
                     }
                 }
             }
             let d = unsafe { _mm512_loadu_ps(self.scale.as_ptr().add(at)) };
             let m = unsafe { _mm512_loadu_ps(self.offset.as_ptr().add(at)) };
             for t in 0..N {
-                let x = &xs[t];
-                let p = unsafe { x.qs.as_ptr().add(b * BLOCK) }.cast::<i32>();
-                let mut dp = _mm512_setzero_si512();
-                for (s, w) in w.iter().enumerate() {
-                    let four = _mm512_set1_epi32(unsafe { p.add(s).read_unaligned() });
-                    dp = _mm512_dpbusd_epi32(dp, *w, four);
-                }
-                let e = _mm512_set1_ps(x.scale[b]);
-                let scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(d, e), acc[t]);
-                acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.scaled_sum[b]), scaled);
+                let e = _mm512_set1_ps(unsafe { *scales[t].add(b) });
+                let scaled = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(_mm512_add_epi32(dp[0][t], dp[1][t])),
+                    _mm512_mul_ps(d, e),
+                    acc[t],
+                );
+                let sum = _mm512_set1_ps(unsafe { *sums[t].add(b) });
+                acc[t] = _mm512_fmadd_ps(m, sum, scaled);
             }
         }
         for (t, o) in out.iter_mut().enumerate().take(N) {
