@@ -2,7 +2,8 @@
 //! one adapter (`shout`) and an 8-adapter knots-ties delta of rank 128, and MiniLM sentences/s
 //! at batch 32; then the serving engine in process (no HTTP): aggregate decode tokens/s of 1 and
 //! 16 concurrent sequences on the quantized base, alone and over 8 adapters. Needs `make models`.
-//! Run: `cargo bench --bench engine` (`-- batched` runs only the engine part).
+//! Run: `cargo bench --bench engine` (`-- batched [base 1|base 16|adapters 16]` runs only the
+//! engine part, or one run of it).
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -162,7 +163,8 @@ fn run_engine(model: &Arc<TextModel>, name: &str, clients: usize, deltas: &[Arc<
 }
 
 /// The serving engine on the quantized base: 1 and 16 clients, base alone and over 8 adapters.
-fn batched(models: &Path, shout: &LoraAdapter) {
+/// `only` picks the runs whose name contains it ("base 1", "base 16", "adapters 16").
+fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     let model = Arc::new(
         TextModel::load_as(
             &resolve("smollm2-135m-instruct", models).expect("model"),
@@ -175,17 +177,25 @@ fn batched(models: &Path, shout: &LoraAdapter) {
         .iter()
         .map(|a| model.load_delta(&Arc::new(a.delta())).expect("delta"))
         .collect();
-    run_engine(&model, "base", 1, &[]);
-    run_engine(&model, "base", 16, &[]);
-    run_engine(&model, "8 rank-16 adapters", 16, &deltas);
+    let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
+    if wanted("base 1") {
+        run_engine(&model, "base", 1, &[]);
+    }
+    if wanted("base 16") {
+        run_engine(&model, "base", 16, &[]);
+    }
+    if wanted("adapters 16") {
+        run_engine(&model, "8 rank-16 adapters", 16, &deltas);
+    }
 }
 
 fn main() {
     let models = root().join("models");
     let shout_dir = root().join("tests/fixtures/model-reference/smollm2/adapters/shout");
     let shout = LoraAdapter::load(&shout_dir).expect("shout");
-    if std::env::args().any(|a| a == "batched") {
-        return batched(&models, &shout);
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "batched") {
+        return batched(&models, &shout, args.get(at + 1).map(String::as_str));
     }
     let text = TextModel::load(
         &resolve("smollm2-135m-instruct", &models).expect("model"),
@@ -239,5 +249,5 @@ fn main() {
         (32 * rounds) as f64 / secs,
         secs * 1000.0 / rounds as f64
     );
-    batched(&models, &shout);
+    batched(&models, &shout, None);
 }

@@ -35,24 +35,33 @@ fn host_values<'s>(storage: &'s Storage, layout: &candle_core::Layout) -> Option
     cpu.as_slice::<f32>().ok()?.get(start..end)
 }
 
-/// Calls `f` compiled for AVX-512 when this CPU has it, so the loops inlined into it use 512-bit
-/// vectors (the crate itself targets baseline x86-64). Results are the same either way: the
-/// kernels fix their summation order and no multiply-add is fused.
-#[inline(always)]
-pub fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, the only feature `wide_avx512` is compiled for.
-        return unsafe { wide_avx512(f) };
-    }
-    f()
+/// Defines a function whose body is compiled twice, for baseline x86-64 and for AVX-512, and
+/// runs the AVX-512 copy when this CPU has it, so the loops in the body (and the
+/// `#[inline(always)]` helpers it calls) use 512-bit vectors while the crate itself targets
+/// baseline x86-64. Results are the same either way: the kernels fix their summation order and
+/// no multiply-add is fused. Write the body with plain loops and `#[inline(always)]` helpers: a
+/// closure is a function of its own, compiled for the baseline unless the compiler inlines it.
+macro_rules! wide_fn {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, the only feature `avx512` is compiled for.
+                return unsafe { avx512($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
 }
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn wide_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
+pub(crate) use wide_fn;
 
 /// Runs `f(i)` for every `i` in `0..items`, spread over candle's worker pool.
 pub fn par_for(items: usize, f: impl Fn(usize) + Sync) {
@@ -192,13 +201,18 @@ pub fn add_low_rank(
         if rank == 0 {
             return;
         }
-        wide(|| {
-            let h = low_rank_hidden(&x[r * in_dim..(r + 1) * in_dim], g.a_t, rank);
-            for (&hj, b_row) in h.iter().zip(g.b_t.chunks_exact(out_dim)) {
-                axpy(dst, hj, b_row);
-            }
-        });
+        low_rank_row(dst, &x[r * in_dim..(r + 1) * in_dim], g.a_t, g.b_t, rank);
     });
+}
+
+wide_fn! {
+    /// `dst += (x · aᵀ) · bᵀ` for one row `x`.
+    fn low_rank_row(dst: &mut [f32], x: &[f32], a_t: &[f32], b_t: &[f32], rank: usize) {
+        let h = low_rank_hidden(x, a_t, rank);
+        for (&hj, b_row) in h.iter().zip(b_t.chunks_exact(dst.len())) {
+            axpy(dst, hj, b_row);
+        }
+    }
 }
 
 /// `h = x · aᵀ` (`rank` values) for `a_t: x.len() × rank` row-major, sixteen (or eight) columns
@@ -295,16 +309,11 @@ pub fn add_by_outputs<'w>(
         let n = width.min(out_dim - o0);
         let mut acc = vec![0f32; rows.len() * n];
         let mut scratch = vec![0f32; in_dim];
-        wide(|| {
-            for j in 0..n {
-                let given = weight(o0 + j, &mut scratch);
-                let w_row = given.unwrap_or(&scratch);
-                for (k, &r) in rows.iter().enumerate() {
-                    let r = r as usize;
-                    acc[k * n + j] = dot(&x[r * in_dim..(r + 1) * in_dim], w_row);
-                }
-            }
-        });
+        for j in 0..n {
+            let given = weight(o0 + j, &mut scratch);
+            let w_row = given.unwrap_or(&scratch);
+            dot_rows(&mut acc[j..], n, x, rows, w_row);
+        }
         for (k, a) in acc.chunks_exact(n).enumerate() {
             // SAFETY: outputs `o0..o0 + n` of every row belong to this item alone.
             unsafe { scatter.write_slice(0, k * out_dim + o0, a) };
@@ -314,6 +323,17 @@ pub fn add_by_outputs<'w>(
     for (&r, u) in rows.iter().zip(update.chunks_exact(out_dim)) {
         let r = r as usize;
         axpy(&mut out[r * out_dim..(r + 1) * out_dim], 1.0, u);
+    }
+}
+
+wide_fn! {
+    /// `acc[k · stride] = x_r · w` for the `k`-th row `r` of `rows`, `x: (·, w.len())`.
+    fn dot_rows(acc: &mut [f32], stride: usize, x: &[f32], rows: &[u32], w: &[f32]) {
+        let in_dim = w.len();
+        for (k, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            acc[k * stride] = dot(&x[r * in_dim..(r + 1) * in_dim], w);
+        }
     }
 }
 
@@ -392,7 +412,6 @@ pub fn attend_padded(
 ) -> Vec<f32> {
     let h = q.len() / (lens.len() * width).max(1);
     let hd = h / heads.max(1);
-    let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; q.len()];
     par_chunks(&mut out, h.max(1), |row, o| {
         let (b, i) = (row / width, row % width);
@@ -401,22 +420,34 @@ pub fn attend_padded(
             return;
         }
         let keys = b * width..b * width + len;
-        wide(|| {
-            let mut scores = vec![0f32; len];
-            for (head, oh) in o.chunks_exact_mut(hd).enumerate() {
-                let at = |r: usize| r * h + head * hd..r * h + (head + 1) * hd;
-                let qh = &q[at(row)];
-                for (s, j) in scores.iter_mut().zip(keys.clone()) {
-                    *s = dot(qh, &k[at(j)]) * scale;
-                }
-                softmax(&mut scores);
-                for (&w, j) in scores.iter().zip(keys.clone()) {
-                    axpy(oh, w, &v[at(j)]);
-                }
-            }
-        });
+        let (q, k, v) = (
+            &q[row * h..(row + 1) * h],
+            &k[keys.start * h..],
+            &v[keys.start * h..],
+        );
+        attend_padded_row(o, q, k, v, len, hd);
     });
     out
+}
+
+wide_fn! {
+    /// One query row `q` (every head) of [`attend_padded`] over the first `len` rows of `k` and
+    /// `v`, into `o`.
+    fn attend_padded_row(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize) {
+        let h = q.len();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut scores = vec![0f32; len];
+        for (head, oh) in o.chunks_exact_mut(hd).enumerate() {
+            let qh = &q[head * hd..(head + 1) * hd];
+            for j in 0..len {
+                scores[j] = dot(qh, &k[j * h + head * hd..j * h + (head + 1) * hd]) * scale;
+            }
+            softmax(&mut scores);
+            for j in 0..len {
+                axpy(oh, scores[j], &v[j * h + head * hd..j * h + (head + 1) * hd]);
+            }
+        }
+    }
 }
 
 /// `erf(x)` as an odd rational function of `x` on `[-4, 4]` (outside it `erf` is ±1 in f32),
@@ -453,13 +484,18 @@ pub fn gelu_erf(x: &[f32]) -> Vec<f32> {
     const CHUNK: usize = 4096;
     let mut out = vec![0f32; x.len()];
     par_chunks(&mut out, CHUNK, |i, chunk| {
-        wide(|| {
-            for (o, &v) in chunk.iter_mut().zip(&x[i * CHUNK..]) {
-                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        })
+        gelu_erf_into(chunk, &x[i * CHUNK..])
     });
     out
+}
+
+wide_fn! {
+    /// [`gelu_erf`] of the first `out.len()` values of `x`, into `out`.
+    fn gelu_erf_into(out: &mut [f32], x: &[f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
 }
 
 /// `silu(gate) · up` element-wise (SwiGLU), spread over the pool; `silu(v) = v / (1 + e^(−v))`,

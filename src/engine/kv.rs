@@ -298,29 +298,43 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
     host::par_chunks(&mut out, per * hd, |i, group_out| {
         let (row, h0) = (&rows[i * per / heads], i * per % heads);
         let kv_head = h0 / n_rep;
-        let positions = row.position + 1;
         let qs = &q[i * per * hd..(i + 1) * per * hd];
-        host::wide(|| {
-            // Plain loops: an iterator's closures would not be compiled inside `wide`.
-            let mut scores = vec![0f32; per * positions];
-            for j in 0..positions {
-                let k = row.cache.row(layer, false, j, kv_head);
-                for (h, qh) in qs.chunks_exact(hd).enumerate() {
-                    scores[h * positions + j] = host::dot(qh, k) * scale;
-                }
-            }
-            for head_scores in scores.chunks_exact_mut(positions) {
-                host::softmax(head_scores);
-            }
-            for j in 0..positions {
-                let v = row.cache.row(layer, true, j, kv_head);
-                for (h, oh) in group_out.chunks_exact_mut(hd).enumerate() {
-                    host::axpy(oh, scores[h * positions + j], v);
-                }
-            }
-        });
+        attend_rows(group_out, qs, row, layer, kv_head, scale);
     });
     out
+}
+
+host::wide_fn! {
+    /// The query heads `qs` (adjacent, `head_dim` each, sharing `kv_head`) of one row of
+    /// [`attend`], into `out`.
+    fn attend_rows(
+        out: &mut [f32],
+        qs: &[f32],
+        row: &QueryRow<'_>,
+        layer: usize,
+        kv_head: usize,
+        scale: f32,
+    ) {
+        let hd = row.cache.shape.head_dim;
+        let positions = row.position + 1;
+        let per = qs.len() / hd;
+        let mut scores = vec![0f32; per * positions];
+        for j in 0..positions {
+            let k = row.cache.row(layer, false, j, kv_head);
+            for (h, qh) in qs.chunks_exact(hd).enumerate() {
+                scores[h * positions + j] = host::dot(qh, k) * scale;
+            }
+        }
+        for head_scores in scores.chunks_exact_mut(positions) {
+            host::softmax(head_scores);
+        }
+        for j in 0..positions {
+            let v = row.cache.row(layer, true, j, kv_head);
+            for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+                host::axpy(oh, scores[h * positions + j], v);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
