@@ -206,11 +206,28 @@ pub fn add_low_rank(
 }
 
 wide_fn! {
-    /// `dst += (x · aᵀ) · bᵀ` for one row `x`.
+    /// `dst += (x · aᵀ) · bᵀ` for one row `x`. Sixteen outputs at a time stay in a register
+    /// while every `h_j · b_j` is added to them, in order of `j` (as `rank` successive axpys
+    /// would, with one load and store of `dst` instead of `rank`).
     fn low_rank_row(dst: &mut [f32], x: &[f32], a_t: &[f32], b_t: &[f32], rank: usize) {
+        const LANES: usize = 16;
         let h = low_rank_hidden(x, a_t, rank);
-        for (&hj, b_row) in h.iter().zip(b_t.chunks_exact(dst.len())) {
-            axpy(dst, hj, b_row);
+        let out_dim = dst.len();
+        let mut o = 0;
+        while o + LANES <= out_dim {
+            let mut acc = [0f32; LANES];
+            acc.copy_from_slice(&dst[o..o + LANES]);
+            for (j, &hj) in h.iter().enumerate() {
+                let b = &b_t[j * out_dim + o..j * out_dim + o + LANES];
+                for l in 0..LANES {
+                    acc[l] += hj * b[l];
+                }
+            }
+            dst[o..o + LANES].copy_from_slice(&acc);
+            o += LANES;
+        }
+        for (j, &hj) in h.iter().enumerate() {
+            axpy(&mut dst[o..], hj, &b_t[j * out_dim + o..(j + 1) * out_dim]);
         }
     }
 }
