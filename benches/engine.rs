@@ -163,7 +163,7 @@ fn run_engine(model: &Arc<TextModel>, name: &str, clients: usize, deltas: &[Arc<
 }
 
 /// The serving engine on the quantized base: 1 and 16 clients, base alone and over 8 adapters.
-/// `only` picks the runs whose name contains it ("base 1", "base 16", "adapters 16").
+/// `only` picks one run by name ("base 1", "base 16", "adapters 16").
 fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     let model = Arc::new(
         TextModel::load_as(
@@ -177,7 +177,7 @@ fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
         .iter()
         .map(|a| model.load_delta(&Arc::new(a.delta())).expect("delta"))
         .collect();
-    let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
+    let wanted = |name: &str| only.is_none_or(|o| o == name);
     if wanted("base 1") {
         run_engine(&model, "base", 1, &[]);
     }

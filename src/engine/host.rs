@@ -452,17 +452,41 @@ wide_fn! {
     /// `v`, into `o`.
     fn attend_padded_row(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize) {
         let h = q.len();
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut scores = vec![0f32; len];
         for (head, oh) in o.chunks_exact_mut(hd).enumerate() {
+            let at = |j: usize| j * h + head * hd..j * h + (head + 1) * hd;
             let qh = &q[head * hd..(head + 1) * hd];
-            for j in 0..len {
-                scores[j] = dot(qh, &k[j * h + head * hd..j * h + (head + 1) * hd]) * scale;
-            }
-            softmax(&mut scores);
-            for j in 0..len {
-                axpy(oh, scores[j], &v[j * h + head * hd..j * h + (head + 1) * hd]);
-            }
+            attend_heads(oh, qh, hd, len, |j| &k[at(j)], |j| &v[at(j)]);
+        }
+    }
+}
+
+/// Attention of the query heads `qs` (`hd` values each, adjacent) that read the same
+/// `positions` key and value rows, into `out` (same layout): scaled dot products, a softmax per
+/// head, then the values weighted in order of position. Inlined into `wide_fn!` bodies.
+#[inline(always)]
+pub fn attend_heads<'a>(
+    out: &mut [f32],
+    qs: &[f32],
+    hd: usize,
+    positions: usize,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+) {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0f32; qs.len() / hd * positions];
+    for j in 0..positions {
+        let k = key(j);
+        for (h, qh) in qs.chunks_exact(hd).enumerate() {
+            scores[h * positions + j] = dot(qh, k) * scale;
+        }
+    }
+    for head_scores in scores.chunks_exact_mut(positions) {
+        softmax(head_scores);
+    }
+    for j in 0..positions {
+        let v = value(j);
+        for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+            axpy(oh, scores[h * positions + j], v);
         }
     }
 }

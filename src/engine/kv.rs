@@ -284,7 +284,6 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
     let shape = first.cache.shape;
     let hd = shape.head_dim;
     let n_rep = (heads / shape.kv_heads.max(1)).max(1);
-    let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; rows.len() * heads * hd];
     // One item per (row, KV head) when there are enough of them: the query heads that share a
     // KV head are adjacent in `q` and in the output, and each key and value row is read once for
@@ -299,7 +298,7 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
         let (row, h0) = (&rows[i * per / heads], i * per % heads);
         let kv_head = h0 / n_rep;
         let qs = &q[i * per * hd..(i + 1) * per * hd];
-        attend_rows(group_out, qs, row, layer, kv_head, scale);
+        attend_rows(group_out, qs, row, layer, kv_head);
     });
     out
 }
@@ -307,33 +306,16 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
 host::wide_fn! {
     /// The query heads `qs` (adjacent, `head_dim` each, sharing `kv_head`) of one row of
     /// [`attend`], into `out`.
-    fn attend_rows(
-        out: &mut [f32],
-        qs: &[f32],
-        row: &QueryRow<'_>,
-        layer: usize,
-        kv_head: usize,
-        scale: f32,
-    ) {
-        let hd = row.cache.shape.head_dim;
-        let positions = row.position + 1;
-        let per = qs.len() / hd;
-        let mut scores = vec![0f32; per * positions];
-        for j in 0..positions {
-            let k = row.cache.row(layer, false, j, kv_head);
-            for (h, qh) in qs.chunks_exact(hd).enumerate() {
-                scores[h * positions + j] = host::dot(qh, k) * scale;
-            }
-        }
-        for head_scores in scores.chunks_exact_mut(positions) {
-            host::softmax(head_scores);
-        }
-        for j in 0..positions {
-            let v = row.cache.row(layer, true, j, kv_head);
-            for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
-                host::axpy(oh, scores[h * positions + j], v);
-            }
-        }
+    fn attend_rows(out: &mut [f32], qs: &[f32], row: &QueryRow<'_>, layer: usize, kv_head: usize) {
+        let cache = row.cache;
+        host::attend_heads(
+            out,
+            qs,
+            cache.shape.head_dim,
+            row.position + 1,
+            |j| cache.row(layer, false, j, kv_head),
+            |j| cache.row(layer, true, j, kv_head),
+        );
     }
 }
 
