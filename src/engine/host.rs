@@ -174,112 +174,177 @@ pub struct LowRankRows<'a> {
     pub b_t: &'a [f32],
 }
 
-/// Adds the low-rank update `(x_r · aᵀ) · bᵀ` of each group to each of its rows `r` of
-/// `out: (·, out_dim)`, with `x: (·, in_dim)`, all groups in one pass over the pool. A row
-/// belongs to one group at most.
-pub fn add_low_rank(
-    out: &mut [f32],
-    x: &[f32],
-    groups: &[LowRankRows<'_>],
-    in_dim: usize,
-    out_dim: usize,
-) {
-    if in_dim == 0 || out_dim == 0 || groups.is_empty() {
+/// One layer's output `out: (·, out_dim)` and the low-rank groups that update its rows.
+pub struct LowRankLayer<'a> {
+    pub out: &'a mut [f32],
+    pub out_dim: usize,
+    pub groups: Vec<LowRankRows<'a>>,
+}
+
+/// Rows of a group handled together by one pass over its factors.
+const ROW_BLOCK: usize = 4;
+
+/// Adds the low-rank update `(x_r · aᵀ) · bᵀ` of each group to each of its rows `r` of its
+/// layer's output, with `x: (·, in_dim)` the input every layer shares (q, k and v read the same
+/// `x`). One pass over the pool for all layers: a work item is one group of one layer, so each
+/// group's factors stream from memory once per block of up to four of its rows rather than once
+/// per row. A row belongs to one group of a layer at most.
+pub fn add_low_rank(layers: &mut [LowRankLayer<'_>], x: &[f32], in_dim: usize) {
+    if in_dim == 0 {
         return;
     }
-    let mut owner = vec![usize::MAX; out.len() / out_dim];
-    for (g, group) in groups.iter().enumerate() {
-        for &r in group.rows {
-            owner[r as usize] = g;
+    let outs: Vec<(SendPtr, usize)> = layers
+        .iter_mut()
+        .map(|l| (SendPtr(l.out.as_mut_ptr()), l.out.len()))
+        .collect();
+    let layers: &[LowRankLayer<'_>] = layers;
+    // Largest items first, so the last ones the workers pick up are short.
+    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+    for (l, layer) in layers.iter().enumerate() {
+        for (g, group) in layer.groups.iter().enumerate() {
+            let rank = group.a_t.len() / in_dim;
+            if layer.out_dim > 0 && rank > 0 && !group.rows.is_empty() {
+                let cost = group.rows.len().div_ceil(ROW_BLOCK) * rank * (in_dim + layer.out_dim);
+                items.push((cost, l, g));
+            }
         }
     }
-    par_chunks(out, out_dim, |r, dst| {
-        let Some(g) = groups.get(owner[r]) else {
-            return;
-        };
-        let rank = g.a_t.len() / in_dim;
-        if rank == 0 {
-            return;
+    items.sort_by_key(|item| std::cmp::Reverse(item.0));
+    par_for(items.len(), |i| {
+        let (_, l, g) = items[i];
+        let (layer, group) = (&layers[l], &layers[l].groups[g]);
+        let (out, len) = outs[l];
+        let rank = group.a_t.len() / in_dim;
+        for block in group.rows.chunks(ROW_BLOCK) {
+            let mut dst: Vec<&mut [f32]> = Vec::with_capacity(block.len());
+            let mut xs: Vec<&[f32]> = Vec::with_capacity(block.len());
+            for &r in block {
+                let r = r as usize;
+                let at = r * layer.out_dim;
+                assert!(at + layer.out_dim <= len, "row {r} outside the output");
+                // SAFETY: in bounds (checked); `out` is mutably borrowed for the whole call and
+                // row `r` of layer `l` belongs to group `g` alone, which only this item handles,
+                // and appears once in the group's rows; the pool returns after every item ran.
+                dst.push(unsafe {
+                    std::slice::from_raw_parts_mut(out.get().add(at), layer.out_dim)
+                });
+                xs.push(&x[r * in_dim..(r + 1) * in_dim]);
+            }
+            low_rank_rows(&mut dst, &xs, group.a_t, group.b_t, rank);
         }
-        low_rank_row(dst, &x[r * in_dim..(r + 1) * in_dim], g.a_t, g.b_t, rank);
     });
 }
 
 wide_fn! {
-    /// `dst += (x · aᵀ) · bᵀ` for one row `x`. Sixteen outputs at a time stay in a register
-    /// while every `h_j · b_j` is added to them, in order of `j` (as `rank` successive axpys
-    /// would, with one load and store of `dst` instead of `rank`).
-    fn low_rank_row(dst: &mut [f32], x: &[f32], a_t: &[f32], b_t: &[f32], rank: usize) {
-        const LANES: usize = 16;
-        let h = low_rank_hidden(x, a_t, rank);
-        let out_dim = dst.len();
-        let mut o = 0;
-        while o + LANES <= out_dim {
-            let mut acc = [0f32; LANES];
-            acc.copy_from_slice(&dst[o..o + LANES]);
-            for (j, &hj) in h.iter().enumerate() {
-                let b = &b_t[j * out_dim + o..j * out_dim + o + LANES];
-                for l in 0..LANES {
-                    acc[l] += hj * b[l];
-                }
-            }
-            dst[o..o + LANES].copy_from_slice(&acc);
-            o += LANES;
-        }
-        for (j, &hj) in h.iter().enumerate() {
-            axpy(&mut dst[o..], hj, &b_t[j * out_dim + o..(j + 1) * out_dim]);
+    /// `dst_r += (x_r · aᵀ) · bᵀ` for up to [`ROW_BLOCK`] rows, reading the factors once for all
+    /// of them. Each row's sums run in the same order whatever rows share its block.
+    fn low_rank_rows(dst: &mut [&mut [f32]], x: &[&[f32]], a_t: &[f32], b_t: &[f32], rank: usize) {
+        match dst.len() {
+            4 => low_rank_block::<4>(dst, x, a_t, b_t, rank),
+            3 => low_rank_block::<3>(dst, x, a_t, b_t, rank),
+            2 => low_rank_block::<2>(dst, x, a_t, b_t, rank),
+            1 => low_rank_block::<1>(dst, x, a_t, b_t, rank),
+            n => unreachable!("a block of {n} rows"),
         }
     }
 }
 
-/// `h = x · aᵀ` (`rank` values) for `a_t: x.len() × rank` row-major, sixteen (or eight) columns
-/// of `a_t` at a time so their sums stay in registers across the whole input. Each `h_j` sums
-/// the input in four interleaved chains (inputs `i ≡ 0, 1, 2, 3 mod 4`), added in a fixed order
-/// at the end: four independent multiply-adds per step instead of one long dependent chain.
+/// [`low_rank_rows`] for exactly `R` rows. The hidden values `h_r = x_r · aᵀ` come first (see
+/// [`hidden_columns`]); then sixteen outputs of each row at a time stay in a register while
+/// every `h_rj · b_j` is added to them in order of `j` (as `rank` successive axpys would, with one
+/// load and store of the outputs instead of `rank`).
 #[inline(always)]
-fn low_rank_hidden(x: &[f32], a_t: &[f32], rank: usize) -> Vec<f32> {
-    let mut h = vec![0f32; rank];
+fn low_rank_block<const R: usize>(
+    dst: &mut [&mut [f32]],
+    x: &[&[f32]],
+    a_t: &[f32],
+    b_t: &[f32],
+    rank: usize,
+) {
+    const LANES: usize = 16;
+    let dst: &mut [&mut [f32]; R] = dst.try_into().expect("block size");
+    let x: &[&[f32]; R] = x.try_into().expect("block size");
+    let mut h = vec![0f32; R * rank];
     let mut c = 0;
     while c < rank {
         c += match rank - c {
-            16.. => hidden_columns::<16>(x, a_t, rank, c, &mut h),
-            8.. => hidden_columns::<8>(x, a_t, rank, c, &mut h),
-            _ => hidden_columns::<1>(x, a_t, rank, c, &mut h),
+            16.. => hidden_columns::<16, R>(x, a_t, rank, c, &mut h),
+            8.. => hidden_columns::<8, R>(x, a_t, rank, c, &mut h),
+            _ => hidden_columns::<1, R>(x, a_t, rank, c, &mut h),
         };
     }
-    h
+    let out_dim = dst[0].len();
+    let mut o = 0;
+    while o + LANES <= out_dim {
+        let mut acc = [[0f32; LANES]; R];
+        for r in 0..R {
+            acc[r].copy_from_slice(&dst[r][o..o + LANES]);
+        }
+        for j in 0..rank {
+            let b = &b_t[j * out_dim + o..j * out_dim + o + LANES];
+            for r in 0..R {
+                let hj = h[r * rank + j];
+                for l in 0..LANES {
+                    acc[r][l] += hj * b[l];
+                }
+            }
+        }
+        for r in 0..R {
+            dst[r][o..o + LANES].copy_from_slice(&acc[r]);
+        }
+        o += LANES;
+    }
+    for r in 0..R {
+        for j in 0..rank {
+            let b = &b_t[j * out_dim + o..(j + 1) * out_dim];
+            axpy(&mut dst[r][o..], h[r * rank + j], b);
+        }
+    }
 }
 
-/// Columns `c..c + W` of [`low_rank_hidden`]; returns `W`.
+/// Columns `c..c + W` of `h_r = x_r · aᵀ` for the `R` rows, `a_t: in_dim × rank` row-major,
+/// written to `h[r · rank + c..]`; returns `W`. The sums stay in registers across the whole
+/// input: each `h_rj` sums the input in four interleaved chains (inputs `i ≡ 0, 1, 2, 3 mod 4`),
+/// added in a fixed order at the end, so there are four independent multiply-adds per step
+/// instead of one long dependent chain, and each loaded piece of `aᵀ` serves all `R` rows.
 #[inline(always)]
-fn hidden_columns<const W: usize>(
-    x: &[f32],
+fn hidden_columns<const W: usize, const R: usize>(
+    x: &[&[f32]; R],
     a_t: &[f32],
     rank: usize,
     c: usize,
     h: &mut [f32],
 ) -> usize {
     const CHAINS: usize = 4;
-    let mut acc = [[0f32; W]; CHAINS];
-    let blocks = x.chunks_exact(CHAINS);
-    let tail = blocks.remainder();
-    for (xs, rows) in blocks.zip(a_t.chunks_exact(CHAINS * rank)) {
-        for (k, chain) in acc.iter_mut().enumerate() {
+    let in_dim = x[0].len();
+    let full = in_dim - in_dim % CHAINS;
+    let mut acc = [[[0f32; W]; CHAINS]; R];
+    for (step, rows) in a_t[..full * rank].chunks_exact(CHAINS * rank).enumerate() {
+        let i0 = step * CHAINS;
+        for k in 0..CHAINS {
             let a = &rows[k * rank + c..k * rank + c + W];
-            for j in 0..W {
-                chain[j] += xs[k] * a[j];
+            for r in 0..R {
+                let xv = x[r][i0 + k];
+                for j in 0..W {
+                    acc[r][k][j] += xv * a[j];
+                }
             }
         }
     }
-    let done = x.len() - tail.len();
-    for (i, &xi) in tail.iter().enumerate() {
-        let a = &a_t[(done + i) * rank + c..(done + i) * rank + c + W];
-        for j in 0..W {
-            acc[i][j] += xi * a[j];
+    for k in 0..in_dim - full {
+        let a = &a_t[(full + k) * rank + c..(full + k) * rank + c + W];
+        for r in 0..R {
+            let xv = x[r][full + k];
+            for j in 0..W {
+                acc[r][k][j] += xv * a[j];
+            }
         }
     }
-    for j in 0..W {
-        h[c + j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+    for r in 0..R {
+        for j in 0..W {
+            let s = &acc[r];
+            h[r * rank + c + j] = (s[0][j] + s[1][j]) + (s[2][j] + s[3][j]);
+        }
     }
     W
 }
@@ -576,7 +641,12 @@ mod tests {
             a_t: &a_t,
             b_t: &b_t,
         };
-        add_low_rank(&mut out, &x, &[group], in_dim, out_dim);
+        let mut layers = [LowRankLayer {
+            out: &mut out,
+            out_dim,
+            groups: vec![group],
+        }];
+        add_low_rank(&mut layers, &x, in_dim);
         for r in 0..3 {
             for o in 0..out_dim {
                 let mut expected = 1.0;
@@ -591,6 +661,66 @@ mod tests {
                 assert!(
                     (out[r * out_dim + o] - expected).abs() < 1e-5,
                     "row {r} col {o}"
+                );
+            }
+        }
+    }
+
+    /// A row's update is the same to the bit whichever rows share its group and its block of
+    /// four, and whichever other layers and groups share the pass (what makes batched requests
+    /// give exactly what each gives alone).
+    #[test]
+    fn low_rank_rows_give_the_same_bits_in_any_group() {
+        let (in_dim, rank, rows) = (37, 27, 7);
+        let dims = [40, 19];
+        let x: Vec<f32> = (0..rows * in_dim)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let a_t: Vec<f32> = (0..in_dim * rank)
+            .map(|i| (i as f32 * 0.11).cos())
+            .collect();
+        let b_t: Vec<Vec<f32>> = dims
+            .iter()
+            .map(|&o| (0..rank * o).map(|i| (i as f32 * 0.23).sin()).collect())
+            .collect();
+        let run = |groups: &[&[u32]]| -> Vec<Vec<f32>> {
+            let mut outs: Vec<Vec<f32>> = dims.iter().map(|&o| vec![0.5f32; rows * o]).collect();
+            let mut layers: Vec<LowRankLayer<'_>> = outs
+                .iter_mut()
+                .zip(&dims)
+                .zip(&b_t)
+                .map(|((out, &out_dim), b_t)| LowRankLayer {
+                    out,
+                    out_dim,
+                    groups: groups
+                        .iter()
+                        .map(|&rows| LowRankRows {
+                            rows,
+                            a_t: &a_t,
+                            b_t,
+                        })
+                        .collect(),
+                })
+                .collect();
+            add_low_rank(&mut layers, &x, in_dim);
+            drop(layers);
+            outs
+        };
+        let together = run(&[&[6, 0, 3, 1, 5, 2, 4]]);
+        let split = run(&[&[2], &[4, 0], &[1, 6, 5, 3]]);
+        for r in 0..rows {
+            let alone = run(&[&[r as u32]]);
+            for (l, &o) in dims.iter().enumerate() {
+                let row = r * o..(r + 1) * o;
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&together[l][row.clone()]),
+                    bits(&alone[l][row.clone()])
+                );
+                assert_eq!(bits(&split[l][row.clone()]), bits(&alone[l][row.clone()]));
+                assert!(
+                    alone[l][row].iter().all(|v| v.is_finite() && *v != 0.5),
+                    "row {r}"
                 );
             }
         }

@@ -406,8 +406,7 @@ impl LoraLinear {
             let (rows, k) = x.dims2()?;
             let on_host = host::with_slice(&x, |xs| {
                 let ys = Self::host_products(layers, xs, rows, k)?;
-                let finish = |(l, y): (&&LoraLinear, Vec<f32>)| l.finish_host(&x, xs, y, deltas);
-                Some(layers.iter().zip(ys).map(finish).collect())
+                Some(Self::finish_host(layers, &x, xs, ys, deltas))
             });
             if let Some(Some(result)) = on_host {
                 return result;
@@ -460,10 +459,12 @@ impl LoraLinear {
         if !deltas.need_gradients() {
             let x = x.contiguous()?;
             let done = host::with_slices(&[&x, &y], |s| {
-                self.finish_host(&x, s[0], s[1].to_vec(), deltas)
+                Self::finish_host(&[self], &x, s[0], vec![s[1].to_vec()], deltas)
             });
-            if let Some(y) = done {
-                return y;
+            if let Some(mut y) = done.transpose()? {
+                return y
+                    .pop()
+                    .ok_or(EngineError::EmptyInput { what: "projection" });
             }
         }
         let mut y = match &self.bias {
@@ -486,56 +487,97 @@ impl LoraLinear {
         }
     }
 
-    /// [`Self::finish_rows`] for a base product `y` of `x` held on the host (`xs` is `x`'s
-    /// values): the bias and every delta with host tensors are added there, the rest (tensors on
-    /// a GPU) with tensor ops.
+    /// [`Self::finish_rows`] for the base products `ys` of `layers` (which all read `x`) held on
+    /// the host (`xs` is `x`'s values): biases and every delta with host tensors are added there,
+    /// the low-rank ones of all layers in one pass over the pool; the rest (tensors on a GPU)
+    /// with tensor ops.
     fn finish_host(
-        &self,
+        layers: &[&LoraLinear],
         x: &Tensor,
         xs: &[f32],
-        mut y: Vec<f32>,
+        mut ys: Vec<Vec<f32>>,
         deltas: Deltas<'_>,
-    ) -> Result<Tensor> {
-        let rows = y.len() / self.out_dim.max(1);
-        let bias_added = match &self.bias {
+    ) -> Result<Vec<Tensor>> {
+        let in_dim = x.dim(1)?;
+        let rows = xs.len() / in_dim.max(1);
+        let all: Vec<u32> = (0..rows as u32).collect();
+        let bias_added: Vec<bool> = layers
+            .iter()
+            .zip(&mut ys)
+            .map(|(l, y)| l.add_bias_on_host(y))
+            .collect();
+        let groups: Vec<Vec<DeltaGroup<'_>>> = layers
+            .iter()
+            .map(|l| l.delta_groups(deltas, &all))
+            .collect();
+        let mut targets: Vec<HostTarget<'_>> = ys
+            .iter_mut()
+            .zip(layers)
+            .zip(&groups)
+            .map(|((y, l), g)| HostTarget {
+                sum: y,
+                out_dim: l.out_dim,
+                groups: g.iter().map(|g| (g.rows, g.layer)).collect(),
+            })
+            .collect();
+        let rest = add_groups_on_host(&mut targets, xs, in_dim);
+        drop(targets);
+        let mut out = Vec::with_capacity(layers.len());
+        for (i, (l, y)) in layers.iter().zip(ys).enumerate() {
+            let mut y = Tensor::from_vec(y, (rows, l.out_dim), x.device())?;
+            if !bias_added[i]
+                && let Some(b) = &l.bias
+            {
+                y = y.broadcast_add(b)?;
+            }
+            for g in rest[i].iter().map(|&j| &groups[i][j]) {
+                y = match g.group {
+                    Some(group) => group.add_with_tensors(y, x, g.layer)?,
+                    None => (y + g.layer.apply(x)?)?,
+                };
+            }
+            out.push(y);
+        }
+        Ok(out)
+    }
+
+    /// Adds the bias to every row of `y` when it is in host memory; whether it did (no bias:
+    /// nothing to add).
+    fn add_bias_on_host(&self, y: &mut [f32]) -> bool {
+        match &self.bias {
             Some(b) => host::with_slice(b, |b| {
                 y.chunks_exact_mut(self.out_dim)
                     .for_each(|row| host::axpy(row, 1.0, b));
             })
             .is_some(),
             None => true,
-        };
-        let all: Vec<u32>;
-        let groups: Vec<(&[u32], &LayerDelta, Option<&RowGroup<'_>>)> = match deltas {
-            Deltas::Uniform(d) => match d.and_then(|d| d.layer(self.id)) {
-                Some(layer) => {
-                    all = (0..rows as u32).collect();
-                    vec![(&all, layer, None)]
-                }
-                None => Vec::new(),
-            },
+        }
+    }
+
+    /// The groups of rows whose delta changes this layer; a uniform delta is one group of all
+    /// rows (`all`).
+    fn delta_groups<'d>(&self, deltas: Deltas<'d>, all: &'d [u32]) -> Vec<DeltaGroup<'d>> {
+        match deltas {
+            Deltas::Uniform(d) => d
+                .and_then(|d| d.layer(self.id))
+                .map(|layer| DeltaGroup {
+                    rows: all,
+                    layer,
+                    group: None,
+                })
+                .into_iter()
+                .collect(),
             Deltas::Grouped(groups) => groups
                 .iter()
                 .filter_map(|g| {
-                    g.delta
-                        .layer(self.id)
-                        .map(|l| (g.rows.as_slice(), l, Some(g)))
+                    g.delta.layer(self.id).map(|layer| DeltaGroup {
+                        rows: g.rows.as_slice(),
+                        layer,
+                        group: Some(g),
+                    })
                 })
                 .collect(),
-        };
-        let on_host: Vec<(&[u32], &LayerDelta)> = groups.iter().map(|g| (g.0, g.1)).collect();
-        let rest = add_groups_on_host(&mut y, xs, &on_host, x.dim(1)?, self.out_dim);
-        let mut y = Tensor::from_vec(y, (rows, self.out_dim), x.device())?;
-        if !bias_added && let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
         }
-        for (_, layer, group) in rest.into_iter().map(|i| groups[i]) {
-            y = match group {
-                Some(g) => g.add_with_tensors(y, x, layer)?,
-                None => (y + layer.apply(x)?)?,
-            };
-        }
-        Ok(y)
     }
 
     /// `x · Wᵀ` with tensor ops (see [`Self::host_products`] for the host path).
@@ -592,50 +634,81 @@ impl LayerDelta {
     }
 }
 
-/// Adds to `sum: (·, out_dim)` the update of every `(rows, delta)` group whose tensors are in
-/// host memory, computed on the host from `xs: (·, in_dim)`: every low-rank group in one pass
-/// over the pool, each dense group reading its ΔW once for all its rows. Returns the positions
-/// of the groups left for tensor ops (tensors on a GPU).
-fn add_groups_on_host(
-    sum: &mut [f32],
-    xs: &[f32],
-    groups: &[(&[u32], &LayerDelta)],
-    in_dim: usize,
+/// Rows of a batch that one layer's delta changes (a [`RowGroup`]'s, or every row for a uniform
+/// delta: `group` is `None`).
+struct DeltaGroup<'d> {
+    rows: &'d [u32],
+    layer: &'d LayerDelta,
+    group: Option<&'d RowGroup<'d>>,
+}
+
+/// One layer's host output `sum: (·, out_dim)` and the `(rows, delta)` groups to add to it.
+struct HostTarget<'a> {
+    sum: &'a mut [f32],
     out_dim: usize,
-) -> Vec<usize> {
-    let low_rank: Vec<(usize, &[u32], &Tensor, &Tensor)> = groups
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &(rows, layer))| match layer {
-            LayerDelta::LowRank { a_t, b_t } => Some((i, rows, a_t, b_t)),
-            LayerDelta::Dense { .. } | LayerDelta::Masked(_) => None,
-        })
-        .collect();
-    let factors: Vec<&Tensor> = low_rank.iter().flat_map(|&(_, _, a, b)| [a, b]).collect();
-    let mut rest: Vec<usize> = host::with_slices(&factors, |f| {
-        let on_host: Vec<host::LowRankRows<'_>> = low_rank
+    groups: Vec<(&'a [u32], &'a LayerDelta)>,
+}
+
+/// Adds to each target the update of every group whose tensors are in host memory, computed on
+/// the host from `xs: (·, in_dim)`, which every target's layer reads: the low-rank groups of all
+/// targets in one pass over the pool, each dense group reading its ΔW once for all its rows.
+/// Returns, per target, the positions of the groups left for tensor ops (tensors on a GPU).
+fn add_groups_on_host(
+    targets: &mut [HostTarget<'_>],
+    xs: &[f32],
+    in_dim: usize,
+) -> Vec<Vec<usize>> {
+    let mut rest: Vec<Vec<usize>> = vec![Vec::new(); targets.len()];
+    let low_rank: Vec<(usize, usize, &[u32], &Tensor, &Tensor)> =
+        targets
             .iter()
-            .zip(f.chunks_exact(2))
-            .map(|(&(_, rows, _, _), ab)| host::LowRankRows {
-                rows,
-                a_t: ab[0],
-                b_t: ab[1],
+            .enumerate()
+            .flat_map(|(t, target)| {
+                target.groups.iter().enumerate().filter_map(
+                    move |(i, &(rows, layer))| match layer {
+                        LayerDelta::LowRank { a_t, b_t } => Some((t, i, rows, a_t, b_t)),
+                        LayerDelta::Dense { .. } | LayerDelta::Masked(_) => None,
+                    },
+                )
             })
             .collect();
-        host::add_low_rank(sum, xs, &on_host, in_dim, out_dim);
-    })
-    .map_or_else(|| low_rank.iter().map(|g| g.0).collect(), |()| Vec::new());
-    for (i, &(rows, layer)) in groups.iter().enumerate() {
-        match layer {
-            LayerDelta::Dense { w } => {
-                let added =
-                    host::with_slice(w, |w| host::add_dense(sum, xs, rows, w, in_dim, out_dim));
-                if added.is_none() {
-                    rest.push(i);
+    let factors: Vec<&Tensor> = low_rank.iter().flat_map(|g| [g.3, g.4]).collect();
+    let on_host = host::with_slices(&factors, |f| {
+        let mut layers: Vec<host::LowRankLayer<'_>> = targets
+            .iter_mut()
+            .map(|t| host::LowRankLayer {
+                out: &mut *t.sum,
+                out_dim: t.out_dim,
+                groups: Vec::new(),
+            })
+            .collect();
+        for (g, ab) in low_rank.iter().zip(f.chunks_exact(2)) {
+            layers[g.0].groups.push(host::LowRankRows {
+                rows: g.2,
+                a_t: ab[0],
+                b_t: ab[1],
+            });
+        }
+        host::add_low_rank(&mut layers, xs, in_dim);
+    });
+    if on_host.is_none() {
+        low_rank.iter().for_each(|g| rest[g.0].push(g.1));
+    }
+    for (t, target) in targets.iter_mut().enumerate() {
+        let out_dim = target.out_dim;
+        for (i, &(rows, layer)) in target.groups.iter().enumerate() {
+            match layer {
+                LayerDelta::Dense { w } => {
+                    let added = host::with_slice(w, |w| {
+                        host::add_dense(target.sum, xs, rows, w, in_dim, out_dim)
+                    });
+                    if added.is_none() {
+                        rest[t].push(i);
+                    }
                 }
+                LayerDelta::Masked(m) => m.add_rows(target.sum, xs, rows),
+                LayerDelta::LowRank { .. } => {}
             }
-            LayerDelta::Masked(m) => m.add_rows(sum, xs, rows),
-            LayerDelta::LowRank { .. } => {}
         }
     }
     rest
