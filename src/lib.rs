@@ -15,3 +15,4 @@ pub mod merge;
 pub mod objects;
 pub mod server;
 pub mod train;
+mod wide;

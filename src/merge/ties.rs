@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::Progress;
+use crate::wide::wide_fn;
 
 /// Per-adapter representations of every module, produced on demand.
 pub(crate) trait RepSource: Sync {
@@ -78,46 +79,68 @@ pub(crate) fn trim_threshold(src: &impl RepSource, i: usize, density: f64) -> f3
         return 0.0;
     }
     let rank = total - keep - 1;
-    let mut magnitudes = Vec::new();
+    let mut parts = Vec::new();
     let mut zeros = 0;
     for m in 0..src.module_count() {
         match src.rep(i, m) {
-            Some(rep) => magnitudes.extend(rep.iter().map(|x| x.abs())),
+            Some(rep) => parts.push(rep),
             None => zeros += src.module_len(m),
         }
     }
     if rank < zeros {
         return 0.0;
     }
-    nth_magnitude(&magnitudes, rank - zeros)
+    let parts: Vec<&[f32]> = parts.iter().map(|p| p.as_ref()).collect();
+    nth_magnitude(&parts, rank - zeros)
 }
 
-/// The `rank`-th smallest (0-based) of `magnitudes` (all ≥ 0), in the order of `f32::total_cmp`.
+/// The `rank`-th smallest (0-based) `|x|` over all values of `parts`, in the order of
+/// `f32::total_cmp`.
 ///
 /// The bit patterns of non-negative floats sort like their values, so one counting pass over
-/// the top 16 bits finds the bucket that holds the answer, and only that bucket is selected in.
-fn nth_magnitude(magnitudes: &[f32], rank: usize) -> f32 {
-    const SHIFT: u32 = 16;
-    let mut counts = vec![0usize; 1 << (32 - SHIFT)];
-    for &x in magnitudes {
-        counts[(x.to_bits() >> SHIFT) as usize] += 1;
+/// the top bits of `|x|` (exponent and five mantissa bits: 8192 buckets, a table that stays in
+/// L1) finds the bucket that holds the answer, and only that bucket is selected in; the values
+/// are read in place, never copied whole.
+fn nth_magnitude(parts: &[&[f32]], rank: usize) -> f32 {
+    let mut counts = vec![0u32; 1 << (31 - SHIFT)];
+    for part in parts {
+        count_buckets(part, &mut counts);
     }
     let mut before = 0;
     let mut bucket = 0;
     for (b, &count) in counts.iter().enumerate() {
-        if before + count > rank {
-            bucket = b;
+        if before + count as usize > rank {
+            bucket = b as u32;
             break;
         }
-        before += count;
+        before += count as usize;
     }
-    let mut inside: Vec<u32> = magnitudes
-        .iter()
-        .map(|x| x.to_bits())
-        .filter(|bits| (bits >> SHIFT) as usize == bucket)
-        .collect();
+    let mut inside: Vec<u32> = Vec::with_capacity(counts[bucket as usize] as usize);
+    for part in parts {
+        for &x in part.iter() {
+            let bits = x.to_bits() & MAGNITUDE;
+            if bits >> SHIFT == bucket {
+                inside.push(bits);
+            }
+        }
+    }
     let (_, nth, _) = inside.select_nth_unstable(rank - before);
     f32::from_bits(*nth)
+}
+
+/// `|x|`'s bits are `x`'s without the sign bit; [`nth_magnitude`]'s buckets are their top bits.
+const MAGNITUDE: u32 = 0x7fff_ffff;
+const SHIFT: u32 = 18;
+
+/// Adds to `counts[b]` how many values of `values` have `|x|`'s top bits `b` (see
+/// [`nth_magnitude`]).
+fn count_buckets(values: &[f32], counts: &mut [u32]) {
+    for &x in values {
+        let b = ((x.to_bits() & MAGNITUDE) >> SHIFT) as usize;
+        if let Some(c) = counts.get_mut(b) {
+            *c += 1;
+        }
+    }
 }
 
 struct MergedModule {
@@ -135,50 +158,83 @@ fn merge_entries(
     weights: &[f32],
     len: usize,
 ) -> MergedModule {
-    // Per entry: the sum, and the sums and counts of the positive and negative kept values,
-    // accumulated adapter by adapter (the same order, so the same sums, as entry by entry).
-    let mut total = vec![0.0f32; len];
-    let (mut pos, mut neg) = (vec![0.0f32; len], vec![0.0f32; len]);
-    let (mut pos_n, mut neg_n) = (vec![0u32; len], vec![0u32; len]);
-    let present = reps
+    // Entries are taken a block at a time, so the running sums stay in L1 while every adapter's
+    // part of the block is added to them.
+    const BLOCK: usize = 1024;
+    let present: Vec<(&[f32], f32, f32)> = reps
         .iter()
         .zip(thresholds.iter().zip(weights))
-        .filter_map(|(rep, (&t, &w))| rep.as_deref().map(|r| (r, t, w)));
-    for (rep, t, w) in present {
-        let entries = rep
-            .iter()
-            .zip(total.iter_mut())
-            .zip(pos.iter_mut().zip(neg.iter_mut()))
-            .zip(pos_n.iter_mut().zip(neg_n.iter_mut()));
-        for (((&x, total), (pos, neg)), (pos_n, neg_n)) in entries {
-            let kept = if x.abs() >= t { w * x } else { 0.0 };
-            *total += kept;
-            *pos += kept.max(0.0);
-            *neg += kept.min(0.0);
-            *pos_n += u32::from(kept > 0.0);
-            *neg_n += u32::from(kept < 0.0);
-        }
-    }
-    // Disjoint mean: the sum over max(1, count).
+        .filter_map(|(rep, (&t, &w))| rep.as_deref().map(|r| (r, t, w)))
+        .collect();
     let mean = |sum: f32, count: u32| sum / count.max(1) as f32;
     let mut values = vec![0.0f32; len];
     let mut sign_sum = 0i64;
     let mut undecided = Vec::new();
-    for (j, out) in values.iter_mut().enumerate() {
-        if total[j] > 0.0 {
-            sign_sum += 1;
-            *out = mean(pos[j], pos_n[j]);
-        } else if total[j] < 0.0 {
-            sign_sum -= 1;
-            *out = mean(neg[j], neg_n[j]);
-        } else if pos_n[j] + neg_n[j] > 0 {
-            undecided.push((j, mean(pos[j], pos_n[j]), mean(neg[j], neg_n[j])));
+    for (b, out) in values.chunks_mut(BLOCK).enumerate() {
+        let start = b * BLOCK;
+        let n = out.len();
+        // Per entry: the sum, and the sums and counts of the positive and negative kept values,
+        // accumulated adapter by adapter (the same order, so the same sums, as entry by entry).
+        let mut total = [0.0f32; BLOCK];
+        let (mut pos, mut neg) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+        let (mut pos_n, mut neg_n) = ([0u32; BLOCK], [0u32; BLOCK]);
+        for &(rep, t, w) in &present {
+            let sums = BlockSums {
+                total: &mut total[..n],
+                pos: &mut pos[..n],
+                neg: &mut neg[..n],
+                pos_n: &mut pos_n[..n],
+                neg_n: &mut neg_n[..n],
+            };
+            add_kept(&rep[start..start + n], t, w, sums);
+        }
+        // Disjoint mean: the sum over max(1, count).
+        for (j, out) in out.iter_mut().enumerate() {
+            if total[j] > 0.0 {
+                sign_sum += 1;
+                *out = mean(pos[j], pos_n[j]);
+            } else if total[j] < 0.0 {
+                sign_sum -= 1;
+                *out = mean(neg[j], neg_n[j]);
+            } else if pos_n[j] + neg_n[j] > 0 {
+                undecided.push((start + j, mean(pos[j], pos_n[j]), mean(neg[j], neg_n[j])));
+            }
         }
     }
     MergedModule {
         values,
         sign_sum,
         undecided,
+    }
+}
+
+/// Running per-entry sums of one block: the sum of the kept values, and the sums and counts of
+/// the positive and the negative ones.
+struct BlockSums<'a> {
+    total: &'a mut [f32],
+    pos: &'a mut [f32],
+    neg: &'a mut [f32],
+    pos_n: &'a mut [u32],
+    neg_n: &'a mut [u32],
+}
+
+wide_fn! {
+    /// Adds one adapter's kept values `w · x` (`|x| ≥ t`) of a block to its running sums.
+    fn add_kept(rep: &[f32], t: f32, w: f32, sums: BlockSums<'_>) {
+        let BlockSums { total, pos, neg, pos_n, neg_n } = sums;
+        // One length for every slice, so the loop runs without bounds checks.
+        let n = rep.len().min(total.len());
+        let (rep, total, pos, neg) = (&rep[..n], &mut total[..n], &mut pos[..n], &mut neg[..n]);
+        let (pos_n, neg_n) = (&mut pos_n[..n], &mut neg_n[..n]);
+        for j in 0..n {
+            let x = rep[j];
+            let kept = if x.abs() >= t { w * x } else { 0.0 };
+            total[j] += kept;
+            pos[j] += kept.max(0.0);
+            neg[j] += kept.min(0.0);
+            pos_n[j] += u32::from(kept > 0.0);
+            neg_n[j] += u32::from(kept < 0.0);
+        }
     }
 }
 
@@ -245,7 +301,14 @@ mod tests {
         let mut sorted = values.clone();
         sorted.sort_by(f32::total_cmp);
         for rank in [0, 1, 713, 714, 2500, 4998, 4999] {
-            assert_eq!(nth_magnitude(&values, rank), sorted[rank], "rank {rank}");
+            assert_eq!(nth_magnitude(&[&values], rank), sorted[rank], "rank {rank}");
+            let (a, b) = values.split_at(1234);
+            let negated: Vec<f32> = b.iter().map(|x| -x).collect();
+            assert_eq!(
+                nth_magnitude(&[a, &negated], rank),
+                sorted[rank],
+                "rank {rank}"
+            );
         }
     }
 
