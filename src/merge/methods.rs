@@ -49,6 +49,11 @@ pub fn merge_on(
     cache: Option<&AlignmentCache>,
     device: Option<&Device>,
 ) -> Result<MergedDelta, MergeError> {
+    // Merges spread their modules over the rayon pool, so each module's QRs and SVDs (faer's
+    // `qr`, `thin_svd` and products, which follow faer's global setting) run on one thread
+    // rather than splitting every small decomposition over the pool again. Process-wide;
+    // knots' own faer products pass their parallelism explicitly.
+    faer::set_global_parallelism(faer::Par::Seq);
     let plan = Plan::new(inputs)?;
     let modules = match (params.method, device) {
         (Method::Dare, Some(d)) => device::dare_sum(&plan, params, d, progress)?,
