@@ -117,12 +117,7 @@ fn nth_magnitude(parts: &[&[f32]], rank: usize) -> f32 {
     }
     let mut inside: Vec<u32> = Vec::with_capacity(counts[bucket as usize] as usize);
     for part in parts {
-        for &x in part.iter() {
-            let bits = x.to_bits() & MAGNITUDE;
-            if bits >> SHIFT == bucket {
-                inside.push(bits);
-            }
-        }
+        collect_bucket(part, bucket, &mut inside);
     }
     let (_, nth, _) = inside.select_nth_unstable(rank - before);
     f32::from_bits(*nth)
@@ -131,6 +126,27 @@ fn nth_magnitude(parts: &[&[f32]], rank: usize) -> f32 {
 /// `|x|`'s bits are `x`'s without the sign bit; [`nth_magnitude`]'s buckets are their top bits.
 const MAGNITUDE: u32 = 0x7fff_ffff;
 const SHIFT: u32 = 18;
+
+wide_fn! {
+    /// Appends to `inside` the `|x|` bits of every value of `values` in bucket `bucket`. Few
+    /// values are, so sixteen at a time are first tested together, with vector compares.
+    fn collect_bucket(values: &[f32], bucket: u32, inside: &mut Vec<u32>) {
+        for chunk in values.chunks(16) {
+            let mut hit = false;
+            for &x in chunk {
+                hit |= (x.to_bits() & MAGNITUDE) >> SHIFT == bucket;
+            }
+            if hit {
+                for &x in chunk {
+                    let bits = x.to_bits() & MAGNITUDE;
+                    if bits >> SHIFT == bucket {
+                        inside.push(bits);
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// Adds to `counts[b]` how many values of `values` have `|x|`'s top bits `b` (see
 /// [`nth_magnitude`]).
@@ -188,16 +204,20 @@ fn merge_entries(
             };
             add_kept(&rep[start..start + n], t, w, sums);
         }
-        // Disjoint mean: the sum over max(1, count).
-        for (j, out) in out.iter_mut().enumerate() {
-            if total[j] > 0.0 {
-                sign_sum += 1;
-                *out = mean(pos[j], pos_n[j]);
-            } else if total[j] < 0.0 {
-                sign_sum -= 1;
-                *out = mean(neg[j], neg_n[j]);
-            } else if pos_n[j] + neg_n[j] > 0 {
-                undecided.push((start + j, mean(pos[j], pos_n[j]), mean(neg[j], neg_n[j])));
+        let sums = BlockSums {
+            total: &mut total[..n],
+            pos: &mut pos[..n],
+            neg: &mut neg[..n],
+            pos_n: &mut pos_n[..n],
+            neg_n: &mut neg_n[..n],
+        };
+        let (signs, cancelled) = elect(&sums, out);
+        sign_sum += signs;
+        if cancelled {
+            for j in 0..n {
+                if total[j] == 0.0 && pos_n[j] + neg_n[j] > 0 {
+                    undecided.push((start + j, mean(pos[j], pos_n[j]), mean(neg[j], neg_n[j])));
+                }
             }
         }
     }
@@ -216,6 +236,30 @@ struct BlockSums<'a> {
     neg: &'a mut [f32],
     pos_n: &'a mut [u32],
     neg_n: &'a mut [u32],
+}
+
+wide_fn! {
+    /// The elected sign's disjoint mean (the sum over max(1, count)) of every entry of a block
+    /// into `out` (zero where the sum is zero); returns Σ sign(sum) and whether any entry's kept
+    /// values cancel exactly (left zero here, see [`ties_merge`]).
+    fn elect(sums: &BlockSums<'_>, out: &mut [f32]) -> (i64, bool) {
+        let n = out.len().min(sums.total.len());
+        let (total, pos, neg) = (&sums.total[..n], &sums.pos[..n], &sums.neg[..n]);
+        let (pos_n, neg_n) = (&sums.pos_n[..n], &sums.neg_n[..n]);
+        let out = &mut out[..n];
+        let mut signs = 0i32;
+        let mut cancelled = false;
+        for j in 0..n {
+            let up = total[j] > 0.0;
+            let down = total[j] < 0.0;
+            let positive = pos[j] / pos_n[j].max(1) as f32;
+            let negative = neg[j] / neg_n[j].max(1) as f32;
+            out[j] = if up { positive } else if down { negative } else { 0.0 };
+            signs += i32::from(up) - i32::from(down);
+            cancelled |= !up && !down && pos_n[j] + neg_n[j] > 0;
+        }
+        (i64::from(signs), cancelled)
+    }
 }
 
 wide_fn! {
