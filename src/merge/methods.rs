@@ -292,12 +292,7 @@ fn merge_in_core(plan: &Plan<'_>, params: &MergeParams, m: usize, basis: &CoreBa
 /// TIES (after DARE for `core-dare-ties`) on one module's core matrices: the trim, the sign
 /// election and the exact-cancellation rule all run per module, as the reference does.
 fn core_ties(plan: &Plan<'_>, params: &MergeParams, m: usize, basis: &CoreBasis) -> Mat<f64> {
-    let src = CoreReps {
-        plan,
-        params,
-        m,
-        basis,
-    };
+    let src = CoreReps::new(plan, params, m, basis);
     let settings = Ties {
         lambda: 1.0,
         ..ties_settings(plan, params)
@@ -377,6 +372,32 @@ struct CoreReps<'p> {
     params: &'p MergeParams,
     m: usize,
     basis: &'p CoreBasis,
+    /// Each member's core matrix, row-major f32, computed once (TIES reads every
+    /// representation twice: for the trim threshold, then for the merge).
+    cores: Vec<Vec<f32>>,
+}
+
+impl<'p> CoreReps<'p> {
+    fn new(plan: &'p Plan<'p>, params: &'p MergeParams, m: usize, basis: &'p CoreBasis) -> Self {
+        let cores = (0..plan.modules[m].members.len())
+            .map(|position| {
+                let core = basis.factors(position, 1.0).dense();
+                let (rows, cols) = (core.nrows(), core.ncols());
+                let mut values = Vec::with_capacity(rows * cols);
+                for r in 0..rows {
+                    values.extend((0..cols).map(|c| core[(r, c)] as f32));
+                }
+                values
+            })
+            .collect();
+        Self {
+            plan,
+            params,
+            m,
+            basis,
+            cores,
+        }
+    }
 }
 
 impl RepSource for CoreReps<'_> {
@@ -394,13 +415,8 @@ impl RepSource for CoreReps<'_> {
             .members
             .iter()
             .position(|x| x.index == i)?;
-        let core = self.basis.factors(position, 1.0).dense();
-        let core = core.as_ref();
-        let values = (0..core.nrows())
-            .flat_map(|r| (0..core.ncols()).map(move |c| core[(r, c)] as f32))
-            .collect();
         Some(maybe_dare(
-            Cow::Owned(values),
+            Cow::Borrowed(self.cores[position].as_slice()),
             self.plan,
             self.params,
             i,
