@@ -176,7 +176,6 @@ fn merge_entries(
 ) -> MergedModule {
     // Entries are taken a block at a time, so the running sums stay in L1 while every adapter's
     // part of the block is added to them.
-    const BLOCK: usize = 1024;
     let present: Vec<(&[f32], f32, f32)> = reps
         .iter()
         .zip(thresholds.iter().zip(weights))
@@ -191,29 +190,21 @@ fn merge_entries(
         let n = out.len();
         // Per entry: the sum, and the sums and counts of the positive and negative kept values,
         // accumulated adapter by adapter (the same order, so the same sums, as entry by entry).
-        let mut total = [0.0f32; BLOCK];
-        let (mut pos, mut neg) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
-        let (mut pos_n, mut neg_n) = ([0u32; BLOCK], [0u32; BLOCK]);
+        let mut block = Block::new();
         for &(rep, t, w) in &present {
-            let sums = BlockSums {
-                total: &mut total[..n],
-                pos: &mut pos[..n],
-                neg: &mut neg[..n],
-                pos_n: &mut pos_n[..n],
-                neg_n: &mut neg_n[..n],
-            };
-            add_kept(&rep[start..start + n], t, w, sums);
+            add_kept(&rep[start..start + n], t, w, block.sums(n));
         }
-        let sums = BlockSums {
-            total: &mut total[..n],
-            pos: &mut pos[..n],
-            neg: &mut neg[..n],
-            pos_n: &mut pos_n[..n],
-            neg_n: &mut neg_n[..n],
-        };
+        let sums = block.sums(n);
         let (signs, cancelled) = elect(&sums, out);
         sign_sum += signs;
         if cancelled {
+            let Block {
+                total,
+                pos,
+                neg,
+                pos_n,
+                neg_n,
+            } = &block;
             for j in 0..n {
                 if total[j] == 0.0 && pos_n[j] + neg_n[j] > 0 {
                     undecided.push((start + j, mean(pos[j], pos_n[j]), mean(neg[j], neg_n[j])));
@@ -225,6 +216,41 @@ fn merge_entries(
         values,
         sign_sum,
         undecided,
+    }
+}
+
+/// Entries per block of [`merge_entries`].
+const BLOCK: usize = 1024;
+
+/// The running sums of one block of entries (see [`BlockSums`]), zero at first.
+struct Block {
+    total: [f32; BLOCK],
+    pos: [f32; BLOCK],
+    neg: [f32; BLOCK],
+    pos_n: [u32; BLOCK],
+    neg_n: [u32; BLOCK],
+}
+
+impl Block {
+    fn new() -> Self {
+        Self {
+            total: [0.0; BLOCK],
+            pos: [0.0; BLOCK],
+            neg: [0.0; BLOCK],
+            pos_n: [0; BLOCK],
+            neg_n: [0; BLOCK],
+        }
+    }
+
+    /// The first `n` entries' sums.
+    fn sums(&mut self, n: usize) -> BlockSums<'_> {
+        BlockSums {
+            total: &mut self.total[..n],
+            pos: &mut self.pos[..n],
+            neg: &mut self.neg[..n],
+            pos_n: &mut self.pos_n[..n],
+            neg_n: &mut self.neg_n[..n],
+        }
     }
 }
 
