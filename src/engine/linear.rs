@@ -500,7 +500,11 @@ impl LoraLinear {
     ) -> Result<Vec<Tensor>> {
         let in_dim = x.dim(1)?;
         let rows = xs.len() / in_dim.max(1);
-        let all: Vec<u32> = (0..rows as u32).collect();
+        // Only a uniform delta needs the list of every row (one group of them all).
+        let all: Vec<u32> = match deltas {
+            Deltas::Uniform(Some(_)) => (0..rows as u32).collect(),
+            _ => Vec::new(),
+        };
         let bias_added: Vec<bool> = layers
             .iter()
             .zip(&mut ys)
@@ -517,7 +521,7 @@ impl LoraLinear {
             .map(|((y, l), g)| HostTarget {
                 sum: y,
                 out_dim: l.out_dim,
-                groups: g.iter().map(|g| (g.rows, g.layer)).collect(),
+                groups: g,
             })
             .collect();
         let rest = add_groups_on_host(&mut targets, xs, in_dim);
@@ -642,11 +646,11 @@ struct DeltaGroup<'d> {
     group: Option<&'d RowGroup<'d>>,
 }
 
-/// One layer's host output `sum: (·, out_dim)` and the `(rows, delta)` groups to add to it.
+/// One layer's host output `sum: (·, out_dim)` and the delta groups to add to it.
 struct HostTarget<'a> {
     sum: &'a mut [f32],
     out_dim: usize,
-    groups: Vec<(&'a [u32], &'a LayerDelta)>,
+    groups: &'a [DeltaGroup<'a>],
 }
 
 /// Adds to each target the update of every group whose tensors are in host memory, computed on
@@ -659,19 +663,20 @@ fn add_groups_on_host(
     in_dim: usize,
 ) -> Vec<Vec<usize>> {
     let mut rest: Vec<Vec<usize>> = vec![Vec::new(); targets.len()];
-    let low_rank: Vec<(usize, usize, &[u32], &Tensor, &Tensor)> =
-        targets
-            .iter()
-            .enumerate()
-            .flat_map(|(t, target)| {
-                target.groups.iter().enumerate().filter_map(
-                    move |(i, &(rows, layer))| match layer {
-                        LayerDelta::LowRank { a_t, b_t } => Some((t, i, rows, a_t, b_t)),
-                        LayerDelta::Dense { .. } | LayerDelta::Masked(_) => None,
-                    },
-                )
-            })
-            .collect();
+    let low_rank: Vec<(usize, usize, &[u32], &Tensor, &Tensor)> = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(t, target)| {
+            target
+                .groups
+                .iter()
+                .enumerate()
+                .filter_map(move |(i, g)| match g.layer {
+                    LayerDelta::LowRank { a_t, b_t } => Some((t, i, g.rows, a_t, b_t)),
+                    LayerDelta::Dense { .. } | LayerDelta::Masked(_) => None,
+                })
+        })
+        .collect();
     let factors: Vec<&Tensor> = low_rank.iter().flat_map(|g| [g.3, g.4]).collect();
     let on_host = host::with_slices(&factors, |f| {
         let mut layers: Vec<host::LowRankLayer<'_>> = targets
@@ -696,7 +701,7 @@ fn add_groups_on_host(
     }
     for (t, target) in targets.iter_mut().enumerate() {
         let out_dim = target.out_dim;
-        for (i, &(rows, layer)) in target.groups.iter().enumerate() {
+        for (i, &DeltaGroup { rows, layer, .. }) in target.groups.iter().enumerate() {
             match layer {
                 LayerDelta::Dense { w } => {
                     let added = host::with_slice(w, |w| {
