@@ -5,10 +5,15 @@
 //! `M = Q_B · C · blockdiag(Q_i)ᵀ` with the small core `C = R_B · blockdiag(R_iᵀ)`. The SVD
 //! `C = U_c·S·V_cᵀ` gives `U = Q_B·U_c` and `V_iᵀ = V_cᵀ[:, block i]·Q_iᵀ`: the SVD of `M` up
 //! to the sign of each component, at O(O·(Σr)² + Σr·r·I) instead of an SVD of `O × nI`.
+//!
+//! The QRs come from Cholesky factors of the Gram matrices where those are well conditioned
+//! (`Q` is then never formed: `Q·X = B_cat·(R_B⁻¹·X)`), else from Householder reflections
+//! (duplicated or rank-deficient adapters); see `frame`.
 
 use faer::{Mat, MatRef};
 
 use super::MergeError;
+use super::frame::Frame;
 use crate::matrix::Matrix;
 
 /// Singular values at or below this are dropped (the reference's absolute cut).
@@ -60,17 +65,18 @@ pub fn align_with_cut(
             .copy_from(to_f64(f.b.as_faer(), 1.0));
         offset += f.a.rows();
     }
-    let qr_b = b_cat.qr();
-    let r_b = qr_b.thin_R();
+    let left = Frame::triangular(b_cat.as_ref());
+    let r_b = &left.coords;
 
     // Per adapter: (c_i·A_i)ᵀ = Q_i·R_i, and the core's column block R_B[:, block i]·R_iᵀ.
-    let mut q_blocks = Vec::with_capacity(factors.len());
+    let mut rights = Vec::with_capacity(factors.len());
     let mut core_blocks = Vec::with_capacity(factors.len());
     let mut offset = 0;
     for f in factors {
-        let qr = to_f64(f.a.as_faer().transpose(), f.scale).qr();
-        core_blocks.push(r_b.subcols(offset, f.a.rows()) * qr.thin_R().transpose());
-        q_blocks.push(qr.compute_thin_Q());
+        let a_t = to_f64(f.a.as_faer().transpose(), f.scale);
+        let frame = Frame::triangular(a_t.as_ref());
+        core_blocks.push(r_b.subcols(offset, f.a.rows()) * frame.coords.transpose());
+        rights.push((a_t, frame));
         offset += f.a.rows();
     }
     let core_cols: usize = core_blocks.iter().map(|c| c.ncols()).sum();
@@ -88,17 +94,18 @@ pub fn align_with_cut(
     let kept: Vec<usize> = (0..s_all.nrows()).filter(|&j| s_all[j] > cut).collect();
     let s: Vec<f64> = kept.iter().map(|&j| s_all[j]).collect();
     let u_c = Mat::<f64>::from_fn(svd.U().nrows(), kept.len(), |i, j| svd.U()[(i, kept[j])]);
-    let u = Matrix::from_faer((qr_b.compute_thin_Q() * &u_c).as_ref());
+    let u = Matrix::from_faer(left.basis_times(b_cat.as_ref(), u_c.as_ref()).as_ref());
 
     let mut reps = Vec::with_capacity(factors.len());
     let mut row = 0;
-    for q_i in &q_blocks {
-        let v_c = svd.V().subrows(row, q_i.ncols());
+    for (a_t, frame) in &rights {
+        let v_c = svd.V().subrows(row, frame.coords.nrows());
         // rep_i = diag(s)·V_c[block i, kept]ᵀ·Q_iᵀ  (k × I)
-        let sv = Mat::<f64>::from_fn(kept.len(), q_i.ncols(), |i, j| s[i] * v_c[(j, kept[i])]);
+        let sv = Mat::<f64>::from_fn(kept.len(), v_c.nrows(), |i, j| s[i] * v_c[(j, kept[i])]);
         // Computed transposed (I × k, column-major) so its columns are rep_i's rows.
-        reps.push(Matrix::from_faer((q_i * sv.transpose()).transpose()));
-        row += q_i.ncols();
+        let rep_t = frame.basis_times(a_t.as_ref(), sv.transpose());
+        reps.push(Matrix::from_faer(rep_t.transpose()));
+        row += frame.coords.nrows();
     }
     Ok(Alignment { u, s, reps })
 }

@@ -15,6 +15,7 @@
 use faer::{Mat, MatRef, Side};
 
 use super::align::Factors;
+use super::frame::Frame;
 use super::{MergeError, ModuleDelta};
 use crate::matrix::Matrix;
 
@@ -133,51 +134,12 @@ pub fn core_basis(
     let left = frame(b_cat.as_ref()).ok_or_else(failed)?;
     let right = frame(a_cat_t.as_ref()).ok_or_else(failed)?;
     Ok(CoreBasis {
-        u: Matrix::from_faer((&b_cat * &left.transform).as_ref()),
-        vt: Matrix::from_faer((&a_cat_t * &right.transform).transpose()),
+        u: Matrix::from_faer(left.basis(b_cat.as_ref()).as_ref()),
+        vt: Matrix::from_faer(right.basis(a_cat_t.as_ref()).transpose()),
         left: left.coords,
         right: right.coords,
         blocks,
     })
-}
-
-/// An orthonormal basis of the columns of a tall `n × R` matrix `X`, as `U = X·transform`, and
-/// the coordinates of X's columns in it, `coords = Uᵀ·X` (`k × R`).
-struct Frame {
-    transform: Mat<f64>,
-    coords: Mat<f64>,
-}
-
-impl Frame {
-    /// Smallest ratio of Cholesky diagonal entries accepted; below it the Gram matrix is too
-    /// close to singular for a triangular factor, and the eigendecomposition (which drops the
-    /// missing directions) is used instead.
-    const MIN_PIVOT_RATIO: f64 = 1e-4;
-
-    /// From `XᵀX = L·Lᵀ`: `U = X·L⁻ᵀ` and `Uᵀ·X = Lᵀ`.
-    fn cholesky(x: MatRef<'_, f64>) -> Option<Self> {
-        if x.ncols() == 0 || x.nrows() < x.ncols() {
-            return None;
-        }
-        let gram = x.transpose() * x;
-        let llt = gram.llt(Side::Lower).ok()?;
-        let l = llt.L();
-        let pivots = (0..l.nrows()).map(|i| l[(i, i)]);
-        let (low, high) = pivots.fold((f64::INFINITY, 0.0f64), |(lo, hi), d| {
-            (lo.min(d), hi.max(d))
-        });
-        // `low` is NaN for a non-finite Gram matrix: refused as well.
-        let conditioned = low.partial_cmp(&(high * Self::MIN_PIVOT_RATIO));
-        if conditioned != Some(std::cmp::Ordering::Greater) {
-            return None;
-        }
-        let mut inverse = Mat::<f64>::identity(l.nrows(), l.nrows());
-        l.solve_lower_triangular_in_place(inverse.as_mut());
-        Some(Self {
-            transform: inverse.transpose().to_owned(),
-            coords: l.transpose().to_owned(),
-        })
-    }
 }
 
 /// The right singular vectors and singular values of a tall `n × R` matrix `X`, from the
@@ -227,12 +189,12 @@ impl Principal {
 
     /// The left singular vectors as a frame: `U = X·W·S⁻¹`, `Uᵀ·X = S·Wᵀ`.
     fn frame(&self) -> Frame {
-        Frame {
-            transform: self.inverse_scaled(),
-            coords: Mat::from_fn(self.w.ncols(), self.w.nrows(), |i, j| {
+        Frame::from_transform(
+            self.inverse_scaled(),
+            Mat::from_fn(self.w.ncols(), self.w.nrows(), |i, j| {
                 self.s[i] * self.w[(j, i)]
             }),
-        }
+        )
     }
 }
 

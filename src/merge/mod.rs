@@ -11,6 +11,7 @@ mod delta;
 mod delta_file;
 mod device;
 mod error;
+mod frame;
 mod key;
 mod methods;
 mod params;
