@@ -306,15 +306,28 @@ fn nucleus(probs: &[f32], top_p: f32) -> usize {
     probs.len().max(1)
 }
 
-/// Index of the largest value (the first one on ties).
-pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
+crate::wide::wide_fn! {
+    /// Index of the largest value (the first one on ties; NaNs are never the largest, and an
+    /// input of NaNs only gives 0). The maximum is found sixteen lanes at a time, then its first
+    /// position.
+    pub fn argmax(values: &[f32]) -> u32 {
+        const LANES: usize = 16;
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let chunks = values.chunks_exact(LANES);
+        let mut max = f32::NEG_INFINITY;
+        for &v in chunks.remainder() {
+            max = if v > max { v } else { max };
         }
+        for chunk in chunks {
+            for i in 0..LANES {
+                lanes[i] = if chunk[i] > lanes[i] { chunk[i] } else { lanes[i] };
+            }
+        }
+        for v in lanes {
+            max = if v > max { v } else { max };
+        }
+        values.iter().position(|&v| v == max).unwrap_or(0) as u32
     }
-    best as u32
 }
 
 #[cfg(test)]
@@ -335,6 +348,23 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(&params(0.0, None, 1.0, 1));
         assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]).0, 1);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_largest_in_every_lane() {
+        for len in [1usize, 5, 16, 17, 40, 1000] {
+            for at in [0, len / 3, len - 1] {
+                let mut v: Vec<f32> = (0..len).map(|i| (i % 7) as f32 * 0.1 - 1.0).collect();
+                v[at] = 2.0;
+                assert_eq!(argmax(&v), at as u32, "len {len}, at {at}");
+                if at + 1 < len {
+                    v[len - 1] = 2.0;
+                    assert_eq!(argmax(&v), at as u32, "ties go to the first");
+                }
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
     }
 
     #[test]
