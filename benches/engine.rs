@@ -150,6 +150,7 @@ fn run_engine(model: &Arc<TextModel>, name: &str, clients: usize, deltas: &[Arc<
     tokens.store(0, Ordering::Relaxed);
     let secs = 20.0;
     let started = Instant::now();
+    let cpu_started = process_cpu_seconds();
     let mut sent = 0;
     (0..clients).for_each(|i| submit(i, 1));
     while started.elapsed().as_secs_f64() < secs {
@@ -157,9 +158,28 @@ fn run_engine(model: &Arc<TextModel>, name: &str, clients: usize, deltas: &[Arc<
         sent += 1;
         submit(sent % clients, 2 + sent / clients);
     }
-    let rate = tokens.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    println!("engine {name:<30} {clients:>2} clients: {rate:>6.1} tok/s");
+    let done = tokens.load(Ordering::Relaxed) as f64;
+    let rate = done / started.elapsed().as_secs_f64();
+    // Tokens per CPU-second of the whole process times the worker count: what the rate would be
+    // with every thread on a core of its own all the time, whatever the hypervisor steals.
+    let cpu = process_cpu_seconds() - cpu_started;
+    let threads = candle_core::utils::get_num_threads() as f64;
+    let per_cpu = done / cpu * threads;
+    println!(
+        "engine {name:<30} {clients:>2} clients: {rate:>6.1} tok/s ({per_cpu:.1} tok/s per {threads} CPU-seconds/s)"
+    );
     (0..clients).for_each(|_| rx.recv().expect("done"));
+}
+
+/// CPU time this process has used, all threads together.
+fn process_cpu_seconds() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 /// The serving engine on the quantized base: 1 and 16 clients, base alone and over 8 adapters.

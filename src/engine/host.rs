@@ -442,46 +442,61 @@ pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f3
     out
 }
 
-/// Softmax of `x` in place. The maximum and the sum run in sixteen lanes (reduced by halves)
-/// and `e^x` is [`exp`], so the loops vectorize inside `wide_fn!` bodies.
+/// Softmax of `x` in place, with [`exp`] (vectorized) and the sum in sixteen lanes.
 #[inline(always)]
 pub fn softmax(x: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let mut max = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    for chunk in chunks {
-        for i in 0..LANES {
-            lanes[i] = if chunk[i] > lanes[i] { chunk[i] } else { lanes[i] };
-        }
-    }
-    max = lanes.iter().copied().fold(max, f32::max);
-    let mut sums = [0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for i in 0..LANES {
-            chunk[i] = exp(chunk[i] - max);
-            sums[i] += chunk[i];
-        }
-    }
-    let mut tail = 0.0;
-    for v in chunks.into_remainder() {
-        *v = exp(*v - max);
-        tail += *v;
-    }
-    let sum = sum_lanes(sums) + tail;
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    x.iter_mut().for_each(|v| *v = exp(*v - max));
+    let sum = sum_lanes(x);
     x.iter_mut().for_each(|v| *v /= sum);
 }
 
-/// Lanes of the sums and dot products that vectorize: one 512-bit register of f32.
+/// Lanes of the sixteen-lane sums: one 512-bit register of f32.
 const LANES: usize = 16;
 
-/// The sum of sixteen lanes, by halves (a fixed order that vectorizes).
+/// `Σ a·b` in sixteen lanes (lane `i` sums the products at `i mod 16`), the lanes then summed
+/// by halves, then the tail past the last full sixteen. The AVX-512 path (taken where the CPU has
+/// it) adds in exactly this order; the compiler's own vectorizer splits such reductions into
+/// two-lane pieces.
 #[inline(always)]
-fn sum_lanes(mut a: [f32; LANES]) -> f32 {
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { lanes_avx512::dot(a, b) };
+    }
+    let mut acc = [0f32; LANES];
+    let ((a16, a_tail), (b16, b_tail)) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
+    for (x, y) in a16.iter().zip(b16) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    halves(acc) + tail
+}
+
+/// `Σ x` in the order of [`dot_lanes`].
+#[inline(always)]
+fn sum_lanes(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { lanes_avx512::sum(x) };
+    }
+    let mut acc = [0f32; LANES];
+    let (chunks, tail) = x.as_chunks::<LANES>();
+    for chunk in chunks {
+        for i in 0..LANES {
+            acc[i] += chunk[i];
+        }
+    }
+    halves(acc) + tail.iter().sum::<f32>()
+}
+
+/// The sum of sixteen lanes by halves: `a[i] + a[i + 8]`, then `+ 4`, `+ 2`, `+ 1`.
+#[inline(always)]
+fn halves(mut a: [f32; LANES]) -> f32 {
     for i in 0..8 {
         a[i] += a[i + 8];
     }
@@ -494,24 +509,58 @@ fn sum_lanes(mut a: [f32; LANES]) -> f32 {
     a[0] + a[1]
 }
 
-/// Dot product in sixteen lanes, reduced by halves: for the short vectors of attention heads,
-/// where [`dot`]'s one eight-lane chain waits on its own additions.
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (a16, b16) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a16
-        .remainder()
-        .iter()
-        .zip(b16.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a16.zip(b16) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
+/// The AVX-512 paths of [`dot_lanes`] and [`sum_lanes`], in their order of additions.
+#[cfg(target_arch = "x86_64")]
+mod lanes_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let full = n - n % LANES;
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..full).step_by(LANES) {
+            // SAFETY: `i + 16 ≤ n`, within both slices.
+            let (x, y) = unsafe {
+                (
+                    _mm512_loadu_ps(a.as_ptr().add(i)),
+                    _mm512_loadu_ps(b.as_ptr().add(i)),
+                )
+            };
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(x, y));
         }
+        let tail: f32 = a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y).sum();
+        halves(acc) + tail
     }
-    sum_lanes(acc) + tail
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn sum(x: &[f32]) -> f32 {
+        let full = x.len() - x.len() % LANES;
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..full).step_by(LANES) {
+            // SAFETY: `i + 16 ≤ x.len()`.
+            acc = _mm512_add_ps(acc, unsafe { _mm512_loadu_ps(x.as_ptr().add(i)) });
+        }
+        halves(acc) + x[full..].iter().sum::<f32>()
+    }
+
+    /// `super::halves` on a register.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn halves(v: __m512) -> f32 {
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let eight = _mm256_add_ps(_mm512_castps512_ps256(v), high);
+        let four = _mm_add_ps(
+            _mm256_castps256_ps128(eight),
+            _mm256_extractf128_ps::<1>(eight),
+        );
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+    }
 }
 
 /// `e^x` in plain arithmetic, so the loops calling it vectorize (libm's `expf` is a call per
@@ -528,7 +577,15 @@ pub fn exp(x: f32) -> f32 {
     let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         p = p * r + c;
     }
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
@@ -698,6 +755,28 @@ mod tests {
             for (a, b) in x.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-6, "{a} vs {b}");
             }
+        }
+    }
+
+    /// The sixteen-lane dot product and sum give the same bits on every path and length.
+    #[test]
+    fn lane_sums_are_the_same_on_every_path() {
+        for len in [0usize, 3, 16, 64, 75] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.91).cos()).collect();
+            let mut acc = [0f32; LANES];
+            let mut sum = [0f32; LANES];
+            let full = len - len % LANES;
+            for i in 0..full {
+                acc[i % LANES] += a[i] * b[i];
+                sum[i % LANES] += a[i];
+            }
+            let tail: f32 = (full..len).map(|i| a[i] * b[i]).sum();
+            let want = halves(acc) + tail;
+            assert_eq!(dot_lanes(&a, &b).to_bits(), want.to_bits(), "dot, {len}");
+            let want = halves(sum) + a[full..].iter().sum::<f32>();
+            assert_eq!(sum_lanes(&a).to_bits(), want.to_bits(), "sum, {len}");
+            assert!((dot_lanes(&a, &b) - dot(&a, &b)).abs() < 1e-4);
         }
     }
 

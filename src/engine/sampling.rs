@@ -414,7 +414,10 @@ mod tests {
             let mut order: Vec<u32> = (0..5000).collect();
             let keep = nucleus_prefix(&mut order, by_logit, prob, top_p);
             assert_eq!(keep, want, "spread {spread}, top_p {top_p}");
-            let kept: Vec<f32> = order[..keep].iter().map(|&id| logits[id as usize]).collect();
+            let kept: Vec<f32> = order[..keep]
+                .iter()
+                .map(|&id| logits[id as usize])
+                .collect();
             let expected: Vec<f32> = full[..want].iter().map(|&id| logits[id as usize]).collect();
             assert_eq!(kept, expected);
         }

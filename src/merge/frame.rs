@@ -145,6 +145,9 @@ mod tests {
         let frame = Frame::triangular(x.as_ref());
         let u = frame.basis(x.as_ref());
         assert!((&u * &frame.coords - &x).norm_max() < 1e-10);
-        assert!(Frame::cholesky(Mat::<f64>::zeros(3, 5).as_ref()).is_none(), "wide");
+        assert!(
+            Frame::cholesky(Mat::<f64>::zeros(3, 5).as_ref()).is_none(),
+            "wide"
+        );
     }
 }
