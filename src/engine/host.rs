@@ -715,18 +715,24 @@ wide_fn! {
     }
 }
 
-/// `silu(gate) · up` element-wise (SwiGLU), spread over the pool; `silu(v) = v / (1 + e^(−v))`,
-/// as candle computes it.
+/// `silu(gate) · up` element-wise (SwiGLU), spread over the pool; `silu(v) = v / (1 + e^(−v))`
+/// with [`exp`], so the loop vectorizes (within a few ulps of candle's `silu`).
 pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
     const CHUNK: usize = 2048;
     let mut out = vec![0f32; gate.len().min(up.len())];
     par_chunks(&mut out, CHUNK, |i, chunk| {
-        let (g, u) = (&gate[i * CHUNK..], &up[i * CHUNK..]);
-        for ((o, &g), &u) in chunk.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        silu_mul_into(chunk, &gate[i * CHUNK..], &up[i * CHUNK..])
     });
     out
+}
+
+wide_fn! {
+    /// [`silu_mul`] of the first `out.len()` values, into `out`.
+    fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -982,7 +988,12 @@ mod tests {
         let g = Tensor::new(gate.as_slice(), &Device::Cpu).unwrap();
         let u = Tensor::new(up.as_slice(), &Device::Cpu).unwrap();
         let want: Vec<f32> = (g.silu().unwrap() * u).unwrap().to_vec1().unwrap();
-        assert_eq!(silu_mul(&gate, &up), want);
+        for (got, want) in silu_mul(&gate, &up).iter().zip(&want) {
+            assert!(
+                (got - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(1e-6),
+                "{got} vs {want}"
+            );
+        }
     }
 
     #[test]
