@@ -206,8 +206,12 @@ impl Sampler {
             return argmax(logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let temperature = self.temperature;
-        let weight = |id: u32| ((logits[id as usize] - max) / temperature).exp();
+        // Each token's unnormalised probability, computed once for the sums and the draw.
+        let weights: Vec<f32> = logits
+            .iter()
+            .map(|&l| ((l - max) / self.temperature).exp())
+            .collect();
+        let weight = |id: u32| weights[id as usize];
         let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         if let Some(k) = self.top_k.filter(|&k| k < order.len()) {
@@ -215,13 +219,13 @@ impl Sampler {
             order.truncate(k);
         }
         let total: f32 = order.iter().map(|&id| weight(id)).sum();
-        let keep = if self.top_p >= 1.0 {
-            order.len()
+        let (keep, mass) = if self.top_p >= 1.0 {
+            (order.len(), total)
         } else {
-            nucleus_prefix(&mut order, by_logit, |id| weight(id) / total, self.top_p)
+            let keep = nucleus_prefix(&mut order, by_logit, |id| weight(id) / total, self.top_p);
+            (keep, order[..keep].iter().map(|&id| weight(id)).sum())
         };
         let kept = &order[..keep];
-        let mass: f32 = kept.iter().map(|&id| weight(id)).sum();
         let mut draw = self.rng.random::<f32>() * mass;
         for &id in kept {
             let w = weight(id);
