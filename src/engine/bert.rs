@@ -90,6 +90,42 @@ pub struct Batch {
     pub lens: Vec<usize>,
 }
 
+/// Texts laid end to end, one row per real token and no padding: how inference runs a batch
+/// (linear layers and norms work row by row, attention within each text's rows).
+#[derive(Debug)]
+pub struct Packed {
+    /// `(tokens,)`.
+    ids: Tensor,
+    /// Each token's position in its text, `(tokens,)`.
+    positions: Tensor,
+    /// `(first row, tokens)` of each text.
+    segments: Vec<(usize, usize)>,
+}
+
+impl Packed {
+    /// Rows of every text together.
+    pub fn tokens(&self) -> usize {
+        self.segments.iter().map(|s| s.1).sum()
+    }
+
+    /// The rows of text `i`.
+    pub fn rows(&self, i: usize) -> std::ops::Range<usize> {
+        let (start, len) = self.segments[i];
+        start..start + len
+    }
+
+    /// Texts in the batch.
+    pub fn texts(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+/// How the rows of a forward pass are laid out, for attention.
+enum Rows<'a> {
+    Padded(Padding<'a>),
+    Packed(&'a Packed),
+}
+
 impl Bert {
     /// Builds the encoder; weight names may or may not carry a `bert.` prefix.
     pub fn new(cfg: BertConfig, store: &WeightStore) -> Result<Self> {
@@ -194,6 +230,55 @@ impl Bert {
         })
     }
 
+    /// Lays `seqs` end to end (see [`Packed`]).
+    pub fn pack(&self, seqs: &[Vec<u32>]) -> Result<Packed> {
+        if seqs.is_empty() || seqs.iter().any(Vec::is_empty) {
+            return Err(EngineError::EmptyInput { what: "sequences" });
+        }
+        let context = self.cfg.max_position_embeddings;
+        if let Some(long) = seqs.iter().find(|s| s.len() > context) {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: long.len(),
+                context,
+            });
+        }
+        let mut segments = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for s in seqs {
+            segments.push((start, s.len()));
+            start += s.len();
+        }
+        let ids: Vec<u32> = seqs.iter().flatten().copied().collect();
+        let positions: Vec<u32> = seqs.iter().flat_map(|s| 0..s.len() as u32).collect();
+        Ok(Packed {
+            ids: Tensor::from_vec(ids, start, &self.device)?,
+            positions: Tensor::from_vec(positions, start, &self.device)?,
+            segments,
+        })
+    }
+
+    /// Last hidden states `(tokens, hidden)` of packed texts, rows taking their deltas from
+    /// `deltas` (text `i`'s rows are [`Packed::rows`]). No gradients: training runs padded
+    /// batches through [`Bert::hidden`].
+    pub fn hidden_packed(&self, packed: &Packed, deltas: Deltas<'_>) -> Result<Tensor> {
+        let words = self.word.index_select(&packed.ids, 0)?;
+        let pos = self.position.index_select(&packed.positions, 0)?;
+        let tt = self.token_type.narrow(0, 0, 1)?;
+        let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
+        let eps = self.cfg.layer_norm_eps as f32;
+        let mut x = self.emb_norm.forward(&x, eps, false)?;
+        for layer in &self.layers {
+            x = self.layer(layer, &x, &Rows::Packed(packed), deltas)?;
+        }
+        Ok(x)
+    }
+
+    /// Sentence embeddings of packed texts: mean over each text's rows, L2-normalised,
+    /// `(texts, hidden)`.
+    pub fn embed_packed(&self, packed: &Packed, deltas: Deltas<'_>) -> Result<Tensor> {
+        mean_pool_packed(&self.hidden_packed(packed, deltas)?, packed)
+    }
+
     /// Last hidden states `(batch, seq, hidden)`.
     pub fn hidden(&self, batch: &Batch, delta: Option<&LoadedDelta>) -> Result<Tensor> {
         self.hidden_with(batch, Deltas::Uniform(delta))
@@ -214,28 +299,26 @@ impl Bert {
         let mut x = self.emb_norm.forward(&x, eps, deltas.need_gradients())?;
         // (batch, 1, 1, seq): 0 where attended, MASKED at padding.
         let bias = ((batch.mask.ones_like()? - &batch.mask)? * MASKED)?.reshape((b, 1, 1, t))?;
-        let padding = Padding {
+        let rows = Rows::Padded(Padding {
             bias,
             lens: &batch.lens,
-        };
+        });
         for layer in &self.layers {
-            x = self.layer(layer, &x, &padding, deltas)?;
+            x = self.layer(layer, &x, &rows, deltas)?;
         }
         Ok(x)
     }
 
-    fn layer(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        pad: &Padding<'_>,
-        deltas: Deltas<'_>,
-    ) -> Result<Tensor> {
-        let q = l.query.forward_with(x, deltas)?;
-        let k = l.key.forward_with(x, deltas)?;
-        let v = l.value.forward_with(x, deltas)?;
+    fn layer(&self, l: &Layer, x: &Tensor, rows: &Rows<'_>, deltas: Deltas<'_>) -> Result<Tensor> {
+        let qkv = LoraLinear::forward_shared(&[&l.query, &l.key, &l.value], x, deltas)?;
+        let [q, k, v] = <[Tensor; 3]>::try_from(qkv).map_err(|_| EngineError::EmptyInput {
+            what: "query, key and value",
+        })?;
         let grad = deltas.need_gradients();
-        let ctx = self.attention(&q, &k, &v, pad, grad)?;
+        let ctx = match rows {
+            Rows::Padded(pad) => self.attention(&q, &k, &v, pad, grad)?,
+            Rows::Packed(packed) => self.attention_packed(&q, &k, &v, packed)?,
+        };
         let eps = self.cfg.layer_norm_eps as f32;
         let x = l
             .attn_norm
@@ -258,13 +341,58 @@ impl Bert {
     ) -> Result<Tensor> {
         let (b, t, h) = q.dims3()?;
         let heads = self.cfg.num_attention_heads;
+        let segments: Vec<(usize, usize)> = (pad.lens.iter().enumerate())
+            .map(|(i, &len)| (i * t, len.min(t)))
+            .collect();
         if !grad
             && let Some(ctx) = host::with_slices(&[q, k, v], |s| {
-                host::attend_padded(s[0], s[1], s[2], pad.lens, t, heads)
+                host::attend_segments(s[0], s[1], s[2], h, &segments, heads)
             })
         {
             return Ok(Tensor::from_vec(ctx, (b, t, h), q.device())?);
         }
+        self.attention_ops(q, k, v, Some(&pad.bias), grad)
+    }
+
+    /// Self-attention of packed `q`, `k`, `v: (tokens, hidden)`, each text over its own rows: on
+    /// the host, or text by text with tensor ops (tensors on a GPU).
+    fn attention_packed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        packed: &Packed,
+    ) -> Result<Tensor> {
+        let (tokens, h) = q.dims2()?;
+        let heads = self.cfg.num_attention_heads;
+        if let Some(ctx) = host::with_slices(&[q, k, v], |s| {
+            host::attend_segments(s[0], s[1], s[2], h, &packed.segments, heads)
+        }) {
+            return Ok(Tensor::from_vec(ctx, (tokens, h), q.device())?);
+        }
+        let texts = (0..packed.texts())
+            .map(|i| {
+                let (start, len) = packed.segments[i];
+                let one = |y: &Tensor| y.narrow(0, start, len)?.unsqueeze(0);
+                let ctx = self.attention_ops(&one(q)?, &one(k)?, &one(v)?, None, false)?;
+                Ok(ctx.squeeze(0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&texts, 0)?)
+    }
+
+    /// Attention of `q`, `k`, `v: (texts, width, hidden)` with tensor ops, padded keys masked by
+    /// `bias` (`(texts, 1, 1, width)`) when there is padding.
+    fn attention_ops(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        grad: bool,
+    ) -> Result<Tensor> {
+        let (b, t, h) = q.dims3()?;
+        let heads = self.cfg.num_attention_heads;
         let hd = h / heads;
         let split = |y: &Tensor| -> Result<Tensor> {
             Ok(y.reshape((b, t, heads, hd))?
@@ -272,7 +400,10 @@ impl Bert {
                 .contiguous()?)
         };
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&pad.bias)?;
+        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
         let probs = ops::softmax_last(&scores, grad)?;
         Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?)
     }
@@ -294,14 +425,19 @@ impl Bert {
 
     /// The pooler with a delta per row group (row `i` is sequence `i`'s `[CLS]`).
     pub fn pool_cls_with(&self, hidden: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
+        self.pool_rows(&hidden.narrow(1, 0, 1)?.squeeze(1)?, deltas)
+    }
+
+    /// The pooler over `[CLS]` rows `(texts, hidden)` (see [`cls_rows`]), row `i` taking its
+    /// delta from `deltas`.
+    pub fn pool_rows(&self, cls: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
         let pooler = self
             .pooler
             .as_ref()
             .ok_or_else(|| EngineError::MissingWeight {
                 name: "pooler.dense.weight".into(),
             })?;
-        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        Ok(pooler.forward_with(&cls, deltas)?.tanh()?)
+        Ok(pooler.forward_with(cls, deltas)?.tanh()?)
     }
 }
 
@@ -320,6 +456,25 @@ pub fn mean_pool(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
     let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
     let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
     l2_normalise(&summed.broadcast_div(&counts)?)
+}
+
+/// Mean of each packed text's rows of `hidden: (tokens, hidden)`, L2-normalised,
+/// `(texts, hidden)`.
+pub fn mean_pool_packed(hidden: &Tensor, packed: &Packed) -> Result<Tensor> {
+    let means = (0..packed.texts())
+        .map(|i| {
+            let (start, len) = packed.segments[i];
+            Ok(hidden.narrow(0, start, len)?.mean_keepdim(0)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    l2_normalise(&Tensor::cat(&means, 0)?)
+}
+
+/// The first row (`[CLS]`) of each packed text of `hidden: (tokens, hidden)`, `(texts, hidden)`.
+pub fn cls_rows(hidden: &Tensor, packed: &Packed) -> Result<Tensor> {
+    let starts: Vec<u32> = packed.segments.iter().map(|s| s.0 as u32).collect();
+    let starts = Tensor::from_vec(starts, packed.texts(), hidden.device())?;
+    Ok(hidden.index_select(&starts, 0)?)
 }
 
 /// Rows scaled to unit length (rows of zeros stay zero).

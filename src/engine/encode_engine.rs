@@ -1,9 +1,10 @@
 //! The serving engine of one encoder model: a loop on its own thread that batches concurrent
 //! embeddings and classification requests, whatever their adapter sets, into shared forwards.
 //!
-//! Each turn takes every waiting job (up to a bound), sorts all their texts by length and cuts
-//! them into batches of similar lengths (little padding); each batch is one BERT forward whose
-//! rows carry their own request's delta (see `linear::Deltas`). Results go back to each job as
+//! Each turn takes every waiting job (up to a bound) and cuts their texts, in order, into batches
+//! of at most [`BATCH_TOKENS`] tokens; each batch is one BERT forward over the texts laid end to
+//! end (no padding: attention stays within each text's rows), whose rows carry their own
+//! request's delta (see `linear::Deltas`). Results go back to each job as
 //! [`Features`]. A job whose deadline passes is answered with a timeout and its remaining texts
 //! are not run, whether it was still waiting or part of a turn (checked before every batch).
 
@@ -16,20 +17,15 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
-use super::bert::mean_pool;
+use super::bert::{cls_rows, mean_pool_packed};
 use super::error::{EngineError, Result};
 use super::heads::Features;
 use super::linear::{Deltas, LoadedDelta, row_groups};
 use super::models::Encoder;
 
-/// Texts one forward holds at most.
-const BATCH_TEXTS: usize = 32;
-/// Padded tokens one forward holds at most (texts × longest text).
-const BATCH_TOKENS: usize = 8192;
-/// Padded tokens a batch reaches before it may end early to save padding.
-const MIN_BATCH_TOKENS: usize = 256;
-/// Share of a batch's tokens that may be padding once it holds `MIN_BATCH_TOKENS`.
-const PAD_SHARE: f64 = 0.15;
+/// Tokens one forward holds at most (texts laid end to end, no padding); a longer text runs
+/// alone.
+const BATCH_TOKENS: usize = 4096;
 /// Texts one turn takes from the queue at most (whole jobs; at least one job).
 const TURN_TEXTS: usize = 256;
 
@@ -186,10 +182,10 @@ struct Item {
     len: usize,
 }
 
-/// Encodes every text of `jobs` in length-sorted batches; one [`Features`] per job, or a timeout
+/// Encodes every text of `jobs` in batches of [`BATCH_TOKENS`]; one [`Features`] per job, or a timeout
 /// for a job whose deadline passed before all its texts ran (its remaining texts are skipped).
 fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Result<Features>>> {
-    let mut items: Vec<Item> = jobs
+    let items: Vec<Item> = jobs
         .iter()
         .enumerate()
         .flat_map(|(j, (job, _))| {
@@ -200,7 +196,6 @@ fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Resu
             })
         })
         .collect();
-    items.sort_by_key(|i| i.len);
     let mut mean: Vec<Vec<Option<Tensor>>> =
         jobs.iter().map(|(j, _)| vec![None; j.ids.len()]).collect();
     let mut pooled = mean.clone();
@@ -238,23 +233,15 @@ fn encode_all(encoder: &Encoder, jobs: &[(EncodeJob, Reply)]) -> Result<Vec<Resu
         .collect())
 }
 
-/// Consecutive runs of length-sorted items within the batch bounds. A run also ends where the
-/// next text would make padding more than [`PAD_SHARE`] of the batch's tokens, once the batch
-/// holds [`MIN_BATCH_TOKENS`] (smaller batches cost more per token than padding does).
+/// Consecutive runs of items of at most [`BATCH_TOKENS`] tokens (a longer item alone).
 fn batches(items: &[Item]) -> Vec<&[Item]> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < items.len() {
         let mut end = start + 1;
-        let mut real = items[start].len;
-        while end < items.len() && end - start < BATCH_TEXTS {
-            let width = items[end].len;
-            let padded = (end + 1 - start) * width;
-            let wasteful = (padded - real - width) as f64 > PAD_SHARE * padded as f64;
-            if padded > BATCH_TOKENS || (wasteful && (end - start) * width >= MIN_BATCH_TOKENS) {
-                break;
-            }
-            real += width;
+        let mut tokens = items[start].len;
+        while end < items.len() && tokens + items[end].len <= BATCH_TOKENS {
+            tokens += items[end].len;
             end += 1;
         }
         out.push(&items[start..end]);
@@ -263,8 +250,8 @@ fn batches(items: &[Item]) -> Vec<&[Item]> {
     out
 }
 
-/// One forward over `batch`, each text with its job's delta: mean-pooled embeddings and, when a
-/// job asks, pooler outputs (rows in batch order).
+/// One forward over `batch` laid end to end, each text with its job's delta: mean-pooled
+/// embeddings and, when a job asks, pooler outputs (rows in batch order).
 fn encode_batch(
     encoder: &Encoder,
     jobs: &[(EncodeJob, Reply)],
@@ -274,22 +261,21 @@ fn encode_batch(
         .iter()
         .map(|i| jobs[i.job].0.ids[i.text].clone())
         .collect();
-    let padded = encoder.model.batch(&seqs)?;
-    let (_, width) = padded.ids.dims2()?;
+    let packed = encoder.model.pack(&seqs)?;
     let delta_of = |i: &Item| jobs[i.job].0.delta.as_deref();
     let device = encoder.model.device();
     let token_groups = row_groups(
         batch
             .iter()
             .enumerate()
-            .map(|(k, i)| (delta_of(i), k * width..(k + 1) * width)),
-        batch.len() * width,
+            .map(|(k, i)| (delta_of(i), packed.rows(k))),
+        packed.tokens(),
         device,
     )?;
     let hidden = encoder
         .model
-        .hidden_with(&padded, Deltas::Grouped(&token_groups))?;
-    let mean = mean_pool(&hidden, &padded)?;
+        .hidden_packed(&packed, Deltas::Grouped(&token_groups))?;
+    let mean = mean_pool_packed(&hidden, &packed)?;
     let pooled = if batch.iter().any(|i| jobs[i.job].0.pooled) {
         let cls_groups = row_groups(
             batch
@@ -299,10 +285,11 @@ fn encode_batch(
             batch.len(),
             device,
         )?;
+        let cls = cls_rows(&hidden, &packed)?;
         Some(
             encoder
                 .model
-                .pool_cls_with(&hidden, Deltas::Grouped(&cls_groups))?,
+                .pool_rows(&cls, Deltas::Grouped(&cls_groups))?,
         )
     } else {
         None
@@ -327,60 +314,35 @@ mod tests {
     use super::*;
 
     fn items(lens: &[usize]) -> Vec<Item> {
-        let mut v: Vec<Item> = lens
-            .iter()
+        lens.iter()
             .enumerate()
             .map(|(t, &len)| Item {
                 job: 0,
                 text: t,
                 len,
             })
-            .collect();
-        v.sort_by_key(|i| i.len);
-        v
+            .collect()
     }
 
-    fn padded(batch: &[Item]) -> usize {
-        batch.len() * batch.last().map_or(0, |i| i.len)
-    }
-
-    #[test]
-    fn equal_lengths_fill_whole_batches() {
-        let all = items(&[20; 70]);
-        let sizes: Vec<usize> = batches(&all).iter().map(|b| b.len()).collect();
-        assert_eq!(sizes, vec![32, 32, 6]);
+    fn sizes(lens: &[usize]) -> Vec<usize> {
+        batches(&items(lens)).iter().map(|b| b.len()).collect()
     }
 
     #[test]
-    fn mixed_lengths_split_where_padding_would_grow() {
-        // 32 texts of 8 to 39 tokens: one batch would be 40% padding.
-        let lens: Vec<usize> = (8..40).collect();
-        let all = items(&lens);
-        let runs = batches(&all);
-        assert!(runs.len() > 1);
-        assert_eq!(runs.iter().map(|b| b.len()).sum::<usize>(), 32);
-        for b in &runs {
-            let real: usize = b.iter().map(|i| i.len).sum();
-            let share = 1.0 - real as f64 / padded(b) as f64;
-            // A batch ends at the first text that would push padding past the bound once it has
-            // enough tokens, so every batch but a small one keeps within it.
-            assert!(
-                share <= PAD_SHARE || padded(b) < 2 * MIN_BATCH_TOKENS,
-                "{share}"
-            );
-        }
-        // Short texts are not split into tiny batches.
-        assert!(
-            runs.iter()
-                .all(|b| padded(b) >= MIN_BATCH_TOKENS.min(8 * 16))
-        );
+    fn texts_fill_batches_up_to_the_token_bound_in_order() {
+        // 300 texts of 20 tokens: 204 fit in 4096 tokens.
+        assert_eq!(sizes(&[20; 300]), vec![204, 96]);
+        let all = items(&[20; 300]);
+        let order: Vec<usize> = batches(&all).concat().iter().map(|i| i.text).collect();
+        assert_eq!(order, (0..300).collect::<Vec<_>>());
     }
 
     #[test]
-    fn batches_keep_to_the_token_bound() {
-        let all = items(&[3000, 3000, 3000, 10]);
-        for b in batches(&all) {
-            assert!(b.len() == 1 || padded(b) <= BATCH_TOKENS);
+    fn a_text_longer_than_the_bound_runs_alone() {
+        assert_eq!(sizes(&[10, 5000, 10, 4090, 6]), vec![1, 1, 1, 2]);
+        for b in batches(&items(&[3000, 3000, 3000, 10])) {
+            let tokens: usize = b.iter().map(|i| i.len).sum();
+            assert!(b.len() == 1 || tokens <= BATCH_TOKENS);
         }
     }
 }

@@ -37,6 +37,13 @@ fn host_values<'s>(storage: &'s Storage, layout: &candle_core::Layout) -> Option
 
 pub(crate) use crate::wide::wide_fn;
 
+/// Threads of candle's worker pool, the calling thread included (read once: candle counts the
+/// CPUs from `/proc/cpuinfo` on every call).
+pub fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
+}
+
 /// Runs `f(i)` for every `i` in `0..items`, spread over candle's worker pool.
 pub fn par_for(items: usize, f: impl Fn(usize) + Sync) {
     match items {
@@ -393,55 +400,6 @@ wide_fn! {
     }
 }
 
-/// `x · wᵀ` for `x: rows × k` and `w: n × k`, row-major, to `rows × n`: the rows split in
-/// parts over the pool, each part one single-threaded gemm call (so f32 matmuls share the pool
-/// with every other kernel instead of a second set of threads).
-pub fn matmul_t(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * n];
-    if rows == 0 || n == 0 {
-        return out;
-    }
-    // One part per worker: each part packs `w` again, so more parts cost more than they balance.
-    let part_rows = rows
-        .div_ceil(candle_core::utils::get_num_threads().max(1))
-        .next_multiple_of(16);
-    assert!(
-        x.len() >= rows * k && w.len() >= n * k,
-        "matmul_t operands too short"
-    );
-    par_chunks(&mut out, part_rows * n, |part, dst| {
-        let m = dst.len() / n;
-        let lhs = &x[part * part_rows * k..];
-        // SAFETY: `dst` is `m × n` row-major; `lhs` holds `m × k` row-major values from
-        // `x` and `w` holds `n × k`, read as the `k × n` matrix `wᵀ` (column stride `k`),
-        // as checked above.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                lhs.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        }
-    });
-    out
-}
-
 /// Softmax of `x` in place, with [`exp`] (vectorized) and the sum in sixteen lanes.
 #[inline(always)]
 pub fn softmax(x: &mut [f32]) {
@@ -591,42 +549,44 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Bidirectional attention over a batch of padded texts: `q`, `k`, `v` are
-/// `(texts · width, heads · head_dim)` row-major, text `b` holds `lens[b]` real positions and
-/// attends over those only. The result has the same layout; rows past a text's length are zero.
-/// One work item per query row (all its heads).
-pub fn attend_padded(
+/// Bidirectional attention within segments of rows: `q`, `k`, `v` are `(rows, hidden)`
+/// row-major (`hidden = heads · head_dim`), and each row of a segment `(start, len)` attends over
+/// that segment's rows only. Texts laid end to end are one segment each; padded texts are the
+/// segments `(b · width, lens[b])`. Rows in no segment (padding) are zero in the result. One work
+/// item per query row (all its heads).
+pub fn attend_segments(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    lens: &[usize],
-    width: usize,
+    hidden: usize,
+    segments: &[(usize, usize)],
     heads: usize,
 ) -> Vec<f32> {
-    let h = q.len() / (lens.len() * width).max(1);
-    let hd = h / heads.max(1);
-    let mut out = vec![0f32; q.len()];
-    par_chunks(&mut out, h.max(1), |row, o| {
-        let (b, i) = (row / width, row % width);
-        let len = lens[b].min(width);
-        if i >= len {
-            return;
+    let hd = hidden / heads.max(1);
+    let rows = q.len() / hidden.max(1);
+    let mut owner: Vec<Option<(usize, usize)>> = vec![None; rows];
+    for &(start, len) in segments {
+        let end = (start + len).min(rows);
+        if start < end {
+            owner[start..end].fill(Some((start, end - start)));
         }
-        let keys = b * width..b * width + len;
-        let (q, k, v) = (
-            &q[row * h..(row + 1) * h],
-            &k[keys.start * h..],
-            &v[keys.start * h..],
-        );
-        attend_padded_row(o, q, k, v, len, hd);
+    }
+    let mut out = vec![0f32; q.len()];
+    par_chunks(&mut out, hidden.max(1), |row, o| {
+        let Some((start, len)) = owner[row] else {
+            return;
+        };
+        let keys = start * hidden..(start + len) * hidden;
+        let q = &q[row * hidden..(row + 1) * hidden];
+        attend_row(o, q, &k[keys.clone()], &v[keys], len, hd);
     });
     out
 }
 
 wide_fn! {
-    /// One query row `q` (every head) of [`attend_padded`] over the first `len` rows of `k` and
-    /// `v`, into `o`.
-    fn attend_padded_row(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize) {
+    /// One query row `q` (every head) of [`attend_segments`] over the first `len` rows of `k`
+    /// and `v`, into `o`.
+    fn attend_row(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize) {
         let h = q.len();
         for (head, oh) in o.chunks_exact_mut(hd).enumerate() {
             let at = |j: usize| j * h + head * hd..j * h + (head + 1) * hd;
@@ -913,20 +873,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pooled_matmul_equals_the_plain_product() {
-        let (rows, k, n) = (150, 7, 5); // several parts, a short last one
-        let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.13).sin()).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.29).cos()).collect();
-        let y = matmul_t(&x, &w, rows, k, n);
-        for r in 0..rows {
-            for j in 0..n {
-                let e: f32 = (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum();
-                assert!((y[r * n + j] - e).abs() < 1e-5, "({r},{j})");
-            }
-        }
-    }
-
     /// Each real row equals softmax(q·kᵀ/√d)·v over its own text's real positions; padded rows
     /// are zero.
     #[test]
@@ -944,7 +890,12 @@ mod tests {
                 v[(b * width + p) * h..(b * width + p + 1) * h].fill(1e6);
             }
         }
-        let out = attend_padded(&q, &k, &v, &lens, width, heads);
+        let segments: Vec<(usize, usize)> = lens
+            .iter()
+            .enumerate()
+            .map(|(b, &len)| (b * width, len))
+            .collect();
+        let out = attend_segments(&q, &k, &v, h, &segments, heads);
         for (b, &len) in lens.iter().enumerate() {
             for i in 0..width {
                 let row = b * width + i;

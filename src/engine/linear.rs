@@ -11,7 +11,7 @@
 //! delta is applied to its own rows only (gather, `x·aᵀ·bᵀ`, scatter-add), see [`Deltas`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::error::{EngineError, Result};
 use super::host;
 use super::masked::MaskedMatrix;
+use super::panels::PanelMatrix;
 use super::qmatmul::{self, PackedMatrix};
 use super::weights::WeightStore;
 use crate::matrix::Matrix;
@@ -92,7 +93,10 @@ impl LinearRegistry {
                 BaseWeight::Packed(Arc::new(PackedMatrix::from_qtensor(&q)?))
             }
             Some(q) => BaseWeight::Quantized(QMatMul::from_arc(q)?),
-            None => BaseWeight::Dense(store.get(&name, &[shape.0, shape.1])?),
+            None => BaseWeight::Dense {
+                w: store.get(&name, &[shape.0, shape.1])?,
+                panels: Arc::default(),
+            },
         };
         let bias = if bias {
             Some(store.get(&format!("{path}.bias"), &[shape.0])?)
@@ -267,8 +271,12 @@ fn layer_delta(d: &ModuleDelta, device: &Device, dtype: Option<DType>) -> Result
 /// The shared base weight of a linear layer.
 #[derive(Debug, Clone)]
 enum BaseWeight {
-    /// `O × I` f32.
-    Dense(Tensor),
+    /// `O × I` f32, and the same values in column panels for host products, packed at the first
+    /// one (a model that only trains never packs; a serving one holds both).
+    Dense {
+        w: Tensor,
+        panels: Arc<OnceLock<Option<PanelMatrix>>>,
+    },
     /// Quantized blocks (`O × I`), multiplied by candle's quantized matmul.
     Quantized(QMatMul),
     /// Quantized blocks (`O × I`) for the packed CPU kernels (see `qmatmul`).
@@ -373,14 +381,30 @@ impl LoraLinear {
     /// `x: (…, I)` to `(…, O)`, rows (all leading axes flattened) taking their deltas from
     /// `deltas`.
     pub fn forward_with(&self, x: &Tensor, deltas: Deltas<'_>) -> Result<Tensor> {
+        Self::forward_shared(&[self], x, deltas)?
+            .pop()
+            .ok_or(EngineError::EmptyInput { what: "projection" })
+    }
+
+    /// [`forward_with`](Self::forward_with) of several layers that read the same `x` (see
+    /// [`forward_rows_shared`](Self::forward_rows_shared)).
+    pub fn forward_shared(
+        layers: &[&LoraLinear],
+        x: &Tensor,
+        deltas: Deltas<'_>,
+    ) -> Result<Vec<Tensor>> {
         let dims = x.dims().to_vec();
         let (lead, in_dim) = dims.split_at(dims.len().saturating_sub(1));
         let rows: usize = lead.iter().product();
         let in_dim = in_dim.first().copied().unwrap_or(0);
-        let y = self.forward_rows(&x.reshape((rows, in_dim))?, deltas)?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(self.out_dim);
-        Ok(y.reshape(out_dims)?)
+        let ys = Self::forward_rows_shared(layers, &x.reshape((rows, in_dim))?, deltas)?;
+        (ys.into_iter().zip(layers))
+            .map(|(y, l)| {
+                let mut out_dims = lead.to_vec();
+                out_dims.push(l.out_dim);
+                Ok(y.reshape(out_dims)?)
+            })
+            .collect()
     }
 
     /// `x: (rows, I)` to `(rows, O)`: the base projection over every row, then each delta over
@@ -405,7 +429,7 @@ impl LoraLinear {
             let x = x.contiguous()?;
             let (rows, k) = x.dims2()?;
             let on_host = host::with_slice(&x, |xs| {
-                let ys = Self::host_products(layers, xs, rows, k)?;
+                let ys = Self::host_products(layers, xs, rows, k, true)?;
                 Some(Self::finish_host(layers, &x, xs, ys, deltas))
             });
             if let Some(Some(result)) = on_host {
@@ -418,14 +442,16 @@ impl LoraLinear {
             .collect()
     }
 
-    /// `xs · Wᵀ` of every layer on the host, for `xs: rows × k`: `None` unless every weight is
-    /// packed, or every weight is f32 in host memory.
+    /// `xs · Wᵀ` of every layer on the host, for `xs: rows × k`, each with whether it includes
+    /// the layer's bias (f32 weights start their sums from it when `with_bias` is set): `None`
+    /// unless every weight is packed, or every weight is f32 in host memory.
     fn host_products(
         layers: &[&LoraLinear],
         xs: &[f32],
         rows: usize,
         k: usize,
-    ) -> Option<Vec<Vec<f32>>> {
+        with_bias: bool,
+    ) -> Option<Vec<(Vec<f32>, bool)>> {
         let packed: Option<Vec<&PackedMatrix>> = layers
             .iter()
             .map(|l| match &l.weight {
@@ -434,17 +460,43 @@ impl LoraLinear {
             })
             .collect();
         if let Some(ps) = packed {
-            return Some(PackedMatrix::matmul_shared(&ps, xs, rows));
+            let ys = PackedMatrix::matmul_shared(&ps, xs, rows);
+            return Some(ys.into_iter().map(|y| (y, false)).collect());
         }
-        layers
+        let panels: Vec<&PanelMatrix> = layers
             .iter()
-            .map(|l| match &l.weight {
-                BaseWeight::Dense(w) => {
-                    host::with_slice(w, |w| host::matmul_t(xs, w, rows, k, l.out_dim))
-                }
-                _ => None,
+            .map(|l| l.panels().filter(|p| p.shape().1 == k))
+            .collect::<Option<_>>()?;
+        let biases: Vec<Option<&Tensor>> = layers
+            .iter()
+            .map(|l| l.bias.as_ref().filter(|_| with_bias))
+            .collect();
+        let present: Vec<&Tensor> = biases.iter().flatten().copied().collect();
+        host::with_slices(&present, |values| {
+            let mut values = values.iter();
+            let shared: Vec<(&PanelMatrix, Option<&[f32]>)> = (panels.iter().zip(&biases))
+                .map(|(p, b)| (*p, b.and_then(|_| values.next().copied())))
+                .collect();
+            let ys = PanelMatrix::matmul_shared(&shared, xs, rows);
+            ys.into_iter()
+                .zip(&biases)
+                .map(|(y, b)| (y, b.is_some()))
+                .collect()
+        })
+    }
+
+    /// The f32 weight in column panels, packed at the first call; `None` for other weights or
+    /// one not in host memory.
+    fn panels(&self) -> Option<&PanelMatrix> {
+        let BaseWeight::Dense { w, panels } = &self.weight else {
+            return None;
+        };
+        panels
+            .get_or_init(|| {
+                let (outputs, inputs) = w.dims2().ok()?;
+                host::with_slice(w, |w| PanelMatrix::pack(w, outputs, inputs))
             })
-            .collect()
+            .as_ref()
     }
 
     /// Adds the bias and the deltas of `deltas` to the base product `y` of `x`.
@@ -459,7 +511,7 @@ impl LoraLinear {
         if !deltas.need_gradients() {
             let x = x.contiguous()?;
             let done = host::with_slices(&[&x, &y], |s| {
-                Self::finish_host(&[self], &x, s[0], vec![s[1].to_vec()], deltas)
+                Self::finish_host(&[self], &x, s[0], vec![(s[1].to_vec(), false)], deltas)
             });
             if let Some(mut y) = done.transpose()? {
                 return y
@@ -488,14 +540,15 @@ impl LoraLinear {
     }
 
     /// [`Self::finish_rows`] for the base products `ys` of `layers` (which all read `x`) held on
-    /// the host (`xs` is `x`'s values): biases and every delta with host tensors are added there,
+    /// the host (`xs` is `x`'s values), each with whether it includes its bias: the other biases
+    /// and every delta with host tensors are added there,
     /// the low-rank ones of all layers in one pass over the pool; the rest (tensors on a GPU)
     /// with tensor ops.
     fn finish_host(
         layers: &[&LoraLinear],
         x: &Tensor,
         xs: &[f32],
-        mut ys: Vec<Vec<f32>>,
+        ys: Vec<(Vec<f32>, bool)>,
         deltas: Deltas<'_>,
     ) -> Result<Vec<Tensor>> {
         let in_dim = x.dim(1)?;
@@ -505,10 +558,9 @@ impl LoraLinear {
             Deltas::Uniform(Some(_)) => (0..rows as u32).collect(),
             _ => Vec::new(),
         };
-        let bias_added: Vec<bool> = layers
-            .iter()
-            .zip(&mut ys)
-            .map(|(l, y)| l.add_bias_on_host(y))
+        let (mut ys, biased): (Vec<Vec<f32>>, Vec<bool>) = ys.into_iter().unzip();
+        let bias_added: Vec<bool> = (layers.iter().zip(&mut ys).zip(biased))
+            .map(|((l, y), biased)| biased || l.add_bias_on_host(y))
             .collect();
         let groups: Vec<Vec<DeltaGroup<'_>>> = layers
             .iter()
@@ -587,17 +639,18 @@ impl LoraLinear {
     /// `x · Wᵀ` with tensor ops (see [`Self::host_products`] for the host path).
     fn base(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.weight {
-            BaseWeight::Dense(w) => x.matmul(&w.t()?)?,
+            BaseWeight::Dense { w, .. } => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(q) => q.forward(&x.contiguous()?)?,
             BaseWeight::Packed(_) => {
                 let x = x.contiguous()?;
                 let (rows, k) = x.dims2()?;
-                let y = host::with_slice(&x, |xs| Self::host_products(&[self], xs, rows, k))
-                    .flatten()
-                    .and_then(|mut ys| ys.pop())
-                    .ok_or(EngineError::EmptyInput {
-                        what: "host activations",
-                    })?;
+                let (y, _) =
+                    host::with_slice(&x, |xs| Self::host_products(&[self], xs, rows, k, false))
+                        .flatten()
+                        .and_then(|mut ys| ys.pop())
+                        .ok_or(EngineError::EmptyInput {
+                            what: "host activations",
+                        })?;
                 Tensor::from_vec(y, (rows, self.out_dim), x.device())?
             }
         })
@@ -614,7 +667,13 @@ impl LoraLinear {
     /// Bytes the base weight occupies.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
-            BaseWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            BaseWeight::Dense { w, panels } => {
+                w.elem_count() * w.dtype().size_in_bytes()
+                    + panels
+                        .get()
+                        .and_then(Option::as_ref)
+                        .map_or(0, PanelMatrix::bytes)
+            }
             BaseWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             BaseWeight::Packed(p) => p.bytes(),
             BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {

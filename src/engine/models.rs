@@ -8,11 +8,11 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use super::bert::{Bert, BertConfig};
+use super::bert::{Bert, BertConfig, cls_rows};
 use super::chat::{CHATML, ChatTemplate, Message};
 use super::error::{EngineError, Result};
 use super::gguf::GgufFile;
-use super::linear::LoadedDelta;
+use super::linear::{Deltas, LoadedDelta, needs_gradients};
 use super::llama::{Llama, LlamaConfig};
 use super::source::ModelPath;
 use super::tokenizer::TextTokenizer;
@@ -226,16 +226,27 @@ impl Encoder {
             .collect()
     }
 
-    /// Normalised sentence embeddings, `(texts, hidden)`.
+    /// Normalised sentence embeddings, `(texts, hidden)`: packed texts for inference, a padded
+    /// batch when `delta` is trainable.
     pub fn embed(&self, texts: &[&str], delta: Option<&LoadedDelta>) -> Result<Tensor> {
-        let batch = self.model.batch(&self.encode(texts)?)?;
-        self.model.embed(&batch, delta)
+        let ids = self.encode(texts)?;
+        if needs_gradients(delta) {
+            return self.model.embed(&self.model.batch(&ids)?, delta);
+        }
+        self.model
+            .embed_packed(&self.model.pack(&ids)?, Deltas::Uniform(delta))
     }
 
     /// BERT pooler outputs, `(texts, hidden)`, the input of a SEQ_CLS classifier.
     pub fn pooled(&self, texts: &[&str], delta: Option<&LoadedDelta>) -> Result<Tensor> {
-        let batch = self.model.batch(&self.encode(texts)?)?;
-        self.model.pooled(&batch, delta)
+        let ids = self.encode(texts)?;
+        if needs_gradients(delta) {
+            return self.model.pooled(&self.model.batch(&ids)?, delta);
+        }
+        let packed = self.model.pack(&ids)?;
+        let deltas = Deltas::Uniform(delta);
+        let hidden = self.model.hidden_packed(&packed, deltas)?;
+        self.model.pool_rows(&cls_rows(&hidden, &packed)?, deltas)
     }
 
     pub fn load_delta(&self, delta: &Arc<MergedDelta>) -> Result<Arc<LoadedDelta>> {
