@@ -205,20 +205,34 @@ fn bench_vit_l14(c: &mut Criterion) {
         group.bench_function(format!("cold/{method}"), |b| {
             b.iter(|| merge::merge(black_box(&inputs), &params, &Silent).expect("merge"))
         });
-        // Another λ: only what follows the alignment runs again.
+        // Another λ: only what follows the alignment (and, for KnOTS-TIES, the trim) runs
+        // again.
         let other = MergeParams {
             lambda: 0.7,
             ..params
         };
-        group.bench_function(format!("cached/{method}"), |b| {
-            // Filled here, so a filter that skips this benchmark skips the merge too.
-            let cache = AlignmentCache::new(4 << 30);
-            merge::merge_cached(&inputs, &params, &Silent, Some(&cache)).expect("merge");
-            b.iter(|| {
-                merge::merge_cached(black_box(&inputs), &other, &Silent, Some(&cache))
-                    .expect("merge")
-            })
-        });
+        // A new density on every merge as well: TIES selects its trim thresholds again.
+        for retrim in [false, true] {
+            if retrim && !method.uses_ties() {
+                continue;
+            }
+            let name = if retrim { "cached_density" } else { "cached" };
+            group.bench_function(format!("{name}/{method}"), |b| {
+                // Filled here, so a filter that skips this benchmark skips the merge too.
+                let cache = AlignmentCache::new(4 << 30);
+                merge::merge_cached(&inputs, &params, &Silent, Some(&cache)).expect("merge");
+                let mut density = 0.3;
+                b.iter(|| {
+                    let mut changed = other;
+                    if retrim {
+                        density += 1e-6;
+                        changed.density = density;
+                    }
+                    merge::merge_cached(black_box(&inputs), &changed, &Silent, Some(&cache))
+                        .expect("merge")
+                })
+            });
+        }
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let paths = write_adapters(&set, dir.path());

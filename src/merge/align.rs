@@ -14,6 +14,7 @@ use faer::{Mat, MatRef};
 
 use super::MergeError;
 use super::frame::Frame;
+use super::magnitude::Histogram;
 use crate::matrix::Matrix;
 
 /// Singular values at or below this are dropped (the reference's absolute cut).
@@ -36,11 +37,21 @@ pub struct Alignment {
     pub s: Vec<f64>,
     /// Per adapter (in input order), `rep_i = diag(s)·V_iᵀ` (`k × I`), so `τ_i = U·rep_i`.
     pub reps: Vec<Matrix>,
+    /// The magnitude histogram of each `rep_i`, counted while it is in cache (TIES' trim reads
+    /// these instead of counting every value again on every merge).
+    pub(crate) histograms: Vec<Histogram>,
 }
 
 impl Alignment {
     pub fn rank(&self) -> usize {
         self.s.len()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.u.bytes()
+            + self.reps.iter().map(Matrix::bytes).sum::<usize>()
+            + self.histograms.iter().map(Histogram::bytes).sum::<usize>()
     }
 }
 
@@ -97,6 +108,7 @@ pub fn align_with_cut(
     let u = Matrix::from_faer(left.basis_times(b_cat.as_ref(), u_c.as_ref()).as_ref());
 
     let mut reps = Vec::with_capacity(factors.len());
+    let mut histograms = Vec::with_capacity(factors.len());
     let mut row = 0;
     for (a_t, frame) in &rights {
         let v_c = svd.V().subrows(row, frame.coords.nrows());
@@ -104,10 +116,17 @@ pub fn align_with_cut(
         let sv = Mat::<f64>::from_fn(kept.len(), v_c.nrows(), |i, j| s[i] * v_c[(j, kept[i])]);
         // Computed transposed (I × k, column-major) so its columns are rep_i's rows.
         let rep_t = frame.basis_times(a_t.as_ref(), sv.transpose());
-        reps.push(Matrix::from_faer(rep_t.transpose()));
+        let rep = Matrix::from_faer(rep_t.transpose());
+        histograms.push(Histogram::of(rep.as_slice()));
+        reps.push(rep);
         row += frame.coords.nrows();
     }
-    Ok(Alignment { u, s, reps })
+    Ok(Alignment {
+        u,
+        s,
+        reps,
+        histograms,
+    })
 }
 
 fn to_f64(m: MatRef<'_, f32>, scale: f64) -> Mat<f64> {

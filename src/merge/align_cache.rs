@@ -2,9 +2,14 @@
 //! coordinates, or Core Space's bases and core matrices — keyed by the member adapters' content
 //! digests and the module, and weighed in bytes. A merge that changes only λ, the weights,
 //! density, DARE's p and seed, isotropize or the method within a family reuses it.
+//!
+//! Beside it, KnOTS-TIES' trim thresholds per set and density: a merge that changes only λ or
+//! the weights (which apply after the trim) skips the selection too. An entry counts only with
+//! the very alignments it was computed from (held weakly): once one of them has been evicted
+//! and computed again, the thresholds are computed again with it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use moka::sync::Cache;
 
@@ -49,7 +54,7 @@ impl Aligned {
 
     fn bytes(&self) -> usize {
         match self {
-            Self::Knots(a) => a.u.bytes() + a.reps.iter().map(|r| r.bytes()).sum::<usize>(),
+            Self::Knots(a) => a.bytes(),
             Self::Core(c) => c.bytes(),
         }
     }
@@ -63,6 +68,22 @@ pub(crate) struct AlignKey {
     pub members: Vec<AdapterDigest>,
 }
 
+/// A set of module alignments (every module's [`AlignKey`], hashed) and a TIES density.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct TrimKey {
+    pub set: [u8; 32],
+    pub density: u64,
+}
+
+/// Trim thresholds and the alignments they were computed from.
+struct Trims {
+    from: Vec<Weak<Aligned>>,
+    thresholds: Arc<Vec<f32>>,
+}
+
+/// Threshold sets kept at most (a few floats each).
+const TRIM_ENTRIES: u64 = 4096;
+
 /// Counters since the cache was created.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AlignmentStats {
@@ -70,13 +91,19 @@ pub struct AlignmentStats {
     pub misses: u64,
     pub bytes: u64,
     pub entries: u64,
+    /// KnOTS-TIES merges that found their trim thresholds (see the module docs).
+    pub trim_hits: u64,
+    pub trim_misses: u64,
 }
 
 /// A byte-bounded cache of module alignments, shared by every merge that is given it.
 pub struct AlignmentCache {
     entries: Cache<AlignKey, Arc<Aligned>>,
+    trims: Cache<TrimKey, Arc<Trims>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    trim_hits: AtomicU64,
+    trim_misses: AtomicU64,
 }
 
 impl AlignmentCache {
@@ -87,8 +114,11 @@ impl AlignmentCache {
             .build();
         Self {
             entries,
+            trims: Cache::new(TRIM_ENTRIES),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            trim_hits: AtomicU64::new(0),
+            trim_misses: AtomicU64::new(0),
         }
     }
 
@@ -108,6 +138,36 @@ impl AlignmentCache {
         Ok(computed)
     }
 
+    /// The trim thresholds under `key` when they were computed from exactly `aligned`, else
+    /// `compute`'s, stored for next time.
+    pub(crate) fn trims_or_compute(
+        &self,
+        key: TrimKey,
+        aligned: &[Arc<Aligned>],
+        compute: impl FnOnce() -> Vec<f32>,
+    ) -> Arc<Vec<f32>> {
+        if let Some(found) = self.trims.get(&key) {
+            let same = found.from.len() == aligned.len()
+                && (found.from.iter().zip(aligned))
+                    .all(|(w, a)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(a)) && w.strong_count() > 0);
+            if same {
+                self.trim_hits.fetch_add(1, Ordering::Relaxed);
+                return found.thresholds.clone();
+            }
+        }
+        self.trim_misses.fetch_add(1, Ordering::Relaxed);
+        let thresholds = Arc::new(compute());
+        let from = aligned.iter().map(Arc::downgrade).collect();
+        self.trims.insert(
+            key,
+            Arc::new(Trims {
+                from,
+                thresholds: thresholds.clone(),
+            }),
+        );
+        thresholds
+    }
+
     pub fn stats(&self) -> AlignmentStats {
         self.entries.run_pending_tasks();
         AlignmentStats {
@@ -115,6 +175,8 @@ impl AlignmentCache {
             misses: self.misses.load(Ordering::Relaxed),
             bytes: self.entries.weighted_size(),
             entries: self.entries.entry_count(),
+            trim_hits: self.trim_hits.load(Ordering::Relaxed),
+            trim_misses: self.trim_misses.load(Ordering::Relaxed),
         }
     }
 }

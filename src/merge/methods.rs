@@ -6,14 +6,16 @@ use std::sync::Arc;
 use candle_core::Device;
 use faer::Mat;
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
 use super::align::{Alignment, Factors, align};
-use super::align_cache::{AlignKey, Aligned, AlignmentCache, Family};
+use super::align_cache::{AlignKey, Aligned, AlignmentCache, Family, TrimKey};
 use super::core::{self, Bases, CoreBasis, CoreFactors, core_basis};
 use super::dare::{self, DareKey};
 use super::device;
+use super::magnitude::Histogram;
 use super::plan::{ModulePlan, Plan};
-use super::ties::{RepSource, Ties, ties_merge};
+use super::ties::{RepSource, Ties, ties_merge, ties_merge_trimmed, trim_thresholds};
 use super::{
     MergeError, MergeInput, MergeParams, MergedDelta, Method, ModuleDelta, Progress, Silent,
 };
@@ -157,13 +159,49 @@ fn knots_ties(
 ) -> Result<Vec<ModuleDelta>, MergeError> {
     let aligned = aligned_modules(plan, Family::Knots, progress, cache)?;
     let alignments: Vec<&Alignment> = aligned.iter().map(|a| a.knots()).collect();
-    Ok(ties_on_alignments(plan, params, &alignments, progress))
+    let src = AlignedReps {
+        plan,
+        params,
+        alignments: &alignments,
+    };
+    let n = plan.inputs.len();
+    let compute = || trim_thresholds(&src, n, params.density, progress);
+    // DARE drops entries anew for each seed and p, so its thresholds are not kept.
+    let thresholds = match cache.filter(|_| !uses_dare(params)) {
+        Some(cache) => cache.trims_or_compute(trim_key(plan, params), &aligned, compute),
+        None => Arc::new(compute()),
+    };
+    Ok(ties_on_alignments(
+        plan,
+        params,
+        &alignments,
+        &thresholds,
+        progress,
+    ))
 }
 
+/// The set's alignments (every module's [`AlignKey`]) and the density, for the trim cache.
+fn trim_key(plan: &Plan<'_>, params: &MergeParams) -> TrimKey {
+    let mut hash = Sha256::new();
+    for module in &plan.modules {
+        let key = align_key(plan, module, Family::Knots);
+        hash.update((key.module.len() as u64).to_le_bytes());
+        hash.update(key.module.as_bytes());
+        hash.update((key.members.len() as u64).to_le_bytes());
+        key.members.iter().for_each(|d| hash.update(d.0));
+    }
+    TrimKey {
+        set: hash.finalize().into(),
+        density: params.density.to_bits(),
+    }
+}
+
+/// TIES over the aligned coordinates with each adapter's trim threshold known.
 fn ties_on_alignments(
     plan: &Plan<'_>,
     params: &MergeParams,
     alignments: &[&Alignment],
+    thresholds: &[f32],
     progress: &dyn Progress,
 ) -> Vec<ModuleDelta> {
     let src = AlignedReps {
@@ -171,7 +209,7 @@ fn ties_on_alignments(
         params,
         alignments,
     };
-    let merged = ties_merge(&src, &ties_settings(plan, params), progress);
+    let merged = ties_merge_trimmed(&src, &ties_settings(plan, params), thresholds, progress);
     alignments
         .iter()
         .zip(plan.modules.iter().zip(merged))
@@ -316,6 +354,11 @@ fn dense(rows: usize, cols: usize, values: Vec<f32>) -> ModuleDelta {
     ModuleDelta::Dense(Matrix::from_vec(rows, cols, values).expect("a module's dense length"))
 }
 
+/// Whether the merge drops entries with DARE (a method that uses it, with `p > 0`).
+fn uses_dare(params: &MergeParams) -> bool {
+    params.method.uses_dare() && params.dare_p != 0.0
+}
+
 /// Applies DARE to `rep` when the method uses it.
 fn maybe_dare<'a>(
     rep: Cow<'a, [f32]>,
@@ -324,7 +367,7 @@ fn maybe_dare<'a>(
     i: usize,
     m: usize,
 ) -> Cow<'a, [f32]> {
-    if !params.method.uses_dare() || params.dare_p == 0.0 {
+    if !uses_dare(params) {
         return rep;
     }
     let mut owned = rep.into_owned();
@@ -449,6 +492,17 @@ impl RepSource for AlignedReps<'_> {
         let rep = Cow::Borrowed(self.alignments[m].reps[position].as_slice());
         Some(maybe_dare(rep, self.plan, self.params, i, m))
     }
+
+    fn histogram(&self, i: usize, m: usize) -> Option<&Histogram> {
+        if uses_dare(self.params) {
+            return None;
+        }
+        let position = self.plan.modules[m]
+            .members
+            .iter()
+            .position(|x| x.index == i)?;
+        self.alignments[m].histograms.get(position)
+    }
 }
 
 #[cfg(test)]
@@ -510,8 +564,17 @@ mod tests {
                         .for_each(|x| *x = -*x);
                 }
             }
-            let want = ties_on_alignments(&plan, &params, &[&aligned[0]], &Silent)[0].to_dense();
-            let got = ties_on_alignments(&plan, &params, &[&flipped[0]], &Silent)[0].to_dense();
+            let ties = |alignment: &Alignment| {
+                let alignments = [alignment];
+                let src = AlignedReps {
+                    plan: &plan,
+                    params: &params,
+                    alignments: &alignments,
+                };
+                let trims = trim_thresholds(&src, inputs.len(), params.density, &Silent);
+                ties_on_alignments(&plan, &params, &alignments, &trims, &Silent)[0].to_dense()
+            };
+            let (want, got) = (ties(&aligned[0]), ties(&flipped[0]));
             assert!(got.relative_error(&want) < 1e-6, "{method}");
         }
     }
@@ -619,6 +682,48 @@ mod tests {
         // vectors), a hit for every later run of that family.
         assert_eq!((stats.misses, stats.hits), (3, 2));
         assert!(stats.bytes > 0);
+    }
+
+    /// KnOTS-TIES keeps each set's trim thresholds per density: another λ or other weights
+    /// reuse them, another density or an alignment computed anew does not, and every merge
+    /// equals an uncached one.
+    #[test]
+    fn trim_thresholds_are_reused_only_with_their_alignments() {
+        let adapters = [adapter("a", 1), adapter("b", 2), adapter("c", 3)];
+        let weighted: Vec<_> = (adapters.iter().zip([1.0, 0.5, 2.0]))
+            .map(|(adapter, weight)| MergeInput { adapter, weight })
+            .collect();
+        let plain: Vec<_> = adapters.iter().map(MergeInput::new).collect();
+        let check = |cache: &AlignmentCache, inputs: &[MergeInput<'_>], options: MergeOptions| {
+            let p = params(Method::KnotsTies, options);
+            let cached = merge_cached(inputs, &p, &Silent, Some(cache)).unwrap();
+            let fresh = merge(inputs, &p, &Silent).unwrap();
+            let err = cached.modules["q"]
+                .to_dense()
+                .relative_error(&fresh.modules["q"].to_dense());
+            assert!(err < 1e-6, "{err}");
+        };
+        let density = |d: f64, l: f64| MergeOptions {
+            density: Some(d),
+            lambda: Some(l),
+            ..Default::default()
+        };
+        let cache = AlignmentCache::new(1 << 20);
+        check(&cache, &plain, density(0.4, 1.0));
+        check(&cache, &plain, density(0.4, 0.6));
+        check(&cache, &weighted, density(0.4, 0.6));
+        check(&cache, &plain, density(0.3, 0.6));
+        let stats = cache.stats();
+        assert_eq!((stats.trim_hits, stats.trim_misses), (2, 2));
+
+        // A cache too small to keep an alignment computes it for every merge, and the
+        // thresholds with it.
+        let tiny = AlignmentCache::new(1);
+        check(&tiny, &plain, density(0.4, 1.0));
+        assert_eq!(tiny.stats().entries, 0, "evicted");
+        check(&tiny, &plain, density(0.4, 0.6));
+        let stats = tiny.stats();
+        assert_eq!((stats.trim_hits, stats.trim_misses), (0, 2));
     }
 
     /// TA, TSV-M, Iso-C and Iso-CTS do not depend on which orthonormal bases span the core:

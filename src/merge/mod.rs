@@ -13,6 +13,7 @@ mod device;
 mod error;
 mod frame;
 mod key;
+mod magnitude;
 mod methods;
 mod params;
 mod plan;

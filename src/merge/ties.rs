@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::Progress;
+use super::magnitude::{self, Histogram};
 use crate::wide::wide_fn;
 
 /// Per-adapter representations of every module, produced on demand.
@@ -20,6 +21,11 @@ pub(crate) trait RepSource: Sync {
     fn module_len(&self, m: usize) -> usize;
     /// Adapter `i`'s representation of module `m`, or `None` when it does not update `m` (zeros).
     fn rep(&self, i: usize, m: usize) -> Option<Cow<'_, [f32]>>;
+    /// The magnitude histogram of [`rep`](Self::rep)`(i, m)` when it is known without a pass
+    /// over the values (counted when the representation was made).
+    fn histogram(&self, _i: usize, _m: usize) -> Option<&Histogram> {
+        None
+    }
 }
 
 /// TIES settings: the kept fraction, λ and the per-adapter weights (in plan order).
@@ -35,16 +41,38 @@ pub(crate) fn ties_merge(
     ties: &Ties,
     progress: &dyn Progress,
 ) -> Vec<Vec<f32>> {
-    let n = ties.weights.len();
+    let thresholds = trim_thresholds(src, ties.weights.len(), ties.density, progress);
+    ties_merge_trimmed(src, ties, &thresholds, progress)
+}
+
+/// Every adapter's trim threshold ([`trim_threshold`]) for the `n` adapters of `src`.
+pub(crate) fn trim_thresholds(
+    src: &impl RepSource,
+    n: usize,
+    density: f64,
+    progress: &dyn Progress,
+) -> Vec<f32> {
     progress.start("trimming", n as u64);
-    let thresholds: Vec<f32> = (0..n)
+    (0..n)
         .into_par_iter()
         .map(|i| {
-            let t = trim_threshold(src, i, ties.density);
+            let t = trim_threshold(src, i, density);
             progress.advance(1);
             t
         })
-        .collect();
+        .collect()
+}
+
+/// [`ties_merge`] with each adapter's trim threshold already known (from [`trim_thresholds`]
+/// at `ties.density`).
+pub(crate) fn ties_merge_trimmed(
+    src: &impl RepSource,
+    ties: &Ties,
+    thresholds: &[f32],
+    progress: &dyn Progress,
+) -> Vec<Vec<f32>> {
+    let n = ties.weights.len();
+    assert_eq!(thresholds.len(), n, "one trim threshold per adapter");
 
     progress.start("merging", src.module_count() as u64);
     let weights: Vec<f32> = ties.weights.iter().map(|&w| w as f32).collect();
@@ -52,7 +80,7 @@ pub(crate) fn ties_merge(
         .into_par_iter()
         .map(|m| {
             let reps: Vec<_> = (0..n).map(|i| src.rep(i, m)).collect();
-            let merged = merge_entries(&reps, &thresholds, &weights, src.module_len(m));
+            let merged = merge_entries(&reps, thresholds, &weights, src.module_len(m));
             progress.advance(1);
             merged
         })
@@ -80,10 +108,14 @@ pub(crate) fn trim_threshold(src: &impl RepSource, i: usize, density: f64) -> f3
     }
     let rank = total - keep - 1;
     let mut parts = Vec::new();
+    let mut histograms = Vec::new();
     let mut zeros = 0;
     for m in 0..src.module_count() {
         match src.rep(i, m) {
-            Some(rep) => parts.push(rep),
+            Some(rep) => {
+                parts.push(rep);
+                histograms.push(src.histogram(i, m));
+            }
             None => zeros += src.module_len(m),
         }
     }
@@ -91,71 +123,13 @@ pub(crate) fn trim_threshold(src: &impl RepSource, i: usize, density: f64) -> f3
         return 0.0;
     }
     let parts: Vec<&[f32]> = parts.iter().map(|p| p.as_ref()).collect();
-    nth_magnitude(&parts, rank - zeros)
-}
-
-/// The `rank`-th smallest (0-based) `|x|` over all values of `parts`, in the order of
-/// `f32::total_cmp`.
-///
-/// The bit patterns of non-negative floats sort like their values, so one counting pass over
-/// the top bits of `|x|` (exponent and five mantissa bits: 8192 buckets, a table that stays in
-/// L1) finds the bucket that holds the answer, and only that bucket is selected in; the values
-/// are read in place, never copied whole.
-fn nth_magnitude(parts: &[&[f32]], rank: usize) -> f32 {
-    let mut counts = vec![0u32; 1 << (31 - SHIFT)];
-    for part in parts {
-        count_buckets(part, &mut counts);
-    }
-    let mut before = 0;
-    let mut bucket = 0;
-    for (b, &count) in counts.iter().enumerate() {
-        if before + count as usize > rank {
-            bucket = b as u32;
-            break;
+    match histograms.into_iter().collect::<Option<Vec<_>>>() {
+        Some(histograms) => {
+            let mut counts = magnitude::empty_counts();
+            histograms.iter().for_each(|h| h.add_to(&mut counts));
+            magnitude::nth_magnitude_counted(&parts, rank - zeros, &counts)
         }
-        before += count as usize;
-    }
-    let mut inside: Vec<u32> = Vec::with_capacity(counts[bucket as usize] as usize);
-    for part in parts {
-        collect_bucket(part, bucket, &mut inside);
-    }
-    let (_, nth, _) = inside.select_nth_unstable(rank - before);
-    f32::from_bits(*nth)
-}
-
-/// `|x|`'s bits are `x`'s without the sign bit; [`nth_magnitude`]'s buckets are their top bits.
-const MAGNITUDE: u32 = 0x7fff_ffff;
-const SHIFT: u32 = 18;
-
-wide_fn! {
-    /// Appends to `inside` the `|x|` bits of every value of `values` in bucket `bucket`. Few
-    /// values are, so sixteen at a time are first tested together, with vector compares.
-    fn collect_bucket(values: &[f32], bucket: u32, inside: &mut Vec<u32>) {
-        for chunk in values.chunks(16) {
-            let mut hit = false;
-            for &x in chunk {
-                hit |= (x.to_bits() & MAGNITUDE) >> SHIFT == bucket;
-            }
-            if hit {
-                for &x in chunk {
-                    let bits = x.to_bits() & MAGNITUDE;
-                    if bits >> SHIFT == bucket {
-                        inside.push(bits);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Adds to `counts[b]` how many values of `values` have `|x|`'s top bits `b` (see
-/// [`nth_magnitude`]).
-fn count_buckets(values: &[f32], counts: &mut [u32]) {
-    for &x in values {
-        let b = ((x.to_bits() & MAGNITUDE) >> SHIFT) as usize;
-        if let Some(c) = counts.get_mut(b) {
-            *c += 1;
-        }
+        None => magnitude::nth_magnitude(&parts, rank - zeros),
     }
 }
 
@@ -353,33 +327,6 @@ mod tests {
             vec![vec![5.0, 4.0], vec![0.0, 0.0]]
         );
         assert_eq!(trim_threshold(&src, 0, 0.5), 2.0);
-    }
-
-    #[test]
-    fn the_bucketed_selection_agrees_with_sorting() {
-        let mut state = 7u32;
-        let values: Vec<f32> = (0..5000)
-            .map(|i| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                // Spread over many octaves, with repeats and zeros.
-                let x = (state % 1000) as f32 * 10f32.powi((state % 9) as i32 - 6);
-                if i % 7 == 0 { 0.0 } else { x }
-            })
-            .collect();
-        let mut sorted = values.clone();
-        sorted.sort_by(f32::total_cmp);
-        for rank in [0, 1, 713, 714, 2500, 4998, 4999] {
-            assert_eq!(nth_magnitude(&[&values], rank), sorted[rank], "rank {rank}");
-            let (a, b) = values.split_at(1234);
-            let negated: Vec<f32> = b.iter().map(|x| -x).collect();
-            assert_eq!(
-                nth_magnitude(&[a, &negated], rank),
-                sorted[rank],
-                "rank {rank}"
-            );
-        }
     }
 
     #[test]

@@ -231,6 +231,8 @@ pub fn alignment_cache(stats: AlignmentStats) {
     counter!("knots_alignment_cache_requests_total", "outcome" => "hit").absolute(stats.hits);
     counter!("knots_alignment_cache_requests_total", "outcome" => "miss").absolute(stats.misses);
     gauge!("knots_alignment_cache_bytes").set(stats.bytes as f64);
+    counter!("knots_trim_cache_requests_total", "outcome" => "hit").absolute(stats.trim_hits);
+    counter!("knots_trim_cache_requests_total", "outcome" => "miss").absolute(stats.trim_misses);
 }
 
 pub fn cache_eviction() {
