@@ -18,7 +18,7 @@ mkdir -p "$WORK/adapters"
 cp -r tests/fixtures/model-reference/smollm2/adapters/shout "$WORK/adapters/shout"
 "$KNOTS" merge --method ta --lambda 0.5 --out "$WORK/adapters/shout-half" "$WORK/adapters/shout" >/dev/null
 
-"$KNOTS" serve --model smollm2-135m-instruct --adapters "$WORK/adapters" --port "$PORT" \
+"$KNOTS" serve --model smollm2-135m-instruct,all-minilm-l6-v2 --adapters "$WORK/adapters" --port "$PORT" \
     --state-db "$WORK/state.db" \
     --default-max-tokens 32 >"$WORK/server.log" 2>&1 &
 SERVER=$!

@@ -3,10 +3,10 @@
 
 Usage: tests/openai_client.py BASE_URL   (e.g. http://127.0.0.1:8123/v1)
 
-The server must serve smollm2-135m-instruct with the adapters `shout` and `shout-half` (see
-scripts/serve_check.sh, which sets this up). Checks completions and chat, streamed and not, with
+The server must serve smollm2-135m-instruct with the adapters `shout` and `shout-half`, and
+all-minilm-l6-v2 (see scripts/serve_check.sh, which sets this up). Checks completions and chat, streamed and not, with
 `model` naming a merged set and `extra_body` merge parameters, and that errors surface as the
-client's typed exceptions; several choices with log-probabilities and penalties; unsupported
+client's typed exceptions; embeddings in the client's default (base64) and float forms; several choices with log-probabilities and penalties; unsupported
 fields refused. Exits non-zero on the first failure.
 """
 
@@ -61,6 +61,18 @@ def main(base_url: str) -> None:
                                    temperature=0, logprobs=1, extra_body=merge)
     assert "".join(lp.choices[0].logprobs.tokens) == lp.choices[0].text, lp
     assert len(lp.choices[0].logprobs.top_logprobs[0]) == 1, lp
+
+    # Embeddings: the client asks for base64 unless told otherwise; both forms give the same vectors.
+    texts = ["The weather is lovely today.", "Stocks fell sharply."]
+    default = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    floats = client.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
+    assert [d.index for d in default.data] == [0, 1], default
+    for a, b in zip(default.data, floats.data):
+        assert len(a.embedding) == 384, len(a.embedding)
+        # JSON floats are the shortest text that reads back as the same f32, not the same double.
+        assert all(abs(x - y) <= 1e-7 * max(1.0, abs(y)) for x, y in zip(a.embedding, b.embedding)), \
+            (a.embedding[:4], b.embedding[:4])
+    print("embeddings: base64 and float agree")
 
     models = [m.id for m in client.models.list()]
     assert "smollm2-135m-instruct" in models and "shout" in models, models

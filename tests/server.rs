@@ -618,6 +618,46 @@ async fn embeddings_and_classification() {
     assert_eq!(st, 200, "{e}");
     assert_eq!(e["data"].as_array().unwrap().len(), 2);
     assert_eq!(e["usage"]["prompt_tokens"], 3);
+    // The official clients ask for base64 by default: the same values as little-endian f32s.
+    let (st, _, b) = post(
+        &s,
+        "/v1/embeddings",
+        OP,
+        json!({"model": "sentiment", "input": ["a b", "c"], "encoding_format": "base64"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    for (packed, plain) in b["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(e["data"].as_array().unwrap())
+    {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(packed["embedding"].as_str().expect("a base64 string"))
+            .unwrap();
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        // A float's JSON text is the shortest that reads back as the same f32.
+        let want: Vec<f32> = plain["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(values, want);
+    }
+    let (st, _, bad) = post(
+        &s,
+        "/v1/embeddings",
+        OP,
+        json!({"model": "sentiment", "input": "a", "encoding_format": "hex"}),
+    )
+    .await;
+    assert_eq!(st, 400, "{bad}");
     let (st, _, c) = post(
         &s,
         "/v1/classify",

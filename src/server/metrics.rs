@@ -138,6 +138,10 @@ fn describe() {
         "knots_alignment_cache_requests_total",
         "Alignment cache lookups per module, by outcome."
     );
+    describe_counter!(
+        "knots_trim_cache_requests_total",
+        "KnOTS-TIES trim threshold lookups per merge, by outcome."
+    );
     describe_gauge!(
         "knots_alignment_cache_bytes",
         Unit::Bytes,

@@ -107,12 +107,16 @@ pub async fn embeddings(
     caller: Caller,
     ApiJson(req): ApiJson<EmbeddingsRequest>,
 ) -> Result<Response, ApiError> {
-    if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
-        return Err(ApiError::bad(
-            "encoding_format",
-            format!("only \"float\" is supported, got {f:?}"),
-        ));
-    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(f) => {
+            return Err(ApiError::bad(
+                "encoding_format",
+                format!("must be \"float\" or \"base64\", got {f:?}"),
+            ));
+        }
+    };
     let inputs = inputs(&state, req.input)?;
     let call = admit_encoder(&state, &caller, &req.model, req.merge, req.user.as_deref()).await?;
     let id = request_id("emb");
@@ -128,7 +132,14 @@ pub async fn embeddings(
     let data: Vec<_> = vectors
         .iter()
         .enumerate()
-        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                json!(base64_f32(v))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
         .collect();
     let body = json!({"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
     Ok((headers(&call.target, &id), Json(body)).into_response())
@@ -237,4 +248,12 @@ fn ranked(mut scores: Vec<LabelScore>, top_k: usize) -> serde_json::Value {
     scores.truncate(top_k);
     let best = scores.first().cloned();
     json!({"label": best.as_ref().map(|b| &b.label), "task": best.as_ref().map(|b| &b.task), "score": best.map(|b| b.score), "top_k": scores})
+}
+
+/// A vector as OpenAI's `encoding_format: "base64"` sends it: the little-endian bytes of its
+/// f32 values, in standard base64 (the official clients ask for this by default).
+fn base64_f32(values: &[f32]) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
