@@ -7,7 +7,8 @@ Measures, in this order (the anchors last, while the server is idle):
           eight adapter sets (client i uses set i % 8; one is a dense TIES merge), once over the
           same sets with that one replaced by a low-rank merge, and once with every client on
           the base model: completion tokens/s, TTFT and inter-token latency p50/p99, errors
-  embed   all-MiniLM-L6-v2 through /v1/embeddings, batches of 32, at 1 and 8 clients
+  embed   all-MiniLM-L6-v2 through /v1/embeddings, batches of 32 (base64, the openai clients'
+          default), at 1 and 8 clients
   anchors llama_cpp.Llama on the same GGUF (single-stream decode tokens/s) and
           SentenceTransformer on the same MiniLM folder (sentences/s), 2 threads each;
           each is skipped with a message when its package is missing
@@ -24,6 +25,7 @@ Usage (start the server first, e.g.
 """
 
 import argparse
+import base64
 import json
 import math
 import os
@@ -330,9 +332,12 @@ def bench_embed(base_url: str, sentences: list[str], levels: list[int], duration
             n += 1
             started = time.perf_counter()
             try:
-                reply = post_json(base_url + "/v1/embeddings", {"model": EMBED_MODEL, "input": chunk})
-                if len(reply.get("data", [])) != len(chunk):
-                    raise ValueError(f"expected {len(chunk)} embeddings")
+                # base64, as the official openai clients ask for unless told otherwise.
+                reply = post_json(base_url + "/v1/embeddings",
+                                  {"model": EMBED_MODEL, "input": chunk, "encoding_format": "base64"})
+                data = reply.get("data", [])
+                if len(data) != len(chunk) or any(len(base64.b64decode(d["embedding"])) != 4 * 384 for d in data):
+                    raise ValueError(f"expected {len(chunk)} embeddings of 384 floats")
             except (urllib.error.URLError, OSError, ValueError) as e:
                 errors += 1
                 note(f"embed error: {e!r}"[:200])
