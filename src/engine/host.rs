@@ -53,6 +53,25 @@ pub fn par_for(items: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
+/// Runs `f(part, i)` for every item `i` in `0..counts[part]` of every part, the items of all
+/// parts spread over the pool together (several products that read the same input).
+pub fn par_for_parts(counts: &[usize], f: impl Fn(usize, usize) + Sync) {
+    let starts: Vec<usize> = counts
+        .iter()
+        .scan(0, |at, &count| {
+            let start = *at;
+            *at += count;
+            Some(start)
+        })
+        .collect();
+    par_for(counts.iter().sum(), |item| {
+        // The last part starting at or before `item` holds it (empty parts share a start with
+        // the part after them).
+        let part = starts.partition_point(|&s| s <= item) - 1;
+        f(part, item - starts[part]);
+    });
+}
+
 /// Runs `f(i, chunk)` for every `width`-long chunk of `out` (the last may be shorter), spread
 /// over candle's worker pool. Chunks are disjoint, so `f` may write its chunk freely.
 pub fn par_chunks(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
@@ -698,6 +717,22 @@ wide_fn! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_item_of_every_part_runs_once() {
+        use std::sync::Mutex;
+        let counts = [3, 0, 5, 0, 0, 2];
+        let seen = Mutex::new(Vec::new());
+        par_for_parts(&counts, |part, item| {
+            seen.lock().unwrap().push((part, item))
+        });
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        let want: Vec<(usize, usize)> = (counts.iter().enumerate())
+            .flat_map(|(part, &n)| (0..n).map(move |item| (part, item)))
+            .collect();
+        assert_eq!(seen, want);
+    }
     use candle_core::Device;
 
     /// [`exp`] is within 4 ulps of libm's over the whole clamped range, and softmax rows sum to

@@ -33,7 +33,9 @@ pub mod telemetry;
 mod tokenizer;
 mod weights;
 
-pub use bert::{Batch, Bert, BertConfig, l2_normalise, mean_pool};
+pub use bert::{
+    Batch, Bert, BertConfig, Packed, cls_rows, l2_normalise, mean_pool, mean_pool_packed,
+};
 pub use chat::{CHATML, ChatTemplate, Message};
 pub use device::parse_device;
 pub use encode_engine::{EncodeJob, EncoderEngine};

@@ -94,18 +94,9 @@ impl PanelMatrix {
                 cols: p.matrix.outputs,
             })
             .collect();
-        let starts: Vec<usize> = plans
-            .iter()
-            .scan(0, |at, p| {
-                let start = *at;
-                *at += p.items();
-                Some(start)
-            })
-            .collect();
-        let total: usize = plans.iter().map(Plan::items).sum();
-        host::par_for(total, |item| {
-            let which = starts.partition_point(|&s| s <= item) - 1;
-            plans[which].run(item - starts[which], x, rows, &dsts[which]);
+        let counts: Vec<usize> = plans.iter().map(Plan::items).collect();
+        host::par_for_parts(&counts, |which, item| {
+            plans[which].run(item, x, rows, &dsts[which]);
         });
         for (out, p) in outs.iter_mut().zip(&plans) {
             // SAFETY: the plan's items cover every row block × every panel, and each tile

@@ -211,21 +211,12 @@ impl PackedMatrix {
         let acts = Activations::quantize(x, rows, first.cols);
         // Every matrix's groups one after another; each work item is one group and writes its
         // own columns of its matrix's output.
-        let starts: Vec<usize> = ms
-            .iter()
-            .scan(0, |at, m| {
-                let start = *at;
-                *at += m.groups();
-                Some(start)
-            })
-            .collect();
-        let total: usize = ms.iter().map(|m| m.groups()).sum();
+        let counts: Vec<usize> = ms.iter().map(|m| m.groups()).collect();
         let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; rows * m.rows]).collect();
         let scatter = host::Scatter::new(&mut outs);
         let vnni = available();
-        host::par_for(total, |item| {
-            let which = starts.partition_point(|&s| s <= item) - 1;
-            let (m, group) = (ms[which], item - starts[which]);
+        host::par_for_parts(&counts, |which, group| {
+            let m = ms[which];
             let lanes = GROUP.min(m.rows - group * GROUP);
             let mut tile = [[0f32; GROUP]; 8];
             let mut t0 = 0;
