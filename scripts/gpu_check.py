@@ -350,7 +350,18 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokenizer", help="a tokenizer.json to use instead of the toy one")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: sections that would start after this are skipped and named in "
+                         "the report, so a run under a time limit still ends with its summary")
     args = ap.parse_args()
+    started = time.time()
+
+    def time_left(section):
+        if args.budget is None or time.time() - started < args.budget:
+            return True
+        report.setdefault("skipped", []).append(section)
+        log(f"skipped {section}: past the {args.budget:.0f} s budget")
+        return False
 
     out = Path(args.out)
     work = out / "work"
@@ -380,125 +391,198 @@ def main():
         models.append(("llama3-1b-shaped", LLAMA_1B))
 
     prompt = [1, 510, 4, 77, 1234, 42, 9, 300, 12, 7, 2500, 18, 64, 91, 5, 3000]
+    ctx = {"knots": args.knots, "knots_cpu": knots_cpu, "env": env, "device": device,
+           "torch_dev": torch_dev, "greedy": greedy, "prompt": prompt, "quick": quick,
+           "work": work, "out": out, "report": report}
     for seed, (name, cfg) in enumerate(models):
-        t0 = time.time()
-        base = make_model(name, cfg, work, tokenizer, seed)
-        adapters_dir = work / f"{name}-adapters"
-        adapters = make_adapters(base, adapters_dir, 8, 100 * (seed + 1))
-        made = time.time() - t0
-        entry = {"config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
-                 "make_seconds": made, "cases": {}}
-        report["models"][name] = entry
-        log(f"{name}: models and adapters in {made:.0f} s")
-
-        # Merged sets: knots merges them on the CPU into dense deltas for the reference.
-        trio = adapters[:3]
-        deltas = {}
-        for method in ("knots-ties", "ties"):
-            d = work / f"{name}-{method}-cpu"
-            merge_time(knots_cpu, env, trio, method, d, None)
-            deltas[method] = d
-        if device != "cpu":
-            d = work / f"{name}-ties-{device}"
-            merge_time(args.knots, env, trio, "ties", d, device)
-            err = delta_rel(d, deltas["ties"])
-            entry["ties_merge_on_device_rel"] = err
-            if err > MERGE_RTOL:
-                report["failures"].append(f"{name}: ties on {device} differs from the CPU merge by {err:.2e}")
-
-        cases = [
-            ("base", {}, {}),
-            ("adapter", {"adapters": trio[:1]}, {"adapter": trio[0]}),
-            ("knots-ties", {"adapters": trio, "method": "knots-ties"}, {"delta": deltas["knots-ties"]}),
-            ("ties", {"adapters": trio, "method": "ties", "merge_device": device if device != "cpu" else None},
-             {"delta": deltas["ties"]}),
-        ]
-        dtypes = [("f32", torch.float32), ("bf16", torch.bfloat16)]
-        for case, kargs, hargs in cases:
-            ref32 = None
-            for dtype, tdtype in dtypes:
-                t0 = time.time()
-                hf = hf_model(base, torch_dev, tdtype, **hargs)
-                ref_logits, ref_tokens, gaps = hf_run(hf, prompt, greedy)
-                del hf
-                if dtype == "f32":
-                    ref32 = ref_logits
-                res = knots_logits(args.knots, env, base, device, dtype, prompt, greedy, **kargs)
-                scale = float(ref_logits.abs().max())
-                r = {"knots_vs_transformers": rel(res["logits"], ref_logits),
-                     "decode_tokens_per_sec": res["decode_tokens_per_sec"]}
-                if dtype == "f32":
-                    tol = F32_RTOL
-                    r["greedy"] = greedy_agreement(res["greedy_ids"], ref_tokens, gaps, 2 * tol * scale)
-                    if device != "cpu":
-                        cpu = knots_logits(knots_cpu, env, base, "cpu", "f32", prompt, greedy, **{
-                            k: v for k, v in kargs.items() if k != "merge_device"})
-                        r["knots_vs_knots_cpu"] = rel(res["logits"], cpu["logits"])
-                        r["greedy_vs_knots_cpu_identical"] = res["greedy_ids"] == cpu["greedy_ids"]
-                    ok = r["knots_vs_transformers"] <= tol and r.get("knots_vs_knots_cpu", 0) <= tol \
-                        and r["greedy"]["ok"]
-                else:
-                    # bf16 (8 significant bits) differs from f32 by ~1e-2 of the logits' range after
-                    # 30 layers whoever computes it; knots passes when it is within twice the
-                    # error transformers' own bf16 makes against the f32 reference (floor 1e-2).
-                    # Greedy tokens are reported, not required: two bf16 implementations part at
-                    # the first step whose top-2 gap is within their rounding.
-                    hf_err = rel(ref_logits, ref32)
-                    knots_err = rel(res["logits"], ref32)
-                    tol = max(2 * hf_err, 1e-2)
-                    r.update({"transformers_bf16_vs_f32": hf_err, "knots_bf16_vs_f32": knots_err,
-                              "tolerance": tol})
-                    r["greedy"] = greedy_agreement(res["greedy_ids"], ref_tokens, gaps, 2 * tol * scale)
-                    ok = knots_err <= tol
-                r["ok"] = ok
-                r["seconds"] = time.time() - t0
-                entry["cases"][f"{case}/{dtype}"] = r
-                log(f"{name} {case} {dtype}: rel {r['knots_vs_transformers']:.2e} "
-                    f"greedy {r['greedy']['identical_steps']}/{greedy} {'ok' if ok else 'FAIL'}")
-                if not ok:
-                    report["failures"].append(f"{name} {case} {dtype}")
-                save(out, report)
-
-        # Serving: 8 sets over the 8 adapters, several methods.
-        sets = ["a0", "a1+a2", "a3+a4@ties", "a5+a6@ta", "a7+a0@dare-ties", "a1+a3+a5",
-                "a2+a4+a6@ties", "base"]
-        clients = [4] if quick else [16, 64]
-        for dtype in ("f32", "bf16"):
-            try:
-                entry[f"serving_{dtype}"] = serve_throughput(
-                    args.knots, env, base, adapters_dir, device, dtype, clients, sets,
-                    8 if quick else 32, 1 if quick else 2, work)
-            except Exception as e:
-                entry[f"serving_{dtype}"] = {"error": str(e)[-2000:]}
-                report["failures"].append(f"{name} serving {dtype}")
+        if not time_left(f"{name}: everything"):
+            continue
+        # Each section records its own failure and the run goes on to the next.
+        try:
+            entry, adapters, adapters_dir, deltas = prepare_model(ctx, name, cfg, tokenizer, seed)
+        except Exception as e:
+            report["failures"].append(f"{name}: models and adapters: {str(e)[-1000:]}")
             save(out, report)
+            continue
+        check_cases(ctx, name, entry, adapters, deltas, time_left)
+        if "error" in entry["cases"].get("base/f32", {}):
+            # knots does not run on this device at all: the rest would only repeat the error.
+            report["failures"].append("stopped: the base model's first check failed")
+            break
+        for dtype in ("bf16", "f32"):
+            if time_left(f"{name}: serving {dtype}"):
+                check_serving(ctx, name, entry, adapters_dir, dtype)
+        if time_left(f"{name}: merge times"):
+            check_merge_times(ctx, entry, adapters, name)
+        if seed == 0 and time_left("8B-shaped merge"):
+            check_8b_merge(ctx)
 
-        # Merge time of the SmolLM2 set (four adapters).
-        entry["merge"] = {}
-        for method in ("ties", "knots-ties"):
-            for md in dict.fromkeys([None, device if device != "cpu" else None]):
-                key = f"{method}@{md or 'host'}"
+    report["ok"] = not report["failures"]
+    save(out, report)
+    summary(report)
+    return 0 if report["ok"] else 1
+
+
+def prepare_model(ctx, name, cfg, tokenizer, seed):
+    """The model, its 8 adapters, and the knots-ties and ties merges of three of them made on
+    the CPU as dense deltas (the reference adds them to the weights); the ties merge on the
+    device must equal the CPU's."""
+    report, work, device = ctx["report"], ctx["work"], ctx["device"]
+    t0 = time.time()
+    base = make_model(name, cfg, work, tokenizer, seed)
+    adapters_dir = work / f"{name}-adapters"
+    adapters = make_adapters(base, adapters_dir, 8, 100 * (seed + 1))
+    made = time.time() - t0
+    entry = {"config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+             "make_seconds": made, "cases": {}, "base": str(base)}
+    report["models"][name] = entry
+    log(f"{name}: models and adapters in {made:.0f} s")
+
+    trio = adapters[:3]
+    deltas = {}
+    for method in ("knots-ties", "ties"):
+        d = work / f"{name}-{method}-cpu"
+        merge_time(ctx["knots_cpu"], ctx["env"], trio, method, d, None)
+        deltas[method] = d
+    if device != "cpu":
+        d = work / f"{name}-ties-{device}"
+        merge_time(ctx["knots"], ctx["env"], trio, "ties", d, device)
+        err = delta_rel(d, deltas["ties"])
+        entry["ties_merge_on_device_rel"] = err
+        if err > MERGE_RTOL:
+            report["failures"].append(f"{name}: ties on {device} differs from the CPU merge by {err:.2e}")
+    save(ctx["out"], report)
+    return entry, adapters, adapters_dir, deltas
+
+
+def check_cases(ctx, name, entry, adapters, deltas, time_left):
+    """Logits and greedy tokens of knots against transformers (and knots on the CPU), f32 and
+    bf16, for the base, one adapter, a knots-ties set and a ties set."""
+    device, report = ctx["device"], ctx["report"]
+    trio = adapters[:3]
+    # Most telling first, for a run cut short by its budget: the base, then the dense path.
+    cases = [
+        ("base", {}, {}),
+        ("ties", {"adapters": trio, "method": "ties", "merge_device": device if device != "cpu" else None},
+         {"delta": deltas["ties"]}),
+        ("adapter", {"adapters": trio[:1]}, {"adapter": trio[0]}),
+        ("knots-ties", {"adapters": trio, "method": "knots-ties"}, {"delta": deltas["knots-ties"]}),
+    ]
+    for case, kargs, hargs in cases:
+        if not time_left(f"{name}: {case}"):
+            continue
+        ref32 = None
+        for dtype, tdtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            key = f"{case}/{dtype}"
+            try:
+                r, ref_logits = check_case(ctx, Path(entry["base"]), kargs, hargs, dtype, tdtype, ref32)
+            except Exception as e:
+                entry["cases"][key] = {"error": str(e)[-2000:], "ok": False}
+                report["failures"].append(f"{name} {key}: error")
+                log(f"{name} {key}: {str(e)[-500:]}")
+                save(ctx["out"], report)
+                continue
+            if dtype == "f32":
+                ref32 = ref_logits
+            entry["cases"][key] = r
+            log(f"{name} {key}: rel {r['knots_vs_transformers']:.2e} "
+                f"greedy {r['greedy']['identical_steps']}/{ctx['greedy']} {'ok' if r['ok'] else 'FAIL'}")
+            if not r["ok"]:
+                report["failures"].append(f"{name} {key}")
+            save(ctx["out"], report)
+
+
+def check_case(ctx, base, kargs, hargs, dtype, tdtype, ref32):
+    device, greedy, prompt = ctx["device"], ctx["greedy"], ctx["prompt"]
+    t0 = time.time()
+    hf = hf_model(base, ctx["torch_dev"], tdtype, **hargs)
+    ref_logits, ref_tokens, gaps = hf_run(hf, prompt, greedy)
+    del hf
+    if ctx["torch_dev"] == "cuda":
+        torch.cuda.empty_cache()
+    res = knots_logits(ctx["knots"], ctx["env"], base, device, dtype, prompt, greedy, **kargs)
+    scale = float(ref_logits.abs().max())
+    r = {"knots_vs_transformers": rel(res["logits"], ref_logits),
+         "decode_tokens_per_sec": res["decode_tokens_per_sec"]}
+    if dtype == "f32":
+        tol = F32_RTOL
+        r["greedy"] = greedy_agreement(res["greedy_ids"], ref_tokens, gaps, 2 * tol * scale)
+        if device != "cpu":
+            cpu = knots_logits(ctx["knots_cpu"], ctx["env"], base, "cpu", "f32", prompt, greedy, **{
+                k: v for k, v in kargs.items() if k != "merge_device"})
+            r["knots_vs_knots_cpu"] = rel(res["logits"], cpu["logits"])
+            r["greedy_vs_knots_cpu_identical"] = res["greedy_ids"] == cpu["greedy_ids"]
+            r["cpu_decode_tokens_per_sec"] = cpu["decode_tokens_per_sec"]
+        ok = r["knots_vs_transformers"] <= tol and r.get("knots_vs_knots_cpu", 0) <= tol \
+            and r["greedy"]["ok"]
+    else:
+        # bf16 (8 significant bits) differs from f32 by ~1e-2 of the logits' range after
+        # 30 layers whoever computes it; knots passes when it is within twice the
+        # error transformers' own bf16 makes against the f32 reference (floor 1e-2).
+        # Greedy tokens are reported, not required: two bf16 implementations part at
+        # the first step whose top-2 gap is within their rounding.
+        if ref32 is None:
+            raise RuntimeError("no f32 reference for the bf16 check (its f32 case failed)")
+        hf_err = rel(ref_logits, ref32)
+        knots_err = rel(res["logits"], ref32)
+        tol = max(2 * hf_err, 1e-2)
+        r.update({"transformers_bf16_vs_f32": hf_err, "knots_bf16_vs_f32": knots_err,
+                  "tolerance": tol})
+        r["greedy"] = greedy_agreement(res["greedy_ids"], ref_tokens, gaps, 2 * tol * scale)
+        ok = knots_err <= tol
+    r["ok"] = ok
+    r["seconds"] = time.time() - t0
+    return r, ref_logits
+
+
+def check_serving(ctx, name, entry, adapters_dir, dtype):
+    """The serving engine's throughput over 8 sets of several methods."""
+    sets = ["a0", "a1+a2", "a3+a4@ties", "a5+a6@ta", "a7+a0@dare-ties", "a1+a3+a5",
+            "a2+a4+a6@ties", "base"]
+    quick = ctx["quick"]
+    clients = [4] if quick else [1, 16, 64]
+    try:
+        entry[f"serving_{dtype}"] = serve_throughput(
+            ctx["knots"], ctx["env"], Path(entry["base"]), adapters_dir, ctx["device"], dtype, clients,
+            sets, 8 if quick else 32, 1 if quick else 2, ctx["work"])
+    except Exception as e:
+        entry[f"serving_{dtype}"] = {"error": str(e)[-2000:]}
+        ctx["report"]["failures"].append(f"{name} serving {dtype}")
+    save(ctx["out"], ctx["report"])
+
+
+def check_merge_times(ctx, entry, adapters, name):
+    """Merge time of four of the model's adapters, on the host and on the device."""
+    device = ctx["device"]
+    entry["merge"] = {}
+    for method in ("ties", "knots-ties"):
+        for md in dict.fromkeys([None, device if device != "cpu" else None]):
+            key = f"{method}@{md or 'host'}"
+            try:
                 entry["merge"][key] = merge_time(
-                    args.knots, env, adapters[:4], method, work / f"{name}-time-{key}", md)
+                    ctx["knots"], ctx["env"], adapters[:4], method, ctx["work"] / f"{name}-time-{key}", md)
+            except Exception as e:
+                entry["merge"][key] = {"error": str(e)[-2000:]}
+                ctx["report"]["failures"].append(f"{name} merge {key}")
+    save(ctx["out"], ctx["report"])
 
-    # Merge time of a Llama-3-8B-shaped set (attention projections of every layer).
-    layers = 2 if quick else LLAMA_8B["layers"]
+
+def check_8b_merge(ctx):
+    """Merge time of a Llama-3-8B-shaped set (attention projections of every layer)."""
+    device, report, work = ctx["device"], ctx["report"], ctx["work"]
+    layers = 2 if ctx["quick"] else LLAMA_8B["layers"]
     big = make_8b_adapters(work / "llama-3-8b-shaped-adapters", 4, layers, 7)
     report["merge_8b_shaped"] = {"layers": layers, "adapters": len(big)}
     for method, md in [("ties", device if device != "cpu" else None), ("knots-ties", None)]:
         target = work / f"8b-{method}"
         try:
             report["merge_8b_shaped"][f"{method}@{md or 'host'}"] = merge_time(
-                args.knots, env, big, method, target, md)
+                ctx["knots"], ctx["env"], big, method, target, md)
         except Exception as e:
             report["merge_8b_shaped"][f"{method}@{md or 'host'}"] = {"error": str(e)[-2000:]}
             report["failures"].append(f"8b-shaped merge {method}")
         shutil.rmtree(target, ignore_errors=True)
-
-    report["ok"] = not report["failures"]
-    save(out, report)
-    summary(report)
-    return 0 if report["ok"] else 1
+    save(ctx["out"], report)
 
 
 def save(out, report):
@@ -512,6 +596,9 @@ def summary(report):
     for name, m in report["models"].items():
         print(f"  {name}:")
         for case, r in m["cases"].items():
+            if "error" in r:
+                print(f"    {case:18s} ERROR {r['error'][-300:]}")
+                continue
             extra = f", vs knots cpu {r['knots_vs_knots_cpu']:.1e}" if "knots_vs_knots_cpu" in r else ""
             print(f"    {case:18s} rel {r['knots_vs_transformers']:.1e}{extra}, greedy "
                   f"{r['greedy']['identical_steps']} same, decode {r['decode_tokens_per_sec']:.1f} tok/s "
@@ -522,10 +609,12 @@ def summary(report):
                             for k, v in s.items() if k.startswith("clients_"))
             print(f"    serving {dtype}: {tps or s.get('error', '')[:200]}")
         for k, v in m.get("merge", {}).items():
-            print(f"    merge {k}: {v['merge_seconds']:.3f} s")
+            print(f"    merge {k}: {v.get('merge_seconds', v.get('error', ''))}")
     for k, v in report.get("merge_8b_shaped", {}).items():
         if isinstance(v, dict):
             print(f"  8B-shaped merge {k}: {v.get('merge_seconds', v.get('error', ''))}")
+    if report.get("skipped"):
+        print("  skipped (time budget):", ", ".join(report["skipped"]))
     print("result:", "ok" if report["ok"] else "FAILED: " + "; ".join(report["failures"]))
 
 
