@@ -350,6 +350,11 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokenizer", help="a tokenizer.json to use instead of the toy one")
+    ap.add_argument("--models", default="smollm2,llama3-1b",
+                    help="comma-separated: smollm2, llama3-1b (the 1B is skipped on the CPU "
+                         "with --quick)")
+    ap.add_argument("--sections", default="cases,serving,merge,merge-8b",
+                    help="comma-separated: cases, serving, merge, merge-8b")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: sections that would start after this are skipped and named in "
                          "the report, so a run under a time limit still ends with its summary")
@@ -386,8 +391,10 @@ def main():
     smol = json.loads((REPO / "tests/fixtures/model-reference/smollm2/hf_config.json").read_text())
     if quick:
         smol["num_hidden_layers"] = 4
-    models = [("smollm2-135m-shaped", smol)]
-    if not (quick and torch_dev == "cpu"):
+    wanted = set(args.models.split(","))
+    sections = set(args.sections.split(","))
+    models = [("smollm2-135m-shaped", smol)] if "smollm2" in wanted else []
+    if "llama3-1b" in wanted and not (quick and torch_dev == "cpu"):
         models.append(("llama3-1b-shaped", LLAMA_1B))
 
     prompt = [1, 510, 4, 77, 1234, 42, 9, 300, 12, 7, 2500, 18, 64, 91, 5, 3000]
@@ -404,17 +411,18 @@ def main():
             report["failures"].append(f"{name}: models and adapters: {str(e)[-1000:]}")
             save(out, report)
             continue
-        check_cases(ctx, name, entry, adapters, deltas, time_left)
+        if "cases" in sections:
+            check_cases(ctx, name, entry, adapters, deltas, time_left)
         if "error" in entry["cases"].get("base/f32", {}):
             # knots does not run on this device at all: the rest would only repeat the error.
             report["failures"].append("stopped: the base model's first check failed")
             break
         for dtype in ("bf16", "f32"):
-            if time_left(f"{name}: serving {dtype}"):
+            if "serving" in sections and time_left(f"{name}: serving {dtype}"):
                 check_serving(ctx, name, entry, adapters_dir, dtype)
-        if time_left(f"{name}: merge times"):
+        if "merge" in sections and time_left(f"{name}: merge times"):
             check_merge_times(ctx, entry, adapters, name)
-        if seed == 0 and time_left("8B-shaped merge"):
+        if seed == 0 and "merge-8b" in sections and time_left("8B-shaped merge"):
             check_8b_merge(ctx)
 
     report["ok"] = not report["failures"]

@@ -9,7 +9,8 @@
 # times of the SmolLM2 set and of a Llama-3-8B-shaped set. Report: $OUT/report.json.
 #
 #   scripts/gpu_check.sh [--device cuda|cpu] [--quick] [--knots PATH] [--knots-cpu PATH]
-#                        [--budget SECONDS]
+#                        [--budget SECONDS] [--models smollm2,llama3-1b]
+#                        [--sections cases,serving,merge,merge-8b]
 #
 # --device cpu runs the same checks with knots on the CPU (against transformers on the CPU); with
 # --quick (4-layer SmolLM2 shapes, 16 greedy tokens, no 1B model, small serving and merge runs)
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 
 DEVICE=cuda
 QUICK=()
-BUDGET=()
+PASS=()
 KNOTS=""
 KNOTS_CPU=""
 while [ $# -gt 0 ]; do
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=(--quick); shift ;;
         --knots) KNOTS="$2"; shift 2 ;;
         --knots-cpu) KNOTS_CPU="$2"; shift 2 ;;
-        --budget) BUDGET=(--budget "$2"); shift 2 ;;
+        --budget|--models|--sections) PASS+=("$1" "$2"); shift 2 ;;
         *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -81,6 +82,6 @@ fi
 
 status=0
 "$PYTHON" scripts/gpu_check.py --device "$DEVICE" --knots "$KNOTS" \
-    ${KNOTS_CPU:+--knots-cpu "$KNOTS_CPU"} --out "$OUT" "${QUICK[@]}" "${BUDGET[@]}" || status=$?
+    ${KNOTS_CPU:+--knots-cpu "$KNOTS_CPU"} --out "$OUT" "${QUICK[@]}" "${PASS[@]}" || status=$?
 echo "gpu_check: $(($(date +%s) - started)) s; report in $OUT/report.json"
 exit $status

@@ -13,10 +13,16 @@
 //! and decode steps, go through the same code, and each row's result does not depend on the
 //! other rows of the batch.
 //!
-//! On a GPU ([`KvPool::on_device`]) a sequence's keys and values are device tensors instead, one
-//! `(kv_heads, positions, head_dim)` pair per layer sized for its whole reservation when its first
-//! positions are handed over, written in place (`slice_set`) and read by tensor-op attention
-//! (`Llama::step`); the pool's budget and reservations work the same way.
+//! On a GPU ([`KvPool::on_device`]) the blocks are rows of one device [`Slab`] per pool instead:
+//! per layer, a keys tensor and a values tensor of `(blocks·BLOCK_POSITIONS, kv_heads·head_dim)`,
+//! allocated for the whole budget when the first sequence is handed blocks. A sequence holds
+//! block numbers; position `p` of it is slab row `block[p / BLOCK_POSITIONS]·BLOCK_POSITIONS +
+//! p % BLOCK_POSITIONS`. A step writes every new row's keys and values with one scatter per
+//! layer and reads them back with one gather, so the decode rows of all sequences attend in one
+//! batched product per layer (`Llama::step`); the pool's budget and reservations work the same
+//! way.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -55,13 +61,56 @@ impl KvShape {
     }
 }
 
+/// A device pool's keys and values: per layer, `(rows, kv_heads·head_dim)` keys and values,
+/// `BLOCK_POSITIONS` rows per block.
+#[derive(Debug)]
+pub struct Slab {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl Slab {
+    fn new(shape: KvShape, blocks: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let dims = (blocks * BLOCK_POSITIONS, shape.kv_dim());
+        let layers = (0..shape.layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(dims, dtype, device)?,
+                    Tensor::zeros(dims, dtype, device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
+    fn layer(&self, layer: usize) -> Result<&(Tensor, Tensor)> {
+        self.layers.get(layer).ok_or(EngineError::EmptyInput {
+            what: "KV cache layer",
+        })
+    }
+
+    /// Writes keys and values `k`, `v: (n, kv_dim)` to slab rows `rows: (n, kv_dim)` (each row's
+    /// slab row repeated across it, u32) of `layer`.
+    pub(crate) fn write(&self, layer: usize, rows: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (keys, values) = self.layer(layer)?;
+        keys.scatter_set(rows, &k.to_dtype(keys.dtype())?.contiguous()?, 0)?;
+        values.scatter_set(rows, &v.to_dtype(values.dtype())?.contiguous()?, 0)?;
+        Ok(())
+    }
+
+    /// Keys and values of slab rows `rows: (m,)` (u32) of `layer`, `(m, kv_dim)` each.
+    pub(crate) fn read(&self, layer: usize, rows: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (keys, values) = self.layer(layer)?;
+        Ok((keys.index_select(rows, 0)?, values.index_select(rows, 0)?))
+    }
+}
+
 /// One sequence's cache: its blocks, the positions filled, and the blocks it has reserved.
 #[derive(Debug)]
 pub struct SeqCache {
     shape: KvShape,
     blocks: Vec<Box<[f32]>>,
-    /// A device pool's cache: per layer, keys and values `(kv_heads, capacity, head_dim)`.
-    tensors: Option<Vec<(Tensor, Tensor)>>,
+    /// A device pool's cache: the pool's slab and this sequence's block numbers in it.
+    slab: Option<(Arc<Slab>, Vec<u32>)>,
     len: usize,
     reserved: usize,
 }
@@ -78,46 +127,22 @@ impl SeqCache {
 
     /// Positions the blocks handed over so far can hold.
     pub fn allocated(&self) -> usize {
-        match &self.tensors {
-            Some(_) => self.capacity(),
+        match &self.slab {
+            Some((_, blocks)) => blocks.len() * BLOCK_POSITIONS,
             None => self.blocks.len() * BLOCK_POSITIONS,
         }
     }
 
-    /// Whether keys and values are device tensors (see [`KvPool::on_device`]).
-    pub fn on_tensors(&self) -> bool {
-        self.tensors.is_some()
+    /// The device slab this cache lives in (see [`KvPool::on_device`]); `None` for host blocks.
+    pub fn slab(&self) -> Option<&Arc<Slab>> {
+        self.slab.as_ref().map(|(slab, _)| slab)
     }
 
-    /// Writes the keys and values `k`, `v: (kv_heads, n, head_dim)` of positions
-    /// `position..position + n` in `layer` of a tensor cache.
-    pub(crate) fn write_tensors(
-        &mut self,
-        layer: usize,
-        position: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<()> {
-        let (keys, values) = self.layer_tensors_full(layer)?;
-        keys.slice_set(&k.to_dtype(keys.dtype())?.contiguous()?, 1, position)?;
-        values.slice_set(&v.to_dtype(values.dtype())?.contiguous()?, 1, position)?;
-        Ok(())
-    }
-
-    /// Keys and values of positions `0..positions` in `layer` of a tensor cache, views
-    /// `(kv_heads, positions, head_dim)`.
-    pub(crate) fn layer_tensors(&self, layer: usize, positions: usize) -> Result<(Tensor, Tensor)> {
-        let (k, v) = self.layer_tensors_full(layer)?;
-        Ok((k.narrow(1, 0, positions)?, v.narrow(1, 0, positions)?))
-    }
-
-    fn layer_tensors_full(&self, layer: usize) -> Result<&(Tensor, Tensor)> {
-        self.tensors
-            .as_ref()
-            .and_then(|t| t.get(layer))
-            .ok_or(EngineError::EmptyInput {
-                what: "device KV cache",
-            })
+    /// The slab row of `position` (a device cache whose blocks are there).
+    pub(crate) fn slab_row(&self, position: usize) -> u32 {
+        let blocks = self.slab.as_ref().map_or(&[][..], |(_, b)| b.as_slice());
+        blocks[position / BLOCK_POSITIONS] * BLOCK_POSITIONS as u32
+            + (position % BLOCK_POSITIONS) as u32
     }
 
     /// Positions this sequence may hold in all.
@@ -162,8 +187,13 @@ pub struct KvPool {
     reserved: usize,
     /// Blocks given back, ready for reuse.
     free: Vec<Box<[f32]>>,
-    /// Where a tensor cache lives and its element type; `None` for host blocks.
+    /// Where a device cache lives and its element type; `None` for host blocks.
     tensors: Option<(Device, DType)>,
+    /// The device cache, made when the first sequence is handed blocks.
+    slab: Option<Arc<Slab>>,
+    /// Slab blocks given back, and the next never handed out.
+    free_ids: Vec<u32>,
+    next_id: u32,
 }
 
 impl KvPool {
@@ -174,6 +204,9 @@ impl KvPool {
             reserved: 0,
             free: Vec::new(),
             tensors: None,
+            slab: None,
+            free_ids: Vec::new(),
+            next_id: 0,
         }
     }
 
@@ -209,7 +242,7 @@ impl KvPool {
         Some(SeqCache {
             shape: self.shape,
             blocks: Vec::with_capacity(if self.tensors.is_some() { 0 } else { blocks }),
-            tensors: None,
+            slab: None,
             len: 0,
             reserved: blocks,
         })
@@ -224,17 +257,22 @@ impl KvPool {
             });
         }
         if let Some((device, dtype)) = &self.tensors {
-            if seq.tensors.is_none() {
-                let shape = (self.shape.kv_heads, seq.capacity(), self.shape.head_dim);
-                let layers = (0..self.shape.layers)
-                    .map(|_| {
-                        Ok((
-                            Tensor::zeros(shape, *dtype, device)?,
-                            Tensor::zeros(shape, *dtype, device)?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                seq.tensors = Some(layers);
+            let slab = match &self.slab {
+                Some(slab) => slab.clone(),
+                None => {
+                    let slab = Arc::new(Slab::new(self.shape, self.capacity, device, *dtype)?);
+                    self.slab = Some(slab.clone());
+                    slab
+                }
+            };
+            let (_, ids) = seq.slab.get_or_insert_with(|| (slab, Vec::new()));
+            while ids.len() * BLOCK_POSITIONS < positions {
+                // Reservations keep the blocks handed out within the slab's `capacity`.
+                let id = self.free_ids.pop().unwrap_or_else(|| {
+                    self.next_id += 1;
+                    self.next_id - 1
+                });
+                ids.push(id);
             }
             return Ok(());
         }
@@ -251,6 +289,9 @@ impl KvPool {
     /// Takes back every block of a finished sequence.
     pub fn release(&mut self, seq: SeqCache) {
         self.reserved = self.reserved.saturating_sub(seq.reserved);
+        if let Some((_, ids)) = seq.slab {
+            self.free_ids.extend(ids);
+        }
         self.free.extend(seq.blocks);
         // Keep no more spare blocks than the budget has room for.
         let spare = self.capacity.saturating_sub(self.reserved);

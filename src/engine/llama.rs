@@ -17,6 +17,7 @@ use super::host;
 use super::kv::{self, KvPool, KvShape, QueryRow, SeqCache};
 use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups};
 use super::ops;
+use super::paged::{Heads, PagedStep};
 use super::rope::{Rope, RopeScaling, RowAngles, causal_mask, rope_rows};
 use super::weights::WeightStore;
 
@@ -175,6 +176,8 @@ struct BatchCtx<'a> {
     angles: RowAngles,
     eps: f32,
     device: &'a Device,
+    /// The step's plan when its caches are device tensors.
+    paged: Option<PagedStep>,
 }
 
 impl Attention {
@@ -195,8 +198,8 @@ impl Attention {
                 .map_err(|_| EngineError::EmptyInput { what: "q, k, v" })?;
         let q = rope_rows(&q, self.heads, &ctx.angles)?;
         let k = rope_rows(&k, self.kv_heads, &ctx.angles)?;
-        if seqs.iter().any(|s| s.cache.on_tensors()) {
-            let out = self.attend_tensors(&q, &k, &v, layer, ctx, seqs)?;
+        if let Some(paged) = &ctx.paged {
+            let out = paged.attend(layer, self.heads(), &q, &k, &v)?;
             return self.o.forward_rows(&out, ctx.deltas);
         }
         let (k, v) = (host(&k)?, host(&v)?);
@@ -228,55 +231,12 @@ impl Attention {
 }
 
 impl Attention {
-    /// The device path of [`Attention::step`]: every sequence's new keys and values are written
-    /// into its tensor cache, then its query rows attend to its own positions with tensor ops
-    /// (grouped heads folded into the query axis, as in [`Attention::forward`]). Returns
-    /// `(rows, heads·head_dim)`.
-    fn attend_tensors(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        layer: usize,
-        ctx: &BatchCtx<'_>,
-        seqs: &mut [StepSeq<'_>],
-    ) -> Result<Tensor> {
-        let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let n_rep = heads / kv_heads;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(seqs.len());
-        let mut row = 0;
-        for s in seqs.iter_mut() {
-            let (n, start) = (s.tokens.len(), s.cache.len());
-            let by_head = |t: &Tensor, h: usize| -> Result<Tensor> {
-                Ok(t.narrow(0, row, n)?
-                    .reshape((n, h, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()?)
-            };
-            s.cache
-                .write_tensors(layer, start, &by_head(k, kv_heads)?, &by_head(v, kv_heads)?)?;
-            let total = start + n;
-            let (keys, values) = s.cache.layer_tensors(layer, total)?;
-            let qs = by_head(q, heads)?.reshape((kv_heads, n_rep * n, hd))?;
-            let mut scores = (qs.matmul(&keys.to_dtype(qs.dtype())?.t()?)? * scale)?;
-            if n > 1 {
-                let mask = causal_mask(n, start, ctx.device)?.to_dtype(scores.dtype())?;
-                scores = scores
-                    .reshape((kv_heads, n_rep, n, total))?
-                    .broadcast_add(&mask)?
-                    .reshape((kv_heads, n_rep * n, total))?;
-            }
-            let probs = ops::softmax_last(&scores, false)?;
-            let out = probs
-                .matmul(&values.to_dtype(qs.dtype())?)?
-                .reshape((heads, n, hd))?
-                .transpose(0, 1)?
-                .reshape((n, heads * hd))?;
-            outs.push(out);
-            row += n;
+    fn heads(&self) -> Heads {
+        Heads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
         }
-        Ok(Tensor::cat(&outs, 0)?)
     }
 }
 
@@ -553,7 +513,20 @@ impl Llama {
             rows,
             &self.device,
         )?;
+        let caches: Vec<(&SeqCache, std::ops::Range<usize>)> = seqs
+            .iter()
+            .zip(&spans)
+            .map(|(s, span)| (&*s.cache, span.clone()))
+            .collect();
+        let heads = Heads {
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.kv_heads(),
+            head_dim: self.cfg.head_dim(),
+        };
+        let paged = PagedStep::new(&caches, heads, &self.device, self.embed.dtype())?;
+        drop(caches);
         let ctx = BatchCtx {
+            paged,
             deltas: Deltas::Grouped(&groups),
             angles: self
                 .rope

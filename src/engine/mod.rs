@@ -23,6 +23,7 @@ mod llama;
 mod masked;
 mod models;
 mod ops;
+mod paged;
 mod panels;
 mod qmatmul;
 mod rope;

@@ -150,7 +150,7 @@ fn trim_threshold(src: &DeviceReps<'_>, i: usize, density: f64) -> Result<f32> {
     let mut zeros = 0;
     for (m, module) in plan.modules.iter().enumerate() {
         match src.rep(i, m)? {
-            Some(rep) => magnitudes.push(rep.abs()?.flatten_all()?),
+            Some(rep) => magnitudes.push(rep.abs()?),
             None => zeros += module.dense_len(),
         }
     }
@@ -170,9 +170,9 @@ fn nth_magnitude(parts: &[Tensor], rank: u64) -> Result<f32> {
         let v = f32::from_bits(mid);
         let counts: Vec<Tensor> = parts
             .iter()
-            .map(|p| p.le(v)?.to_dtype(DType::U32)?.sum_all())
-            .collect::<candle_core::Result<_>>()?;
-        let at_most: u64 = Tensor::stack(&counts, 0)?
+            .map(|p| row_counts(&p.le(v)?))
+            .collect::<Result<_>>()?;
+        let at_most: u64 = Tensor::cat(&counts, 0)?
             .to_vec1::<u32>()?
             .into_iter()
             .map(u64::from)
@@ -184,6 +184,25 @@ fn nth_magnitude(parts: &[Tensor], rank: u64) -> Result<f32> {
         }
     }
     Ok(f32::from_bits(lo))
+}
+
+/// The number of true entries of a mask per row of its last dimension, as a vector (one entry
+/// for a vector). A whole-tensor sum is one reduction block on CUDA, however large the tensor;
+/// one row per block spreads a module over the whole device.
+fn row_counts(mask: &Tensor) -> Result<Tensor> {
+    let counts = mask.to_dtype(DType::U32)?;
+    let rows = match counts.rank() {
+        0 => counts.reshape(1)?,
+        1 => counts.sum_keepdim(0)?,
+        r => counts.sum(r - 1)?.flatten_all()?,
+    };
+    Ok(rows)
+}
+
+/// The number of true entries of a mask.
+fn count_true(mask: &Tensor) -> Result<u64> {
+    let rows = row_counts(mask)?.to_vec1::<u32>()?;
+    Ok(rows.into_iter().map(u64::from).sum())
 }
 
 /// One merged module before λ, on the device.
@@ -219,14 +238,9 @@ fn merge_module(src: &DeviceReps<'_>, m: usize, thresholds: &[f32]) -> Result<Me
     let positive = total.gt(0f32)?;
     let negative = total.lt(0f32)?;
     let values = positive.where_cond(&pos_mean, &negative.where_cond(&neg_mean, &zeros)?)?;
-    let count = |mask: &Tensor| -> Result<i64> {
-        Ok(i64::from(
-            mask.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?,
-        ))
-    };
-    let sign_sum = count(&positive)? - count(&negative)?;
+    let sign_sum = count_true(&positive)? as i64 - count_true(&negative)? as i64;
     let undecided = total.eq(0f32)?.mul(&(pos_n + neg_n)?.gt(0f32)?)?;
-    let undecided = (count(&undecided)? > 0).then_some((undecided, pos_mean, neg_mean));
+    let undecided = (count_true(&undecided)? > 0).then_some((undecided, pos_mean, neg_mean));
     Ok(MergedModule {
         values,
         sign_sum,
