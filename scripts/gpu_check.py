@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -247,8 +248,12 @@ def free_port():
 
 def post(url, body, timeout=600):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        # The server's error body names the cause; keep it in the report.
+        raise RuntimeError(f"HTTP {e.code} for {body.get('model')}: {e.read()[:2000]!r}") from e
 
 
 def serve_throughput(knots, env, base_dir, adapters_dir, device, dtype, clients_list, sets,
@@ -554,7 +559,9 @@ def check_serving(ctx, name, entry, adapters_dir, dtype):
             ctx["knots"], ctx["env"], Path(entry["base"]), adapters_dir, ctx["device"], dtype, clients,
             sets, 8 if quick else 32, 1 if quick else 2, ctx["work"])
     except Exception as e:
-        entry[f"serving_{dtype}"] = {"error": str(e)[-2000:]}
+        log_path = ctx["work"] / f"serve-{Path(entry['base']).name}-{dtype}.log"
+        server_log = log_path.read_text(errors="replace")[-6000:] if log_path.exists() else ""
+        entry[f"serving_{dtype}"] = {"error": str(e)[-2000:], "server_log_tail": server_log}
         ctx["report"]["failures"].append(f"{name} serving {dtype}")
     save(ctx["out"], ctx["report"])
 
