@@ -32,6 +32,10 @@ use knots::server::merge_store::MergeStore;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The allocator of the `knots` binary (src/main.rs), so the numbers are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ADAPTERS: usize = 8;
 const RANK: usize = 16;
 

@@ -171,13 +171,7 @@ impl PagedStep {
 
     /// One batched product over every decode row: `(count, kv_heads, n_rep, hd)` queries
     /// against `(count, kv_heads, width, hd)` keys.
-    fn attend_decode(
-        &self,
-        layer: usize,
-        h: Heads,
-        q: &Tensor,
-        d: &DecodeRows,
-    ) -> Result<Tensor> {
+    fn attend_decode(&self, layer: usize, h: Heads, q: &Tensor, d: &DecodeRows) -> Result<Tensor> {
         let q = match &d.rows {
             Some(rows) => q.index_select(rows, 0)?,
             None => q.clone(),
@@ -236,11 +230,7 @@ impl DecodeRows {
         dtype: DType,
     ) -> Result<Self> {
         let count = decoding.len();
-        let width = decoding
-            .iter()
-            .map(|(c, _)| c.len() + 1)
-            .max()
-            .unwrap_or(1);
+        let width = decoding.iter().map(|(c, _)| c.len() + 1).max().unwrap_or(1);
         let mut gather = Vec::with_capacity(count * width);
         let mut mask = Vec::with_capacity(count * width);
         for (cache, _) in decoding {
