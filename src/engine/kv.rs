@@ -82,6 +82,11 @@ impl Slab {
         Ok(Self { layers })
     }
 
+    /// Values per row: `kv_heads·head_dim`.
+    pub(crate) fn kv_dim(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[1])
+    }
+
     fn layer(&self, layer: usize) -> Result<&(Tensor, Tensor)> {
         self.layers.get(layer).ok_or(EngineError::EmptyInput {
             what: "KV cache layer",

@@ -518,13 +518,7 @@ impl Llama {
             .zip(&spans)
             .map(|(s, span)| (&*s.cache, span.clone()))
             .collect();
-        let heads = Heads {
-            heads: self.cfg.num_attention_heads,
-            kv_heads: self.cfg.kv_heads(),
-            head_dim: self.cfg.head_dim(),
-        };
-        let paged = PagedStep::new(&caches, heads, &self.device, self.embed.dtype())?;
-        drop(caches);
+        let paged = PagedStep::new(&caches, &self.device, self.embed.dtype())?;
         let ctx = BatchCtx {
             paged,
             deltas: Deltas::Grouped(&groups),

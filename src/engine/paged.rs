@@ -27,10 +27,6 @@ pub struct Heads {
 }
 
 impl Heads {
-    fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-
     /// Query heads per KV head.
     fn n_rep(&self) -> usize {
         self.heads / self.kv_heads
@@ -80,7 +76,6 @@ impl PagedStep {
     /// device slab, or `None` for host caches. `dtype` is the activations' type.
     pub fn new(
         caches: &[(&SeqCache, Range<usize>)],
-        heads: Heads,
         device: &Device,
         dtype: DType,
     ) -> Result<Option<Self>> {
@@ -93,7 +88,7 @@ impl PagedStep {
             write.extend((0..span.len()).map(|i| cache.slab_row(cache.len() + i)));
         }
         let write = Tensor::from_vec(write, (rows, 1), device)?
-            .broadcast_as((rows, heads.kv_dim()))?
+            .broadcast_as((rows, slab.kv_dim()))?
             .contiguous()?;
 
         let decoding: Vec<&(&SeqCache, Range<usize>)> =
