@@ -25,8 +25,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = runtime(&config.device)?;
     runtime.block_on(start(config))
+}
+
+/// The async runtime; on a GPU, each of its threads (workers and the blocking pool, where merges
+/// and delta uploads run) makes the device's context current when it starts.
+fn runtime(device: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    let device = crate::engine::parse_device(device)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(move || {
+            if let Err(error) = crate::engine::bind_to_thread(&device) {
+                tracing::error!(%error, "async runtime thread");
+            }
+        })
+        .build()
+        .context("starting the async runtime")
 }
 
 async fn start(config: ServeConfig) -> anyhow::Result<()> {

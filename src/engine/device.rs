@@ -31,3 +31,25 @@ fn cuda(ordinal: usize) -> candle_core::Result<Device> {
     }
     Device::new_cuda(ordinal)
 }
+
+/// Makes `device`'s CUDA context current on the calling thread (nothing to do on the CPU).
+///
+/// The driver keeps the current context per thread. cudarc makes it current before most calls,
+/// but not before every one, so work issued from a thread that never had it (a new worker or
+/// blocking-pool thread of the server) can fail with `CUDA_ERROR_INVALID_CONTEXT`. Every thread
+/// that may touch the device calls this when it starts.
+pub fn bind_to_thread(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        cuda.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| EngineError::Device {
+                spec: format!("{:?}", device.location()),
+                message: format!("making the CUDA context current: {e}"),
+            })?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Ok(())
+}

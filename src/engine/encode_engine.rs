@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use super::bert::{cls_rows, mean_pool_packed};
+use super::device::bind_to_thread;
 use super::error::{EngineError, Result};
 use super::heads::Features;
 use super::linear::{Deltas, LoadedDelta, row_groups};
@@ -113,6 +114,9 @@ impl Drop for EncoderEngine {
 }
 
 fn run(encoder: &Encoder, shared: &Shared) {
+    if let Err(error) = bind_to_thread(encoder.model.device()) {
+        tracing::error!(%error, "encoder thread");
+    }
     while !shared.stop.load(Ordering::SeqCst) {
         let jobs = next_turn(shared);
         if jobs.is_empty() {

@@ -38,7 +38,7 @@ pub use bert::{
     Batch, Bert, BertConfig, Packed, cls_rows, l2_normalise, mean_pool, mean_pool_packed,
 };
 pub use chat::{CHATML, ChatTemplate, Message};
-pub use device::parse_device;
+pub use device::{bind_to_thread, parse_device};
 pub use encode_engine::{EncodeJob, EncoderEngine};
 pub use error::EngineError;
 pub use generate::{Decoder, FinishReason, Generation, TokenEvent, generate};

@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::device::bind_to_thread;
 use super::error::{EngineError, Result};
 use super::generate::{Decoder, FinishReason, check_prompt};
 use super::kv::{KvPool, SeqCache};
@@ -322,6 +323,9 @@ enum Outcome {
 
 impl Loop {
     fn run(mut self) {
+        if let Err(error) = bind_to_thread(self.model.model.device()) {
+            tracing::error!(%error, "engine thread");
+        }
         while !self.shared.stop.load(Ordering::SeqCst) {
             self.admit();
             if self.running.is_empty() {

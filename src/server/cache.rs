@@ -126,6 +126,9 @@ impl MergeCache {
                     .await
                     .map_err(|e| ApiError::internal(format!("merge slots closed: {e}")))?;
                 let merged = tokio::task::spawn_blocking(move || {
+                    if let Some(device) = &device {
+                        crate::engine::bind_to_thread(device).map_err(ApiError::internal)?;
+                    }
                     let merged =
                         run_merge(merge_key, &members, &params, &alignments, device.as_ref());
                     release_free_memory();
