@@ -359,24 +359,27 @@ pub fn add_dense(
     in_dim: usize,
     out_dim: usize,
 ) {
-    add_by_outputs(out, x, rows, in_dim, out_dim, |o, _| {
-        Some(&w[o * in_dim..(o + 1) * in_dim])
+    add_by_outputs(out, rows, in_dim, out_dim, |first, n, acc| {
+        for j in 0..n {
+            let o = first + j;
+            dot_rows(&mut acc[j..], n, x, rows, &w[o * in_dim..(o + 1) * in_dim]);
+        }
     });
 }
 
-/// Adds `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows`, with
-/// `x: (·, in_dim)`, where `weight(o, scratch)` gives output `o`'s row of `ΔW` (`in_dim` long):
-/// a slice of a dense matrix, or `None` after unpacking a packed row into `scratch`. Work is split over
+/// Adds `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows` (`x: (·, in_dim)`
+/// is the callback's), where `dots(first, n, acc)` sets `acc[k · n + j]` to the product of the
+/// `k`-th row of `rows` with output `first + j`'s row of `ΔW` (`j < n`; [`dot_rows`] for a dense
+/// one). Work is split over
 /// contiguous ranges of outputs, so `ΔW` streams from memory once, in order, for all the rows
 /// (each output's weights are dotted with every row while they sit in L1); each row's sums run
 /// in the same order whatever the other rows are.
-pub fn add_by_outputs<'w>(
+pub fn add_by_outputs(
     out: &mut [f32],
-    x: &[f32],
     rows: &[u32],
     in_dim: usize,
     out_dim: usize,
-    weight: impl Fn(usize, &mut [f32]) -> Option<&'w [f32]> + Sync,
+    dots: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     if in_dim == 0 || out_dim == 0 || rows.is_empty() {
         return;
@@ -390,12 +393,7 @@ pub fn add_by_outputs<'w>(
         let o0 = item * width;
         let n = width.min(out_dim - o0);
         let mut acc = vec![0f32; rows.len() * n];
-        let mut scratch = vec![0f32; in_dim];
-        for j in 0..n {
-            let given = weight(o0 + j, &mut scratch);
-            let w_row = given.unwrap_or(&scratch);
-            dot_rows(&mut acc[j..], n, x, rows, w_row);
-        }
+        dots(o0, n, &mut acc);
         for (k, a) in acc.chunks_exact(n).enumerate() {
             // SAFETY: outputs `o0..o0 + n` of every row belong to this item alone.
             unsafe { scatter.write_slice(0, k * out_dim + o0, a) };
@@ -409,8 +407,9 @@ pub fn add_by_outputs<'w>(
 }
 
 wide_fn! {
-    /// `acc[k · stride] = x_r · w` for the `k`-th row `r` of `rows`, `x: (·, w.len())`.
-    fn dot_rows(acc: &mut [f32], stride: usize, x: &[f32], rows: &[u32], w: &[f32]) {
+    /// `acc[k · stride] = x_r · w` for the `k`-th row `r` of `rows`, `x: (·, w.len())`, with
+    /// [`dot`].
+    pub fn dot_rows(acc: &mut [f32], stride: usize, x: &[f32], rows: &[u32], w: &[f32]) {
         let in_dim = w.len();
         for (k, &r) in rows.iter().enumerate() {
             let r = r as usize;
