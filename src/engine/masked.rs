@@ -250,8 +250,7 @@ mod avx512 {
                 _mm256_set1_epi32(low.count_ones() as i32),
             );
             let places = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second);
-            let loaded =
-                _mm512_loadu_ps(values.as_ptr().add(*at));
+            let loaded = _mm512_loadu_ps(values.as_ptr().add(*at));
             _mm512_maskz_permutexvar_ps(mask, places, loaded)
         };
         *at += count;

@@ -139,24 +139,26 @@ impl AlignmentCache {
     }
 
     /// The trim thresholds under `key` when they were computed from exactly `aligned`, else
-    /// `compute`'s, stored for next time.
-    pub(crate) fn trims_or_compute(
+    /// `compute`'s, stored for next time, with what else `compute` made (a merge that found the
+    /// thresholds on the way).
+    pub(crate) fn trims_or_compute<R>(
         &self,
         key: TrimKey,
         aligned: &[Arc<Aligned>],
-        compute: impl FnOnce() -> Vec<f32>,
-    ) -> Arc<Vec<f32>> {
+        compute: impl FnOnce() -> (Vec<f32>, Option<R>),
+    ) -> (Arc<Vec<f32>>, Option<R>) {
         if let Some(found) = self.trims.get(&key) {
             let same = found.from.len() == aligned.len()
                 && (found.from.iter().zip(aligned))
                     .all(|(w, a)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(a)) && w.strong_count() > 0);
             if same {
                 self.trim_hits.fetch_add(1, Ordering::Relaxed);
-                return found.thresholds.clone();
+                return (found.thresholds.clone(), None);
             }
         }
         self.trim_misses.fetch_add(1, Ordering::Relaxed);
-        let thresholds = Arc::new(compute());
+        let (thresholds, made) = compute();
+        let thresholds = Arc::new(thresholds);
         let from = aligned.iter().map(Arc::downgrade).collect();
         self.trims.insert(
             key,
@@ -165,7 +167,7 @@ impl AlignmentCache {
                 thresholds: thresholds.clone(),
             }),
         );
-        thresholds
+        (thresholds, made)
     }
 
     pub fn stats(&self) -> AlignmentStats {

@@ -20,21 +20,32 @@ pub(crate) fn nth_magnitude(parts: &[&[f32]], rank: usize) -> f32 {
 
 /// [`nth_magnitude`] with the bucket counts of `parts` already known (from [`Histogram`]s).
 pub(crate) fn nth_magnitude_counted(parts: &[&[f32]], rank: usize, counts: &[u32]) -> f32 {
-    let mut before = 0;
-    let mut bucket = 0;
-    for (b, &count) in counts.iter().enumerate() {
-        if before + count as usize > rank {
-            bucket = b as u32;
-            break;
-        }
-        before += count as usize;
-    }
+    let (bucket, within) = locate(counts, rank);
     let mut inside: Vec<u32> = Vec::with_capacity(counts[bucket as usize] as usize);
     for part in parts {
         collect_bucket(part, bucket, &mut inside);
     }
-    let (_, nth, _) = inside.select_nth_unstable(rank - before);
+    let (_, nth, _) = inside.select_nth_unstable(within);
     f32::from_bits(*nth)
+}
+
+/// The bucket that holds the `rank`-th smallest magnitude of values with bucket counts `counts`,
+/// and that magnitude's rank among the bucket's own values.
+pub(crate) fn locate(counts: &[u32], rank: usize) -> (u32, usize) {
+    let mut before = 0;
+    for (b, &count) in counts.iter().enumerate() {
+        if before + count as usize > rank {
+            return (b as u32, rank - before);
+        }
+        before += count as usize;
+    }
+    (0, 0)
+}
+
+/// The smallest magnitude in `bucket`: every value of the bucket is at least this, every value of
+/// a lower bucket below it.
+pub(crate) fn bucket_floor(bucket: u32) -> f32 {
+    f32::from_bits(bucket << SHIFT)
 }
 
 /// A zeroed table of every bucket's count.
@@ -93,6 +104,33 @@ wide_fn! {
                     let bits = x.to_bits() & MAGNITUDE;
                     if bits >> SHIFT == bucket {
                         inside.push(bits);
+                    }
+                }
+            }
+        }
+    }
+}
+
+wide_fn! {
+    /// Appends to `inside` the position (`offset` plus the index in `values`) and `|x|` bits of
+    /// every value of `values` in bucket `bucket`, tested sixteen at a time as in
+    /// [`collect_bucket`].
+    pub(crate) fn collect_bucket_at(
+        values: &[f32],
+        offset: usize,
+        bucket: u32,
+        inside: &mut Vec<(u32, u32)>,
+    ) {
+        for (c, chunk) in values.chunks(16).enumerate() {
+            let mut hit = false;
+            for &x in chunk {
+                hit |= (x.to_bits() & MAGNITUDE) >> SHIFT == bucket;
+            }
+            if hit {
+                for (i, &x) in chunk.iter().enumerate() {
+                    let bits = x.to_bits() & MAGNITUDE;
+                    if bits >> SHIFT == bucket {
+                        inside.push(((offset + c * 16 + i) as u32, bits));
                     }
                 }
             }

@@ -15,7 +15,9 @@ use super::dare::{self, DareKey};
 use super::device;
 use super::magnitude::Histogram;
 use super::plan::{ModulePlan, Plan};
-use super::ties::{RepSource, Ties, ties_merge, ties_merge_trimmed, trim_thresholds};
+use super::ties::{
+    RepSource, Ties, ties_merge, ties_merge_counted, ties_merge_trimmed, trim_thresholds,
+};
 use super::{
     MergeError, MergeInput, MergeParams, MergedDelta, Method, ModuleDelta, Progress, Silent,
 };
@@ -165,19 +167,23 @@ fn knots_ties(
         alignments: &alignments,
     };
     let n = plan.inputs.len();
-    let compute = || trim_thresholds(&src, n, params.density, progress);
-    // DARE drops entries anew for each seed and p, so its thresholds are not kept.
-    let thresholds = match cache.filter(|_| !uses_dare(params)) {
-        Some(cache) => cache.trims_or_compute(trim_key(plan, params), &aligned, compute),
-        None => Arc::new(compute()),
+    let settings = ties_settings(plan, params);
+    // With the alignments' histograms, the thresholds come out of a one-pass merge.
+    let compute = || match ties_merge_counted(&src, &settings, progress) {
+        Some((thresholds, merged)) => (thresholds, Some(merged)),
+        None => (trim_thresholds(&src, n, params.density, progress), None),
     };
-    Ok(ties_on_alignments(
-        plan,
-        params,
-        &alignments,
-        &thresholds,
-        progress,
-    ))
+    // DARE drops entries anew for each seed and p, so its thresholds are not kept.
+    let (thresholds, merged) = match cache.filter(|_| !uses_dare(params)) {
+        Some(cache) => cache.trims_or_compute(trim_key(plan, params), &aligned, compute),
+        None => {
+            let (thresholds, merged) = compute();
+            (Arc::new(thresholds), merged)
+        }
+    };
+    let merged =
+        merged.unwrap_or_else(|| ties_merge_trimmed(&src, &settings, &thresholds, progress));
+    Ok(low_rank_modules(plan, &alignments, merged))
 }
 
 /// The set's alignments (every module's [`AlignKey`]) and the density, for the trim cache.
@@ -196,20 +202,12 @@ fn trim_key(plan: &Plan<'_>, params: &MergeParams) -> TrimKey {
     }
 }
 
-/// TIES over the aligned coordinates with each adapter's trim threshold known.
-fn ties_on_alignments(
+/// Each module's merged coordinates `R` as the factors `U · R`.
+fn low_rank_modules(
     plan: &Plan<'_>,
-    params: &MergeParams,
     alignments: &[&Alignment],
-    thresholds: &[f32],
-    progress: &dyn Progress,
+    merged: Vec<Vec<f32>>,
 ) -> Vec<ModuleDelta> {
-    let src = AlignedReps {
-        plan,
-        params,
-        alignments,
-    };
-    let merged = ties_merge_trimmed(&src, &ties_settings(plan, params), thresholds, progress);
     alignments
         .iter()
         .zip(plan.modules.iter().zip(merged))
@@ -503,6 +501,10 @@ impl RepSource for AlignedReps<'_> {
             .position(|x| x.index == i)?;
         self.alignments[m].histograms.get(position)
     }
+
+    fn has_histograms(&self) -> bool {
+        !uses_dare(self.params)
+    }
 }
 
 #[cfg(test)]
@@ -572,7 +574,9 @@ mod tests {
                     alignments: &alignments,
                 };
                 let trims = trim_thresholds(&src, inputs.len(), params.density, &Silent);
-                ties_on_alignments(&plan, &params, &alignments, &trims, &Silent)[0].to_dense()
+                let merged =
+                    ties_merge_trimmed(&src, &ties_settings(&plan, &params), &trims, &Silent);
+                low_rank_modules(&plan, &alignments, merged)[0].to_dense()
             };
             let (want, got) = (ties(&aligned[0]), ties(&flipped[0]));
             assert!(got.relative_error(&want) < 1e-6, "{method}");

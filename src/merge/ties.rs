@@ -2,9 +2,10 @@
 //! adapter globally across all modules, weight, elect a sign per entry, disjoint mean, scale by λ.
 //!
 //! Two passes over the modules: first each adapter's trim threshold over its whole flattened
-//! representation (a selection, not a sort), then the merge module by module. The rare entry
-//! whose values cancel exactly takes the sign of the sum of all elected signs, known only at the
-//! end; such entries are patched afterwards.
+//! representation (a selection, not a sort), then the merge module by module. Where every
+//! module's magnitude histogram is known (KnOTS' cached alignments), one pass does: see
+//! [`ties_merge_counted`]. The rare entry whose values cancel exactly takes the sign of the sum
+//! of all elected signs, known only at the end; such entries are patched afterwards.
 
 use std::borrow::Cow;
 
@@ -26,6 +27,10 @@ pub(crate) trait RepSource: Sync {
     fn histogram(&self, _i: usize, _m: usize) -> Option<&Histogram> {
         None
     }
+    /// Whether [`histogram`](Self::histogram) is known for every representation.
+    fn has_histograms(&self) -> bool {
+        false
+    }
 }
 
 /// TIES settings: the kept fraction, λ and the per-adapter weights (in plan order).
@@ -41,6 +46,9 @@ pub(crate) fn ties_merge(
     ties: &Ties,
     progress: &dyn Progress,
 ) -> Vec<Vec<f32>> {
+    if let Some((_, merged)) = ties_merge_counted(src, ties, progress) {
+        return merged;
+    }
     let thresholds = trim_thresholds(src, ties.weights.len(), ties.density, progress);
     ties_merge_trimmed(src, ties, &thresholds, progress)
 }
@@ -76,18 +84,24 @@ pub(crate) fn ties_merge_trimmed(
 
     progress.start("merging", src.module_count() as u64);
     let weights: Vec<f32> = ties.weights.iter().map(|&w| w as f32).collect();
-    let mut modules: Vec<MergedModule> = (0..src.module_count())
+    let none = vec![None; n];
+    let modules: Vec<MergedModule> = (0..src.module_count())
         .into_par_iter()
         .map(|m| {
             let reps: Vec<_> = (0..n).map(|i| src.rep(i, m)).collect();
-            let merged = merge_entries(&reps, thresholds, &weights, src.module_len(m));
+            let (merged, _) = merge_entries(&reps, thresholds, &weights, src.module_len(m), &none);
             progress.advance(1);
             merged
         })
         .collect();
+    finish(modules, ties.lambda)
+}
 
+/// Patches the entries whose kept values cancel exactly with the sign of the sum of all elected
+/// signs, and scales by λ.
+fn finish(mut modules: Vec<MergedModule>, lambda: f64) -> Vec<Vec<f32>> {
     let sign_sum: i64 = modules.iter().map(|m| m.sign_sum).sum();
-    let lambda = ties.lambda as f32;
+    let lambda = lambda as f32;
     for module in &mut modules {
         for &(j, pos_mean, neg_mean) in &module.undecided {
             // The reference keeps positive values only when the elected sign is > 0.
@@ -96,6 +110,130 @@ pub(crate) fn ties_merge_trimmed(
         module.values.iter_mut().for_each(|x| *x *= lambda);
     }
     modules.into_iter().map(|m| m.values).collect()
+}
+
+/// Where an adapter's trim threshold is, from the magnitude histograms alone.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Known without looking at values: 0 keeps everything (density 1, or a threshold among the
+    /// zeros of modules the adapter does not update).
+    Known(f32),
+    /// The `within`-th smallest (0-based) magnitude of the values in `bucket`.
+    InBucket { bucket: u32, within: usize },
+}
+
+impl Cut {
+    /// A threshold at or below the exact one that keeps nothing more than the bucket's values
+    /// beside the exactly kept ones.
+    fn floor(self) -> f32 {
+        match self {
+            Cut::Known(t) => t,
+            Cut::InBucket { bucket, .. } => magnitude::bucket_floor(bucket),
+        }
+    }
+}
+
+/// Every adapter's [`Cut`] as [`trim_threshold`] defines the threshold; `None` unless every
+/// representation's histogram is known.
+fn cuts(src: &impl RepSource, n: usize, density: f64) -> Option<Vec<Cut>> {
+    if !src.has_histograms() {
+        return None;
+    }
+    let total: usize = (0..src.module_count()).map(|m| src.module_len(m)).sum();
+    let keep = (total as f64 * density).floor() as usize;
+    (0..n)
+        .map(|i| {
+            if keep >= total {
+                return Some(Cut::Known(0.0));
+            }
+            let rank = total - keep - 1;
+            let mut counts = magnitude::empty_counts();
+            let mut zeros = 0;
+            for m in 0..src.module_count() {
+                match src.histogram(i, m) {
+                    Some(h) => h.add_to(&mut counts),
+                    None if src.rep(i, m).is_none() => zeros += src.module_len(m),
+                    None => return None,
+                }
+            }
+            if rank < zeros {
+                return Some(Cut::Known(0.0));
+            }
+            let (bucket, within) = magnitude::locate(&counts, rank - zeros);
+            Some(Cut::InBucket { bucket, within })
+        })
+        .collect()
+}
+
+/// [`ties_merge`] in one pass over the representations, when every one's magnitude histogram is
+/// known (`None` otherwise); also returns each adapter's trim threshold.
+///
+/// The histograms say which bucket holds each threshold. The merge runs with each threshold at
+/// its bucket's floor, which keeps the exactly kept values and that bucket's values below the
+/// threshold, and collects the bucket's values with their positions on the way (few, and read
+/// while in L1). The exact thresholds are then selected among those, and only the entries where
+/// a value below its threshold was kept are merged again. The result is the two-pass merge's to
+/// the bit: each entry's sums run over the adapters in the same order either way.
+pub(crate) fn ties_merge_counted(
+    src: &impl RepSource,
+    ties: &Ties,
+    progress: &dyn Progress,
+) -> Option<(Vec<f32>, Vec<Vec<f32>>)> {
+    let n = ties.weights.len();
+    let cuts = cuts(src, n, ties.density)?;
+    let floors: Vec<f32> = cuts.iter().map(|c| c.floor()).collect();
+    let buckets: Vec<Option<u32>> = (cuts.iter())
+        .map(|c| match c {
+            Cut::InBucket { bucket, .. } => Some(*bucket),
+            Cut::Known(_) => None,
+        })
+        .collect();
+    let weights: Vec<f32> = ties.weights.iter().map(|&w| w as f32).collect();
+
+    progress.start("merging", src.module_count() as u64);
+    let first: Vec<(MergedModule, Vec<Vec<(u32, u32)>>)> = (0..src.module_count())
+        .into_par_iter()
+        .map(|m| {
+            let reps: Vec<_> = (0..n).map(|i| src.rep(i, m)).collect();
+            let merged = merge_entries(&reps, &floors, &weights, src.module_len(m), &buckets);
+            progress.advance(1);
+            merged
+        })
+        .collect();
+
+    let thresholds: Vec<f32> = (cuts.iter().enumerate())
+        .map(|(i, cut)| match *cut {
+            Cut::Known(t) => t,
+            Cut::InBucket { within, .. } => {
+                let mut bits: Vec<u32> = (first.iter())
+                    .flat_map(|(_, inside)| inside[i].iter().map(|&(_, b)| b))
+                    .collect();
+                let (_, nth, _) = bits.select_nth_unstable(within);
+                f32::from_bits(*nth)
+            }
+        })
+        .collect();
+
+    let modules: Vec<MergedModule> = (first.into_par_iter().enumerate())
+        .map(|(m, (mut merged, inside))| {
+            let mut redo: Vec<usize> = (inside.iter().zip(&thresholds))
+                .flat_map(|(values, t)| {
+                    let t = t.to_bits();
+                    values.iter().filter(move |v| v.1 < t).map(|v| v.0 as usize)
+                })
+                .collect();
+            if !redo.is_empty() {
+                redo.sort_unstable();
+                redo.dedup();
+                let reps: Vec<_> = (0..n).map(|i| src.rep(i, m)).collect();
+                let exact = present(&reps, &thresholds, &weights);
+                let provisional = present(&reps, &floors, &weights);
+                merged.redo(&redo, &provisional, &exact);
+            }
+            merged
+        })
+        .collect();
+    Some((thresholds, finish(modules, ties.lambda)))
 }
 
 /// The trim threshold `t_i`: the `(D − ⌊D·d⌋)`-th smallest `|x|` over adapter `i`'s whole
@@ -142,19 +280,37 @@ struct MergedModule {
     undecided: Vec<(usize, f32, f32)>,
 }
 
+/// Each present representation (adapters that update the module, in order) with its threshold
+/// and weight.
+fn present<'r>(
+    reps: &'r [Option<Cow<'_, [f32]>>],
+    thresholds: &[f32],
+    weights: &[f32],
+) -> Vec<(&'r [f32], f32, f32)> {
+    reps.iter()
+        .zip(thresholds.iter().zip(weights))
+        .filter_map(|(rep, (&t, &w))| rep.as_deref().map(|r| (r, t, w)))
+        .collect()
+}
+
+/// Merges one module's entries; with `buckets[i]` set, also collects the positions and `|x|`
+/// bits of adapter `i`'s values in that magnitude bucket (one list per adapter).
 fn merge_entries(
     reps: &[Option<Cow<'_, [f32]>>],
     thresholds: &[f32],
     weights: &[f32],
     len: usize,
-) -> MergedModule {
+    buckets: &[Option<u32>],
+) -> (MergedModule, Vec<Vec<(u32, u32)>>) {
     // Entries are taken a block at a time, so the running sums stay in L1 while every adapter's
     // part of the block is added to them.
-    let present: Vec<(&[f32], f32, f32)> = reps
-        .iter()
-        .zip(thresholds.iter().zip(weights))
-        .filter_map(|(rep, (&t, &w))| rep.as_deref().map(|r| (r, t, w)))
+    let present = present(reps, thresholds, weights);
+    let collecting: Vec<Option<u32>> = (reps.iter().zip(buckets))
+        .filter(|(rep, _)| rep.is_some())
+        .map(|(_, b)| *b)
         .collect();
+    let indices: Vec<usize> = (0..reps.len()).filter(|&i| reps[i].is_some()).collect();
+    let mut inside: Vec<Vec<(u32, u32)>> = vec![Vec::new(); reps.len()];
     let mean = |sum: f32, count: u32| sum / count.max(1) as f32;
     let mut values = vec![0.0f32; len];
     let mut sign_sum = 0i64;
@@ -165,8 +321,12 @@ fn merge_entries(
         // Per entry: the sum, and the sums and counts of the positive and negative kept values,
         // accumulated adapter by adapter (the same order, so the same sums, as entry by entry).
         let mut block = Block::new();
-        for &(rep, t, w) in &present {
-            add_kept(&rep[start..start + n], t, w, block.sums(n));
+        for (p, &(rep, t, w)) in present.iter().enumerate() {
+            let part = &rep[start..start + n];
+            add_kept(part, t, w, block.sums(n));
+            if let Some(bucket) = collecting[p] {
+                magnitude::collect_bucket_at(part, start, bucket, &mut inside[indices[p]]);
+            }
         }
         let sums = block.sums(n);
         let (signs, cancelled) = elect(&sums, out);
@@ -186,10 +346,58 @@ fn merge_entries(
             }
         }
     }
-    MergedModule {
-        values,
-        sign_sum,
-        undecided,
+    (
+        MergedModule {
+            values,
+            sign_sum,
+            undecided,
+        },
+        inside,
+    )
+}
+
+/// One entry's sums over the present adapters, in order: as [`add_kept`] makes them.
+fn entry_sums(present: &[(&[f32], f32, f32)], j: usize) -> (f32, f32, f32, u32, u32) {
+    let (mut total, mut pos, mut neg, mut pos_n, mut neg_n) = (0f32, 0f32, 0f32, 0u32, 0u32);
+    for &(rep, t, w) in present {
+        let x = rep[j];
+        let kept = if x.abs() >= t { w * x } else { 0.0 };
+        total += kept;
+        pos += kept.max(0.0);
+        neg += kept.min(0.0);
+        pos_n += u32::from(kept > 0.0);
+        neg_n += u32::from(kept < 0.0);
+    }
+    (total, pos, neg, pos_n, neg_n)
+}
+
+impl MergedModule {
+    /// Merges entries `redo` (sorted) again with the exact thresholds (`present`), where they
+    /// were merged with `provisional` ones: their values, their part of the sign sum and their
+    /// place among the undecided entries.
+    fn redo(
+        &mut self,
+        redo: &[usize],
+        provisional: &[(&[f32], f32, f32)],
+        present: &[(&[f32], f32, f32)],
+    ) {
+        let sign = |total: f32| i64::from(total > 0.0) - i64::from(total < 0.0);
+        let mean = |sum: f32, count: u32| sum / count.max(1) as f32;
+        self.undecided.retain(|u| redo.binary_search(&u.0).is_err());
+        for &j in redo {
+            let (old, ..) = entry_sums(provisional, j);
+            let (total, pos, neg, pos_n, neg_n) = entry_sums(present, j);
+            self.sign_sum += sign(total) - sign(old);
+            let (positive, negative) = (mean(pos, pos_n), mean(neg, neg_n));
+            self.values[j] = match sign(total) {
+                1 => positive,
+                -1 => negative,
+                _ => 0.0,
+            };
+            if total == 0.0 && pos_n + neg_n > 0 {
+                self.undecided.push((j, positive, negative));
+            }
+        }
     }
 }
 
@@ -299,6 +507,124 @@ mod tests {
         }
         fn rep(&self, i: usize, m: usize) -> Option<Cow<'_, [f32]>> {
             self.0[m][i].as_deref().map(Cow::Borrowed)
+        }
+    }
+
+    /// [`Fixed`] with every representation's histogram counted up front.
+    struct Counted(Fixed, Vec<Vec<Option<Histogram>>>);
+
+    impl Counted {
+        fn new(fixed: Fixed) -> Self {
+            let histograms = (fixed.0.iter())
+                .map(|m| m.iter().map(|r| r.as_deref().map(Histogram::of)).collect())
+                .collect();
+            Self(fixed, histograms)
+        }
+    }
+
+    impl RepSource for Counted {
+        fn module_count(&self) -> usize {
+            self.0.module_count()
+        }
+        fn module_len(&self, m: usize) -> usize {
+            self.0.module_len(m)
+        }
+        fn rep(&self, i: usize, m: usize) -> Option<Cow<'_, [f32]>> {
+            self.0.rep(i, m)
+        }
+        fn histogram(&self, i: usize, m: usize) -> Option<&Histogram> {
+            self.1[m][i].as_ref()
+        }
+        fn has_histograms(&self) -> bool {
+            true
+        }
+    }
+
+    /// Values with many repeats (ties at the thresholds, exact cancellations) and zeros, from a
+    /// fixed pseudo-random sequence.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let r = (state >> 33) as u32;
+                match r % 7 {
+                    0 => 0.0,
+                    1 => 0.25 * if r & 8 == 0 { 1.0 } else { -1.0 },
+                    _ => (r % 20011) as f32 / 7919.0 - 1.26,
+                }
+            })
+            .collect()
+    }
+
+    /// The one-pass merge gives the two-pass merge's thresholds and values to the bit: adapters
+    /// missing modules, equal weights and unequal ones, densities from nothing kept to all.
+    #[test]
+    fn the_counted_merge_equals_the_two_pass_merge() {
+        let lens = [3000, 1024, 517];
+        let modules: Vec<Vec<Option<Vec<f32>>>> = (lens.iter().enumerate())
+            .map(|(m, &len)| {
+                (0..4)
+                    .map(|i| (i + m != 4).then(|| values(len, (10 * m + i) as u64)))
+                    .collect()
+            })
+            .collect();
+        let counted = Counted::new(Fixed(modules));
+        for density in [0.0, 0.05, 0.2, 0.5, 0.9, 1.0] {
+            for weights in [[1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 1.0, 0.3]] {
+                let ties = Ties {
+                    density,
+                    lambda: 0.7,
+                    weights: weights.to_vec(),
+                };
+                let thresholds = trim_thresholds(&counted.0, 4, density, &Silent);
+                let two_pass = ties_merge_trimmed(&counted.0, &ties, &thresholds, &Silent);
+                let (found, one_pass) =
+                    ties_merge_counted(&counted, &ties, &Silent).expect("histograms known");
+                assert_eq!(found, thresholds, "density {density}");
+                let same = (one_pass.iter().flatten().zip(two_pass.iter().flatten()))
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "density {density}, weights {weights:?}");
+            }
+        }
+        assert!(ties_merge_counted(&counted.0, &run_settings(), &Silent).is_none());
+    }
+
+    /// Entries merged again after the exact thresholds change the global sign sum (the first
+    /// case: it falls from 1 to 0, so the cancelled entry takes the negative mean) and leave the
+    /// undecided entries (the second: entry 0 cancels only with the value below the threshold).
+    /// Adapter 0's values share one magnitude bucket, its threshold 1.01 (density 0.5).
+    #[test]
+    fn entries_merged_again_fix_the_sign_sum_and_the_undecided() {
+        let cases = [
+            ([1.02, 1.0, 1.01, -1.02], [-1.02, 0.0, 0.0, 0.0]),
+            ([1.0, 1.02, 1.01, 1.03], [-1.0, 0.0, 0.0, 0.0]),
+        ];
+        let want = [[-1.02f32, 0.0, 1.01, -1.02], [-1.0, 1.02, 1.01, 1.03]];
+        for ((a, b), want) in cases.iter().zip(want) {
+            let fixed = Fixed(vec![vec![Some(a.to_vec()), Some(b.to_vec())]]);
+            let (thresholds, merged) =
+                ties_merge_counted(&Counted::new(fixed), &run_settings_for(2), &Silent).unwrap();
+            assert_eq!(thresholds[0], 1.01);
+            assert_eq!(merged, vec![want.to_vec()], "{a:?} {b:?}");
+        }
+    }
+
+    fn run_settings_for(n: usize) -> Ties {
+        Ties {
+            density: 0.5,
+            lambda: 1.0,
+            weights: vec![1.0; n],
+        }
+    }
+
+    fn run_settings() -> Ties {
+        Ties {
+            density: 0.5,
+            lambda: 1.0,
+            weights: vec![1.0; 4],
         }
     }
 
