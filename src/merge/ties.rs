@@ -112,6 +112,10 @@ fn finish(mut modules: Vec<MergedModule>, lambda: f64) -> Vec<Vec<f32>> {
     modules.into_iter().map(|m| m.values).collect()
 }
 
+/// Per adapter, the positions (within the module) and `|x|` bits of its values in one magnitude
+/// bucket.
+type BucketValues = Vec<Vec<(u32, u32)>>;
+
 /// Where an adapter's trim threshold is, from the magnitude histograms alone.
 #[derive(Debug, Clone, Copy)]
 enum Cut {
@@ -191,7 +195,7 @@ pub(crate) fn ties_merge_counted(
     let weights: Vec<f32> = ties.weights.iter().map(|&w| w as f32).collect();
 
     progress.start("merging", src.module_count() as u64);
-    let first: Vec<(MergedModule, Vec<Vec<(u32, u32)>>)> = (0..src.module_count())
+    let first: Vec<(MergedModule, BucketValues)> = (0..src.module_count())
         .into_par_iter()
         .map(|m| {
             let reps: Vec<_> = (0..n).map(|i| src.rep(i, m)).collect();
@@ -301,7 +305,7 @@ fn merge_entries(
     weights: &[f32],
     len: usize,
     buckets: &[Option<u32>],
-) -> (MergedModule, Vec<Vec<(u32, u32)>>) {
+) -> (MergedModule, BucketValues) {
     // Entries are taken a block at a time, so the running sums stay in L1 while every adapter's
     // part of the block is added to them.
     let present = present(reps, thresholds, weights);
@@ -310,7 +314,7 @@ fn merge_entries(
         .map(|(_, b)| *b)
         .collect();
     let indices: Vec<usize> = (0..reps.len()).filter(|&i| reps[i].is_some()).collect();
-    let mut inside: Vec<Vec<(u32, u32)>> = vec![Vec::new(); reps.len()];
+    let mut inside: BucketValues = vec![Vec::new(); reps.len()];
     let mean = |sum: f32, count: u32| sum / count.max(1) as f32;
     let mut values = vec![0.0f32; len];
     let mut sign_sum = 0i64;
@@ -543,7 +547,9 @@ mod tests {
     /// Values with many repeats (ties at the thresholds, exact cancellations) and zeros, from a
     /// fixed pseudo-random sequence.
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {
                 state = state
