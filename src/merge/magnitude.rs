@@ -92,21 +92,21 @@ const SHIFT: u32 = 15;
 /// Buckets: every value of `|x|`'s bits above [`SHIFT`].
 const BUCKETS: usize = 1 << (31 - SHIFT);
 
-wide_fn! {
-    /// Appends to `inside` the `|x|` bits of every value of `values` in bucket `bucket`. Few
-    /// values are, so sixteen at a time are first tested together, with vector compares.
-    fn collect_bucket(values: &[f32], bucket: u32, inside: &mut Vec<u32>) {
-        for chunk in values.chunks(16) {
-            let mut hit = false;
-            for &x in chunk {
-                hit |= (x.to_bits() & MAGNITUDE) >> SHIFT == bucket;
-            }
-            if hit {
-                for &x in chunk {
-                    let bits = x.to_bits() & MAGNITUDE;
-                    if bits >> SHIFT == bucket {
-                        inside.push(bits);
-                    }
+/// Calls `hit(i, bits)` with the index and `|x|` bits of every value of `values` in bucket
+/// `bucket`. Few values are, so sixteen at a time are first tested together, with vector
+/// compares.
+#[inline(always)]
+fn each_in_bucket(values: &[f32], bucket: u32, mut hit: impl FnMut(usize, u32)) {
+    for (c, chunk) in values.chunks(16).enumerate() {
+        let mut any = false;
+        for &x in chunk {
+            any |= (x.to_bits() & MAGNITUDE) >> SHIFT == bucket;
+        }
+        if any {
+            for (i, &x) in chunk.iter().enumerate() {
+                let bits = x.to_bits() & MAGNITUDE;
+                if bits >> SHIFT == bucket {
+                    hit(c * 16 + i, bits);
                 }
             }
         }
@@ -114,29 +114,22 @@ wide_fn! {
 }
 
 wide_fn! {
+    /// Appends to `inside` the `|x|` bits of every value of `values` in bucket `bucket`.
+    fn collect_bucket(values: &[f32], bucket: u32, inside: &mut Vec<u32>) {
+        each_in_bucket(values, bucket, |_, bits| inside.push(bits));
+    }
+}
+
+wide_fn! {
     /// Appends to `inside` the position (`offset` plus the index in `values`) and `|x|` bits of
-    /// every value of `values` in bucket `bucket`, tested sixteen at a time as in
-    /// [`collect_bucket`].
+    /// every value of `values` in bucket `bucket`.
     pub(crate) fn collect_bucket_at(
         values: &[f32],
         offset: usize,
         bucket: u32,
         inside: &mut Vec<(u32, u32)>,
     ) {
-        for (c, chunk) in values.chunks(16).enumerate() {
-            let mut hit = false;
-            for &x in chunk {
-                hit |= (x.to_bits() & MAGNITUDE) >> SHIFT == bucket;
-            }
-            if hit {
-                for (i, &x) in chunk.iter().enumerate() {
-                    let bits = x.to_bits() & MAGNITUDE;
-                    if bits >> SHIFT == bucket {
-                        inside.push(((offset + c * 16 + i) as u32, bits));
-                    }
-                }
-            }
-        }
+        each_in_bucket(values, bucket, |i, bits| inside.push(((offset + i) as u32, bits)));
     }
 }
 

@@ -143,14 +143,11 @@ fn cuts(src: &impl RepSource, n: usize, density: f64) -> Option<Vec<Cut>> {
     if !src.has_histograms() {
         return None;
     }
-    let total: usize = (0..src.module_count()).map(|m| src.module_len(m)).sum();
-    let keep = (total as f64 * density).floor() as usize;
+    let Some(rank) = trim_rank(src, density) else {
+        return Some(vec![Cut::Known(0.0); n]);
+    };
     (0..n)
         .map(|i| {
-            if keep >= total {
-                return Some(Cut::Known(0.0));
-            }
-            let rank = total - keep - 1;
             let mut counts = magnitude::empty_counts();
             let mut zeros = 0;
             for m in 0..src.module_count() {
@@ -160,11 +157,13 @@ fn cuts(src: &impl RepSource, n: usize, density: f64) -> Option<Vec<Cut>> {
                     None => return None,
                 }
             }
-            if rank < zeros {
-                return Some(Cut::Known(0.0));
-            }
-            let (bucket, within) = magnitude::locate(&counts, rank - zeros);
-            Some(Cut::InBucket { bucket, within })
+            Some(match rank.checked_sub(zeros) {
+                Some(rank) => {
+                    let (bucket, within) = magnitude::locate(&counts, rank);
+                    Cut::InBucket { bucket, within }
+                }
+                None => Cut::Known(0.0),
+            })
         })
         .collect()
 }
@@ -243,12 +242,9 @@ pub(crate) fn ties_merge_counted(
 /// The trim threshold `t_i`: the `(D − ⌊D·d⌋)`-th smallest `|x|` over adapter `i`'s whole
 /// representation (length `D`); entries with `|x| ≥ t_i` are kept. `0` keeps everything.
 pub(crate) fn trim_threshold(src: &impl RepSource, i: usize, density: f64) -> f32 {
-    let total: usize = (0..src.module_count()).map(|m| src.module_len(m)).sum();
-    let keep = (total as f64 * density).floor() as usize;
-    if keep >= total {
+    let Some(rank) = trim_rank(src, density) else {
         return 0.0;
-    }
-    let rank = total - keep - 1;
+    };
     let mut parts = Vec::new();
     let mut histograms = Vec::new();
     let mut zeros = 0;
@@ -261,18 +257,33 @@ pub(crate) fn trim_threshold(src: &impl RepSource, i: usize, density: f64) -> f3
             None => zeros += src.module_len(m),
         }
     }
-    if rank < zeros {
+    // The zeros of modules the adapter does not update are the smallest magnitudes.
+    let Some(rank) = rank.checked_sub(zeros) else {
         return 0.0;
-    }
+    };
     let parts: Vec<&[f32]> = parts.iter().map(|p| p.as_ref()).collect();
     match histograms.into_iter().collect::<Option<Vec<_>>>() {
         Some(histograms) => {
             let mut counts = magnitude::empty_counts();
             histograms.iter().for_each(|h| h.add_to(&mut counts));
-            magnitude::nth_magnitude_counted(&parts, rank - zeros, &counts)
+            magnitude::nth_magnitude_counted(&parts, rank, &counts)
         }
-        None => magnitude::nth_magnitude(&parts, rank - zeros),
+        None => magnitude::nth_magnitude(&parts, rank),
     }
+}
+
+/// The 0-based rank of the trim threshold among the `D` entries of one adapter's whole
+/// representation (the `(D − ⌊D·d⌋)`-th smallest `|x|`), or `None` when `density` keeps every
+/// entry.
+fn trim_rank(src: &impl RepSource, density: f64) -> Option<usize> {
+    let total: usize = (0..src.module_count()).map(|m| src.module_len(m)).sum();
+    let keep = (total as f64 * density).floor() as usize;
+    (keep < total).then(|| total - keep - 1)
+}
+
+/// A disjoint mean: `sum` over `max(1, count)`.
+fn mean(sum: f32, count: u32) -> f32 {
+    sum / count.max(1) as f32
 }
 
 struct MergedModule {
@@ -309,13 +320,12 @@ fn merge_entries(
     // Entries are taken a block at a time, so the running sums stay in L1 while every adapter's
     // part of the block is added to them.
     let present = present(reps, thresholds, weights);
-    let collecting: Vec<Option<u32>> = (reps.iter().zip(buckets))
-        .filter(|(rep, _)| rep.is_some())
-        .map(|(_, b)| *b)
+    // Beside each present representation: its adapter and the bucket to collect from it.
+    let collect: Vec<(usize, Option<u32>)> = (0..reps.len())
+        .filter(|&i| reps[i].is_some())
+        .map(|i| (i, buckets[i]))
         .collect();
-    let indices: Vec<usize> = (0..reps.len()).filter(|&i| reps[i].is_some()).collect();
     let mut inside: BucketValues = vec![Vec::new(); reps.len()];
-    let mean = |sum: f32, count: u32| sum / count.max(1) as f32;
     let mut values = vec![0.0f32; len];
     let mut sign_sum = 0i64;
     let mut undecided = Vec::new();
@@ -325,11 +335,11 @@ fn merge_entries(
         // Per entry: the sum, and the sums and counts of the positive and negative kept values,
         // accumulated adapter by adapter (the same order, so the same sums, as entry by entry).
         let mut block = Block::new();
-        for (p, &(rep, t, w)) in present.iter().enumerate() {
+        for (&(rep, t, w), &(i, bucket)) in present.iter().zip(&collect) {
             let part = &rep[start..start + n];
             add_kept(part, t, w, block.sums(n));
-            if let Some(bucket) = collecting[p] {
-                magnitude::collect_bucket_at(part, start, bucket, &mut inside[indices[p]]);
+            if let Some(bucket) = bucket {
+                magnitude::collect_bucket_at(part, start, bucket, &mut inside[i]);
             }
         }
         let sums = block.sums(n);
@@ -386,7 +396,6 @@ impl MergedModule {
         present: &[(&[f32], f32, f32)],
     ) {
         let sign = |total: f32| i64::from(total > 0.0) - i64::from(total < 0.0);
-        let mean = |sum: f32, count: u32| sum / count.max(1) as f32;
         self.undecided.retain(|u| redo.binary_search(&u.0).is_err());
         for &j in redo {
             let (old, ..) = entry_sums(provisional, j);
