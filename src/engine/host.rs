@@ -8,6 +8,8 @@
 
 use candle_core::{Storage, Tensor};
 
+use super::prefetch::Lines;
+
 /// Calls `f` with `t`'s values when it is a contiguous f32 tensor in host memory; `None` for any
 /// other tensor (GPU, other dtype, strided view), where callers use tensor ops instead.
 pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -184,6 +186,9 @@ pub struct LowRankLayer<'a> {
 /// Rows of a group handled together by one pass over its factors.
 const ROW_BLOCK: usize = 4;
 
+/// Lines of a factor asked for before its first use; the rest follow as the work goes.
+const LEAD_LINES: usize = 16;
+
 /// Adds the low-rank update `(x_r · aᵀ) · bᵀ` of each group to each of its rows `r` of its
 /// layer's output, with `x: (·, in_dim)` the input every layer shares (q, k and v read the same
 /// `x`). One pass over the pool for all layers: a work item is one group of one layer, so each
@@ -265,13 +270,19 @@ fn low_rank_block<const R: usize>(
     let dst: &mut [&mut [f32]; R] = dst.try_into().expect("block size");
     let x: &[&[f32]; R] = x.try_into().expect("block size");
     let mut h = vec![0f32; R * rank];
+    // The factors are a few kilobytes each: ask for the start of `aᵀ` now and for the rest of it
+    // and all of `bᵀ` along the first pass over `aᵀ` (see `prefetch`).
+    let a_lines = Lines::of(a_t);
+    a_lines.first(LEAD_LINES).fetch_all();
+    let mut ahead = [a_lines.from_byte(LEAD_LINES * 64), Lines::of(b_t)];
     let mut c = 0;
     while c < rank {
         c += match rank - c {
-            16.. => hidden_columns::<16, R>(x, a_t, rank, c, &mut h),
-            8.. => hidden_columns::<8, R>(x, a_t, rank, c, &mut h),
-            _ => hidden_columns::<1, R>(x, a_t, rank, c, &mut h),
+            16.. => hidden_columns::<16, R>(x, a_t, rank, c, &mut h, &ahead),
+            8.. => hidden_columns::<8, R>(x, a_t, rank, c, &mut h, &ahead),
+            _ => hidden_columns::<1, R>(x, a_t, rank, c, &mut h, &ahead),
         };
+        ahead = [Lines::NONE; 2];
     }
     let out_dim = dst[0].len();
     let mut o = 0;
@@ -306,7 +317,8 @@ fn low_rank_block<const R: usize>(
 /// written to `h[r · rank + c..]`; returns `W`. The sums stay in registers across the whole
 /// input: each `h_rj` sums the input in four interleaved chains (inputs `i ≡ 0, 1, 2, 3 mod 4`),
 /// added in a fixed order at the end, so there are four independent multiply-adds per step
-/// instead of one long dependent chain, and each loaded piece of `aᵀ` serves all `R` rows.
+/// instead of one long dependent chain, and each loaded piece of `aᵀ` serves all `R` rows. Each
+/// step asks for its share of the lines of `ahead`.
 #[inline(always)]
 fn hidden_columns<const W: usize, const R: usize>(
     x: &[&[f32]; R],
@@ -314,12 +326,17 @@ fn hidden_columns<const W: usize, const R: usize>(
     rank: usize,
     c: usize,
     h: &mut [f32],
+    ahead: &[Lines],
 ) -> usize {
     const CHAINS: usize = 4;
     let in_dim = x[0].len();
     let full = in_dim - in_dim % CHAINS;
+    let steps = full / CHAINS;
     let mut acc = [[[0f32; W]; CHAINS]; R];
     for (step, rows) in a_t[..full * rank].chunks_exact(CHAINS * rank).enumerate() {
+        for lines in ahead {
+            lines.fetch(step, steps);
+        }
         let i0 = step * CHAINS;
         for k in 0..CHAINS {
             let a = &rows[k * rank + c..k * rank + c + W];
@@ -626,9 +643,19 @@ pub fn attend_heads<'a>(
     key: impl Fn(usize) -> &'a [f32],
     value: impl Fn(usize) -> &'a [f32],
 ) {
+    // Each position's key and value are a few lines somewhere in the cache: ask for the keys a
+    // few positions ahead, and for each value while its key is read (see `prefetch`).
+    const AHEAD: usize = 4;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = vec![0f32; qs.len() / hd * positions];
+    for j in 0..AHEAD.min(positions) {
+        Lines::of(key(j)).fetch_all();
+    }
     for j in 0..positions {
+        if j + AHEAD < positions {
+            Lines::of(key(j + AHEAD)).fetch_all();
+        }
+        Lines::of(value(j)).fetch_all();
         let k = key(j);
         for (h, qh) in qs.chunks_exact(hd).enumerate() {
             scores[h * positions + j] = dot_lanes(qh, k) * scale;

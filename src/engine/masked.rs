@@ -12,7 +12,8 @@
 //! out: each mask's values are loaded and put in their sixteen places in a register by one
 //! permutation, whose indices come from a 256-entry table per mask byte (`vexpandps`, the
 //! instruction made for this, costs several times more on some CPUs), and multiplied with up to
-//! four input rows while they sit there.
+//! four input rows while they sit there. Four rows are a tile; the next tile's values are asked
+//! for while one is multiplied (see `prefetch`).
 
 use super::host;
 
@@ -107,9 +108,6 @@ impl MaskedMatrix {
             && self.cols.is_multiple_of(LANES)
         {
             host::add_by_outputs(out, rows, self.cols, self.rows, |first, n, acc| {
-                let chunks = self.cols / LANES;
-                avx512::prefetch(&self.masks[first * chunks..(first + n) * chunks]);
-                avx512::prefetch(&self.values[self.starts[first]..self.starts[first + n]]);
                 let outputs: Vec<(&[u16], &[f32])> =
                     (first..first + n).map(|o| self.row(o)).collect();
                 // SAFETY: the CPU has AVX-512F and POPCNT; each output's `values` holds its
@@ -128,12 +126,13 @@ impl MaskedMatrix {
         });
     }
 
-    /// Row `r`'s masks and packed values, followed by at least [`LANES`] more values.
+    /// Row `r`'s masks and packed values, followed by [`LANES`] more values (the next rows' or
+    /// the padding).
     fn row(&self, r: usize) -> (&[u16], &[f32]) {
         let chunks = self.cols.div_ceil(LANES);
         (
             &self.masks[r * chunks..(r + 1) * chunks],
-            &self.values[self.starts[r]..],
+            &self.values[self.starts[r]..self.starts[r + 1] + LANES],
         )
     }
 }
@@ -163,6 +162,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::LANES;
+    use crate::engine::prefetch::Lines;
 
     /// Outputs (packed rows) multiplied side by side.
     const OUTS: usize = 4;
@@ -190,15 +190,20 @@ mod avx512 {
         table
     }
 
-    /// Asks for `data` in L2 ahead of its use: one output row is a few hundred bytes, too short
-    /// a stream for the hardware prefetcher to get ahead of, while a work item's rows together
-    /// are a few tens of kilobytes.
-    pub fn prefetch<T>(data: &[T]) {
-        let bytes = std::mem::size_of_val(data);
-        let start = data.as_ptr().cast::<i8>();
-        for offset in (0..bytes).step_by(64) {
-            // SAFETY: the address is inside `data`; a prefetch never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.add(offset)) };
+    /// The values of `tile` (outputs `tile·OUTS..`), to ask for while the tile before it is
+    /// multiplied (see `prefetch`); none past the last tile.
+    fn tile_values(outputs: &[(&[u16], &[f32])], tile: usize) -> Lines {
+        let (first, end) = (tile * OUTS, ((tile + 1) * OUTS).min(outputs.len()));
+        if first >= end {
+            return Lines::NONE;
+        }
+        let start = outputs[first].1.as_ptr();
+        let last = outputs[end - 1].1;
+        // SAFETY: the rows' values are consecutive pieces of one array, so the span from the
+        // first row's start to the last row's end (its padding excluded) lies within it.
+        unsafe {
+            let floats = last.as_ptr().offset_from(start) as usize + last.len() - LANES;
+            Lines::of(std::slice::from_raw_parts(start, floats))
         }
     }
 
@@ -221,17 +226,19 @@ mod avx512 {
                 .iter()
                 .map(|&r| &x[r as usize * cols..(r as usize + 1) * cols])
                 .collect();
+            tile_values(outputs, 0).fetch_all();
             for (t, tile) in outputs.chunks(OUTS).enumerate() {
                 // Short tiles are padded with an empty row, whose sums are dropped.
                 let mut four = [empty; OUTS];
                 four[..tile.len()].copy_from_slice(tile);
+                let ahead = tile_values(outputs, t + 1);
                 // SAFETY: the caller's guarantees; every row of `xs` is `cols` long.
                 let sums = unsafe {
                     match xs.len() {
-                        1 => tile_sums::<1>(&four, &xs),
-                        2 => tile_sums::<2>(&four, &xs),
-                        3 => tile_sums::<3>(&four, &xs),
-                        _ => tile_sums::<4>(&four, &xs),
+                        1 => tile_sums::<1>(&four, &xs, ahead),
+                        2 => tile_sums::<2>(&four, &xs, ahead),
+                        3 => tile_sums::<3>(&four, &xs, ahead),
+                        _ => tile_sums::<4>(&four, &xs, ahead),
                     }
                 };
                 for (k, row) in sums.iter().take(block.len()).enumerate() {
@@ -273,7 +280,7 @@ mod avx512 {
     }
 
     /// The products of [`OUTS`] packed rows with `R` input rows: `sums[k][j] = x_k · w_j` (rows
-    /// past `R` are zero).
+    /// past `R` are zero), asking for the lines of `ahead` along the way.
     ///
     /// # Safety
     /// As [`products`]; `xs` holds `R` rows of `cols` inputs.
@@ -281,6 +288,7 @@ mod avx512 {
     unsafe fn tile_sums<const R: usize>(
         outputs: &[(&[u16], &[f32]); OUTS],
         xs: &[&[f32]],
+        ahead: Lines,
     ) -> [[f32; OUTS]; ROWS] {
         let chunks = outputs[0].0.len();
         assert!(xs.len() == R && xs.iter().all(|x| x.len() == chunks * LANES));
@@ -288,6 +296,7 @@ mod avx512 {
         let mut acc = [[_mm256_setzero_ps(); OUTS]; R];
         let mut at = [0usize; OUTS];
         for c in 0..chunks {
+            ahead.fetch(c, chunks);
             let mut w = [_mm512_setzero_ps(); OUTS];
             for j in 0..OUTS {
                 // SAFETY: the caller's guarantee on each output's values.

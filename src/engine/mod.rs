@@ -25,6 +25,7 @@ mod models;
 mod ops;
 mod paged;
 mod panels;
+mod prefetch;
 mod qmatmul;
 mod rope;
 mod sampling;
