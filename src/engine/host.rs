@@ -274,7 +274,7 @@ fn low_rank_block<const R: usize>(
     // and all of `bᵀ` along the first pass over `aᵀ` (see `prefetch`).
     let a_lines = Lines::of(a_t);
     a_lines.first(LEAD_LINES).fetch_all();
-    let mut ahead = [a_lines.from_byte(LEAD_LINES * 64), Lines::of(b_t)];
+    let mut ahead = [a_lines.after_byte(LEAD_LINES * 64), Lines::of(b_t)];
     let mut c = 0;
     while c < rank {
         c += match rank - c {

@@ -34,7 +34,7 @@ impl Lines {
     }
 
     /// The lines from byte `offset` on (none when `offset` is past the end).
-    pub fn from_byte(self, offset: usize) -> Lines {
+    pub fn after_byte(self, offset: usize) -> Lines {
         let skip = (offset / LINE).min(self.count);
         Lines {
             start: self.start.wrapping_add(skip * LINE),
@@ -101,8 +101,8 @@ mod tests {
             }
             assert!(seen.iter().all(|&n| n == 1), "{parts} parts: {seen:?}");
         }
-        assert_eq!(lines.from_byte(64 * 3 + 1).count, 8);
-        assert_eq!(lines.from_byte(64 * 20).count, 0);
+        assert_eq!(lines.after_byte(64 * 3 + 1).count, 8);
+        assert_eq!(lines.after_byte(64 * 20).count, 0);
         assert_eq!(lines.first(4).count, 4);
         assert_eq!(Lines::NONE.first(4).count, 0);
         // Asking never faults, in range or not.
