@@ -720,6 +720,74 @@ wide_fn! {
     }
 }
 
+/// RMS normalisation of each `weight.len()`-long row of `x`, scaled by `weight`:
+/// `v / √(mean(v²) + eps) · w`, as candle's `rms_norm` writes it, with the sum of squares in
+/// sixteen lanes (the order of [`sum_lanes`]) instead of one long chain.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if !weight.is_empty() {
+        rms_norm_into(&mut out, x, weight, eps);
+    }
+    out
+}
+
+wide_fn! {
+    /// [`rms_norm`] into `out` (as long as `x`).
+    fn rms_norm_into(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+        let dim = weight.len();
+        for (o, v) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+            let mut acc = [0f32; LANES];
+            let (chunks, tail) = v.as_chunks::<LANES>();
+            for chunk in chunks {
+                for i in 0..LANES {
+                    acc[i] += chunk[i] * chunk[i];
+                }
+            }
+            let squares = halves(acc) + tail.iter().map(|t| t * t).sum::<f32>();
+            let m = (squares / dim as f32 + eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(v).zip(weight) {
+                *o = v / m * w;
+            }
+        }
+    }
+}
+
+/// Rotary embedding ("rotate half") of `x: rows × (heads·head_dim)` in place, row `i` by the
+/// angles `cos`/`sin: rows × head_dim/2` of its position, with candle's `rope` expressions.
+/// `false` (and `x` untouched) when the sizes do not fit together.
+pub fn rope_rows(x: &mut [f32], cos: &[f32], sin: &[f32], rows: usize, heads: usize) -> bool {
+    let half = x.len() / (rows * heads * 2).max(1);
+    let fits = half > 0
+        && x.len() == rows * heads * 2 * half
+        && cos.len() == rows * half
+        && sin.len() == cos.len();
+    if fits {
+        rope_rows_into(x, cos, sin, half);
+    }
+    fits
+}
+
+wide_fn! {
+    /// [`rope_rows`] with `half = head_dim / 2`.
+    fn rope_rows_into(x: &mut [f32], cos: &[f32], sin: &[f32], half: usize) {
+        let rows = cos.len() / half;
+        let width = x.len() / rows.max(1);
+        for (row, (c, s)) in x
+            .chunks_exact_mut(width)
+            .zip(cos.chunks_exact(half).zip(sin.chunks_exact(half)))
+        {
+            for head in row.chunks_exact_mut(2 * half) {
+                let (x1, x2) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (x1[j], x2[j]);
+                    x1[j] = a * c[j] - b * s[j];
+                    x2[j] = a * s[j] + b * c[j];
+                }
+            }
+        }
+    }
+}
+
 /// `silu(gate) · up` element-wise (SwiGLU), spread over the pool; `silu(v) = v / (1 + e^(−v))`
 /// with [`exp`], so the loop vectorizes (within a few ulps of candle's `silu`).
 pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {

@@ -31,8 +31,16 @@ pub fn layer_norm(
     })
 }
 
-/// RMS normalisation over the last axis.
+/// RMS normalisation over the last axis. Inference on host tensors runs `host::rms_norm` (the
+/// sum of squares in sixteen lanes rather than one chain); gradients and other devices use
+/// candle's op.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, grad: bool) -> Result<Tensor> {
+    if !grad
+        && x.dims().last() == Some(&weight.elem_count())
+        && let Some(y) = host::with_slices(&[x, weight], |s| host::rms_norm(s[0], s[1], eps))
+    {
+        return Ok(Tensor::from_vec(y, x.shape(), x.device())?);
+    }
     Ok(if grad {
         candle_nn::ops::rms_norm_slow(x, weight, eps)?
     } else {

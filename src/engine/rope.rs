@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result};
+use super::host;
 
 /// `rope_scaling` / `rope_parameters` from a Hugging Face config.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -96,6 +97,13 @@ impl Rope {
 /// Rotates `x: (rows, heads·head_dim)`, row `i` at the position `angles` was built with at `i`.
 pub fn rope_rows(x: &Tensor, heads: usize, angles: &RowAngles) -> Result<Tensor> {
     let (rows, width) = x.dims2()?;
+    let on_host = host::with_slices(&[x, &angles.cos, &angles.sin], |s| {
+        let mut y = s[0].to_vec();
+        host::rope_rows(&mut y, s[1], s[2], rows, heads).then_some(y)
+    });
+    if let Some(Some(y)) = on_host {
+        return Ok(Tensor::from_vec(y, (rows, width), x.device())?);
+    }
     let x = x.reshape((1, rows, heads, width / heads.max(1)))?;
     let (cos, sin) = (
         angles.cos.to_dtype(x.dtype())?,
