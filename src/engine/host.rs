@@ -812,6 +812,59 @@ wide_fn! {
 mod tests {
     use super::*;
 
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * seed).sin() * 3.0).collect()
+    }
+
+    /// Within a few ulps of candle's op (only the order of the sum of squares differs), for rows
+    /// with and without a tail past the last sixteen values.
+    #[test]
+    fn rms_norm_follows_candles() {
+        for dim in [64, 37] {
+            let (x, w) = (values(5 * dim, 0.37), values(dim, 0.11));
+            let ours = rms_norm(&x, &w, 1e-5);
+            let xt = Tensor::from_vec(x, (5, dim), &candle_core::Device::Cpu).unwrap();
+            let wt = Tensor::from_vec(w, dim, &candle_core::Device::Cpu).unwrap();
+            let theirs: Vec<f32> = candle_nn::ops::rms_norm(&xt, &wt, 1e-5)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in ours.iter().zip(&theirs) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "dim {dim}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// The same values as candle's rotary embedding, to the bit; sizes that do not fit leave
+    /// the input alone.
+    #[test]
+    fn rope_rows_equal_candles() {
+        let (rows, heads, half) = (3, 2, 4);
+        let x = values(rows * heads * 2 * half, 0.29);
+        let (cos, sin) = (values(rows * half, 0.7), values(rows * half, 1.3));
+        let mut ours = x.clone();
+        assert!(rope_rows(&mut ours, &cos, &sin, rows, heads));
+        let cpu = candle_core::Device::Cpu;
+        let xt = Tensor::from_vec(x.clone(), (1, rows, heads, 2 * half), &cpu).unwrap();
+        let ct = Tensor::from_vec(cos.clone(), (rows, half), &cpu).unwrap();
+        let st = Tensor::from_vec(sin.clone(), (rows, half), &cpu).unwrap();
+        let theirs: Vec<f32> = candle_nn::rotary_emb::rope_thd(&xt, &ct, &st)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ours, theirs);
+        let mut odd = x.clone();
+        assert!(!rope_rows(&mut odd, &cos[1..], &sin, rows, heads));
+        assert_eq!(odd, x);
+    }
+
     #[test]
     fn every_item_of_every_part_runs_once() {
         use std::sync::Mutex;
