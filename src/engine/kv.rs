@@ -1,7 +1,8 @@
 //! The serving engine's KV cache and the attention that reads it.
 //!
 //! Keys and values live in fixed-size blocks of [`BLOCK_POSITIONS`] positions (every layer's keys
-//! and values of those positions in one allocation). A sequence owns a list of blocks; a
+//! and values of those positions in one allocation, each KV head's rows of a layer adjacent, so
+//! that one head's attention reads a contiguous run per block). A sequence owns a list of blocks; a
 //! [`KvPool`] hands them out under a byte budget, takes them back the moment a sequence ends and
 //! reuses them, so the cache never grows by concatenation and a step allocates nothing. A
 //! sequence reserves the blocks of its whole possible length (prompt plus `max_tokens`, capped by
@@ -55,9 +56,12 @@ impl KvShape {
         self.block_floats() * std::mem::size_of::<f32>()
     }
 
-    /// Offset of `(layer, keys or values, position within the block)` in a block.
-    fn offset(&self, layer: usize, values: bool, slot: usize) -> usize {
-        ((layer * 2 + usize::from(values)) * BLOCK_POSITIONS + slot) * self.kv_dim()
+    /// Offset of `(layer, keys or values, KV head, position within the block)` in a block. Each
+    /// head's rows of a block are adjacent, so the attention of one head reads one contiguous
+    /// run per block.
+    fn offset(&self, layer: usize, values: bool, head: usize, slot: usize) -> usize {
+        let run = (layer * 2 + usize::from(values)) * self.kv_heads + head;
+        (run * BLOCK_POSITIONS + slot) * self.head_dim
     }
 }
 
@@ -158,13 +162,14 @@ impl SeqCache {
     /// Writes the keys and values of `position` in `layer`; the block must be there.
     pub(crate) fn write(&mut self, layer: usize, position: usize, k: &[f32], v: &[f32]) {
         let (block, slot) = (position / BLOCK_POSITIONS, position % BLOCK_POSITIONS);
-        let kv_dim = self.shape.kv_dim();
-        let shape = self.shape;
+        let (shape, hd) = (self.shape, self.shape.head_dim);
         let data = &mut self.blocks[block];
-        let at = shape.offset(layer, false, slot);
-        data[at..at + kv_dim].copy_from_slice(k);
-        let at = shape.offset(layer, true, slot);
-        data[at..at + kv_dim].copy_from_slice(v);
+        for (head, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+            let at = shape.offset(layer, false, head, slot);
+            data[at..at + hd].copy_from_slice(k);
+            let at = shape.offset(layer, true, head, slot);
+            data[at..at + hd].copy_from_slice(v);
+        }
     }
 
     /// Marks `n` more positions as filled (after a forward wrote them in every layer).
@@ -177,7 +182,7 @@ impl SeqCache {
     fn row(&self, layer: usize, values: bool, position: usize, head: usize) -> &[f32] {
         let (block, slot) = (position / BLOCK_POSITIONS, position % BLOCK_POSITIONS);
         let hd = self.shape.head_dim;
-        let at = self.shape.offset(layer, values, slot) + head * hd;
+        let at = self.shape.offset(layer, values, head, slot);
         &self.blocks[block][at..at + hd]
     }
 }
