@@ -128,6 +128,30 @@ impl<'a> Scatter<'a> {
     }
 }
 
+/// Buffers of `lens` floats that `fill` writes through a [`Scatter`], not zeroed first (a
+/// batched step's projection outputs are megabytes per step, every value of which the product
+/// writes anyway).
+///
+/// # Safety
+/// `fill` writes every position of every buffer, or panics.
+pub unsafe fn scattered(lens: &[usize], fill: impl FnOnce(&Scatter<'_>)) -> Vec<Vec<f32>> {
+    let mut bufs: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let scatter = Scatter {
+        bufs: (bufs.iter_mut().zip(lens))
+            .map(|(b, &n)| (SendPtr(b.as_mut_ptr()), n))
+            .collect(),
+        _borrow: std::marker::PhantomData,
+    };
+    fill(&scatter);
+    drop(scatter);
+    for (b, &n) in bufs.iter_mut().zip(lens) {
+        // SAFETY: the capacity is `n`, and `fill` returned, having written all `n` values (the
+        // caller's guarantee); had it panicked the buffers would be dropped empty.
+        unsafe { b.set_len(n) };
+    }
+    bufs
+}
+
 /// A raw pointer the pool's workers may share (see [`par_chunks`]).
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);

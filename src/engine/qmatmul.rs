@@ -212,17 +212,35 @@ impl PackedMatrix {
         // Every matrix's groups one after another; each work item is one group and writes its
         // own columns of its matrix's output.
         let counts: Vec<usize> = ms.iter().map(|m| m.groups()).collect();
-        let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; rows * m.rows]).collect();
-        let scatter = host::Scatter::new(&mut outs);
+        let lens: Vec<usize> = ms.iter().map(|m| rows * m.rows).collect();
         let vnni = available();
-        host::par_for_parts(&counts, |which, group| {
+        // SAFETY: the groups of a matrix cover its rows (the last one its remaining lanes), and
+        // every group writes its lanes of every activation row.
+        unsafe {
+            host::scattered(&lens, |scatter| {
+                Self::fill(ms, &acts, rows, &counts, vnni, scatter)
+            })
+        }
+    }
+
+    /// The work of [`Self::matmul_shared`]: every group of every matrix in `ms`, each writing its
+    /// lanes of its matrix's output for every activation row.
+    fn fill(
+        ms: &[&PackedMatrix],
+        acts: &Activations,
+        rows: usize,
+        counts: &[usize],
+        vnni: bool,
+        scatter: &host::Scatter<'_>,
+    ) {
+        host::par_for_parts(counts, |which, group| {
             let m = ms[which];
             let lanes = GROUP.min(m.rows - group * GROUP);
             let mut tile = [[0f32; GROUP]; 8];
             let mut t0 = 0;
             while t0 < rows {
                 let n = (rows - t0).min(8);
-                m.group_product(group, &acts, t0, &mut tile[..n], vnni);
+                m.group_product(group, acts, t0, &mut tile[..n], vnni);
                 for (t, values) in tile[..n].iter().enumerate() {
                     let at = (t0 + t) * m.rows + group * GROUP;
                     // SAFETY: the rows of `group` belong to this item alone, so these columns
@@ -232,8 +250,6 @@ impl PackedMatrix {
                 t0 += n;
             }
         });
-        drop(scatter);
-        outs
     }
 
     /// `out[t][lane]` = row `group·GROUP + lane` · activation row `t0 + t`, for `out.len()` (at
