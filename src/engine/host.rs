@@ -462,10 +462,27 @@ wide_fn! {
 /// Softmax of `x` in place, with [`exp`] (vectorized) and the sum in sixteen lanes.
 #[inline(always)]
 pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_lanes(x);
     x.iter_mut().for_each(|v| *v = exp(*v - max));
     let sum = sum_lanes(x);
     x.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// The largest value of `x` that is not NaN (−∞ when there is none), as `f32::max` folds it,
+/// kept in sixteen lanes so the loop vectorizes (`f32::max` itself is a scalar loop).
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let pick = |m: f32, v: f32| if v > m { v } else { m };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let (chunks, tail) = x.as_chunks::<LANES>();
+    for chunk in chunks {
+        for i in 0..LANES {
+            acc[i] = pick(acc[i], chunk[i]);
+        }
+    }
+    tail.iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |m, &v| pick(m, v))
 }
 
 /// Lanes of the sixteen-lane sums: one 512-bit register of f32.
@@ -862,6 +879,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn lane_max_is_the_max_without_nans() {
+        let mut x = values(37, 0.53);
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max_lanes(&x), max);
+        x[3] = f32::NAN;
+        x[30] = 9.0;
+        assert_eq!(max_lanes(&x), 9.0);
+        assert_eq!(max_lanes(&[]), f32::NEG_INFINITY);
+        assert_eq!(max_lanes(&[f32::NAN]), f32::NEG_INFINITY);
     }
 
     /// The same values as candle's rotary embedding, to the bit; sizes that do not fit leave
