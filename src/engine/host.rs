@@ -608,7 +608,11 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // `t` is `ROUND + n` exactly, so its low mantissa bits are `n` as an integer: read there
+    // rather than by a float-to-integer conversion, which does not vectorize.
+    let n_bits = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     for c in [
@@ -622,7 +626,7 @@ pub fn exp(x: f32) -> f32 {
     ] {
         p = p * r + c;
     }
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits(((n_bits + 127) as u32) << 23)
 }
 
 /// Bidirectional attention within segments of rows: `q`, `k`, `v` are `(rows, hidden)`
