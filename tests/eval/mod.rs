@@ -4,6 +4,7 @@
 
 mod bench;
 mod cache;
+mod fetch;
 mod metrics;
 mod report;
 mod search;
