@@ -25,11 +25,17 @@ impl Lines {
         count: 0,
     };
 
-    /// The lines `data` spans.
+    /// The lines `data` spans, from the one holding its first byte to the one holding its last.
     pub fn of<T>(data: &[T]) -> Lines {
+        let start: *const u8 = data.as_ptr().cast();
+        let bytes = std::mem::size_of_val(data);
+        if bytes == 0 {
+            return Lines::NONE;
+        }
+        let lead = start as usize % LINE;
         Lines {
-            start: data.as_ptr().cast(),
-            count: std::mem::size_of_val(data).div_ceil(LINE),
+            start: start.wrapping_sub(lead),
+            count: (lead + bytes).div_ceil(LINE),
         }
     }
 
@@ -91,9 +97,16 @@ mod tests {
 
     #[test]
     fn shares_cover_every_line_once() {
-        let data = vec![0u8; 64 * 10 + 5];
-        let lines = Lines::of(&data);
+        let data = vec![0u8; 64 * 12];
+        let aligned = (64 - data.as_ptr() as usize % 64) % 64;
+        // Ten lines and five bytes from a line's start; one byte more from its second byte.
+        let lines = Lines::of(&data[aligned..aligned + 64 * 10 + 5]);
         assert_eq!(lines.count, 11);
+        assert_eq!(
+            Lines::of(&data[aligned + 1..aligned + 1 + 64 * 10 + 5]).count,
+            11
+        );
+        assert_eq!(Lines::of(&data[aligned + 60..aligned + 70]).count, 2);
         for parts in [1, 3, 4, 11, 30] {
             let mut seen = vec![0; lines.count];
             for part in 0..parts {
