@@ -158,9 +158,10 @@ def fetch(source: dict, cache: Path) -> str:
             archive = download(source, downloads)
         except FetchError as err:
             archive, unpack_as = committed_copy(source, err)
+    downloaded = unpack_as is source
     found = sha256_of(archive)
     if found != unpack_as["sha256"]:
-        if unpack_as is source:
+        if downloaded:
             archive.unlink()
         raise FetchError(
             f"{unpack_as['file']}: sha256 {found} does not match the manifest's "
@@ -168,7 +169,7 @@ def fetch(source: dict, cache: Path) -> str:
     count = unpack(archive, unpack_as, cache)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(source["sha256"] + "\n")
-    if unpack_as is source:
+    if downloaded:
         archive.unlink()
     return f"{unpack_as['file']}: {count} files into {source['dest']}/"
 

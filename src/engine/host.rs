@@ -101,10 +101,18 @@ pub struct Scatter<'a> {
 
 impl<'a> Scatter<'a> {
     pub fn new(bufs: &'a mut [Vec<f32>]) -> Self {
+        let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
+        Self::over(bufs, &lens)
+    }
+
+    /// The first `lens[i]` positions of buffer `i` (within its capacity).
+    fn over(bufs: &'a mut [Vec<f32>], lens: &[usize]) -> Self {
         Self {
-            bufs: bufs
-                .iter_mut()
-                .map(|b| (SendPtr(b.as_mut_ptr()), b.len()))
+            bufs: (bufs.iter_mut().zip(lens))
+                .map(|(b, &n)| {
+                    assert!(n <= b.capacity(), "scatter over {n} of {}", b.capacity());
+                    (SendPtr(b.as_mut_ptr()), n)
+                })
                 .collect(),
             _borrow: std::marker::PhantomData,
         }
@@ -136,14 +144,7 @@ impl<'a> Scatter<'a> {
 /// `fill` writes every position of every buffer, or panics.
 pub unsafe fn scattered(lens: &[usize], fill: impl FnOnce(&Scatter<'_>)) -> Vec<Vec<f32>> {
     let mut bufs: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
-    let scatter = Scatter {
-        bufs: (bufs.iter_mut().zip(lens))
-            .map(|(b, &n)| (SendPtr(b.as_mut_ptr()), n))
-            .collect(),
-        _borrow: std::marker::PhantomData,
-    };
-    fill(&scatter);
-    drop(scatter);
+    fill(&Scatter::over(&mut bufs, lens));
     for (b, &n) in bufs.iter_mut().zip(lens) {
         // SAFETY: the capacity is `n`, and `fill` returned, having written all `n` values (the
         // caller's guarantee); had it panicked the buffers would be dropped empty.
@@ -767,7 +768,7 @@ wide_fn! {
 
 /// RMS normalisation of each `weight.len()`-long row of `x`, scaled by `weight`:
 /// `v / √(mean(v²) + eps) · w`, as candle's `rms_norm` writes it, with the sum of squares in
-/// sixteen lanes (the order of [`sum_lanes`]) instead of one long chain.
+/// sixteen lanes ([`dot_lanes`]) instead of one long chain.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     if !weight.is_empty() {
@@ -781,15 +782,7 @@ wide_fn! {
     fn rms_norm_into(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
         let dim = weight.len();
         for (o, v) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-            let mut acc = [0f32; LANES];
-            let (chunks, tail) = v.as_chunks::<LANES>();
-            for chunk in chunks {
-                for i in 0..LANES {
-                    acc[i] += chunk[i] * chunk[i];
-                }
-            }
-            let squares = halves(acc) + tail.iter().map(|t| t * t).sum::<f32>();
-            let m = (squares / dim as f32 + eps).sqrt();
+            let m = (dot_lanes(v, v) / dim as f32 + eps).sqrt();
             for ((o, &v), &w) in o.iter_mut().zip(v).zip(weight) {
                 *o = v / m * w;
             }

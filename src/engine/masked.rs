@@ -197,14 +197,9 @@ mod avx512 {
         if first >= end {
             return Lines::NONE;
         }
-        let start = outputs[first].1.as_ptr();
         let last = outputs[end - 1].1;
-        // SAFETY: the rows' values are consecutive pieces of one array, so the span from the
-        // first row's start to the last row's end (its padding excluded) lies within it.
-        unsafe {
-            let floats = last.as_ptr().offset_from(start) as usize + last.len() - LANES;
-            Lines::of(std::slice::from_raw_parts(start, floats))
-        }
+        // The rows' values are consecutive pieces of one array; the last one's padding is left.
+        Lines::spanning(outputs[first].1, &last[..last.len() - LANES])
     }
 
     /// `acc[k · n + j]` = `host::dot(x_r, w_j)` for the `k`-th row `r` of `rows` and the `j`-th of

@@ -39,6 +39,18 @@ impl Lines {
         }
     }
 
+    /// The lines from `first`'s first byte to `last`'s last, two pieces of one array (`last`
+    /// not before `first`).
+    pub fn spanning<T>(first: &[T], last: &[T]) -> Lines {
+        let start = first.as_ptr() as usize;
+        let end = last.as_ptr() as usize + std::mem::size_of_val(last);
+        let lead = start % LINE;
+        Lines {
+            start: first.as_ptr().cast::<u8>().wrapping_sub(lead),
+            count: (lead + end.saturating_sub(start)).div_ceil(LINE),
+        }
+    }
+
     /// The lines from byte `offset` on (none when `offset` is past the end).
     pub fn after_byte(self, offset: usize) -> Lines {
         let skip = (offset / LINE).min(self.count);
@@ -107,6 +119,11 @@ mod tests {
             11
         );
         assert_eq!(Lines::of(&data[aligned + 60..aligned + 70]).count, 2);
+        let (a, b) = (
+            &data[aligned + 1..aligned + 9],
+            &data[aligned + 128..aligned + 130],
+        );
+        assert_eq!(Lines::spanning(a, b).count, 3);
         for parts in [1, 3, 4, 11, 30] {
             let mut seen = vec![0; lines.count];
             for part in 0..parts {
