@@ -58,20 +58,48 @@ pub fn par_for(items: usize, f: impl Fn(usize) + Sync) {
 /// Runs `f(part, i)` for every item `i` in `0..counts[part]` of every part, the items of all
 /// parts spread over the pool together (several products that read the same input).
 pub fn par_for_parts(counts: &[usize], f: impl Fn(usize, usize) + Sync) {
-    let starts: Vec<usize> = counts
-        .iter()
-        .scan(0, |at, &count| {
-            let start = *at;
-            *at += count;
-            Some(start)
-        })
-        .collect();
     par_for(counts.iter().sum(), |item| {
-        // The last part starting at or before `item` holds it (empty parts share a start with
-        // the part after them).
-        let part = starts.partition_point(|&s| s <= item) - 1;
-        f(part, item - starts[part]);
+        let (part, i) = part_of(counts, item);
+        f(part, i);
     });
+}
+
+/// The part and the index within it of item `item` of parts of `counts` items laid end to end.
+pub fn part_of(counts: &[usize], mut item: usize) -> (usize, usize) {
+    for (part, &count) in counts.iter().enumerate() {
+        if item < count {
+            return (part, item);
+        }
+        item -= count;
+    }
+    panic!("item past the last part");
+}
+
+/// An item of one of two lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Either {
+    First(usize),
+    Second(usize),
+}
+
+/// The items of two lists of `first` and `second` items, each list in its order, merged so that
+/// each list's items are spread evenly over the whole (each item placed where its list's share
+/// puts it; the first list on ties).
+pub fn interleaved(first: usize, second: usize) -> Vec<Either> {
+    let (mut i, mut j) = (0, 0);
+    let mut order = Vec::with_capacity(first + second);
+    while i < first || j < second {
+        // Compare the next items' places, (2i + 1) / 2·first against (2j + 1) / 2·second.
+        let take_first = j == second || (i < first && (2 * i + 1) * second <= (2 * j + 1) * first);
+        if take_first {
+            order.push(Either::First(i));
+            i += 1;
+        } else {
+            order.push(Either::Second(j));
+            j += 1;
+        }
+    }
+    order
 }
 
 /// Runs `f(i, chunk)` for every `width`-long chunk of `out` (the last may be shorter), spread
@@ -100,11 +128,6 @@ pub struct Scatter<'a> {
 }
 
 impl<'a> Scatter<'a> {
-    pub fn new(bufs: &'a mut [Vec<f32>]) -> Self {
-        let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
-        Self::over(bufs, &lens)
-    }
-
     /// The first `lens[i]` positions of buffer `i` (within its capacity).
     fn over(bufs: &'a mut [Vec<f32>], lens: &[usize]) -> Self {
         Self {
@@ -116,6 +139,20 @@ impl<'a> Scatter<'a> {
                 .collect(),
             _borrow: std::marker::PhantomData,
         }
+    }
+
+    /// Positions `at..at + len` of buffer `buf` to write in place (panics when out of bounds).
+    ///
+    /// # Safety
+    /// While the slice lives, no other call, from any thread, may write or hand out any of
+    /// these positions.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, buf: usize, at: usize, len: usize) -> &mut [f32] {
+        let (ptr, n) = self.bufs[buf];
+        assert!(at + len <= n, "scatter slice {at}+{len} of {n}");
+        // SAFETY: in bounds (checked), the buffer is mutably borrowed for `'a`, and the caller
+        // guarantees these positions have no other user.
+        unsafe { std::slice::from_raw_parts_mut(ptr.get().add(at), len) }
     }
 
     /// Writes `values` at `at..at + values.len()` of buffer `buf` (panics when out of bounds).
@@ -143,11 +180,26 @@ impl<'a> Scatter<'a> {
 /// # Safety
 /// `fill` writes every position of every buffer, or panics.
 pub unsafe fn scattered(lens: &[usize], fill: impl FnOnce(&Scatter<'_>)) -> Vec<Vec<f32>> {
-    let mut bufs: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let bufs: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
+    // SAFETY: the caller's guarantee.
+    unsafe { scattered_into(bufs, lens, fill) }
+}
+
+/// [`scattered`] into the empty buffers `bufs`, each with room for its length in `lens`.
+///
+/// # Safety
+/// As [`scattered`].
+pub unsafe fn scattered_into(
+    mut bufs: Vec<Vec<f32>>,
+    lens: &[usize],
+    fill: impl FnOnce(&Scatter<'_>),
+) -> Vec<Vec<f32>> {
+    assert!(bufs.iter().all(Vec::is_empty), "buffers to fill are empty");
     fill(&Scatter::over(&mut bufs, lens));
     for (b, &n) in bufs.iter_mut().zip(lens) {
-        // SAFETY: the capacity is `n`, and `fill` returned, having written all `n` values (the
-        // caller's guarantee); had it panicked the buffers would be dropped empty.
+        // SAFETY: the capacity is at least `n` (`Scatter::over` checked), and `fill` returned,
+        // having written all `n` values (the caller's guarantee); had it panicked the buffers
+        // would be dropped empty.
         unsafe { b.set_len(n) };
     }
     bufs
@@ -193,82 +245,17 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
 }
 
-/// A low-rank delta applied to some rows of a batch: `a_t: in_dim × rank` and
-/// `b_t: rank × out_dim`, row-major.
-pub struct LowRankRows<'a> {
-    pub rows: &'a [u32],
-    pub a_t: &'a [f32],
-    pub b_t: &'a [f32],
-}
-
-/// One layer's output `out: (·, out_dim)` and the low-rank groups that update its rows.
-pub struct LowRankLayer<'a> {
-    pub out: &'a mut [f32],
-    pub out_dim: usize,
-    pub groups: Vec<LowRankRows<'a>>,
-}
-
-/// Rows of a group handled together by one pass over its factors.
-const ROW_BLOCK: usize = 4;
+/// Rows of a low-rank delta handled together by one pass over its factors.
+pub const LOW_RANK_ROWS: usize = 4;
 
 /// Lines of a factor asked for before its first use; the rest follow as the work goes.
 const LEAD_LINES: usize = 16;
 
-/// Adds the low-rank update `(x_r · aᵀ) · bᵀ` of each group to each of its rows `r` of its
-/// layer's output, with `x: (·, in_dim)` the input every layer shares (q, k and v read the same
-/// `x`). One pass over the pool for all layers: a work item is one group of one layer, so each
-/// group's factors stream from memory once per block of up to four of its rows rather than once
-/// per row. A row belongs to one group of a layer at most.
-pub fn add_low_rank(layers: &mut [LowRankLayer<'_>], x: &[f32], in_dim: usize) {
-    if in_dim == 0 {
-        return;
-    }
-    let outs: Vec<(SendPtr, usize)> = layers
-        .iter_mut()
-        .map(|l| (SendPtr(l.out.as_mut_ptr()), l.out.len()))
-        .collect();
-    let layers: &[LowRankLayer<'_>] = layers;
-    // Largest items first, so the last ones the workers pick up are short.
-    let mut items: Vec<(usize, usize, usize)> = Vec::new();
-    for (l, layer) in layers.iter().enumerate() {
-        for (g, group) in layer.groups.iter().enumerate() {
-            let rank = group.a_t.len() / in_dim;
-            if layer.out_dim > 0 && rank > 0 && !group.rows.is_empty() {
-                let cost = group.rows.len().div_ceil(ROW_BLOCK) * rank * (in_dim + layer.out_dim);
-                items.push((cost, l, g));
-            }
-        }
-    }
-    items.sort_by_key(|item| std::cmp::Reverse(item.0));
-    par_for(items.len(), |i| {
-        let (_, l, g) = items[i];
-        let (layer, group) = (&layers[l], &layers[l].groups[g]);
-        let (out, len) = outs[l];
-        let rank = group.a_t.len() / in_dim;
-        for block in group.rows.chunks(ROW_BLOCK) {
-            let mut dst: Vec<&mut [f32]> = Vec::with_capacity(block.len());
-            let mut xs: Vec<&[f32]> = Vec::with_capacity(block.len());
-            for &r in block {
-                let r = r as usize;
-                let at = r * layer.out_dim;
-                assert!(at + layer.out_dim <= len, "row {r} outside the output");
-                // SAFETY: in bounds (checked); `out` is mutably borrowed for the whole call and
-                // row `r` of layer `l` belongs to group `g` alone, which only this item handles,
-                // and appears once in the group's rows; the pool returns after every item ran.
-                dst.push(unsafe {
-                    std::slice::from_raw_parts_mut(out.get().add(at), layer.out_dim)
-                });
-                xs.push(&x[r * in_dim..(r + 1) * in_dim]);
-            }
-            low_rank_rows(&mut dst, &xs, group.a_t, group.b_t, rank);
-        }
-    });
-}
-
 wide_fn! {
-    /// `dst_r += (x_r · aᵀ) · bᵀ` for up to [`ROW_BLOCK`] rows, reading the factors once for all
-    /// of them. Each row's sums run in the same order whatever rows share its block.
-    fn low_rank_rows(dst: &mut [&mut [f32]], x: &[&[f32]], a_t: &[f32], b_t: &[f32], rank: usize) {
+    /// `dst_r += (x_r · aᵀ) · bᵀ` for up to [`LOW_RANK_ROWS`] rows, reading the factors once for
+    /// all of them (`a_t: in_dim × rank`, `b_t: rank × out_dim`, row-major). Each row's sums run
+    /// in the same order whatever rows share its block.
+    pub fn low_rank_rows(dst: &mut [&mut [f32]], x: &[&[f32]], a_t: &[f32], b_t: &[f32], rank: usize) {
         match dst.len() {
             4 => low_rank_block::<4>(dst, x, a_t, b_t, rank),
             3 => low_rank_block::<3>(dst, x, a_t, b_t, rank),
@@ -389,63 +376,6 @@ fn hidden_columns<const W: usize, const R: usize>(
         }
     }
     W
-}
-
-/// Adds the dense update `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows`,
-/// with `x: (·, in_dim)` and `w = ΔW: out_dim × in_dim`, row-major (see [`add_by_outputs`]).
-pub fn add_dense(
-    out: &mut [f32],
-    x: &[f32],
-    rows: &[u32],
-    w: &[f32],
-    in_dim: usize,
-    out_dim: usize,
-) {
-    add_by_outputs(out, rows, in_dim, out_dim, |first, n, acc| {
-        for j in 0..n {
-            let o = first + j;
-            dot_rows(&mut acc[j..], n, x, rows, &w[o * in_dim..(o + 1) * in_dim]);
-        }
-    });
-}
-
-/// Adds `x_r · ΔWᵀ` to row `r` of `out: (·, out_dim)` for every `r` in `rows` (`x: (·, in_dim)`
-/// is the callback's), where `dots(first, n, acc)` sets `acc[k · n + j]` to the product of the
-/// `k`-th row of `rows` with output `first + j`'s row of `ΔW` (`j < n`; [`dot_rows`] for a dense
-/// one). Work is split over
-/// contiguous ranges of outputs, so `ΔW` streams from memory once, in order, for all the rows
-/// (each output's weights are dotted with every row while they sit in L1); each row's sums run
-/// in the same order whatever the other rows are.
-pub fn add_by_outputs(
-    out: &mut [f32],
-    rows: &[u32],
-    in_dim: usize,
-    out_dim: usize,
-    dots: impl Fn(usize, usize, &mut [f32]) + Sync,
-) {
-    if in_dim == 0 || out_dim == 0 || rows.is_empty() {
-        return;
-    }
-    // Outputs per work item: about sixteen items per call, so two workers stay balanced.
-    let width = out_dim.div_ceil(16).max(1);
-    let items = out_dim.div_ceil(width);
-    let mut update = vec![0f32; rows.len() * out_dim];
-    let scatter = Scatter::new(std::slice::from_mut(&mut update));
-    par_for(items, |item| {
-        let o0 = item * width;
-        let n = width.min(out_dim - o0);
-        let mut acc = vec![0f32; rows.len() * n];
-        dots(o0, n, &mut acc);
-        for (k, a) in acc.chunks_exact(n).enumerate() {
-            // SAFETY: outputs `o0..o0 + n` of every row belong to this item alone.
-            unsafe { scatter.write_slice(0, k * out_dim + o0, a) };
-        }
-    });
-    drop(scatter);
-    for (&r, u) in rows.iter().zip(update.chunks_exact(out_dim)) {
-        let r = r as usize;
-        axpy(&mut out[r * out_dim..(r + 1) * out_dim], 1.0, u);
-    }
 }
 
 wide_fn! {
@@ -979,130 +909,25 @@ mod tests {
     }
 
     #[test]
-    fn low_rank_update_matches_the_matrix_product_on_chosen_rows() {
-        for rank in [2, 8, 27] {
-            low_rank_update_matches_at_rank(rank);
-        }
-    }
-
-    fn low_rank_update_matches_at_rank(rank: usize) {
-        let (in_dim, out_dim) = (5, 3);
-        let x: Vec<f32> = (0..3 * in_dim).map(|i| i as f32 * 0.1 - 0.4).collect();
-        let a_t: Vec<f32> = (0..in_dim * rank).map(|i| (i as f32).sin()).collect();
-        let b_t: Vec<f32> = (0..rank * out_dim).map(|i| (i as f32).cos()).collect();
-        let mut out = vec![1f32; 3 * out_dim];
-        let group = LowRankRows {
-            rows: &[2, 0],
-            a_t: &a_t,
-            b_t: &b_t,
-        };
-        let mut layers = [LowRankLayer {
-            out: &mut out,
-            out_dim,
-            groups: vec![group],
-        }];
-        add_low_rank(&mut layers, &x, in_dim);
-        for r in 0..3 {
-            for o in 0..out_dim {
-                let mut expected = 1.0;
-                if r != 1 {
-                    for j in 0..rank {
-                        let h: f32 = (0..in_dim)
-                            .map(|i| x[r * in_dim + i] * a_t[i * rank + j])
-                            .sum();
-                        expected += h * b_t[j * out_dim + o];
-                    }
+    fn interleaving_keeps_each_lists_order_and_spreads_the_shorter() {
+        use Either::{First as F, Second as S};
+        assert_eq!(
+            interleaved(6, 2),
+            [F(0), F(1), S(0), F(2), F(3), F(4), S(1), F(5)]
+        );
+        for (a, b) in [(0, 3), (4, 0), (7, 5), (1, 9)] {
+            let (mut firsts, mut seconds) = (Vec::new(), Vec::new());
+            for e in interleaved(a, b) {
+                match e {
+                    F(i) => firsts.push(i),
+                    S(j) => seconds.push(j),
                 }
-                assert!(
-                    (out[r * out_dim + o] - expected).abs() < 1e-5,
-                    "row {r} col {o}"
-                );
             }
+            assert_eq!(firsts, (0..a).collect::<Vec<_>>(), "{a}, {b}");
+            assert_eq!(seconds, (0..b).collect::<Vec<_>>(), "{a}, {b}");
         }
-    }
-
-    /// A row's update is the same to the bit whichever rows share its group and its block of
-    /// four, and whichever other layers and groups share the pass (what makes batched requests
-    /// give exactly what each gives alone).
-    #[test]
-    fn low_rank_rows_give_the_same_bits_in_any_group() {
-        let (in_dim, rank, rows) = (37, 27, 7);
-        let dims = [40, 19];
-        let x: Vec<f32> = (0..rows * in_dim)
-            .map(|i| (i as f32 * 0.37).sin())
-            .collect();
-        let a_t: Vec<f32> = (0..in_dim * rank)
-            .map(|i| (i as f32 * 0.11).cos())
-            .collect();
-        let b_t: Vec<Vec<f32>> = dims
-            .iter()
-            .map(|&o| (0..rank * o).map(|i| (i as f32 * 0.23).sin()).collect())
-            .collect();
-        let run = |groups: &[&[u32]]| -> Vec<Vec<f32>> {
-            let mut outs: Vec<Vec<f32>> = dims.iter().map(|&o| vec![0.5f32; rows * o]).collect();
-            let mut layers: Vec<LowRankLayer<'_>> = outs
-                .iter_mut()
-                .zip(&dims)
-                .zip(&b_t)
-                .map(|((out, &out_dim), b_t)| LowRankLayer {
-                    out,
-                    out_dim,
-                    groups: groups
-                        .iter()
-                        .map(|&rows| LowRankRows {
-                            rows,
-                            a_t: &a_t,
-                            b_t,
-                        })
-                        .collect(),
-                })
-                .collect();
-            add_low_rank(&mut layers, &x, in_dim);
-            drop(layers);
-            outs
-        };
-        let together = run(&[&[6, 0, 3, 1, 5, 2, 4]]);
-        let split = run(&[&[2], &[4, 0], &[1, 6, 5, 3]]);
-        for r in 0..rows {
-            let alone = run(&[&[r as u32]]);
-            for (l, &o) in dims.iter().enumerate() {
-                let row = r * o..(r + 1) * o;
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(&together[l][row.clone()]),
-                    bits(&alone[l][row.clone()])
-                );
-                assert_eq!(bits(&split[l][row.clone()]), bits(&alone[l][row.clone()]));
-                assert!(
-                    alone[l][row].iter().all(|v| v.is_finite() && *v != 0.5),
-                    "row {r}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn dense_update_matches_the_matrix_product_on_chosen_rows() {
-        let (in_dim, out_dim) = (7, 300); // several output items, a short last one
-        let x: Vec<f32> = (0..4 * in_dim).map(|i| i as f32 * 0.1 - 0.9).collect();
-        let w: Vec<f32> = (0..out_dim * in_dim).map(|i| (i as f32).sin()).collect();
-        let mut out = vec![1f32; 4 * out_dim];
-        add_dense(&mut out, &x, &[3, 0, 2], &w, in_dim, out_dim);
-        for r in 0..4 {
-            for o in 0..out_dim {
-                let mut expected = 1.0;
-                if r != 1 {
-                    expected += (0..in_dim)
-                        .map(|i| x[r * in_dim + i] * w[o * in_dim + i])
-                        .sum::<f32>();
-                }
-                let got = out[r * out_dim + o];
-                assert!(
-                    (got - expected).abs() < 1e-5,
-                    "row {r} col {o}: {got} vs {expected}"
-                );
-            }
-        }
+        assert_eq!(part_of(&[2, 0, 3], 2), (2, 0));
+        assert_eq!(part_of(&[2, 0, 3], 1), (0, 1));
     }
 
     /// Each real row equals softmax(q·kᵀ/√d)·v over its own text's real positions; padded rows

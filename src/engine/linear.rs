@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::delta_pass::{DeltaPass, DeltaRows, DeltaWork};
 use super::error::{EngineError, Result};
 use super::host;
 use super::masked::MaskedMatrix;
@@ -429,8 +430,9 @@ impl LoraLinear {
             let x = x.contiguous()?;
             let (rows, k) = x.dims2()?;
             let on_host = host::with_slice(&x, |xs| {
-                let ys = Self::host_products(layers, xs, rows, k, true)?;
-                Some(Self::finish_host(layers, &x, xs, ys, deltas))
+                Self::finish_host(layers, &x, xs, deltas, |pass| {
+                    Self::host_products(layers, xs, rows, k, true, pass)
+                })
             });
             if let Some(Some(result)) = on_host {
                 return result;
@@ -443,14 +445,17 @@ impl LoraLinear {
     }
 
     /// `xs · Wᵀ` of every layer on the host, for `xs: rows × k`, each with whether it includes
-    /// the layer's bias (f32 weights start their sums from it when `with_bias` is set): `None`
-    /// unless every weight is packed, or every weight is f32 in host memory.
+    /// the layer's bias (f32 weights start their sums from it when `with_bias` is set), running
+    /// the jobs of `pass` too (in the same pass over the pool for packed weights, after the
+    /// products for f32 ones): `None` unless every weight is packed, or every weight is f32 in
+    /// host memory (the jobs then have not run).
     fn host_products(
         layers: &[&LoraLinear],
         xs: &[f32],
         rows: usize,
         k: usize,
         with_bias: bool,
+        pass: &mut DeltaPass<'_>,
     ) -> Option<Vec<(Vec<f32>, bool)>> {
         let packed: Option<Vec<&PackedMatrix>> = layers
             .iter()
@@ -460,7 +465,7 @@ impl LoraLinear {
             })
             .collect();
         if let Some(ps) = packed {
-            let ys = PackedMatrix::matmul_shared(&ps, xs, rows);
+            let ys = pass.run(|jobs, run| PackedMatrix::matmul_with(&ps, xs, rows, jobs, run));
             return Some(ys.into_iter().map(|y| (y, false)).collect());
         }
         let panels: Vec<&PanelMatrix> = layers
@@ -483,6 +488,7 @@ impl LoraLinear {
                 .map(|(y, b)| (y, b.is_some()))
                 .collect()
         })
+        .inspect(|_| pass.run_alone())
     }
 
     /// The f32 weight in column panels, packed at the first call; `None` for other weights or
@@ -511,9 +517,12 @@ impl LoraLinear {
         if !deltas.need_gradients() {
             let x = x.contiguous()?;
             let done = host::with_slices(&[&x, &y], |s| {
-                Self::finish_host(&[self], &x, s[0], vec![(s[1].to_vec(), false)], deltas)
+                Self::finish_host(&[self], &x, s[0], deltas, |pass| {
+                    pass.run_alone();
+                    Some(vec![(s[1].to_vec(), false)])
+                })
             });
-            if let Some(mut y) = done.transpose()? {
+            if let Some(mut y) = done.flatten().transpose()? {
                 return y
                     .pop()
                     .ok_or(EngineError::EmptyInput { what: "projection" });
@@ -539,62 +548,128 @@ impl LoraLinear {
         }
     }
 
-    /// [`Self::finish_rows`] for the base products `ys` of `layers` (which all read `x`) held on
-    /// the host (`xs` is `x`'s values), each with whether it includes its bias: the other biases
-    /// and every delta with host tensors are added there,
-    /// the low-rank ones of all layers in one pass over the pool; the rest (tensors on a GPU)
-    /// with tensor ops.
+    /// The outputs of `layers` (which all read `x`; `xs` is its values) from base products on
+    /// the host (see [`Self::host_outputs`]), as tensors, with what the host left added by
+    /// tensor ops. `None` when `base` gives none (weights not on the host).
     fn finish_host(
         layers: &[&LoraLinear],
         x: &Tensor,
         xs: &[f32],
-        ys: Vec<(Vec<f32>, bool)>,
         deltas: Deltas<'_>,
-    ) -> Result<Vec<Tensor>> {
-        let in_dim = x.dim(1)?;
+        base: impl FnOnce(&mut DeltaPass<'_>) -> Option<Vec<(Vec<f32>, bool)>>,
+    ) -> Option<Result<Vec<Tensor>>> {
+        let in_dim = x.dim(1).ok()?;
+        let done = Self::host_outputs(layers, xs, in_dim, deltas, base)?;
+        Some(done.into_tensors(layers, x))
+    }
+
+    /// `xs: (rows, k) · Wᵀ` of every layer in `layers` (which all read it) with each row's
+    /// delta, on host values: the same results as [`Self::forward_rows_shared`]. Work the host
+    /// cannot do (weights or deltas on a GPU) goes through tensors on `device`.
+    pub fn forward_host(
+        layers: &[&LoraLinear],
+        xs: &[f32],
+        rows: usize,
+        deltas: Deltas<'_>,
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>> {
+        let k = xs.len() / rows.max(1);
+        let x = || Tensor::from_slice(xs, (rows, k), device);
+        let done = (!deltas.need_gradients())
+            .then(|| {
+                Self::host_outputs(layers, xs, k, deltas, |pass| {
+                    Self::host_products(layers, xs, rows, k, true, pass)
+                })
+            })
+            .flatten();
+        let tensors = match done {
+            Some(done) if done.complete() => return Ok(done.ys),
+            Some(done) => done.into_tensors(layers, &x()?)?,
+            None => Self::forward_rows_shared(layers, &x()?, deltas)?,
+        };
+        tensors
+            .iter()
+            .map(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
+            .collect()
+    }
+
+    /// The outputs of `layers` (which all read `xs: (rows, in_dim)`) from base products on the
+    /// host: `base(pass)` returns them, each with whether it includes its bias, having run the
+    /// jobs of `pass`, which holds every delta whose tensors are in host memory (the others, on
+    /// a GPU, are left for tensor ops); then the biases and the deltas' updates are added.
+    /// `None` when `base` gives none (weights not on the host).
+    fn host_outputs<'d>(
+        layers: &[&LoraLinear],
+        xs: &[f32],
+        in_dim: usize,
+        deltas: Deltas<'d>,
+        base: impl FnOnce(&mut DeltaPass<'_>) -> Option<Vec<(Vec<f32>, bool)>>,
+    ) -> Option<HostOutputs<'d>> {
         let rows = xs.len() / in_dim.max(1);
         // Only a uniform delta needs the list of every row (one group of them all).
         let all: Vec<u32> = match deltas {
             Deltas::Uniform(Some(_)) => (0..rows as u32).collect(),
             _ => Vec::new(),
         };
-        let (mut ys, biased): (Vec<Vec<f32>>, Vec<bool>) = ys.into_iter().unzip();
-        let bias_added: Vec<bool> = (layers.iter().zip(&mut ys).zip(biased))
-            .map(|((l, y), biased)| biased || l.add_bias_on_host(y))
-            .collect();
-        let groups: Vec<Vec<DeltaGroup<'_>>> = layers
+        let groups: Vec<Vec<DeltaGroup<'_, 'd>>> = layers
             .iter()
             .map(|l| l.delta_groups(deltas, &all))
             .collect();
-        let mut targets: Vec<HostTarget<'_>> = ys
-            .iter_mut()
-            .zip(layers)
-            .zip(&groups)
-            .map(|((y, l), g)| HostTarget {
-                sum: y,
-                out_dim: l.out_dim,
-                groups: g,
+        let out_dims: Vec<usize> = layers.iter().map(|l| l.out_dim).collect();
+        let tensors: Vec<&Tensor> = (groups.iter().flatten())
+            .flat_map(|g| match g.layer {
+                LayerDelta::LowRank { a_t, b_t } => vec![a_t, b_t],
+                LayerDelta::Dense { w } => vec![w],
+                LayerDelta::Masked(_) => Vec::new(),
             })
             .collect();
-        let rest = add_groups_on_host(&mut targets, xs, in_dim);
-        drop(targets);
-        let mut out = Vec::with_capacity(layers.len());
-        for (i, (l, y)) in layers.iter().zip(ys).enumerate() {
-            let mut y = Tensor::from_vec(y, (rows, l.out_dim), x.device())?;
-            if !bias_added[i]
-                && let Some(b) = &l.bias
-            {
-                y = y.broadcast_add(b)?;
+        let mut base = Some(base);
+        // With `slices` (the values of `tensors`, in order) every delta joins the pass; without
+        // them only the packed ones do.
+        let mut attempt = |slices: Option<&[&[f32]]>| {
+            let mut slices = slices.map(|s| s.iter().copied());
+            let mut next = || slices.as_mut().and_then(Iterator::next);
+            let mut rest: Vec<Vec<Leftover<'d>>> = vec![Vec::new(); layers.len()];
+            let mut work = Vec::new();
+            for (t, layer_groups) in groups.iter().enumerate() {
+                for g in layer_groups {
+                    let delta = match g.layer {
+                        LayerDelta::Masked(m) => Some(DeltaWork::Masked(m)),
+                        LayerDelta::LowRank { .. } => next()
+                            .zip(next())
+                            .map(|(a_t, b_t)| DeltaWork::LowRank { a_t, b_t }),
+                        LayerDelta::Dense { .. } => next().map(DeltaWork::Dense),
+                    };
+                    match delta {
+                        Some(work_) => work.push(DeltaRows {
+                            target: t,
+                            rows: g.rows,
+                            work: work_,
+                        }),
+                        None => rest[t].push(Leftover {
+                            layer: g.layer,
+                            group: g.group,
+                        }),
+                    }
+                }
             }
-            for g in rest[i].iter().map(|&j| &groups[i][j]) {
-                y = match g.group {
-                    Some(group) => group.add_with_tensors(y, x, g.layer)?,
-                    None => (y + g.layer.apply(x)?)?,
-                };
-            }
-            out.push(y);
+            let mut pass = DeltaPass::new(xs, in_dim, out_dims.clone(), work);
+            let ys = base.take()?(&mut pass)?;
+            let (mut ys, biased): (Vec<Vec<f32>>, Vec<bool>) = ys.into_iter().unzip();
+            let bias_added: Vec<bool> = (layers.iter().zip(&mut ys).zip(biased))
+                .map(|((l, y), biased)| biased || l.add_bias_on_host(y))
+                .collect();
+            pass.add_to(&mut ys.iter_mut().map(Vec::as_mut_slice).collect::<Vec<_>>());
+            Some(HostOutputs {
+                ys,
+                bias_added,
+                rest,
+            })
+        };
+        match host::with_slices(&tensors, |s| attempt(Some(s))) {
+            Some(done) => done,
+            None => attempt(None),
         }
-        Ok(out)
     }
 
     /// Adds the bias to every row of `y` when it is in host memory; whether it did (no bias:
@@ -612,7 +687,11 @@ impl LoraLinear {
 
     /// The groups of rows whose delta changes this layer; a uniform delta is one group of all
     /// rows (`all`).
-    fn delta_groups<'d>(&self, deltas: Deltas<'d>, all: &'d [u32]) -> Vec<DeltaGroup<'d>> {
+    fn delta_groups<'r, 'd: 'r>(
+        &self,
+        deltas: Deltas<'d>,
+        all: &'r [u32],
+    ) -> Vec<DeltaGroup<'r, 'd>> {
         match deltas {
             Deltas::Uniform(d) => d
                 .and_then(|d| d.layer(self.id))
@@ -644,13 +723,15 @@ impl LoraLinear {
             BaseWeight::Packed(_) => {
                 let x = x.contiguous()?;
                 let (rows, k) = x.dims2()?;
-                let (y, _) =
-                    host::with_slice(&x, |xs| Self::host_products(&[self], xs, rows, k, false))
-                        .flatten()
-                        .and_then(|mut ys| ys.pop())
-                        .ok_or(EngineError::EmptyInput {
-                            what: "host activations",
-                        })?;
+                let (y, _) = host::with_slice(&x, |xs| {
+                    let mut no_deltas = DeltaPass::new(xs, k, vec![self.out_dim], Vec::new());
+                    Self::host_products(&[self], xs, rows, k, false, &mut no_deltas)
+                })
+                .flatten()
+                .and_then(|mut ys| ys.pop())
+                .ok_or(EngineError::EmptyInput {
+                    what: "host activations",
+                })?;
                 Tensor::from_vec(y, (rows, self.out_dim), x.device())?
             }
         })
@@ -699,83 +780,56 @@ impl LayerDelta {
 
 /// Rows of a batch that one layer's delta changes (a [`RowGroup`]'s, or every row for a uniform
 /// delta: `group` is `None`).
-struct DeltaGroup<'d> {
-    rows: &'d [u32],
+struct DeltaGroup<'r, 'd> {
+    rows: &'r [u32],
     layer: &'d LayerDelta,
     group: Option<&'d RowGroup<'d>>,
 }
 
-/// One layer's host output `sum: (·, out_dim)` and the delta groups to add to it.
-struct HostTarget<'a> {
-    sum: &'a mut [f32],
-    out_dim: usize,
-    groups: &'a [DeltaGroup<'a>],
+/// A delta the host could not add (its tensors are on a GPU): added with tensor ops.
+#[derive(Clone, Copy)]
+struct Leftover<'d> {
+    layer: &'d LayerDelta,
+    group: Option<&'d RowGroup<'d>>,
 }
 
-/// Adds to each target the update of every group whose tensors are in host memory, computed on
-/// the host from `xs: (·, in_dim)`, which every target's layer reads: the low-rank groups of all
-/// targets in one pass over the pool, each dense group reading its ΔW once for all its rows.
-/// Returns, per target, the positions of the groups left for tensor ops (tensors on a GPU).
-fn add_groups_on_host(
-    targets: &mut [HostTarget<'_>],
-    xs: &[f32],
-    in_dim: usize,
-) -> Vec<Vec<usize>> {
-    let mut rest: Vec<Vec<usize>> = vec![Vec::new(); targets.len()];
-    let low_rank: Vec<(usize, usize, &[u32], &Tensor, &Tensor)> = targets
-        .iter()
-        .enumerate()
-        .flat_map(|(t, target)| {
-            target
-                .groups
-                .iter()
-                .enumerate()
-                .filter_map(move |(i, g)| match g.layer {
-                    LayerDelta::LowRank { a_t, b_t } => Some((t, i, g.rows, a_t, b_t)),
-                    LayerDelta::Dense { .. } | LayerDelta::Masked(_) => None,
-                })
-        })
-        .collect();
-    let factors: Vec<&Tensor> = low_rank.iter().flat_map(|g| [g.3, g.4]).collect();
-    let on_host = host::with_slices(&factors, |f| {
-        let mut layers: Vec<host::LowRankLayer<'_>> = targets
-            .iter_mut()
-            .map(|t| host::LowRankLayer {
-                out: &mut *t.sum,
-                out_dim: t.out_dim,
-                groups: Vec::new(),
-            })
-            .collect();
-        for (g, ab) in low_rank.iter().zip(f.chunks_exact(2)) {
-            layers[g.0].groups.push(host::LowRankRows {
-                rows: g.2,
-                a_t: ab[0],
-                b_t: ab[1],
-            });
-        }
-        host::add_low_rank(&mut layers, xs, in_dim);
-    });
-    if on_host.is_none() {
-        low_rank.iter().for_each(|g| rest[g.0].push(g.1));
+/// Projection outputs computed on the host, and what is left for tensor ops.
+struct HostOutputs<'d> {
+    ys: Vec<Vec<f32>>,
+    /// Per output, whether its bias is in it.
+    bias_added: Vec<bool>,
+    /// Per output, the deltas still to add.
+    rest: Vec<Vec<Leftover<'d>>>,
+}
+
+impl HostOutputs<'_> {
+    /// Whether nothing is left for tensor ops.
+    fn complete(&self) -> bool {
+        self.bias_added.iter().all(|&b| b) && self.rest.iter().all(Vec::is_empty)
     }
-    for (t, target) in targets.iter_mut().enumerate() {
-        let out_dim = target.out_dim;
-        for (i, &DeltaGroup { rows, layer, .. }) in target.groups.iter().enumerate() {
-            match layer {
-                LayerDelta::Dense { w } => {
-                    let added = host::with_slice(w, |w| {
-                        host::add_dense(target.sum, xs, rows, w, in_dim, out_dim)
-                    });
-                    if added.is_none() {
-                        rest[t].push(i);
-                    }
-                }
-                LayerDelta::Masked(m) => m.add_rows(target.sum, xs, rows),
-                LayerDelta::LowRank { .. } => {}
+
+    /// Tensors of the outputs of `layers` (which read `x`), with the biases and deltas the host
+    /// left added by tensor ops.
+    fn into_tensors(self, layers: &[&LoraLinear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let rows = x.dim(0)?;
+        let mut out = Vec::with_capacity(layers.len());
+        for (i, (l, y)) in layers.iter().zip(self.ys).enumerate() {
+            let mut y = Tensor::from_vec(y, (rows, l.out_dim), x.device())?;
+            if !self.bias_added[i]
+                && let Some(b) = &l.bias
+            {
+                y = y.broadcast_add(b)?;
             }
+            for g in &self.rest[i] {
+                y = match g.group {
+                    Some(group) => group.add_with_tensors(y, x, g.layer)?,
+                    None => (y + g.layer.apply(x)?)?,
+                };
+            }
+            out.push(y);
         }
+        Ok(out)
     }
-    rest
 }
 
 /// Folds a delta into dense per-module matrices (for checks and for pinning a hot set).

@@ -14,12 +14,14 @@ use serde::Deserialize;
 
 use super::error::{EngineError, Result};
 use super::host;
-use super::kv::{self, KvPool, KvShape, QueryRow, SeqCache};
+use super::kv::{KvPool, KvShape, SeqCache};
 use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups};
 use super::ops;
 use super::paged::{Heads, PagedStep};
 use super::rope::{Rope, RopeScaling, RowAngles, causal_mask, rope_rows};
 use super::weights::WeightStore;
+
+mod host_step;
 
 fn default_eps() -> f64 {
     1e-6
@@ -181,51 +183,21 @@ struct BatchCtx<'a> {
 }
 
 impl Attention {
-    /// Batched attention: `x: (rows, hidden)` holds the new tokens of `seqs` in order; their keys
-    /// and values are written to each sequence's cache in `layer`, then each row attends to its
-    /// own sequence.
-    fn step(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        ctx: &BatchCtx<'_>,
-        seqs: &mut [StepSeq<'_>],
-    ) -> Result<Tensor> {
-        let rows = x.dim(0)?;
+    /// Batched attention over device caches (see [`PagedStep`]): `x: (rows, hidden)` holds the
+    /// new tokens of the step's sequences in order; their keys and values are written to each
+    /// sequence's cache in `layer`, then each row attends to its own sequence. Host caches take
+    /// `host_step` instead.
+    fn step(&self, x: &Tensor, layer: usize, ctx: &BatchCtx<'_>) -> Result<Tensor> {
         let [q, k, v]: [Tensor; 3] =
             LoraLinear::forward_rows_shared(&[&self.q, &self.k, &self.v], x, ctx.deltas)?
                 .try_into()
                 .map_err(|_| EngineError::EmptyInput { what: "q, k, v" })?;
         let q = rope_rows(&q, self.heads, &ctx.angles)?;
         let k = rope_rows(&k, self.kv_heads, &ctx.angles)?;
-        if let Some(paged) = &ctx.paged {
-            let out = paged.attend(layer, self.heads(), &q, &k, &v)?;
-            return self.o.forward_rows(&out, ctx.deltas);
-        }
-        let (k, v) = (host(&k)?, host(&v)?);
-        let kv_dim = self.kv_heads * self.head_dim;
-        let mut row = 0;
-        for s in seqs.iter_mut() {
-            let start = s.cache.len();
-            for i in 0..s.tokens.len() {
-                let at = row * kv_dim..(row + 1) * kv_dim;
-                s.cache
-                    .write(layer, start + i, &k[at.clone()], &v[at.clone()]);
-                row += 1;
-            }
-        }
-        let queries: Vec<QueryRow<'_>> = seqs
-            .iter()
-            .flat_map(|s| {
-                let start = s.cache.len();
-                (0..s.tokens.len()).map(move |i| QueryRow {
-                    cache: &*s.cache,
-                    position: start + i,
-                })
-            })
-            .collect();
-        let out = kv::attend(layer, self.heads, &host(&q)?, &queries);
-        let out = Tensor::from_vec(out, (rows, self.heads * self.head_dim), ctx.device)?;
+        let paged = ctx.paged.as_ref().ok_or(EngineError::Unsupported {
+            message: "a tensor step over host caches (see `host_step`)".into(),
+        })?;
+        let out = paged.attend(layer, self.heads(), &q, &k, &v)?;
         self.o.forward_rows(&out, ctx.deltas)
     }
 }
@@ -238,11 +210,6 @@ impl Attention {
             head_dim: self.head_dim,
         }
     }
-}
-
-/// A tensor's values on the host, row-major.
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 #[derive(Debug)]
@@ -272,15 +239,10 @@ impl Block {
 }
 
 impl Block {
-    fn step(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        ctx: &BatchCtx<'_>,
-        seqs: &mut [StepSeq<'_>],
-    ) -> Result<Tensor> {
+    /// One layer of a batched step over device caches (host caches: `host_step`).
+    fn step(&self, x: &Tensor, layer: usize, ctx: &BatchCtx<'_>) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_norm, ctx.eps, false)?;
-        let x = (x + self.attn.step(&h, layer, ctx, seqs)?)?;
+        let x = (x + self.attn.step(&h, layer, ctx)?)?;
         let h = ops::rms_norm(&x, &self.post_norm, ctx.eps, false)?;
         let [gate, up]: [Tensor; 2] =
             LoraLinear::forward_rows_shared(&[&self.gate, &self.up], &h, ctx.deltas)?
@@ -531,8 +493,17 @@ impl Llama {
         let mut x = self
             .embed
             .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.step(&x, layer, &ctx, seqs)?;
+        if ctx.paged.is_some() {
+            for (layer, block) in self.blocks.iter().enumerate() {
+                x = block.step(&x, layer, &ctx)?;
+            }
+        } else {
+            let hidden = x.dim(1)?;
+            let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+            for (layer, block) in self.blocks.iter().enumerate() {
+                block.step_host(&mut values, layer, &ctx, seqs)?;
+            }
+            x = Tensor::from_vec(values, (rows, hidden), &self.device)?;
         }
         for s in seqs.iter_mut() {
             s.cache.advance(s.tokens.len());

@@ -98,32 +98,32 @@ impl MaskedMatrix {
         unpack_scalar(masks, values, dst);
     }
 
-    /// Adds `x_r · Wᵀ` to row `r` of `out: (·, rows)` for every `r` in `rows`, with
-    /// `x: (·, cols)`: the same kernel and the same sums as [`host::add_dense`], each output row
-    /// unpacked as it is needed.
-    pub fn add_rows(&self, out: &mut [f32], x: &[f32], rows: &[u32]) {
+    /// `acc[k · n + j]` = the `k`-th row of `rows` of `x: (·, cols)` dotted with output row
+    /// `first + j` (`j < n`): the dense kernel's sums ([`host::dot_rows`]), to the bit, each
+    /// output row unpacked as it is needed.
+    pub fn products(&self, first: usize, n: usize, x: &[f32], rows: &[u32], acc: &mut [f32]) {
+        assert!(
+            first + n <= self.rows,
+            "outputs {first}+{n} of {}",
+            self.rows
+        );
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("popcnt")
             && self.cols.is_multiple_of(LANES)
         {
-            host::add_by_outputs(out, rows, self.cols, self.rows, |first, n, acc| {
-                let outputs: Vec<(&[u16], &[f32])> =
-                    (first..first + n).map(|o| self.row(o)).collect();
-                // SAFETY: the CPU has AVX-512F and POPCNT; each output's `values` holds its
-                // masks' set bits and sixteen more values (as `pack` built them), and `masks`
-                // covers `cols` inputs, a multiple of 16.
-                unsafe { avx512::products(&outputs, x, rows, acc) };
-            });
+            let outputs: Vec<(&[u16], &[f32])> = (first..first + n).map(|o| self.row(o)).collect();
+            // SAFETY: the CPU has AVX-512F and POPCNT; each output's `values` holds its masks'
+            // set bits and sixteen more values (as `pack` built them), and `masks` covers `cols`
+            // inputs, a multiple of 16.
+            unsafe { avx512::products(&outputs, x, rows, acc) };
             return;
         }
-        host::add_by_outputs(out, rows, self.cols, self.rows, |first, n, acc| {
-            let mut scratch = vec![0f32; self.cols];
-            for j in 0..n {
-                self.unpack_row(first + j, &mut scratch);
-                host::dot_rows(&mut acc[j..], n, x, rows, &scratch);
-            }
-        });
+        let mut scratch = vec![0f32; self.cols];
+        for j in 0..n {
+            self.unpack_row(first + j, &mut scratch);
+            host::dot_rows(&mut acc[j..], n, x, rows, &scratch);
+        }
     }
 
     /// Row `r`'s masks and packed values, followed by [`LANES`] more values (the next rows' or
@@ -152,7 +152,7 @@ fn unpack_scalar(masks: &[u16], values: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// The AVX-512 product of [`MaskedMatrix::add_rows`].
+/// The AVX-512 product of [`MaskedMatrix::products`].
 ///
 /// `host::dot` sums each product in one of eight lanes, each lane in input order: a chain of
 /// dependent additions per output and input row. The chains of four outputs and up to four input
@@ -371,9 +371,9 @@ mod tests {
         assert!(MaskedMatrix::pack(&w, 4, 15).is_none(), "shape mismatch");
     }
 
-    /// The packed product equals the dense kernel's to the bit, on chosen rows only: one row of
-    /// the matrix full, one empty, the rest sparse; one input row, and more rows than one
-    /// register block holds.
+    /// The packed product equals the dense kernel's to the bit: one row of the matrix full, one
+    /// empty, the rest sparse; one input row, and more rows than one register block holds; all
+    /// outputs, and a range of them.
     #[test]
     fn packed_product_equals_the_dense_product() {
         let (out_dim, in_dim) = (40, 48);
@@ -386,15 +386,22 @@ mod tests {
         let m = MaskedMatrix::pack(&w, out_dim, in_dim).expect("sparse enough");
         let x: Vec<f32> = (0..8 * in_dim).map(|i| (i as f32 * 0.11).cos()).collect();
         for rows in [&[3u32, 0, 2][..], &[5], &[7, 0, 2, 6, 5, 1]] {
-            let mut dense = vec![1f32; 8 * out_dim];
-            let mut packed = dense.clone();
-            host::add_dense(&mut dense, &x, rows, &w, in_dim, out_dim);
-            m.add_rows(&mut packed, &x, rows);
-            assert_eq!(packed, dense, "rows {rows:?}");
-            for r in 0..8u32 {
-                let row = &packed[r as usize * out_dim..(r as usize + 1) * out_dim];
-                let untouched = row.iter().all(|v| *v == 1.0);
-                assert_eq!(untouched, !rows.contains(&r), "row {r} of {rows:?}");
+            for (first, n) in [(0, out_dim), (1, 13)] {
+                let mut dense = vec![0f32; rows.len() * n];
+                for j in 0..n {
+                    let o = first + j;
+                    host::dot_rows(
+                        &mut dense[j..],
+                        n,
+                        &x,
+                        rows,
+                        &w[o * in_dim..(o + 1) * in_dim],
+                    );
+                }
+                let mut packed = vec![f32::NAN; rows.len() * n];
+                m.products(first, n, &x, rows, &mut packed);
+                assert_eq!(packed, dense, "rows {rows:?}, outputs {first}+{n}");
+                assert!(dense.iter().any(|v| *v != 0.0));
             }
         }
     }

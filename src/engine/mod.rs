@@ -10,6 +10,7 @@
 
 mod bert;
 mod chat;
+mod delta_pass;
 mod device;
 mod encode_engine;
 mod error;

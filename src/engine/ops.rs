@@ -2,7 +2,7 @@
 //! kernels; a forward pass through trainable factors (`knots train`) uses composite forms built
 //! from differentiable primitives. Both compute the same function.
 
-use candle_core::{D, Tensor};
+use candle_core::{D, Device, Tensor};
 
 use super::error::Result;
 use super::host;
@@ -46,6 +46,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, grad: bool) -> Result<Ten
     } else {
         candle_nn::ops::rms_norm(x, weight, eps)?
     })
+}
+
+/// [`rms_norm`] of host rows `x: (·, weight.len())`, through a tensor on `device` where the host
+/// cannot (a weight on a GPU).
+pub fn rms_norm_rows(x: &[f32], weight: &Tensor, eps: f32, device: &Device) -> Result<Vec<f32>> {
+    let width = weight.elem_count();
+    if let Some(y) = host::with_slice(weight, |w| host::rms_norm(x, w, eps)) {
+        return Ok(y);
+    }
+    let t = Tensor::from_slice(x, (x.len() / width.max(1), width), device)?;
+    Ok(rms_norm(&t, weight, eps, false)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 /// Rotary embedding of `x: (batch, heads, seq, head_dim)` (non-interleaved halves).

@@ -195,16 +195,25 @@ impl PackedMatrix {
     /// `x: (rows, I)` row-major to `(rows, O)` row-major, `x · Wᵀ`.
     #[cfg(test)]
     fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        Self::matmul_shared(&[self], x, rows)
+        Self::matmul_with(&[self], x, rows, 0, &|_| {})
             .pop()
             .unwrap_or_default()
     }
 
-    /// `x · Wᵀ` for several matrices that read the same input (q, k and v; gate and up): the
-    /// input is quantized once and all their groups share one pass over the worker pool. Every
-    /// matrix must have `x`'s width as its input size.
-    pub fn matmul_shared(ms: &[&PackedMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+    /// `x · Wᵀ` for several matrices that read the same input (q, k and v; gate and up), and
+    /// `extra` more jobs: the input is quantized once, and all the matrices' groups share one
+    /// pass over the worker pool with `run_extra(j)` for every `j < extra`, each once, spread
+    /// among them (see `delta_pass`: deltas streaming from memory beside the compute-bound
+    /// groups). Every matrix must have `x`'s width as its input size.
+    pub fn matmul_with(
+        ms: &[&PackedMatrix],
+        x: &[f32],
+        rows: usize,
+        extra: usize,
+        run_extra: &(dyn Fn(usize) + Sync),
+    ) -> Vec<Vec<f32>> {
         let Some(first) = ms.first() else {
+            (0..extra).for_each(run_extra);
             return Vec::new();
         };
         debug_assert!(ms.iter().all(|m| m.cols == first.cols));
@@ -218,38 +227,43 @@ impl PackedMatrix {
         // every group writes its lanes of every activation row.
         unsafe {
             host::scattered(&lens, |scatter| {
-                Self::fill(ms, &acts, rows, &counts, vnni, scatter)
+                let order = host::interleaved(counts.iter().sum(), extra);
+                host::par_for(order.len(), |i| match order[i] {
+                    host::Either::First(item) => {
+                        let (which, group) = host::part_of(&counts, item);
+                        Self::fill_group(ms[which], which, group, &acts, rows, vnni, scatter);
+                    }
+                    host::Either::Second(j) => run_extra(j),
+                });
             })
         }
     }
 
-    /// The work of [`Self::matmul_shared`]: every group of every matrix in `ms`, each writing its
-    /// lanes of its matrix's output for every activation row.
-    fn fill(
-        ms: &[&PackedMatrix],
+    /// Group `group` of `m` (matrix `which` of a [`Self::matmul_with`]) for every activation
+    /// row: its lanes of output `which`.
+    fn fill_group(
+        m: &PackedMatrix,
+        which: usize,
+        group: usize,
         acts: &Activations,
         rows: usize,
-        counts: &[usize],
         vnni: bool,
         scatter: &host::Scatter<'_>,
     ) {
-        host::par_for_parts(counts, |which, group| {
-            let m = ms[which];
-            let lanes = GROUP.min(m.rows - group * GROUP);
-            let mut tile = [[0f32; GROUP]; 8];
-            let mut t0 = 0;
-            while t0 < rows {
-                let n = (rows - t0).min(8);
-                m.group_product(group, acts, t0, &mut tile[..n], vnni);
-                for (t, values) in tile[..n].iter().enumerate() {
-                    let at = (t0 + t) * m.rows + group * GROUP;
-                    // SAFETY: the rows of `group` belong to this item alone, so these columns
-                    // of output `which` have no other writer.
-                    unsafe { scatter.write_slice(which, at, &values[..lanes]) };
-                }
-                t0 += n;
+        let lanes = GROUP.min(m.rows - group * GROUP);
+        let mut tile = [[0f32; GROUP]; 8];
+        let mut t0 = 0;
+        while t0 < rows {
+            let n = (rows - t0).min(8);
+            m.group_product(group, acts, t0, &mut tile[..n], vnni);
+            for (t, values) in tile[..n].iter().enumerate() {
+                let at = (t0 + t) * m.rows + group * GROUP;
+                // SAFETY: the rows of `group` belong to this item alone, so these columns of
+                // output `which` have no other writer.
+                unsafe { scatter.write_slice(which, at, &values[..lanes]) };
             }
-        });
+            t0 += n;
+        }
     }
 
     /// `out[t][lane]` = row `group·GROUP + lane` · activation row `t0 + t`, for `out.len()` (at
@@ -582,8 +596,19 @@ mod tests {
             PackedMatrix::from_qtensor(&b).expect("pack"),
         );
         let x = inputs(5, k);
-        let both = PackedMatrix::matmul_shared(&[&a, &b], &x, 5);
+        let both = PackedMatrix::matmul_with(&[&a, &b], &x, 5, 0, &|_| {});
         assert_eq!(both, vec![a.matmul(&x, 5), b.matmul(&x, 5)]);
+        // Extra jobs in the same pass each run once and leave the products as they are.
+        let runs: Vec<std::sync::atomic::AtomicUsize> =
+            (0..7).map(|_| Default::default()).collect();
+        let with_jobs = PackedMatrix::matmul_with(&[&a, &b], &x, 5, runs.len(), &|j| {
+            runs[j].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(with_jobs, both);
+        assert!(
+            runs.iter()
+                .all(|r| r.load(std::sync::atomic::Ordering::Relaxed) == 1)
+        );
     }
 
     /// The vector quantizer gives the scalar one's bytes, scale and sum.

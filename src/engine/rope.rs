@@ -97,9 +97,9 @@ impl Rope {
 /// Rotates `x: (rows, heads·head_dim)`, row `i` at the position `angles` was built with at `i`.
 pub fn rope_rows(x: &Tensor, heads: usize, angles: &RowAngles) -> Result<Tensor> {
     let (rows, width) = x.dims2()?;
-    let on_host = host::with_slices(&[x, &angles.cos, &angles.sin], |s| {
-        let mut y = s[0].to_vec();
-        host::rope_rows(&mut y, s[1], s[2], rows, heads).then_some(y)
+    let on_host = host::with_slice(x, |x| {
+        let mut y = x.to_vec();
+        rope_on_host(&mut y, rows, heads, angles).then_some(y)
     });
     if let Some(Some(y)) = on_host {
         return Ok(Tensor::from_vec(y, (rows, width), x.device())?);
@@ -111,6 +111,34 @@ pub fn rope_rows(x: &Tensor, heads: usize, angles: &RowAngles) -> Result<Tensor>
     );
     let y = candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)?;
     Ok(y.reshape((rows, width))?)
+}
+
+/// [`rope_rows`] of host values, in place: `x: (rows, heads·head_dim)`. Returns whether it
+/// did (angles in host memory, sizes that fit), and leaves `x` alone otherwise.
+pub fn rope_on_host(x: &mut [f32], rows: usize, heads: usize, angles: &RowAngles) -> bool {
+    host::with_slices(&[&angles.cos, &angles.sin], |s| {
+        host::rope_rows(x, s[0], s[1], rows, heads)
+    })
+    .unwrap_or(false)
+}
+
+/// [`rope_rows`] of host values in place, through tensors on `device` where the host cannot
+/// (angles on a GPU).
+pub fn rope_in_place(
+    x: &mut [f32],
+    rows: usize,
+    heads: usize,
+    angles: &RowAngles,
+    device: &Device,
+) -> Result<()> {
+    if !rope_on_host(x, rows, heads, angles) {
+        let t = Tensor::from_slice(x, (rows, x.len() / rows.max(1)), device)?;
+        let y = rope_rows(&t, heads, angles)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        x.copy_from_slice(&y);
+    }
+    Ok(())
 }
 
 fn llama3_schedule(inv_freq: &mut [f64], s: RopeScaling) -> Result<()> {
