@@ -3,7 +3,8 @@
 //! at batch 32; then the serving engine in process (no HTTP): aggregate decode tokens/s of 1 and
 //! 16 concurrent sequences on the quantized base, alone and over 8 adapters. Needs `make models`.
 //! Run: `cargo bench --bench engine` (`-- batched [base 1|base 16|adapters 16]` runs only the
-//! engine part, or one run of it).
+//! engine part, or one run of it; `-- peak` measures this CPU's int8 multiply-add peak, which
+//! bounds the quantized projections).
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -213,11 +214,71 @@ fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     }
 }
 
+/// Independent `vpdpbusd` chains per thread: enough to cover the instruction's latency, so the
+/// loop runs at its throughput.
+#[cfg(target_arch = "x86_64")]
+const CHAINS: usize = 12;
+
+/// `rounds` of [`CHAINS`] independent `vpdpbusd` (64 int8 multiply-adds each).
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dpbusd_rounds(rounds: usize) -> i32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm512_set1_epi8(3), _mm512_set1_epi8(5));
+    let mut acc = [_mm512_setzero_si512(); CHAINS];
+    for _ in 0..rounds {
+        for chain in acc.iter_mut() {
+            *chain = _mm512_dpbusd_epi32(*chain, a, b);
+        }
+    }
+    _mm512_reduce_add_epi32(
+        acc.iter()
+            .fold(_mm512_setzero_si512(), |s, &c| _mm512_add_epi32(s, c)),
+    )
+}
+
+/// The int8 multiply-add peak of this CPU: `vpdpbusd` throughput on one thread and on two, with
+/// independent chains (a single dependent chain measures its latency instead).
+fn peak() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        const ROUNDS: usize = 50_000_000;
+        for threads in [1, 2] {
+            let started = Instant::now();
+            let sums: Vec<i32> = std::thread::scope(|s| {
+                let runs: Vec<_> = (0..threads)
+                    // SAFETY: the features were checked above.
+                    .map(|_| s.spawn(|| unsafe { dpbusd_rounds(ROUNDS) }))
+                    .collect();
+                runs.into_iter().map(|r| r.join().expect("thread")).collect()
+            });
+            let seconds = started.elapsed().as_secs_f64();
+            std::hint::black_box(sums);
+            let per_second = (threads * ROUNDS * CHAINS) as f64 / seconds;
+            println!(
+                "peak {threads} thread(s): {:.2} G vpdpbusd/s = {:.0} G int8 multiply-adds/s",
+                per_second / 1e9,
+                per_second * 64.0 / 1e9
+            );
+        }
+        return;
+    }
+    println!("peak: this CPU has no AVX-512 VNNI");
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "peak") {
+        return peak();
+    }
     let models = root().join("models");
     let shout_dir = root().join("tests/fixtures/model-reference/smollm2/adapters/shout");
     let shout = LoraAdapter::load(&shout_dir).expect("shout");
-    let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "batched") {
         return batched(&models, &shout, args.get(at + 1).map(String::as_str));
     }
