@@ -255,7 +255,9 @@ fn peak() {
                     // SAFETY: the features were checked above.
                     .map(|_| s.spawn(|| unsafe { dpbusd_rounds(ROUNDS) }))
                     .collect();
-                runs.into_iter().map(|r| r.join().expect("thread")).collect()
+                runs.into_iter()
+                    .map(|r| r.join().expect("thread"))
+                    .collect()
             });
             let seconds = started.elapsed().as_secs_f64();
             std::hint::black_box(sums);
