@@ -325,7 +325,7 @@ mod tests {
     #[test]
     fn each_row_gets_its_own_deltas_update() {
         let (rows, in_dim, rank) = (6, 48, 3);
-        let out_dims = vec![32, 20];
+        let out_dims = vec![36, 20];
         let x = values(rows * in_dim, 1);
         let (a_t, b_t) = (values(in_dim * rank, 2), values(rank * out_dims[0], 3));
         let mut sparse = values(out_dims[0] * in_dim, 4);
@@ -358,8 +358,8 @@ mod tests {
         };
         let mut sums: Vec<Vec<f32>> = out_dims.iter().map(|&o| vec![1.0; rows * o]).collect();
         let mut pass = DeltaPass::new(&x, in_dim, out_dims.clone(), deltas());
-        // One low-rank job; 32 outputs in 16 tiles of 2, 20 in 10.
-        assert_eq!(pass.jobs(), 1 + 16 + 10);
+        // One low-rank job; 36 outputs in 12 tiles of 3, 20 in 10 of 2.
+        assert_eq!(pass.jobs(), 1 + 12 + 10);
         pass.run_alone();
         pass.add_to(
             &mut sums
@@ -425,6 +425,69 @@ mod tests {
             }],
         );
         pass.run(|n, run| (1..n).for_each(run));
+    }
+
+    /// A row's result is the same to the bit whichever rows share its delta, its block of four
+    /// and the pass (what makes batched requests give exactly what each gives alone), for a
+    /// low-rank and a packed delta side by side.
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_other_rows() {
+        let (rows, in_dim, rank) = (7, 48, 27);
+        let out_dims = [40, 19];
+        let x = values(rows * in_dim, 1);
+        let a_t = values(in_dim * rank, 2);
+        let b_t: Vec<Vec<f32>> = out_dims.iter().map(|&o| values(rank * o, 3 + o)).collect();
+        let mut sparse = values(out_dims[1] * in_dim, 4);
+        sparse.iter_mut().step_by(2).for_each(|v| *v = 0.0);
+        let masked = MaskedMatrix::pack(&sparse, out_dims[1], in_dim).expect("sparse enough");
+        // Target 0 gets the low-rank delta on `groups`' rows; target 1 the packed one on the
+        // same rows, so the two share the pass.
+        let run = |groups: &[&[u32]]| -> Vec<Vec<f32>> {
+            let mut deltas = Vec::new();
+            for &rows in groups {
+                deltas.push(DeltaRows {
+                    target: 0,
+                    rows,
+                    work: DeltaWork::LowRank {
+                        a_t: &a_t,
+                        b_t: &b_t[0],
+                    },
+                });
+                deltas.push(DeltaRows {
+                    target: 1,
+                    rows,
+                    work: DeltaWork::Masked(&masked),
+                });
+            }
+            let mut sums: Vec<Vec<f32>> = out_dims.iter().map(|&o| vec![0.5; rows * o]).collect();
+            let mut pass = DeltaPass::new(&x, in_dim, out_dims.to_vec(), deltas);
+            pass.run_alone();
+            pass.add_to(&mut sums.iter_mut().map(Vec::as_mut_slice).collect::<Vec<_>>());
+            sums
+        };
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let together = run(&[&[6, 0, 3, 1, 5, 2, 4]]);
+        let split = run(&[&[2], &[4, 0], &[1, 6, 5, 3]]);
+        for r in 0..rows {
+            let alone = run(&[&[r as u32]]);
+            for (t, &o) in out_dims.iter().enumerate() {
+                let row = r * o..(r + 1) * o;
+                assert_eq!(
+                    bits(&together[t][row.clone()]),
+                    bits(&alone[t][row.clone()]),
+                    "row {r}"
+                );
+                assert_eq!(
+                    bits(&split[t][row.clone()]),
+                    bits(&alone[t][row.clone()]),
+                    "row {r}"
+                );
+                assert!(
+                    alone[t][row].iter().all(|v| v.is_finite() && *v != 0.5),
+                    "row {r}"
+                );
+            }
+        }
     }
 
     /// A delta whose factors do not fit its target, or whose rows lie outside the batch, is left
