@@ -63,7 +63,7 @@ pub struct DeltaPass<'a> {
 
 impl<'a> DeltaPass<'a> {
     /// The jobs of `deltas` over `x: (rows, in_dim)`, for targets of widths `out_dims`; deltas
-    /// with no rows, no outputs or a misfitting shape are left out.
+    /// that do not fit ([`DeltaRows::fits`]) are left out.
     pub fn new(
         x: &'a [f32],
         in_dim: usize,
@@ -73,7 +73,7 @@ impl<'a> DeltaPass<'a> {
         let rows = x.len() / in_dim.max(1);
         let deltas: Vec<DeltaRows<'a>> = deltas
             .into_iter()
-            .filter(|d| fits(d, in_dim, &out_dims, rows))
+            .filter(|d| d.fits(in_dim, &out_dims, rows))
             .collect();
         let mut filled = vec![0; out_dims.len()];
         let slots = (deltas.iter())
@@ -217,26 +217,26 @@ struct Place {
     out_dim: usize,
 }
 
-/// Whether `d` fits its target and input: every row inside the batch, factors or `ΔW` of the
-/// target's shape.
-fn fits(d: &DeltaRows<'_>, in_dim: usize, out_dims: &[usize], rows: usize) -> bool {
-    let Some(&out_dim) = out_dims.get(d.target) else {
-        return false;
-    };
-    if in_dim == 0
-        || out_dim == 0
-        || d.rows.is_empty()
-        || d.rows.iter().any(|&r| r as usize >= rows)
-    {
-        return false;
-    }
-    match d.work {
-        DeltaWork::LowRank { a_t, b_t } => {
-            let rank = a_t.len() / in_dim;
-            rank > 0 && a_t.len() == rank * in_dim && b_t.len() == rank * out_dim
+impl DeltaRows<'_> {
+    /// Whether this delta fits a pass over `rows` rows of `in_dim` inputs into targets of
+    /// widths `out_dims`: its target exists, its rows are inside the batch, and its factors or
+    /// `ΔW` have the target's shape. A delta that does not fit must be applied another way
+    /// (the pass leaves it out rather than read out of bounds).
+    pub fn fits(&self, in_dim: usize, out_dims: &[usize], rows: usize) -> bool {
+        let Some(&out_dim) = out_dims.get(self.target) else {
+            return false;
+        };
+        if in_dim == 0 || self.rows.iter().any(|&r| r as usize >= rows) {
+            return false;
         }
-        DeltaWork::Masked(m) => m.shape() == (out_dim, in_dim),
-        DeltaWork::Dense(w) => w.len() == out_dim * in_dim,
+        match self.work {
+            DeltaWork::LowRank { a_t, b_t } => {
+                let rank = a_t.len() / in_dim;
+                a_t.len() == rank * in_dim && b_t.len() == rank * out_dim
+            }
+            DeltaWork::Masked(m) => m.shape() == (out_dim, in_dim),
+            DeltaWork::Dense(w) => w.len() == out_dim * in_dim,
+        }
     }
 }
 

@@ -640,12 +640,14 @@ impl LoraLinear {
                             .map(|(a_t, b_t)| DeltaWork::LowRank { a_t, b_t }),
                         LayerDelta::Dense { .. } => next().map(DeltaWork::Dense),
                     };
-                    match delta {
-                        Some(work_) => work.push(DeltaRows {
-                            target: t,
-                            rows: g.rows,
-                            work: work_,
-                        }),
+                    let delta = delta.map(|work_| DeltaRows {
+                        target: t,
+                        rows: g.rows,
+                        work: work_,
+                    });
+                    // A delta the pass cannot take goes through tensor ops, which check shapes.
+                    match delta.filter(|d| d.fits(in_dim, &out_dims, rows)) {
+                        Some(d) => work.push(d),
                         None => rest[t].push(Leftover {
                             layer: g.layer,
                             group: g.group,
