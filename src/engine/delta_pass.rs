@@ -58,6 +58,9 @@ pub struct DeltaPass<'a> {
     /// Each delta's first row in its target's update buffer.
     slots: Vec<usize>,
     jobs: Vec<Job>,
+    /// Delta rows per target (the update buffers' heights).
+    update_rows: Vec<usize>,
+    /// The update buffers, filled by [`Self::run`].
     updates: Vec<Vec<f32>>,
 }
 
@@ -75,11 +78,11 @@ impl<'a> DeltaPass<'a> {
             .into_iter()
             .filter(|d| d.fits(in_dim, &out_dims, rows))
             .collect();
-        let mut filled = vec![0; out_dims.len()];
+        let mut update_rows = vec![0; out_dims.len()];
         let slots = (deltas.iter())
             .map(|d| {
-                filled[d.target] += d.rows.len();
-                filled[d.target] - d.rows.len()
+                update_rows[d.target] += d.rows.len();
+                update_rows[d.target] - d.rows.len()
             })
             .collect();
         let mut jobs = Vec::new();
@@ -87,7 +90,8 @@ impl<'a> DeltaPass<'a> {
         let mut low_rank: Vec<(usize, usize)> = (deltas.iter().enumerate())
             .filter_map(|(i, d)| match d.work {
                 DeltaWork::LowRank { a_t, b_t } => {
-                    Some((i, d.rows.len().div_ceil(4) * (a_t.len() + b_t.len())))
+                    let blocks = d.rows.len().div_ceil(host::LOW_RANK_ROWS);
+                    Some((i, blocks * (a_t.len() + b_t.len())))
                 }
                 _ => None,
             })
@@ -110,11 +114,6 @@ impl<'a> DeltaPass<'a> {
                 n: width.min(out_dim - first),
             }));
         }
-        let updates = filled
-            .iter()
-            .zip(&out_dims)
-            .map(|(&n, &o)| Vec::with_capacity(n * o))
-            .collect();
         Self {
             x,
             in_dim,
@@ -122,7 +121,8 @@ impl<'a> DeltaPass<'a> {
             deltas,
             slots,
             jobs,
-            updates,
+            update_rows,
+            updates: Vec::new(),
         }
     }
 
@@ -137,7 +137,9 @@ impl<'a> DeltaPass<'a> {
     /// run other work beside them; a job asked for twice runs once, and a job never asked for
     /// is a panic (its update would be missing).
     pub fn run<R>(&mut self, schedule: impl FnOnce(usize, &(dyn Fn(usize) + Sync)) -> R) -> R {
-        let lens: Vec<usize> = (self.updates.iter()).map(Vec::capacity).collect();
+        let lens: Vec<usize> = (self.update_rows.iter().zip(&self.out_dims))
+            .map(|(&n, &o)| n * o)
+            .collect();
         let (x, in_dim, out_dims, deltas, slots, jobs) = (
             self.x,
             self.in_dim,
@@ -148,7 +150,7 @@ impl<'a> DeltaPass<'a> {
         );
         let claimed: Vec<AtomicBool> = jobs.iter().map(|_| AtomicBool::new(false)).collect();
         let mut result = None;
-        self.updates = take_filled(std::mem::take(&mut self.updates), &lens, |scatter| {
+        let fill = |scatter: &Scatter<'_>| {
             let run = |j: usize| {
                 if claimed[j].swap(true, Ordering::AcqRel) {
                     return;
@@ -168,7 +170,11 @@ impl<'a> DeltaPass<'a> {
                 claimed.iter().all(|c| c.load(Ordering::Acquire)),
                 "a delta job was never run"
             );
-        });
+        };
+        // SAFETY: `fill` writes every position or panics: each delta's rows are written in full
+        // by its jobs (a low-rank job clears its rows first, the tiles of a `ΔW` cover its
+        // outputs), and every job runs (checked above).
+        self.updates = unsafe { host::scattered(&lens, fill) };
         result.expect("the schedule ran")
     }
 
@@ -194,20 +200,6 @@ impl<'a> DeltaPass<'a> {
             }
         }
     }
-}
-
-/// Buffers of capacities `lens` that `fill` writes in full through a [`Scatter`] (see
-/// [`host::scattered`]); `bufs` gives the allocations.
-fn take_filled(
-    mut bufs: Vec<Vec<f32>>,
-    lens: &[usize],
-    fill: impl FnOnce(&Scatter<'_>),
-) -> Vec<Vec<f32>> {
-    bufs.iter_mut().for_each(Vec::clear);
-    // SAFETY: `fill` writes every position of every buffer or panics: each delta's rows are
-    // written in full by its jobs (a low-rank job clears its rows first, the tiles of a `ΔW`
-    // cover its outputs), and `run` panics unless every job ran.
-    unsafe { host::scattered_into(bufs, lens, fill) }
 }
 
 /// Where a job's delta writes: its first row in the target's update, of `out_dim` values each.
@@ -324,7 +316,14 @@ mod tests {
     /// and a job list run in reverse gives the same bits.
     #[test]
     fn each_row_gets_its_own_deltas_update() {
-        let (rows, in_dim, rank) = (6, 48, 3);
+        // Ranks that take the hidden columns sixteen, eight and one at a time.
+        for rank in [3, 8, 27] {
+            each_row_gets_its_own_deltas_update_at_rank(rank);
+        }
+    }
+
+    fn each_row_gets_its_own_deltas_update_at_rank(rank: usize) {
+        let (rows, in_dim) = (6, 48);
         let out_dims = vec![36, 20];
         let x = values(rows * in_dim, 1);
         let (a_t, b_t) = (values(in_dim * rank, 2), values(rank * out_dims[0], 3));

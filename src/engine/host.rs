@@ -180,26 +180,11 @@ impl<'a> Scatter<'a> {
 /// # Safety
 /// `fill` writes every position of every buffer, or panics.
 pub unsafe fn scattered(lens: &[usize], fill: impl FnOnce(&Scatter<'_>)) -> Vec<Vec<f32>> {
-    let bufs: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
-    // SAFETY: the caller's guarantee.
-    unsafe { scattered_into(bufs, lens, fill) }
-}
-
-/// [`scattered`] into the empty buffers `bufs`, each with room for its length in `lens`.
-///
-/// # Safety
-/// As [`scattered`].
-pub unsafe fn scattered_into(
-    mut bufs: Vec<Vec<f32>>,
-    lens: &[usize],
-    fill: impl FnOnce(&Scatter<'_>),
-) -> Vec<Vec<f32>> {
-    assert!(bufs.iter().all(Vec::is_empty), "buffers to fill are empty");
+    let mut bufs: Vec<Vec<f32>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
     fill(&Scatter::over(&mut bufs, lens));
     for (b, &n) in bufs.iter_mut().zip(lens) {
-        // SAFETY: the capacity is at least `n` (`Scatter::over` checked), and `fill` returned,
-        // having written all `n` values (the caller's guarantee); had it panicked the buffers
-        // would be dropped empty.
+        // SAFETY: the capacity is `n`, and `fill` returned, having written all `n` values (the
+        // caller's guarantee); had it panicked the buffers would be dropped empty.
         unsafe { b.set_len(n) };
     }
     bufs

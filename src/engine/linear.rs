@@ -624,37 +624,8 @@ impl LoraLinear {
             })
             .collect();
         let mut base = Some(base);
-        // With `slices` (the values of `tensors`, in order) every delta joins the pass; without
-        // them only the packed ones do.
         let mut attempt = |slices: Option<&[&[f32]]>| {
-            let mut slices = slices.map(|s| s.iter().copied());
-            let mut next = || slices.as_mut().and_then(Iterator::next);
-            let mut rest: Vec<Vec<Leftover<'d>>> = vec![Vec::new(); layers.len()];
-            let mut work = Vec::new();
-            for (t, layer_groups) in groups.iter().enumerate() {
-                for g in layer_groups {
-                    let delta = match g.layer {
-                        LayerDelta::Masked(m) => Some(DeltaWork::Masked(m)),
-                        LayerDelta::LowRank { .. } => next()
-                            .zip(next())
-                            .map(|(a_t, b_t)| DeltaWork::LowRank { a_t, b_t }),
-                        LayerDelta::Dense { .. } => next().map(DeltaWork::Dense),
-                    };
-                    let delta = delta.map(|work_| DeltaRows {
-                        target: t,
-                        rows: g.rows,
-                        work: work_,
-                    });
-                    // A delta the pass cannot take goes through tensor ops, which check shapes.
-                    match delta.filter(|d| d.fits(in_dim, &out_dims, rows)) {
-                        Some(d) => work.push(d),
-                        None => rest[t].push(Leftover {
-                            layer: g.layer,
-                            group: g.group,
-                        }),
-                    }
-                }
-            }
+            let (work, rest) = split_deltas(&groups, slices, in_dim, &out_dims, rows);
             let mut pass = DeltaPass::new(xs, in_dim, out_dims.clone(), work);
             let ys = base.take()?(&mut pass)?;
             let (mut ys, biased): (Vec<Vec<f32>>, Vec<bool>) = ys.into_iter().unzip();
@@ -786,6 +757,48 @@ struct DeltaGroup<'r, 'd> {
     rows: &'r [u32],
     layer: &'d LayerDelta,
     group: Option<&'d RowGroup<'d>>,
+}
+
+/// The deltas of `groups` (one list per target) split into those a [`DeltaPass`] takes and
+/// those left for tensor ops. With `slices` (the values of the groups' tensors in order: `aᵀ`
+/// and `bᵀ` of each low-rank delta, `ΔW` of each dense one) every delta that fits goes to the
+/// pass; without them only the packed ones do. A delta that does not fit goes through tensor
+/// ops, which check shapes.
+fn split_deltas<'a, 'd: 'a>(
+    groups: &[Vec<DeltaGroup<'a, 'd>>],
+    slices: Option<&[&'a [f32]]>,
+    in_dim: usize,
+    out_dims: &[usize],
+    rows: usize,
+) -> (Vec<DeltaRows<'a>>, Vec<Vec<Leftover<'d>>>) {
+    let mut slices = slices.map(|s| s.iter().copied());
+    let mut next = || slices.as_mut().and_then(Iterator::next);
+    let mut rest: Vec<Vec<Leftover<'d>>> = vec![Vec::new(); groups.len()];
+    let mut work = Vec::new();
+    for (target, layer_groups) in groups.iter().enumerate() {
+        for g in layer_groups {
+            let delta = match g.layer {
+                LayerDelta::Masked(m) => Some(DeltaWork::Masked(m)),
+                LayerDelta::LowRank { .. } => next()
+                    .zip(next())
+                    .map(|(a_t, b_t)| DeltaWork::LowRank { a_t, b_t }),
+                LayerDelta::Dense { .. } => next().map(DeltaWork::Dense),
+            }
+            .map(|work| DeltaRows {
+                target,
+                rows: g.rows,
+                work,
+            });
+            match delta.filter(|d| d.fits(in_dim, out_dims, rows)) {
+                Some(d) => work.push(d),
+                None => rest[target].push(Leftover {
+                    layer: g.layer,
+                    group: g.group,
+                }),
+            }
+        }
+    }
+    (work, rest)
 }
 
 /// A delta the host could not add (its tensors are on a GPU): added with tensor ops.
