@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::host::{self, Scatter};
-use super::masked::MaskedMatrix;
+use super::masked::{self, MaskedMatrix};
 
 /// Outputs of a `ΔW` job: about sixteen jobs per matrix, so two workers stay balanced.
 const TILES: usize = 16;
@@ -107,7 +107,12 @@ impl<'a> DeltaPass<'a> {
                 continue;
             }
             let out_dim = out_dims[d.target];
-            let width = out_dim.div_ceil(TILES).max(1);
+            // A packed ΔW's jobs take whole groups of its outputs.
+            let unit = match d.work {
+                DeltaWork::Masked(_) => masked::GROUP,
+                _ => 1,
+            };
+            let width = out_dim.div_ceil(TILES).next_multiple_of(unit).max(1);
             jobs.extend((0..out_dim).step_by(width).map(|first| Job {
                 delta: i,
                 first,
@@ -357,8 +362,9 @@ mod tests {
         };
         let mut sums: Vec<Vec<f32>> = out_dims.iter().map(|&o| vec![1.0; rows * o]).collect();
         let mut pass = DeltaPass::new(&x, in_dim, out_dims.clone(), deltas());
-        // One low-rank job; 36 outputs in 12 tiles of 3, 20 in 10 of 2.
-        assert_eq!(pass.jobs(), 1 + 12 + 10);
+        // One low-rank job; 36 packed outputs in whole groups of 16 (16, 16, 4), 20 dense ones
+        // in 10 tiles of 2.
+        assert_eq!(pass.jobs(), 1 + 3 + 10);
         pass.run_alone();
         pass.add_to(
             &mut sums

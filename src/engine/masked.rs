@@ -3,38 +3,37 @@
 //! TIES, DARE and DARE-TIES merges keep only a fraction of each adapter's entries (TIES: 20% by
 //! default), so a merged `ΔW` is dense in shape but mostly zeros. A batched decode step reads
 //! every byte of it for the few rows that use it, so its size is its cost. [`MaskedMatrix`]
-//! keeps each output row as one 16-bit mask per sixteen inputs plus the nonzero values in order:
+//! keeps it in groups of sixteen adjacent outputs: for each input, one 16-bit mask of the
+//! group's outputs that have a nonzero weight there, then those weights in order. That is
 //! `0.125 + 4·d` bytes per entry at density `d` instead of 4, and every kept value exact (f32).
 //!
-//! A product walks one output row at a time and dots it with each input row in the dense kernel's
-//! order ([`host::dot`]: eight lanes, each summing its products in input order, then the lanes in
-//! order), so the result is the dense product's, to the bit. On AVX-512 the row is never written
-//! out: each mask's values are loaded and put in their sixteen places in a register by one
-//! permutation, whose indices come from a 256-entry table per mask byte (`vexpandps`, the
-//! instruction made for this, costs several times more on some CPUs), and multiplied with up to
-//! four input rows while they sit there. Four rows are a tile; the next tile's values are asked
-//! for while one is multiplied (see `prefetch`).
+//! A product walks a group's inputs in order. On AVX-512 each input's weights are put in their
+//! sixteen output lanes of one register by one permutation, whose indices come from a 256-entry
+//! table per mask byte (`vexpandps`, the instruction made for this, costs more on some CPUs),
+//! and multiplied with up to four input rows' values at that input while they sit there: one
+//! multiply-add per row, into sixteen outputs at once, with no horizontal sums. Each row sums
+//! its even inputs and its odd inputs in two chains, in input order, and adds the two at the end
+//! ([`reference_sums`] is the same order without SIMD), so a row's result does not depend on
+//! which other rows are in the product.
 
-use super::host;
-
-/// Inputs per mask.
-const LANES: usize = 16;
+/// Outputs per group (one per lane of a 512-bit register).
+pub const GROUP: usize = 16;
 
 /// Above this fraction of nonzero entries the packed form saves too little to pay for its
 /// unpacking; the matrix stays dense.
 pub const MAX_DENSITY: f64 = 0.75;
 
-/// A `rows × cols` matrix as per-row masks and packed nonzero values.
+/// A `rows × cols` matrix as per-group masks and packed nonzero values.
 #[derive(Debug, Clone)]
 pub struct MaskedMatrix {
     rows: usize,
     cols: usize,
-    /// `rows × cols.div_ceil(LANES)` masks: bit `i` of mask `c` is input `c·LANES + i`.
+    /// `groups × cols` masks: bit `l` of mask `g·cols + i` is entry `(g·GROUP + l, i)`.
     masks: Vec<u16>,
-    /// Where each row's values start in `values` (`rows + 1` entries).
+    /// Where each group's values start in `values` (`groups + 1` entries).
     starts: Vec<usize>,
-    /// The nonzero values in row order, then [`LANES`] zeros, so that sixteen values read from
-    /// any row's position stay inside.
+    /// The nonzero values, group by group, input by input, lane by lane; then [`GROUP`] zeros,
+    /// so that sixteen values read from any group's position stay inside.
     values: Vec<f32>,
 }
 
@@ -49,17 +48,19 @@ impl MaskedMatrix {
         if nonzero as f64 > MAX_DENSITY * w.len() as f64 {
             return None;
         }
-        let chunks = cols.div_ceil(LANES);
-        let mut masks = Vec::with_capacity(rows * chunks);
-        let mut starts = Vec::with_capacity(rows + 1);
-        let mut values = Vec::with_capacity(nonzero);
-        for row in w.chunks_exact(cols) {
+        let groups = rows.div_ceil(GROUP);
+        let mut masks = Vec::with_capacity(groups * cols);
+        let mut starts = Vec::with_capacity(groups + 1);
+        let mut values = Vec::with_capacity(nonzero + GROUP);
+        for g in 0..groups {
             starts.push(values.len());
-            for chunk in row.chunks(LANES) {
+            let lanes = g * GROUP..((g + 1) * GROUP).min(rows);
+            for i in 0..cols {
                 let mut mask = 0u16;
-                for (i, &v) in chunk.iter().enumerate() {
+                for (l, r) in lanes.clone().enumerate() {
+                    let v = w[r * cols + i];
                     if v != 0.0 {
-                        mask |= 1 << i;
+                        mask |= 1 << l;
                         values.push(v);
                     }
                 }
@@ -67,7 +68,7 @@ impl MaskedMatrix {
             }
         }
         starts.push(values.len());
-        values.extend([0.0; LANES]);
+        values.extend([0.0; GROUP]);
         Some(Self {
             rows,
             cols,
@@ -85,94 +86,145 @@ impl MaskedMatrix {
     /// The matrix with its zeros back, row-major.
     pub fn to_dense(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.unpack_row(r, row);
+        for g in 0..self.rows.div_ceil(GROUP) {
+            let (masks, values) = self.group(g);
+            let mut at = 0;
+            for (i, &mask) in masks.iter().enumerate() {
+                for (l, w) in unpack_scalar(mask, values, &mut at).into_iter().enumerate() {
+                    if let Some(v) = out.get_mut((g * GROUP + l) * self.cols + i) {
+                        *v = w;
+                    }
+                }
+            }
         }
         out
     }
 
-    /// Writes row `r` into `dst` (`cols` long).
-    #[inline(always)]
-    fn unpack_row(&self, r: usize, dst: &mut [f32]) {
-        let (masks, values) = self.row(r);
-        unpack_scalar(masks, values, dst);
-    }
-
     /// `acc[k · n + j]` = the `k`-th row of `rows` of `x: (·, cols)` dotted with output row
-    /// `first + j` (`j < n`): the dense kernel's sums ([`host::dot_rows`]), to the bit, each
-    /// output row unpacked as it is needed.
+    /// `first + j` (`j < n`), summed as [`reference_sums`] sums.
     pub fn products(&self, first: usize, n: usize, x: &[f32], rows: &[u32], acc: &mut [f32]) {
         assert!(
             first + n <= self.rows,
             "outputs {first}+{n} of {}",
             self.rows
         );
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("popcnt")
-            && self.cols.is_multiple_of(LANES)
-        {
-            let outputs: Vec<(&[u16], &[f32])> = (first..first + n).map(|o| self.row(o)).collect();
-            // SAFETY: the CPU has AVX-512F and POPCNT; each output's `values` holds its masks'
-            // set bits and sixteen more values (as `pack` built them), and `masks` covers `cols`
-            // inputs, a multiple of 16.
-            unsafe { avx512::products(&outputs, x, rows, acc) };
-            return;
-        }
-        let mut scratch = vec![0f32; self.cols];
-        for j in 0..n {
-            self.unpack_row(first + j, &mut scratch);
-            host::dot_rows(&mut acc[j..], n, x, rows, &scratch);
+        assert!(acc.len() >= rows.len() * n, "{} sums", acc.len());
+        let xs: Vec<&[f32]> = (rows.iter())
+            .map(|&r| &x[r as usize * self.cols..(r as usize + 1) * self.cols])
+            .collect();
+        for g in first / GROUP..(first + n).div_ceil(GROUP) {
+            let (masks, values) = self.group(g);
+            // This group's outputs that are wanted, as lanes and as columns of `acc`.
+            let lanes =
+                first.max(g * GROUP) - g * GROUP..(first + n).min((g + 1) * GROUP) - g * GROUP;
+            let column = g * GROUP + lanes.start - first;
+            for (b, block) in xs.chunks(ROWS).enumerate() {
+                let sums = group_sums(masks, values, block);
+                for (k, lane_sums) in sums.iter().take(block.len()).enumerate() {
+                    let at = (b * ROWS + k) * n + column;
+                    acc[at..at + lanes.len()].copy_from_slice(&lane_sums[lanes.clone()]);
+                }
+            }
         }
     }
 
-    /// Row `r`'s masks and packed values, followed by [`LANES`] more values (the next rows' or
-    /// the padding).
-    fn row(&self, r: usize) -> (&[u16], &[f32]) {
-        let chunks = self.cols.div_ceil(LANES);
+    /// Group `g`'s masks and packed values, followed by [`GROUP`] more values (the next
+    /// group's or the padding).
+    fn group(&self, g: usize) -> (&[u16], &[f32]) {
         (
-            &self.masks[r * chunks..(r + 1) * chunks],
-            &self.values[self.starts[r]..self.starts[r + 1] + LANES],
+            &self.masks[g * self.cols..(g + 1) * self.cols],
+            &self.values[self.starts[g]..self.starts[g + 1] + GROUP],
         )
     }
 }
 
-/// Unpacks one row: mask `c` places the next set-bit-count values at inputs `c·LANES + i`.
-fn unpack_scalar(masks: &[u16], values: &[f32], dst: &mut [f32]) {
-    let mut at = 0;
-    for (&mask, chunk) in masks.iter().zip(dst.chunks_mut(LANES)) {
-        for (i, d) in chunk.iter_mut().enumerate() {
-            *d = if mask & (1 << i) != 0 {
-                at += 1;
-                values[at - 1]
-            } else {
-                0.0
-            };
-        }
+/// Input rows multiplied side by side.
+const ROWS: usize = 4;
+
+/// One group's sums for up to [`ROWS`] input rows (each `masks.len()` long): `sums[k][l]` is row
+/// `k` dotted with the group's output `l`.
+fn group_sums(masks: &[u16], values: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(places) = avx512::Places::available() {
+        // SAFETY: the CPU has the features `places` needs; `values` holds the masks' set bits
+        // and sixteen more values (as `pack` built them); every row is `masks.len()` long.
+        return unsafe { avx512::group_sums(places, masks, values, xs) };
     }
+    reference_sums(masks, values, xs)
 }
 
-/// The AVX-512 product of [`MaskedMatrix::products`].
-///
-/// `host::dot` sums each product in one of eight lanes, each lane in input order: a chain of
-/// dependent additions per output and input row. The chains of four outputs and up to four input
-/// rows run side by side (one 256-bit register each), so the additions' latency overlaps.
+/// [`group_sums`] without SIMD, and the order of its sums: each row's even inputs in one chain
+/// of fused multiply-adds and its odd inputs in another, both in input order from zero, then
+/// even plus odd. Every input is multiplied, zeros included, as the vector kernel does.
+fn reference_sums(masks: &[u16], values: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+    let mut chains = [[[0f32; GROUP]; 2]; ROWS];
+    let mut at = 0;
+    for (i, &mask) in masks.iter().enumerate() {
+        let w = unpack_scalar(mask, values, &mut at);
+        for (chain, x) in chains.iter_mut().zip(xs) {
+            let sum = &mut chain[i % 2];
+            for (s, w) in sum.iter_mut().zip(w) {
+                *s = w.mul_add(x[i], *s);
+            }
+        }
+    }
+    chains.map(|[even, odd]| std::array::from_fn(|l| even[l] + odd[l]))
+}
+
+/// One input's sixteen weights of a group: mask bit `l` takes the next value from
+/// `values[*at..]` (`*at` moves past the ones taken).
+fn unpack_scalar(mask: u16, values: &[f32], at: &mut usize) -> [f32; GROUP] {
+    std::array::from_fn(|l| {
+        if mask & (1 << l) != 0 {
+            *at += 1;
+            values[*at - 1]
+        } else {
+            0.0
+        }
+    })
+}
+
+/// The AVX-512 kernel of [`group_sums`].
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::LANES;
-    use crate::engine::prefetch::Lines;
+    use super::{GROUP, ROWS};
 
-    /// Outputs (packed rows) multiplied side by side.
-    const OUTS: usize = 4;
-    /// Input rows multiplied side by side.
-    const ROWS: usize = 4;
+    /// Values asked for ahead of the one being unpacked (4 KiB): a group's values are one
+    /// stream, and the hardware prefetcher alone falls behind it.
+    const AHEAD: usize = 1024;
+
+    /// How a mask becomes the permutation that puts its values in their lanes.
+    #[derive(Clone, Copy)]
+    pub enum Places {
+        /// Each lane counts the mask's set bits below it (`vpopcntd`): three instructions.
+        Counted,
+        /// From a table per mask byte, for CPUs without `vpopcntd`: two loads and three
+        /// instructions.
+        Table,
+    }
+
+    impl Places {
+        /// The way this CPU can, or `None` without AVX-512F and POPCNT.
+        pub fn available() -> Option<Self> {
+            let has = |f| match f {
+                "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+                "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
+                _ => std::arch::is_x86_feature_detected!("avx512vpopcntdq"),
+            };
+            match (has("avx512f") && has("popcnt"), has("avx512vpopcntdq")) {
+                (false, _) => None,
+                (true, true) => Some(Self::Counted),
+                (true, false) => Some(Self::Table),
+            }
+        }
+    }
 
     /// For each mask byte, the index among the byte's set bits of every set bit (0 where unset).
-    static PLACES: [[i32; 8]; 256] = places();
+    static TABLE: [[i32; 8]; 256] = table();
 
-    const fn places() -> [[i32; 8]; 256] {
+    const fn table() -> [[i32; 8]; 256] {
         let mut table = [[0i32; 8]; 256];
         let mut byte = 0;
         while byte < 256 {
@@ -190,137 +242,145 @@ mod avx512 {
         table
     }
 
-    /// The values of `tile` (outputs `tile·OUTS..`), to ask for while the tile before it is
-    /// multiplied (see `prefetch`); none past the last tile.
-    fn tile_values(outputs: &[(&[u16], &[f32])], tile: usize) -> Lines {
-        let (first, end) = (tile * OUTS, ((tile + 1) * OUTS).min(outputs.len()));
-        if first >= end {
-            return Lines::NONE;
-        }
-        let last = outputs[end - 1].1;
-        // The rows' values are consecutive pieces of one array; the last one's padding is left.
-        Lines::spanning(outputs[first].1, &last[..last.len() - LANES])
-    }
-
-    /// `acc[k · n + j]` = `host::dot(x_r, w_j)` for the `k`-th row `r` of `rows` and the `j`-th of
-    /// the `n` packed rows `outputs` (masks and values, all `cols = masks.len() · 16` long).
+    /// Lane `l`'s value's index among the loaded ones: the set bits of `mask` below bit `l`.
     ///
     /// # Safety
-    /// The CPU has AVX-512F and POPCNT, and each output's values are at least as many as its
-    /// masks' set bits plus 16.
-    #[target_feature(enable = "avx512f,popcnt")]
-    pub unsafe fn products(outputs: &[(&[u16], &[f32])], x: &[f32], rows: &[u32], acc: &mut [f32]) {
-        let n = outputs.len();
-        let Some(cols) = outputs.first().map(|o| o.0.len() * LANES) else {
-            return;
-        };
-        let (no_masks, no_values) = (vec![0u16; cols / LANES], [0f32; LANES]);
-        let empty = (&no_masks[..], &no_values[..]);
-        for (b, block) in rows.chunks(ROWS).enumerate() {
-            let xs: Vec<&[f32]> = block
-                .iter()
-                .map(|&r| &x[r as usize * cols..(r as usize + 1) * cols])
-                .collect();
-            tile_values(outputs, 0).fetch_all();
-            for (t, tile) in outputs.chunks(OUTS).enumerate() {
-                // Short tiles are padded with an empty row, whose sums are dropped.
-                let mut four = [empty; OUTS];
-                four[..tile.len()].copy_from_slice(tile);
-                let ahead = tile_values(outputs, t + 1);
-                // SAFETY: the caller's guarantees; every row of `xs` is `cols` long.
-                let sums = unsafe {
-                    match xs.len() {
-                        1 => tile_sums::<1>(&four, &xs, ahead),
-                        2 => tile_sums::<2>(&four, &xs, ahead),
-                        3 => tile_sums::<3>(&four, &xs, ahead),
-                        _ => tile_sums::<4>(&four, &xs, ahead),
-                    }
-                };
-                for (k, row) in sums.iter().take(block.len()).enumerate() {
-                    for (j, sum) in row.iter().take(tile.len()).enumerate() {
-                        acc[(b * ROWS + k) * n + t * OUTS + j] = *sum;
-                    }
-                }
-            }
+    /// AVX-512F and AVX-512 VPOPCNTDQ (`COUNTED`) or POPCNT (the table).
+    #[inline(always)]
+    unsafe fn places<const COUNTED: bool>(mask: u16) -> __m512i {
+        if COUNTED {
+            // SAFETY: the caller's guarantee.
+            return unsafe {
+                let below = _mm512_set_epi32(
+                    0x7fff, 0x3fff, 0x1fff, 0xfff, 0x7ff, 0x3ff, 0x1ff, 0xff, 0x7f, 0x3f, 0x1f,
+                    0xf, 0x7, 0x3, 0x1, 0,
+                );
+                _mm512_popcnt_epi32(_mm512_and_si512(_mm512_set1_epi32(mask as i32), below))
+            };
         }
-    }
-
-    /// One packed row's sixteen inputs at chunk `c` in a register, its values from `values[*at..]`
-    /// (`*at` moves past them). The sixteen values are read with a plain load: a masked load
-    /// costs three times as much on some CPUs (Zen 4).
-    ///
-    /// # Safety
-    /// AVX-512F and POPCNT; `values[*at..]` holds at least 16 values, the first
-    /// `mask.count_ones()` of them this chunk's.
-    #[target_feature(enable = "avx512f,popcnt")]
-    #[inline]
-    unsafe fn unpack(mask: u16, values: &[f32], at: &mut usize) -> __m512 {
         let (low, high) = ((mask & 0xff) as usize, (mask >> 8) as usize);
-        let count = mask.count_ones() as usize;
-        debug_assert!(*at + LANES <= values.len());
-        // SAFETY: the table rows are eight i32; `values[at..at + 16]` is in bounds (the caller's
-        // guarantee).
-        let w = unsafe {
-            let first = _mm256_loadu_si256(PLACES[low].as_ptr().cast());
+        // SAFETY: each table row is eight i32.
+        unsafe {
+            let first = _mm256_loadu_si256(TABLE[low].as_ptr().cast());
             let second = _mm256_add_epi32(
-                _mm256_loadu_si256(PLACES[high].as_ptr().cast()),
+                _mm256_loadu_si256(TABLE[high].as_ptr().cast()),
                 _mm256_set1_epi32(low.count_ones() as i32),
             );
-            let places = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second)
+        }
+    }
+
+    /// One input's sixteen weights in their lanes, from `values[*at..]` (`*at` moves past
+    /// them). The sixteen values are read with a plain load: a masked load costs three times as
+    /// much on some CPUs (Zen 4).
+    ///
+    /// # Safety
+    /// As [`places`]; `values[*at..]` holds at least 16 values.
+    #[inline(always)]
+    unsafe fn unpack<const COUNTED: bool>(mask: u16, values: &[f32], at: &mut usize) -> __m512 {
+        debug_assert!(*at + GROUP <= values.len());
+        // SAFETY: the caller's guarantees; a prefetch never faults.
+        let w = unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(*at + AHEAD).cast());
             let loaded = _mm512_loadu_ps(values.as_ptr().add(*at));
-            _mm512_maskz_permutexvar_ps(mask, places, loaded)
+            _mm512_maskz_permutexvar_ps(mask, places::<COUNTED>(mask), loaded)
         };
-        *at += count;
+        *at += mask.count_ones() as usize;
         w
     }
 
-    /// The products of [`OUTS`] packed rows with `R` input rows: `sums[k][j] = x_k · w_j` (rows
-    /// past `R` are zero), asking for the lines of `ahead` along the way.
+    /// [`super::reference_sums`] for exactly `R` rows, the even and odd chains of each row in
+    /// registers.
     ///
     /// # Safety
-    /// As [`products`]; `xs` holds `R` rows of `cols` inputs.
-    #[target_feature(enable = "avx512f,popcnt")]
-    unsafe fn tile_sums<const R: usize>(
-        outputs: &[(&[u16], &[f32]); OUTS],
+    /// As [`unpack`]; `values` holds the masks' set bits and sixteen more values; `xs` holds
+    /// `R` rows of `masks.len()` values.
+    #[inline(always)]
+    unsafe fn sums<const R: usize, const COUNTED: bool>(
+        masks: &[u16],
+        values: &[f32],
         xs: &[&[f32]],
-        ahead: Lines,
-    ) -> [[f32; OUTS]; ROWS] {
-        let chunks = outputs[0].0.len();
-        assert!(xs.len() == R && xs.iter().all(|x| x.len() == chunks * LANES));
-        assert!(outputs.iter().all(|o| o.0.len() == chunks));
-        let mut acc = [[_mm256_setzero_ps(); OUTS]; R];
-        let mut at = [0usize; OUTS];
-        for c in 0..chunks {
-            ahead.fetch(c, chunks);
-            let mut w = [_mm512_setzero_ps(); OUTS];
-            for j in 0..OUTS {
-                // SAFETY: the caller's guarantee on each output's values.
-                w[j] = unsafe { unpack(outputs[j].0[c], outputs[j].1, &mut at[j]) };
+    ) -> [[f32; GROUP]; ROWS] {
+        let cols = masks.len();
+        assert!(xs.len() == R && xs.iter().all(|x| x.len() == cols));
+        let x: [*const f32; R] = std::array::from_fn(|k| xs[k].as_ptr());
+        // SAFETY: the caller's guarantee (AVX-512F).
+        let (mut even, mut odd) = unsafe { ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]) };
+        let mut at = 0;
+        let mut i = 0;
+        while i + 2 <= cols {
+            // SAFETY: the caller's guarantees; inputs `i` and `i + 1` are within every row.
+            unsafe {
+                let w0 = unpack::<COUNTED>(*masks.get_unchecked(i), values, &mut at);
+                let w1 = unpack::<COUNTED>(*masks.get_unchecked(i + 1), values, &mut at);
+                for k in 0..R {
+                    even[k] = _mm512_fmadd_ps(w0, _mm512_set1_ps(*x[k].add(i)), even[k]);
+                    odd[k] = _mm512_fmadd_ps(w1, _mm512_set1_ps(*x[k].add(i + 1)), odd[k]);
+                }
             }
-            for k in 0..R {
-                // SAFETY: inputs `c·16..c·16 + 16` are within every row (asserted above).
-                let x = unsafe { _mm512_loadu_ps(xs[k].as_ptr().add(c * LANES)) };
-                for j in 0..OUTS {
-                    let p = _mm512_mul_ps(x, w[j]);
-                    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p)));
-                    // `host::dot`'s eight lanes: inputs 16c..16c+8, then 16c+8..16c+16.
-                    acc[k][j] =
-                        _mm256_add_ps(_mm256_add_ps(acc[k][j], _mm512_castps512_ps256(p)), high);
+            i += 2;
+        }
+        if i < cols {
+            // SAFETY: as above, for the last (even) input.
+            unsafe {
+                let w = unpack::<COUNTED>(masks[i], values, &mut at);
+                for k in 0..R {
+                    even[k] = _mm512_fmadd_ps(w, _mm512_set1_ps(*x[k].add(i)), even[k]);
                 }
             }
         }
-        let mut sums = [[0f32; OUTS]; ROWS];
-        for (row, lanes_of) in sums.iter_mut().zip(acc) {
-            for (out, sum) in row.iter_mut().zip(lanes_of) {
-                let mut lanes = [0f32; 8];
-                // SAFETY: eight floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-                // As `host::dot` ends: the lanes in order, then its (here empty) tail.
-                let tail: f32 = [0f32; 0].iter().sum();
-                *out = lanes.iter().sum::<f32>() + tail;
-            }
+        let mut sums = [[0f32; GROUP]; ROWS];
+        for k in 0..R {
+            // SAFETY: sixteen floats.
+            unsafe { _mm512_storeu_ps(sums[k].as_mut_ptr(), _mm512_add_ps(even[k], odd[k])) };
         }
         sums
+    }
+
+    /// [`sums`] with mask places counted.
+    ///
+    /// # Safety
+    /// As [`sums`], on a CPU with AVX-512F, POPCNT and AVX-512 VPOPCNTDQ.
+    #[target_feature(enable = "avx512f,popcnt,avx512vpopcntdq")]
+    unsafe fn counted<const R: usize>(m: &[u16], v: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+        // SAFETY: the caller's guarantees.
+        unsafe { sums::<R, true>(m, v, xs) }
+    }
+
+    /// [`sums`] with mask places from the table.
+    ///
+    /// # Safety
+    /// As [`sums`], on a CPU with AVX-512F and POPCNT.
+    #[target_feature(enable = "avx512f,popcnt")]
+    unsafe fn tabled<const R: usize>(m: &[u16], v: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+        // SAFETY: the caller's guarantees.
+        unsafe { sums::<R, false>(m, v, xs) }
+    }
+
+    /// [`super::group_sums`] for 1 to [`ROWS`] rows.
+    ///
+    /// # Safety
+    /// The CPU has what `places` needs ([`Places::available`]); `values` holds the masks' set
+    /// bits and sixteen more values; `xs` holds 1 to [`ROWS`] rows of `masks.len()` values.
+    pub unsafe fn group_sums(
+        places: Places,
+        m: &[u16],
+        v: &[f32],
+        xs: &[&[f32]],
+    ) -> [[f32; GROUP]; ROWS] {
+        // SAFETY: the caller's guarantees.
+        unsafe {
+            match (places, xs.len()) {
+                (Places::Counted, 1) => counted::<1>(m, v, xs),
+                (Places::Counted, 2) => counted::<2>(m, v, xs),
+                (Places::Counted, 3) => counted::<3>(m, v, xs),
+                (Places::Counted, _) => counted::<4>(m, v, xs),
+                (Places::Table, 1) => tabled::<1>(m, v, xs),
+                (Places::Table, 2) => tabled::<2>(m, v, xs),
+                (Places::Table, 3) => tabled::<3>(m, v, xs),
+                (Places::Table, _) => tabled::<4>(m, v, xs),
+            }
+        }
     }
 }
 
@@ -343,24 +403,18 @@ mod tests {
 
     #[test]
     fn packing_keeps_every_value_and_position() {
-        for cols in [16, 37, 64] {
-            let w = sparse(5, cols);
-            let m = MaskedMatrix::pack(&w, 5, cols).expect("sparse enough");
-            assert_eq!(m.to_dense(), w, "cols {cols}");
+        for (rows, cols) in [(5, 16), (17, 37), (33, 64)] {
+            let w = sparse(rows, cols);
+            let m = MaskedMatrix::pack(&w, rows, cols).expect("sparse enough");
+            assert_eq!(m.to_dense(), w, "{rows} × {cols}");
             // Without the fixed padding after the values.
-            let values = m.values.len() - LANES;
+            let values = m.values.len() - GROUP;
+            assert_eq!(values, w.iter().filter(|v| **v != 0.0).count());
             let packed_bytes = m.masks.len() * 2 + m.starts.len() * 8 + values * 4;
             assert!(
                 packed_bytes < w.len() * 4 * 6 / 10,
-                "cols {cols}: {packed_bytes} bytes"
+                "{rows} × {cols}: {packed_bytes} bytes"
             );
-            let chunks = cols.div_ceil(LANES);
-            let mut scalar = vec![0f32; 5 * cols];
-            for (r, row) in scalar.chunks_exact_mut(cols).enumerate() {
-                let values = &m.values[m.starts[r]..m.starts[r + 1]];
-                unpack_scalar(&m.masks[r * chunks..(r + 1) * chunks], values, row);
-            }
-            assert_eq!(scalar, w, "scalar unpacking, cols {cols}");
         }
     }
 
@@ -371,12 +425,21 @@ mod tests {
         assert!(MaskedMatrix::pack(&w, 4, 15).is_none(), "shape mismatch");
     }
 
-    /// The packed product equals the dense kernel's to the bit: one row of the matrix full, one
-    /// empty, the rest sparse; one input row, and more rows than one register block holds; all
-    /// outputs, and a range of them.
+    /// `x_r · w_o` in f64.
+    fn exact(x: &[f32], r: usize, w: &[f32], o: usize, cols: usize) -> f64 {
+        (0..cols)
+            .map(|i| x[r * cols + i] as f64 * w[o * cols + i] as f64)
+            .sum()
+    }
+
+    /// Every product equals the order [`reference_sums`] fixes, to the bit, and the exact
+    /// product within f32 rounding; a row's sums are the same alone and beside other rows
+    /// (fewer than one register block holds, and more); any range of outputs, inside a group or
+    /// across groups. One row of the matrix is full, one empty, the rest sparse, and the last
+    /// group is short; the input count is odd, so the even chain takes the last input.
     #[test]
-    fn packed_product_equals_the_dense_product() {
-        let (out_dim, in_dim) = (40, 48);
+    fn products_follow_one_order_whatever_the_batch() {
+        let (out_dim, in_dim) = (40, 47);
         let mut w = sparse(out_dim, in_dim);
         w[..in_dim]
             .iter_mut()
@@ -385,24 +448,47 @@ mod tests {
         w[in_dim..2 * in_dim].fill(0.0);
         let m = MaskedMatrix::pack(&w, out_dim, in_dim).expect("sparse enough");
         let x: Vec<f32> = (0..8 * in_dim).map(|i| (i as f32 * 0.11).cos()).collect();
+        let alone = |r: u32| {
+            let mut y = vec![f32::NAN; out_dim];
+            m.products(0, out_dim, &x, &[r], &mut y);
+            y
+        };
         for rows in [&[3u32, 0, 2][..], &[5], &[7, 0, 2, 6, 5, 1]] {
-            for (first, n) in [(0, out_dim), (1, 13)] {
-                let mut dense = vec![0f32; rows.len() * n];
-                for j in 0..n {
-                    let o = first + j;
-                    host::dot_rows(
-                        &mut dense[j..],
-                        n,
-                        &x,
-                        rows,
-                        &w[o * in_dim..(o + 1) * in_dim],
-                    );
-                }
+            for (first, n) in [(0, out_dim), (1, 13), (14, 20), (32, 8)] {
                 let mut packed = vec![f32::NAN; rows.len() * n];
                 m.products(first, n, &x, rows, &mut packed);
-                assert_eq!(packed, dense, "rows {rows:?}, outputs {first}+{n}");
-                assert!(dense.iter().any(|v| *v != 0.0));
+                for (k, &r) in rows.iter().enumerate() {
+                    let got = &packed[k * n..(k + 1) * n];
+                    assert_eq!(got, &alone(r)[first..first + n], "row {r} of {rows:?}");
+                    for (j, &v) in got.iter().enumerate() {
+                        let want = exact(&x, r as usize, &w, first + j, in_dim);
+                        assert!(
+                            (v as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{v} vs {want}"
+                        );
+                    }
+                }
             }
         }
+        let xs: Vec<&[f32]> = [6usize, 1]
+            .iter()
+            .map(|&r| &x[r * in_dim..(r + 1) * in_dim])
+            .collect();
+        for g in 0..out_dim.div_ceil(GROUP) {
+            let (masks, values) = m.group(g);
+            let want = reference_sums(masks, values, &xs);
+            let got = group_sums(masks, values, &xs);
+            assert_eq!(got[..2], want[..2], "group {g}");
+            #[cfg(target_arch = "x86_64")]
+            if avx512::Places::available().is_some() {
+                // SAFETY: AVX-512F and POPCNT are present; the group is as `pack` built it.
+                let tabled =
+                    unsafe { avx512::group_sums(avx512::Places::Table, masks, values, &xs) };
+                assert_eq!(tabled[..2], want[..2], "group {g}, places from the table");
+            }
+        }
+        let y = alone(0);
+        assert!(y[0] != 0.0 && y[1] == 0.0, "the full row and the empty one");
+        assert!(y.iter().filter(|v| **v != 0.0).count() > out_dim / 2);
     }
 }

@@ -1,12 +1,12 @@
 //! Software prefetching for the kernels of a batched step that read many short streams.
 //!
-//! A decode step applies each distinct delta to its own few rows: every low-rank factor, every
-//! packed ΔW row and every cached key row is read once, in pieces of a few hundred bytes to a few
-//! kilobytes. Such streams end before the hardware prefetcher gets ahead of them, so a kernel
+//! A decode step applies each distinct delta to its own few rows: every low-rank factor and every
+//! cached key row is read once, in pieces of a few hundred bytes to a few kilobytes. Such streams end before the hardware prefetcher gets ahead of them, so a kernel
 //! that only loads waits for memory at the start of each piece and draws a third of the bandwidth
 //! the machine has. The kernels instead name the lines they will read next ([`Lines`]) and ask
 //! for a share of them at each step of the work in hand, so the memory system always has the
-//! next piece in flight while the current one is computed.
+//! next piece in flight while the current one is computed. (The longer streams of the packed ΔW
+//! and quantized weight kernels are asked for a fixed distance ahead, in those kernels.)
 
 /// A run of cache lines to ask for.
 #[derive(Debug, Clone, Copy)]
@@ -36,18 +36,6 @@ impl Lines {
         Lines {
             start: start.wrapping_sub(lead),
             count: (lead + bytes).div_ceil(LINE),
-        }
-    }
-
-    /// The lines from `first`'s first byte to `last`'s last, two pieces of one array (`last`
-    /// not before `first`).
-    pub fn spanning<T>(first: &[T], last: &[T]) -> Lines {
-        let start = first.as_ptr() as usize;
-        let end = last.as_ptr() as usize + std::mem::size_of_val(last);
-        let lead = start % LINE;
-        Lines {
-            start: first.as_ptr().cast::<u8>().wrapping_sub(lead),
-            count: (lead + end.saturating_sub(start)).div_ceil(LINE),
         }
     }
 
@@ -119,11 +107,6 @@ mod tests {
             11
         );
         assert_eq!(Lines::of(&data[aligned + 60..aligned + 70]).count, 2);
-        let (a, b) = (
-            &data[aligned + 1..aligned + 9],
-            &data[aligned + 128..aligned + 130],
-        );
-        assert_eq!(Lines::spanning(a, b).count, 3);
         for parts in [1, 3, 4, 11, 30] {
             let mut seen = vec![0; lines.count];
             for part in 0..parts {
