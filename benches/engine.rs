@@ -2,8 +2,8 @@
 //! one adapter (`shout`) and an 8-adapter knots-ties delta of rank 128, and MiniLM sentences/s
 //! at batch 32; then the serving engine in process (no HTTP): aggregate decode tokens/s of 1 and
 //! 16 concurrent sequences on the quantized base, alone and over 8 adapters. Needs `make models`.
-//! Run: `cargo bench --bench engine` (`-- batched [base 1|base 16|adapters 16]` runs only the
-//! engine part, or one run of it; `-- peak` measures this CPU's int8 multiply-add peak, which
+//! Run: `cargo bench --bench engine` (`-- batched [base 1|base 16|adapters 16|sets 16|low-rank 16]`
+//! runs only the engine part, or one run of it: the last two are the serving benchmark's mixes; `-- peak` measures this CPU's int8 multiply-add peak, which
 //! bounds the quantized projections).
 
 use std::collections::BTreeMap;
@@ -188,7 +188,36 @@ fn process_cpu_seconds() -> f64 {
 }
 
 /// The serving engine on the quantized base: 1 and 16 clients, base alone and over 8 adapters.
-/// `only` picks one run by name ("base 1", "base 16", "adapters 16").
+/// The serving benchmark's eight sets (`scripts/bench_serve.sh`): four adapters, two knots-ties
+/// merges, a task-arithmetic merge and a dense TIES merge; with `low_rank`, the TIES merge is a
+/// knots-ta one instead (the benchmark's low-rank mix).
+fn serving_sets(models: &Path, low_rank: bool) -> Vec<Arc<MergedDelta>> {
+    let load = |name: &str| LoraAdapter::load(&models.join("adapters").join(name)).expect(name);
+    let [sentiment, news, language, shout] =
+        ["sentiment-lm", "news-lm", "language-lm", "shout"].map(load);
+    let merged = |set: &[&LoraAdapter], method: Method| {
+        let inputs: Vec<MergeInput<'_>> = set.iter().map(|a| MergeInput::new(a)).collect();
+        let params = MergeParams::new(method, MergeOptions::default()).expect("params");
+        Arc::new(merge(&inputs, &params, &Silent).expect("merge"))
+    };
+    let last = if low_rank {
+        Method::KnotsTa
+    } else {
+        Method::Ties
+    };
+    vec![
+        Arc::new(sentiment.delta()),
+        Arc::new(news.delta()),
+        Arc::new(language.delta()),
+        Arc::new(shout.delta()),
+        merged(&[&sentiment, &news], Method::KnotsTies),
+        merged(&[&news, &language], Method::Ta),
+        merged(&[&sentiment, &news, &language], Method::KnotsTies),
+        merged(&[&shout, &sentiment], last),
+    ]
+}
+
+/// `only` picks one run by name ("base 1", "base 16", "adapters 16", "sets 16", "low-rank 16").
 fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     let model = Arc::new(
         TextModel::load_as(
@@ -211,6 +240,20 @@ fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     }
     if wanted("adapters 16") {
         run_engine(&model, "8 rank-16 adapters", 16, &deltas);
+    }
+    for (name, low_rank) in [("sets 16", false), ("low-rank 16", true)] {
+        if wanted(name) {
+            let sets: Vec<Arc<LoadedDelta>> = serving_sets(models, low_rank)
+                .iter()
+                .map(|d| model.load_delta(d).expect("delta"))
+                .collect();
+            let label = if low_rank {
+                "8 low-rank sets"
+            } else {
+                "8 sets (one dense TIES)"
+            };
+            run_engine(&model, label, 16, &sets);
+        }
     }
 }
 
