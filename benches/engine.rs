@@ -2,7 +2,7 @@
 //! one adapter (`shout`) and an 8-adapter knots-ties delta of rank 128, and MiniLM sentences/s
 //! at batch 32; then the serving engine in process (no HTTP): aggregate decode tokens/s of 1 and
 //! 16 concurrent sequences on the quantized base, alone and over 8 adapters. Needs `make models`.
-//! Run: `cargo bench --bench engine` (`-- batched [base 1|base 16|adapters 16|sets 16|low-rank 16]`
+//! Run: `cargo bench --bench engine` (`-- batched [base 1|base 16|adapter 1|adapters 16|sets 16|low-rank 16]`
 //! runs only the engine part, or one run of it: the last two are the serving benchmark's mixes; `-- peak` measures this CPU's int8 multiply-add peak, which
 //! bounds the quantized projections).
 
@@ -217,7 +217,8 @@ fn serving_sets(models: &Path, low_rank: bool) -> Vec<Arc<MergedDelta>> {
     ]
 }
 
-/// `only` picks one run by name ("base 1", "base 16", "adapters 16", "sets 16", "low-rank 16").
+/// `only` picks one run by name ("base 1", "base 16", "adapter 1", "adapters 16", "sets 16",
+/// "low-rank 16").
 fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     let model = Arc::new(
         TextModel::load_as(
@@ -237,6 +238,10 @@ fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     }
     if wanted("base 16") {
         run_engine(&model, "base", 16, &[]);
+    }
+    if wanted("adapter 1") {
+        let one = model.load_delta(&Arc::new(shout.delta())).expect("delta");
+        run_engine(&model, "one adapter (shout)", 1, &[one]);
     }
     if wanted("adapters 16") {
         run_engine(&model, "8 rank-16 adapters", 16, &deltas);
