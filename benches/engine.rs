@@ -2,9 +2,10 @@
 //! one adapter (`shout`) and an 8-adapter knots-ties delta of rank 128, and MiniLM sentences/s
 //! at batch 32; then the serving engine in process (no HTTP): aggregate decode tokens/s of 1 and
 //! 16 concurrent sequences on the quantized base, alone and over 8 adapters. Needs `make models`.
-//! Run: `cargo bench --bench engine` (`-- batched [base 1|base 16|adapter 1|adapters 16|sets 16|low-rank 16]`
-//! runs only the engine part, or one run of it: the last two are the serving benchmark's mixes; `-- peak` measures this CPU's int8 multiply-add peak, which
-//! bounds the quantized projections).
+//! Run: `cargo bench --bench engine` (`-- batched` runs only the engine part, and
+//! `-- batched NAME` one run of it: `base 1`, `base 16`, `adapter 1`, `adapters 16`, and the
+//! serving benchmark's two mixes `sets 16` and `low-rank 16`; `-- peak` measures this CPU's int8
+//! multiply-add peak, which bounds the quantized projections).
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
@@ -187,7 +188,6 @@ fn process_cpu_seconds() -> f64 {
     t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
-/// The serving engine on the quantized base: 1 and 16 clients, base alone and over 8 adapters.
 /// The serving benchmark's eight sets (`scripts/bench_serve.sh`): four adapters, two knots-ties
 /// merges, a task-arithmetic merge and a dense TIES merge; with `low_rank`, the TIES merge is a
 /// knots-ta one instead (the benchmark's low-rank mix).
@@ -217,8 +217,9 @@ fn serving_sets(models: &Path, low_rank: bool) -> Vec<Arc<MergedDelta>> {
     ]
 }
 
-/// `only` picks one run by name ("base 1", "base 16", "adapter 1", "adapters 16", "sets 16",
-/// "low-rank 16").
+/// The serving engine on the quantized base: 1 and 16 clients, base alone, with one adapter, over
+/// 8 adapters and over the serving benchmark's two mixes of 8 sets. `only` picks one run by name
+/// ("base 1", "base 16", "adapter 1", "adapters 16", "sets 16", "low-rank 16").
 fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     let model = Arc::new(
         TextModel::load_as(
