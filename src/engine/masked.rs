@@ -206,18 +206,18 @@ mod avx512 {
     }
 
     impl Places {
-        /// The way this CPU can, or `None` without AVX-512F and POPCNT.
+        /// The way this CPU can, or `None` without AVX-512F and POPCNT (detected once).
         pub fn available() -> Option<Self> {
-            let has = |f| match f {
-                "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-                "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
-                _ => std::arch::is_x86_feature_detected!("avx512vpopcntdq"),
-            };
-            match (has("avx512f") && has("popcnt"), has("avx512vpopcntdq")) {
-                (false, _) => None,
-                (true, true) => Some(Self::Counted),
-                (true, false) => Some(Self::Table),
-            }
+            static DETECTED: std::sync::OnceLock<Option<Places>> = std::sync::OnceLock::new();
+            *DETECTED.get_or_init(|| {
+                if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("popcnt")) {
+                    None
+                } else if is_x86_feature_detected!("avx512vpopcntdq") {
+                    Some(Places::Counted)
+                } else {
+                    Some(Places::Table)
+                }
+            })
         }
     }
 
