@@ -2,17 +2,20 @@
 //!
 //! Keys and values live in fixed-size blocks of [`BLOCK_POSITIONS`] positions (every layer's keys
 //! and values of those positions in one allocation, each KV head's rows of a layer adjacent, so
-//! that one head's attention reads a contiguous run per block). A sequence owns a list of blocks; a
+//! that one head's attention reads a contiguous run per block). Within a run, values are stored
+//! position by position and keys dimension by dimension, so that a query's scores against a
+//! block's sixteen keys are sixteen lanes of one vector sum, and its weighted values sixteen of
+//! its dimensions at a time: no horizontal sums (see [`lanes`]). A sequence owns a list of blocks; a
 //! [`KvPool`] hands them out under a byte budget, takes them back the moment a sequence ends and
 //! reuses them, so the cache never grows by concatenation and a step allocates nothing. A
 //! sequence reserves the blocks of its whole possible length (prompt plus `max_tokens`, capped by
 //! the context) when it is admitted, so a running sequence can never run out of cache; blocks are
 //! handed over as positions are filled.
 //!
-//! On the CPU the cache is host memory: attention runs here, one task per query row, each row
-//! reading the keys of its own sequence only. Query rows of any mix of sequences, prefill chunks
-//! and decode steps, go through the same code, and each row's result does not depend on the
-//! other rows of the batch.
+//! On the CPU the cache is host memory: attention runs here, one task per query row and KV head
+//! (per query head when the rows are few), each row reading the keys of its own sequence only.
+//! Query rows of any mix of sequences, prefill chunks and decode steps, go through the same
+//! code, and each row's result does not depend on the other rows of the batch.
 //!
 //! On a GPU ([`KvPool::on_device`]) the blocks are rows of one device [`Slab`] per pool instead:
 //! per layer, a keys tensor and a values tensor of `(blocks·BLOCK_POSITIONS, kv_heads·head_dim)`,
@@ -29,6 +32,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::error::{EngineError, Result};
 use super::host;
+use super::prefetch::Lines;
 
 /// Positions per block.
 pub const BLOCK_POSITIONS: usize = 16;
@@ -56,12 +60,13 @@ impl KvShape {
         self.block_floats() * std::mem::size_of::<f32>()
     }
 
-    /// Offset of `(layer, keys or values, KV head, position within the block)` in a block. Each
-    /// head's rows of a block are adjacent, so the attention of one head reads one contiguous
-    /// run per block.
-    fn offset(&self, layer: usize, values: bool, head: usize, slot: usize) -> usize {
+    /// Offset in a block of the run of `(layer, keys or values, KV head)`: [`BLOCK_POSITIONS`]
+    /// positions of `head_dim` values. Values are position-major (one position's `head_dim`
+    /// values adjacent); keys are dimension-major (one dimension's [`BLOCK_POSITIONS`] values
+    /// adjacent), so the scores of a block's positions are sixteen-lane sums over dimensions.
+    fn run(&self, layer: usize, values: bool, head: usize) -> usize {
         let run = (layer * 2 + usize::from(values)) * self.kv_heads + head;
-        (run * BLOCK_POSITIONS + slot) * self.head_dim
+        run * BLOCK_POSITIONS * self.head_dim
     }
 }
 
@@ -165,9 +170,11 @@ impl SeqCache {
         let (shape, hd) = (self.shape, self.shape.head_dim);
         let data = &mut self.blocks[block];
         for (head, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
-            let at = shape.offset(layer, false, head, slot);
-            data[at..at + hd].copy_from_slice(k);
-            let at = shape.offset(layer, true, head, slot);
+            let keys = shape.run(layer, false, head) + slot;
+            for (d, &x) in k.iter().enumerate() {
+                data[keys + d * BLOCK_POSITIONS] = x;
+            }
+            let at = shape.run(layer, true, head) + slot * hd;
             data[at..at + hd].copy_from_slice(v);
         }
     }
@@ -177,13 +184,12 @@ impl SeqCache {
         self.len += n;
     }
 
-    /// Keys (or values) of `position` for KV head `head` in `layer`.
+    /// The run of keys (or values) of KV head `head` in `layer` in block `block` (see
+    /// [`KvShape::run`]).
     #[inline(always)]
-    fn row(&self, layer: usize, values: bool, position: usize, head: usize) -> &[f32] {
-        let (block, slot) = (position / BLOCK_POSITIONS, position % BLOCK_POSITIONS);
-        let hd = self.shape.head_dim;
-        let at = self.shape.offset(layer, values, head, slot);
-        &self.blocks[block][at..at + hd]
+    fn run(&self, layer: usize, values: bool, block: usize, head: usize) -> &[f32] {
+        let at = self.shape.run(layer, values, head);
+        &self.blocks[block][at..at + BLOCK_POSITIONS * self.shape.head_dim]
     }
 }
 
@@ -354,19 +360,190 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
     out
 }
 
-host::wide_fn! {
-    /// The query heads `qs` (adjacent, `head_dim` each, sharing `kv_head`) of one row of
-    /// [`attend`], into `out`.
-    fn attend_rows(out: &mut [f32], qs: &[f32], row: &QueryRow<'_>, layer: usize, kv_head: usize) {
-        let cache = row.cache;
-        host::attend_heads(
-            out,
-            qs,
-            cache.shape.head_dim,
-            row.position + 1,
-            |j| cache.row(layer, false, j, kv_head),
-            |j| cache.row(layer, true, j, kv_head),
-        );
+/// The query heads `qs` (adjacent, `head_dim` each, sharing `kv_head`) of one row of [`attend`],
+/// into `out`: scaled scores a block of positions at a time, a softmax per head, then the values
+/// weighted by it. Each head's sums run in one fixed order, whatever other heads share the call
+/// and whichever kernel ([`lanes`]) this CPU runs.
+fn attend_rows(out: &mut [f32], qs: &[f32], row: &QueryRow<'_>, layer: usize, kv_head: usize) {
+    let cache = row.cache;
+    let hd = cache.shape.head_dim;
+    let positions = row.position + 1;
+    let blocks = positions.div_ceil(BLOCK_POSITIONS);
+    let width = blocks * BLOCK_POSITIONS;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let kernels = lanes::Kernels::detect();
+    let mut scores = vec![0f32; qs.len() / hd * width];
+    for block in 0..blocks {
+        if block + 1 < blocks {
+            Lines::of(cache.run(layer, false, block + 1, kv_head)).fetch_all();
+        }
+        let keys = cache.run(layer, false, block, kv_head);
+        for (q, s) in qs.chunks_exact(hd).zip(scores.chunks_exact_mut(width)) {
+            let at = block * BLOCK_POSITIONS;
+            kernels.block_scores(&mut s[at..at + BLOCK_POSITIONS], q, keys, scale);
+        }
+    }
+    let values: Vec<&[f32]> = (0..blocks)
+        .map(|block| cache.run(layer, true, block, kv_head))
+        .collect();
+    Lines::of(values[0]).fetch_all();
+    for (s, o) in scores.chunks_exact_mut(width).zip(out.chunks_exact_mut(hd)) {
+        let weights = &mut s[..positions];
+        host::softmax(weights);
+        kernels.weighted_values(o, weights, &values);
+    }
+}
+
+/// The two sums of the attention of one head over a sequence's blocks, on sixteen lanes (one
+/// block's positions, or sixteen of a head's dimensions), in a portable form and an AVX-512 one
+/// that computes the same values: the same products, added in the same order, none fused.
+mod lanes {
+    use super::BLOCK_POSITIONS;
+
+    /// Lanes: one block's positions.
+    const LANES: usize = BLOCK_POSITIONS;
+
+    /// The kernels this CPU runs.
+    #[derive(Clone, Copy)]
+    pub enum Kernels {
+        Portable,
+        #[cfg(target_arch = "x86_64")]
+        Avx512,
+    }
+
+    impl Kernels {
+        pub fn detect() -> Self {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Kernels::Avx512;
+            }
+            Kernels::Portable
+        }
+
+        /// `out[j] = scale · (q · key_j)` for a block's positions `j`, `keys` dimension-major
+        /// ([`LANES`] values per dimension): four partial sums over the dimensions `d mod 4`,
+        /// added pairwise at the end.
+        pub fn block_scores(self, out: &mut [f32], q: &[f32], keys: &[f32], scale: f32) {
+            assert!(out.len() == LANES && keys.len() >= q.len() * LANES);
+            match self {
+                Kernels::Portable => portable_scores(out, q, keys, scale),
+                // SAFETY: the CPU has AVX-512F; the lengths are checked above.
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx512 => unsafe { avx512::block_scores(out, q, keys, scale) },
+            }
+        }
+
+        /// `out = Σ_j weights[j] · value_j` over the positions `j` of `weights`, block `b`'s
+        /// values (position-major, `out.len()` each) in `values[b]`: sixteen outputs at a time,
+        /// four partial sums over the positions `j mod 4`, added pairwise at the end.
+        pub fn weighted_values(self, out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
+            let hd = out.len();
+            assert!(values.len() * LANES >= weights.len());
+            assert!(values.iter().all(|v| v.len() >= LANES * hd));
+            match self {
+                // SAFETY: the CPU has AVX-512F; every block holds `LANES` rows of `hd` values.
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx512 if hd.is_multiple_of(LANES) => unsafe {
+                    avx512::weighted_values(out, weights, values)
+                },
+                _ => portable_values(out, weights, values),
+            }
+        }
+    }
+
+    fn portable_scores(out: &mut [f32], q: &[f32], keys: &[f32], scale: f32) {
+        let mut acc = [[0f32; LANES]; 4];
+        for (d, (&x, key)) in q.iter().zip(keys.chunks_exact(LANES)).enumerate() {
+            for l in 0..LANES {
+                acc[d % 4][l] += x * key[l];
+            }
+        }
+        for (l, o) in out.iter_mut().enumerate() {
+            *o = ((acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])) * scale;
+        }
+    }
+
+    fn portable_values(out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
+        let hd = out.len();
+        for (c, o) in out.chunks_mut(LANES).enumerate() {
+            let mut acc = [[0f32; LANES]; 4];
+            for (j, &w) in weights.iter().enumerate() {
+                let row = &values[j / LANES][(j % LANES) * hd + c * LANES..][..o.len()];
+                for (a, x) in acc[j % 4].iter_mut().zip(row) {
+                    *a += w * x;
+                }
+            }
+            for (l, o) in o.iter_mut().enumerate() {
+                *o = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use std::arch::x86_64::*;
+
+        use super::LANES;
+
+        /// See [`super::Kernels::block_scores`].
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F; `out` has [`LANES`] values and `keys` at least `q.len()` rows
+        /// of them.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn block_scores(out: &mut [f32], q: &[f32], keys: &[f32], scale: f32) {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let key = |d: usize| unsafe { _mm512_loadu_ps(keys.as_ptr().add(d * LANES)) };
+            let (quads, rest) = q.as_chunks::<4>();
+            for (i, quad) in quads.iter().enumerate() {
+                for k in 0..4 {
+                    let product = _mm512_mul_ps(_mm512_set1_ps(quad[k]), key(i * 4 + k));
+                    acc[k] = _mm512_add_ps(acc[k], product);
+                }
+            }
+            for (k, &x) in rest.iter().enumerate() {
+                let product = _mm512_mul_ps(_mm512_set1_ps(x), key(quads.len() * 4 + k));
+                acc[k] = _mm512_add_ps(acc[k], product);
+            }
+            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            // SAFETY: `out` has `LANES` values.
+            unsafe {
+                _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(sum, _mm512_set1_ps(scale)))
+            };
+        }
+
+        /// See [`super::Kernels::weighted_values`].
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F; `out.len()` is a multiple of [`LANES`], and `values` has a
+        /// block of [`LANES`] rows of `out.len()` values for every [`LANES`] weights.
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn weighted_values(out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
+            let hd = out.len();
+            for c in (0..hd).step_by(LANES) {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for (block, w) in weights.chunks(LANES).enumerate() {
+                    let base = values[block].as_ptr();
+                    // SAFETY: `slot < LANES` rows of `hd` values, `c + LANES ≤ hd`.
+                    let row = |slot: usize| unsafe { _mm512_loadu_ps(base.add(slot * hd + c)) };
+                    let (quads, rest) = w.as_chunks::<4>();
+                    for (i, quad) in quads.iter().enumerate() {
+                        for k in 0..4 {
+                            let product = _mm512_mul_ps(_mm512_set1_ps(quad[k]), row(i * 4 + k));
+                            acc[k] = _mm512_add_ps(acc[k], product);
+                        }
+                    }
+                    for (k, &x) in rest.iter().enumerate() {
+                        let product = _mm512_mul_ps(_mm512_set1_ps(x), row(quads.len() * 4 + k));
+                        acc[k] = _mm512_add_ps(acc[k], product);
+                    }
+                }
+                let sum =
+                    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+                // SAFETY: `c + LANES ≤ hd = out.len()`.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c), sum) };
+            }
+        }
     }
 }
 
@@ -443,6 +620,51 @@ mod tests {
             let part = r * heads * hd..(r + 1) * heads * hd;
             let alone = attend(0, heads, &q[part.clone()], std::slice::from_ref(row));
             assert_eq!(alone, together[part], "row {r}");
+        }
+    }
+
+    /// The AVX-512 kernels compute what the portable ones do, to the bit, on a head size that
+    /// fills their lanes and on one that does not, over full and partial blocks.
+    #[test]
+    fn attention_kernels_agree_on_every_path() {
+        let kernels = lanes::Kernels::detect();
+        for hd in [64, 20] {
+            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+            let keys: Vec<f32> = (0..hd * BLOCK_POSITIONS)
+                .map(|i| (i as f32 * 0.11).cos())
+                .collect();
+            let (mut fast, mut portable) = ([0f32; BLOCK_POSITIONS], [0f32; BLOCK_POSITIONS]);
+            kernels.block_scores(&mut fast, &q, &keys, 0.125);
+            lanes::Kernels::Portable.block_scores(&mut portable, &q, &keys, 0.125);
+            assert_eq!(fast, portable, "scores, head size {hd}");
+            let blocks: Vec<Vec<f32>> = (0..3)
+                .map(|b| {
+                    (0..hd * BLOCK_POSITIONS)
+                        .map(|i| ((b * 1000 + i) as f32 * 0.07).sin())
+                        .collect()
+                })
+                .collect();
+            let values: Vec<&[f32]> = blocks.iter().map(Vec::as_slice).collect();
+            for positions in [1, 5, 16, 37] {
+                let weights: Vec<f32> = (0..positions).map(|j| 1.0 / (j + 2) as f32).collect();
+                let (mut fast, mut portable) = (vec![0f32; hd], vec![0f32; hd]);
+                kernels.weighted_values(&mut fast, &weights, &values);
+                lanes::Kernels::Portable.weighted_values(&mut portable, &weights, &values);
+                assert_eq!(
+                    fast, portable,
+                    "values, head size {hd}, {positions} positions"
+                );
+                let want: Vec<f32> = (0..hd)
+                    .map(|d| {
+                        (0..positions)
+                            .map(|j| weights[j] * values[j / 16][(j % 16) * hd + d])
+                            .sum()
+                    })
+                    .collect();
+                for (got, want) in fast.iter().zip(&want) {
+                    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+                }
+            }
         }
     }
 
