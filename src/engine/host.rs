@@ -171,6 +171,25 @@ impl<'a> Scatter<'a> {
         // guarantees these positions have no other writer.
         unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), ptr.get().add(at), values.len()) };
     }
+
+    /// [`Self::write_slice`] for a length known when compiling: a few vector stores where a
+    /// slice of unknown length is a call to `memcpy` (a product's tiles are millions of short
+    /// writes per step).
+    ///
+    /// # Safety
+    /// As [`Self::write_slice`].
+    #[inline(always)]
+    pub unsafe fn write_array<const N: usize>(&self, buf: usize, at: usize, values: &[f32; N]) {
+        let (ptr, len) = self.bufs[buf];
+        assert!(at + N <= len, "scatter write {at}+{N} of {len}");
+        // SAFETY: as in `write_slice`.
+        unsafe {
+            ptr.get()
+                .add(at)
+                .cast::<[f32; N]>()
+                .write_unaligned(*values)
+        };
+    }
 }
 
 /// Buffers of `lens` floats that `fill` writes through a [`Scatter`], not zeroed first (a

@@ -264,7 +264,13 @@ impl PackedMatrix {
                 let at = (t0 + t) * m.rows + group * GROUP;
                 // SAFETY: the rows of `group` belong to this item alone, so these columns of
                 // output `which` have no other writer.
-                unsafe { scatter.write_slice(which, at, &values[..lanes]) };
+                unsafe {
+                    if lanes == GROUP {
+                        scatter.write_array(which, at, values);
+                    } else {
+                        scatter.write_slice(which, at, &values[..lanes]);
+                    }
+                }
             }
             t0 += n;
         }
