@@ -5,12 +5,15 @@
 //! that one head's attention reads a contiguous run per block). Within a run, values are stored
 //! position by position and keys dimension by dimension, so that a query's scores against a
 //! block's sixteen keys are sixteen lanes of one vector sum, and its weighted values sixteen of
-//! its dimensions at a time: no horizontal sums (see [`lanes`]). A sequence owns a list of blocks; a
-//! [`KvPool`] hands them out under a byte budget, takes them back the moment a sequence ends and
-//! reuses them, so the cache never grows by concatenation and a step allocates nothing. A
-//! sequence reserves the blocks of its whole possible length (prompt plus `max_tokens`, capped by
-//! the context) when it is admitted, so a running sequence can never run out of cache; blocks are
-//! handed over as positions are filled.
+//! its dimensions at a time: no horizontal sums (see [`lanes`]). Host blocks hold f32 or f16
+//! values ([`KvPrecision`]): attention over a step's cache is bound by reading it, and f16 halves
+//! that.
+//!
+//! A sequence owns a list of blocks; a [`KvPool`] hands them out under a byte budget, takes them
+//! back the moment a sequence ends and reuses them, so the cache never grows by concatenation
+//! and a step allocates nothing. A sequence reserves the blocks of its whole possible length
+//! (prompt plus `max_tokens`, capped by the context) when it is admitted, so a running sequence
+//! can never run out of cache; blocks are handed over as positions are filled.
 //!
 //! On the CPU the cache is host memory: attention runs here, one task per query row and KV head
 //! (per query head when the rows are few), each row reading the keys of its own sequence only.
@@ -27,6 +30,9 @@
 //! way.
 
 use std::sync::Arc;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -51,13 +57,13 @@ impl KvShape {
         self.kv_heads * self.head_dim
     }
 
-    fn block_floats(&self) -> usize {
+    fn block_values(&self) -> usize {
         self.layers * 2 * BLOCK_POSITIONS * self.kv_dim()
     }
 
-    /// Bytes of one block.
+    /// Bytes of one block of f32 values.
     pub fn block_bytes(&self) -> usize {
-        self.block_floats() * std::mem::size_of::<f32>()
+        self.block_values() * std::mem::size_of::<f32>()
     }
 
     /// Offset in a block of the run of `(layer, keys or values, KV head)`: [`BLOCK_POSITIONS`]
@@ -67,6 +73,69 @@ impl KvShape {
     fn run(&self, layer: usize, values: bool, head: usize) -> usize {
         let run = (layer * 2 + usize::from(values)) * self.kv_heads + head;
         run * BLOCK_POSITIONS * self.head_dim
+    }
+}
+
+/// How host blocks hold keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// As computed: what an f32 model's own forward attends over, to the bit.
+    F32,
+    /// Rounded to f16 (half the bytes of f32, as llama.cpp keeps its cache by default): for
+    /// quantized weights, whose projections round far more than this. Attention widens each
+    /// value to f32 as it reads it, exactly.
+    F16,
+}
+
+/// Blocks of host memory, of one precision.
+#[derive(Debug)]
+enum Blocks {
+    F32(Vec<Box<[f32]>>),
+    F16(Vec<Box<[f16]>>),
+}
+
+impl Blocks {
+    fn new(precision: KvPrecision, capacity: usize) -> Self {
+        match precision {
+            KvPrecision::F32 => Blocks::F32(Vec::with_capacity(capacity)),
+            KvPrecision::F16 => Blocks::F16(Vec::with_capacity(capacity)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Blocks::F32(b) => b.len(),
+            Blocks::F16(b) => b.len(),
+        }
+    }
+
+    /// Moves the last block of `from` (of the same precision) here, or a new one of `values`
+    /// zeros when it has none.
+    fn push_from(&mut self, from: &mut Blocks, values: usize) {
+        match (self, from) {
+            (Blocks::F32(to), Blocks::F32(from)) => {
+                to.push(from.pop().unwrap_or_else(|| vec![0.0; values].into()))
+            }
+            (Blocks::F16(to), Blocks::F16(from)) => {
+                to.push(from.pop().unwrap_or_else(|| vec![f16::ZERO; values].into()))
+            }
+            _ => unreachable!("a pool's blocks share one precision"),
+        }
+    }
+
+    /// Moves every block of `from` (of the same precision) here, keeping `keep` at most.
+    fn take_back(&mut self, from: Blocks, keep: usize) {
+        match (self, from) {
+            (Blocks::F32(to), Blocks::F32(from)) => {
+                to.extend(from);
+                to.truncate(keep);
+            }
+            (Blocks::F16(to), Blocks::F16(from)) => {
+                to.extend(from);
+                to.truncate(keep);
+            }
+            _ => unreachable!("a pool's blocks share one precision"),
+        }
     }
 }
 
@@ -122,7 +191,7 @@ impl Slab {
 #[derive(Debug)]
 pub struct SeqCache {
     shape: KvShape,
-    blocks: Vec<Box<[f32]>>,
+    blocks: Blocks,
     /// A device pool's cache: the pool's slab and this sequence's block numbers in it.
     slab: Option<(Arc<Slab>, Vec<u32>)>,
     len: usize,
@@ -167,15 +236,16 @@ impl SeqCache {
     /// Writes the keys and values of `position` in `layer`; the block must be there.
     pub(crate) fn write(&mut self, layer: usize, position: usize, k: &[f32], v: &[f32]) {
         let (block, slot) = (position / BLOCK_POSITIONS, position % BLOCK_POSITIONS);
-        let (shape, hd) = (self.shape, self.shape.head_dim);
-        let data = &mut self.blocks[block];
-        for (head, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
-            let keys = shape.run(layer, false, head) + slot;
-            for (d, &x) in k.iter().enumerate() {
-                data[keys + d * BLOCK_POSITIONS] = x;
-            }
-            let at = shape.run(layer, true, head) + slot * hd;
-            data[at..at + hd].copy_from_slice(v);
+        let at = Slot {
+            shape: self.shape,
+            layer,
+            slot,
+        };
+        match &mut self.blocks {
+            Blocks::F32(b) => at.write(&mut b[block], k, v, <[f32]>::copy_from_slice),
+            Blocks::F16(b) => at.write(&mut b[block], k, v, |to, from| {
+                to.convert_from_f32_slice(from)
+            }),
         }
     }
 
@@ -183,13 +253,36 @@ impl SeqCache {
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
+}
 
-    /// The run of keys (or values) of KV head `head` in `layer` in block `block` (see
-    /// [`KvShape::run`]).
-    #[inline(always)]
-    fn run(&self, layer: usize, values: bool, block: usize, head: usize) -> &[f32] {
-        let at = self.shape.run(layer, values, head);
-        &self.blocks[block][at..at + BLOCK_POSITIONS * self.shape.head_dim]
+/// Where one position's keys and values go in a block.
+struct Slot {
+    shape: KvShape,
+    layer: usize,
+    slot: usize,
+}
+
+impl Slot {
+    /// Writes every KV head's keys `k` and values `v`, converted by `cast(to, from)` (a whole
+    /// slice at a time: f16 conversion is vectorized).
+    fn write<T: Copy + Default>(
+        &self,
+        data: &mut [T],
+        k: &[f32],
+        v: &[f32],
+        cast: impl Fn(&mut [T], &[f32]),
+    ) {
+        let (shape, hd) = (self.shape, self.shape.head_dim);
+        let mut key = vec![T::default(); hd];
+        for (head, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+            cast(&mut key, k);
+            let keys = shape.run(self.layer, false, head) + self.slot;
+            for (d, &x) in key.iter().enumerate() {
+                data[keys + d * BLOCK_POSITIONS] = x;
+            }
+            let at = shape.run(self.layer, true, head) + self.slot * hd;
+            cast(&mut data[at..at + hd], v);
+        }
     }
 }
 
@@ -201,8 +294,10 @@ pub struct KvPool {
     capacity: usize,
     /// Blocks reserved by live sequences.
     reserved: usize,
+    /// How host blocks hold keys and values.
+    precision: KvPrecision,
     /// Blocks given back, ready for reuse.
-    free: Vec<Box<[f32]>>,
+    free: Blocks,
     /// Where a device cache lives and its element type; `None` for host blocks.
     tensors: Option<(Device, DType)>,
     /// The device cache, made when the first sequence is handed blocks.
@@ -213,12 +308,23 @@ pub struct KvPool {
 }
 
 impl KvPool {
+    /// A pool of host blocks of f32 values.
     pub fn new(shape: KvShape, budget_bytes: usize) -> Self {
+        Self::host(shape, budget_bytes, KvPrecision::F32)
+    }
+
+    /// A pool of host blocks of `precision` values, as many as `budget_bytes` holds.
+    pub fn host(shape: KvShape, budget_bytes: usize, precision: KvPrecision) -> Self {
+        let value_bytes = match precision {
+            KvPrecision::F32 => std::mem::size_of::<f32>(),
+            KvPrecision::F16 => std::mem::size_of::<f16>(),
+        };
         Self {
             shape,
-            capacity: budget_bytes / shape.block_bytes().max(1),
+            capacity: budget_bytes / (shape.block_values() * value_bytes).max(1),
             reserved: 0,
-            free: Vec::new(),
+            precision,
+            free: Blocks::new(precision, 0),
             tensors: None,
             slab: None,
             free_ids: Vec::new(),
@@ -243,6 +349,11 @@ impl KvPool {
         positions.div_ceil(BLOCK_POSITIONS)
     }
 
+    /// Positions the whole budget holds.
+    pub fn positions(&self) -> usize {
+        self.capacity * BLOCK_POSITIONS
+    }
+
     /// Whether `positions` could ever fit (in an otherwise empty pool).
     pub fn fits(&self, positions: usize) -> bool {
         Self::blocks_for(positions) <= self.capacity
@@ -257,7 +368,10 @@ impl KvPool {
         self.reserved += blocks;
         Some(SeqCache {
             shape: self.shape,
-            blocks: Vec::with_capacity(if self.tensors.is_some() { 0 } else { blocks }),
+            blocks: Blocks::new(
+                self.precision,
+                if self.tensors.is_some() { 0 } else { blocks },
+            ),
             slab: None,
             len: 0,
             reserved: blocks,
@@ -293,11 +407,8 @@ impl KvPool {
             return Ok(());
         }
         while seq.blocks.len() * BLOCK_POSITIONS < positions {
-            let block = self
-                .free
-                .pop()
-                .unwrap_or_else(|| vec![0f32; self.shape.block_floats()].into_boxed_slice());
-            seq.blocks.push(block);
+            seq.blocks
+                .push_from(&mut self.free, self.shape.block_values());
         }
         Ok(())
     }
@@ -308,10 +419,9 @@ impl KvPool {
         if let Some((_, ids)) = seq.slab {
             self.free_ids.extend(ids);
         }
-        self.free.extend(seq.blocks);
         // Keep no more spare blocks than the budget has room for.
         let spare = self.capacity.saturating_sub(self.reserved);
-        self.free.truncate(spare);
+        self.free.take_back(seq.blocks, spare);
     }
 
     /// Reserved share of the budget, in `0..=1`.
@@ -355,18 +465,32 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
         let (row, h0) = (&rows[i * per / heads], i * per % heads);
         let kv_head = h0 / n_rep;
         let qs = &q[i * per * hd..(i + 1) * per * hd];
-        attend_rows(group_out, qs, row, layer, kv_head);
+        match &row.cache.blocks {
+            Blocks::F32(blocks) => attend_rows(group_out, qs, row, blocks, layer, kv_head),
+            Blocks::F16(blocks) => attend_rows(group_out, qs, row, blocks, layer, kv_head),
+        }
     });
     out
 }
 
 /// The query heads `qs` (adjacent, `head_dim` each, sharing `kv_head`) of one row of [`attend`],
-/// into `out`: scaled scores a block of positions at a time, a softmax per head, then the values
-/// weighted by it. Each head's sums run in one fixed order, whatever other heads share the call
-/// and whichever kernel ([`lanes`]) this CPU runs.
-fn attend_rows(out: &mut [f32], qs: &[f32], row: &QueryRow<'_>, layer: usize, kv_head: usize) {
-    let cache = row.cache;
-    let hd = cache.shape.head_dim;
+/// whose cache's blocks are `blocks`, into `out`: scaled scores a block of positions at a time, a
+/// softmax per head, then the values weighted by it. Each head's sums run in one fixed order,
+/// whatever other heads share the call and whichever kernel ([`lanes`]) this CPU runs.
+fn attend_rows<T: lanes::Value>(
+    out: &mut [f32],
+    qs: &[f32],
+    row: &QueryRow<'_>,
+    blocks_of: &[Box<[T]>],
+    layer: usize,
+    kv_head: usize,
+) {
+    let shape = row.cache.shape;
+    let hd = shape.head_dim;
+    let run = |values: bool, block: usize| {
+        let at = shape.run(layer, values, kv_head);
+        &blocks_of[block][at..at + BLOCK_POSITIONS * hd]
+    };
     let positions = row.position + 1;
     let blocks = positions.div_ceil(BLOCK_POSITIONS);
     let width = blocks * BLOCK_POSITIONS;
@@ -375,17 +499,15 @@ fn attend_rows(out: &mut [f32], qs: &[f32], row: &QueryRow<'_>, layer: usize, kv
     let mut scores = vec![0f32; qs.len() / hd * width];
     for block in 0..blocks {
         if block + 1 < blocks {
-            Lines::of(cache.run(layer, false, block + 1, kv_head)).fetch_all();
+            Lines::of(run(false, block + 1)).fetch_all();
         }
-        let keys = cache.run(layer, false, block, kv_head);
+        let keys = run(false, block);
         for (q, s) in qs.chunks_exact(hd).zip(scores.chunks_exact_mut(width)) {
             let at = block * BLOCK_POSITIONS;
             kernels.block_scores(&mut s[at..at + BLOCK_POSITIONS], q, keys, scale);
         }
     }
-    let values: Vec<&[f32]> = (0..blocks)
-        .map(|block| cache.run(layer, true, block, kv_head))
-        .collect();
+    let values: Vec<&[T]> = (0..blocks).map(|block| run(true, block)).collect();
     Lines::of(values[0]).fetch_all();
     for (s, o) in scores.chunks_exact_mut(width).zip(out.chunks_exact_mut(hd)) {
         let weights = &mut s[..positions];
@@ -396,12 +518,38 @@ fn attend_rows(out: &mut [f32], qs: &[f32], row: &QueryRow<'_>, layer: usize, kv
 
 /// The two sums of the attention of one head over a sequence's blocks, on sixteen lanes (one
 /// block's positions, or sixteen of a head's dimensions), in a portable form and an AVX-512 one
-/// that computes the same values: the same products, added in the same order, none fused.
+/// that computes the same values: the same products, added in the same order, none fused. The
+/// cache's values are f32 or f16 ([`Value`]); either is widened to f32 exactly as it is read.
 mod lanes {
+    use half::f16;
+
     use super::BLOCK_POSITIONS;
 
     /// Lanes: one block's positions.
     const LANES: usize = BLOCK_POSITIONS;
+
+    /// A value type of the cache.
+    pub trait Value: Copy {
+        /// Whether this is f16 (the AVX-512 kernels widen it with `vcvtph2ps`).
+        const HALF: bool;
+        fn widen(self) -> f32;
+    }
+
+    impl Value for f32 {
+        const HALF: bool = false;
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    impl Value for f16 {
+        const HALF: bool = true;
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+    }
 
     /// The kernels this CPU runs.
     #[derive(Clone, Copy)]
@@ -423,7 +571,7 @@ mod lanes {
         /// `out[j] = scale · (q · key_j)` for a block's positions `j`, `keys` dimension-major
         /// ([`LANES`] values per dimension): four partial sums over the dimensions `d mod 4`,
         /// added pairwise at the end.
-        pub fn block_scores(self, out: &mut [f32], q: &[f32], keys: &[f32], scale: f32) {
+        pub fn block_scores<T: Value>(self, out: &mut [f32], q: &[f32], keys: &[T], scale: f32) {
             assert!(out.len() == LANES && keys.len() >= q.len() * LANES);
             match self {
                 Kernels::Portable => portable_scores(out, q, keys, scale),
@@ -436,7 +584,7 @@ mod lanes {
         /// `out = Σ_j weights[j] · value_j` over the positions `j` of `weights`, block `b`'s
         /// values (position-major, `out.len()` each) in `values[b]`: sixteen outputs at a time,
         /// four partial sums over the positions `j mod 4`, added pairwise at the end.
-        pub fn weighted_values(self, out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
+        pub fn weighted_values<T: Value>(self, out: &mut [f32], weights: &[f32], values: &[&[T]]) {
             let hd = out.len();
             assert!(values.len() * LANES >= weights.len());
             assert!(values.iter().all(|v| v.len() >= LANES * hd));
@@ -451,11 +599,11 @@ mod lanes {
         }
     }
 
-    fn portable_scores(out: &mut [f32], q: &[f32], keys: &[f32], scale: f32) {
+    fn portable_scores<T: Value>(out: &mut [f32], q: &[f32], keys: &[T], scale: f32) {
         let mut acc = [[0f32; LANES]; 4];
         for (d, (&x, key)) in q.iter().zip(keys.chunks_exact(LANES)).enumerate() {
             for l in 0..LANES {
-                acc[d % 4][l] += x * key[l];
+                acc[d % 4][l] += x * key[l].widen();
             }
         }
         for (l, o) in out.iter_mut().enumerate() {
@@ -463,14 +611,14 @@ mod lanes {
         }
     }
 
-    fn portable_values(out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
+    fn portable_values<T: Value>(out: &mut [f32], weights: &[f32], values: &[&[T]]) {
         let hd = out.len();
         for (c, o) in out.chunks_mut(LANES).enumerate() {
             let mut acc = [[0f32; LANES]; 4];
             for (j, &w) in weights.iter().enumerate() {
                 let row = &values[j / LANES][(j % LANES) * hd + c * LANES..][..o.len()];
                 for (a, x) in acc[j % 4].iter_mut().zip(row) {
-                    *a += w * x;
+                    *a += w * x.widen();
                 }
             }
             for (l, o) in o.iter_mut().enumerate() {
@@ -483,7 +631,38 @@ mod lanes {
     mod avx512 {
         use std::arch::x86_64::*;
 
-        use super::LANES;
+        use super::{LANES, Value};
+
+        /// Sixteen values from `p` on, widened to f32.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F; sixteen values from `p` on are readable.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn load<T: Value>(p: *const T) -> __m512 {
+            // SAFETY: the caller's guarantee.
+            unsafe {
+                if T::HALF {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+                } else {
+                    _mm512_loadu_ps(p.cast())
+                }
+            }
+        }
+
+        /// `acc[k] += x · v`, one product then one sum (none fused).
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn add_product(acc: &mut __m512, x: f32, v: __m512) {
+            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_set1_ps(x), v));
+        }
+
+        /// `(acc[0] + acc[1]) + (acc[2] + acc[3])`.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn pairwise(acc: &[__m512; 4]) -> __m512 {
+            _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
+        }
 
         /// See [`super::Kernels::block_scores`].
         ///
@@ -491,25 +670,22 @@ mod lanes {
         /// The CPU has AVX-512F; `out` has [`LANES`] values and `keys` at least `q.len()` rows
         /// of them.
         #[target_feature(enable = "avx512f")]
-        pub unsafe fn block_scores(out: &mut [f32], q: &[f32], keys: &[f32], scale: f32) {
+        pub unsafe fn block_scores<T: Value>(out: &mut [f32], q: &[f32], keys: &[T], scale: f32) {
             let mut acc = [_mm512_setzero_ps(); 4];
-            let key = |d: usize| unsafe { _mm512_loadu_ps(keys.as_ptr().add(d * LANES)) };
+            // SAFETY: `d < q.len()`: a row of `keys` (the caller's guarantee).
+            let key = |d: usize| unsafe { load(keys.as_ptr().add(d * LANES)) };
             let (quads, rest) = q.as_chunks::<4>();
             for (i, quad) in quads.iter().enumerate() {
                 for k in 0..4 {
-                    let product = _mm512_mul_ps(_mm512_set1_ps(quad[k]), key(i * 4 + k));
-                    acc[k] = _mm512_add_ps(acc[k], product);
+                    add_product(&mut acc[k], quad[k], key(i * 4 + k));
                 }
             }
             for (k, &x) in rest.iter().enumerate() {
-                let product = _mm512_mul_ps(_mm512_set1_ps(x), key(quads.len() * 4 + k));
-                acc[k] = _mm512_add_ps(acc[k], product);
+                add_product(&mut acc[k], x, key(quads.len() * 4 + k));
             }
-            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            let scores = _mm512_mul_ps(pairwise(&acc), _mm512_set1_ps(scale));
             // SAFETY: `out` has `LANES` values.
-            unsafe {
-                _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(sum, _mm512_set1_ps(scale)))
-            };
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), scores) };
         }
 
         /// See [`super::Kernels::weighted_values`].
@@ -518,30 +694,26 @@ mod lanes {
         /// The CPU has AVX-512F; `out.len()` is a multiple of [`LANES`], and `values` has a
         /// block of [`LANES`] rows of `out.len()` values for every [`LANES`] weights.
         #[target_feature(enable = "avx512f")]
-        pub unsafe fn weighted_values(out: &mut [f32], weights: &[f32], values: &[&[f32]]) {
+        pub unsafe fn weighted_values<T: Value>(out: &mut [f32], weights: &[f32], values: &[&[T]]) {
             let hd = out.len();
             for c in (0..hd).step_by(LANES) {
                 let mut acc = [_mm512_setzero_ps(); 4];
                 for (block, w) in weights.chunks(LANES).enumerate() {
                     let base = values[block].as_ptr();
                     // SAFETY: `slot < LANES` rows of `hd` values, `c + LANES ≤ hd`.
-                    let row = |slot: usize| unsafe { _mm512_loadu_ps(base.add(slot * hd + c)) };
+                    let row = |slot: usize| unsafe { load(base.add(slot * hd + c)) };
                     let (quads, rest) = w.as_chunks::<4>();
                     for (i, quad) in quads.iter().enumerate() {
                         for k in 0..4 {
-                            let product = _mm512_mul_ps(_mm512_set1_ps(quad[k]), row(i * 4 + k));
-                            acc[k] = _mm512_add_ps(acc[k], product);
+                            add_product(&mut acc[k], quad[k], row(i * 4 + k));
                         }
                     }
                     for (k, &x) in rest.iter().enumerate() {
-                        let product = _mm512_mul_ps(_mm512_set1_ps(x), row(quads.len() * 4 + k));
-                        acc[k] = _mm512_add_ps(acc[k], product);
+                        add_product(&mut acc[k], x, row(quads.len() * 4 + k));
                     }
                 }
-                let sum =
-                    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
                 // SAFETY: `c + LANES ≤ hd = out.len()`.
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c), sum) };
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c), pairwise(&acc)) };
             }
         }
     }
@@ -579,25 +751,25 @@ mod tests {
         assert!(pool.grow(&mut seq, BLOCK_POSITIONS + 1).is_err());
     }
 
-    /// Grouped heads: with enough rows one item serves every query head of a KV head; each row
-    /// still gets exactly what it gets alone (one item per query head).
-    #[test]
-    fn grouped_head_attention_equals_each_row_alone() {
+    /// Attention of four rows (six query heads over two KV heads of `hd` values, each row at its
+    /// own position over its own sequence of 20) with a cache of `precision`: all four rows
+    /// together, then each row alone.
+    fn four_rows(precision: KvPrecision, hd: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
         let shape = KvShape {
             layers: 1,
             kv_heads: 2,
-            head_dim: 4,
+            head_dim: hd,
         };
-        let (heads, hd) = (6, 4);
-        let mut pool = KvPool::new(shape, 16 * shape.block_bytes());
+        let heads = 6;
+        let mut pool = KvPool::host(shape, 16 * shape.block_bytes(), precision);
         let mut seqs: Vec<SeqCache> = (0..4).map(|_| pool.reserve(20).unwrap()).collect();
         for (s, seq) in seqs.iter_mut().enumerate() {
             pool.grow(seq, 20).unwrap();
             for p in 0..20 {
-                let k: Vec<f32> = (0..8)
+                let k: Vec<f32> = (0..2 * hd)
                     .map(|i| ((s * 31 + p * 7 + i) as f32 * 0.3).sin())
                     .collect();
-                let v: Vec<f32> = (0..8)
+                let v: Vec<f32> = (0..2 * hd)
                     .map(|i| ((s * 17 + p * 5 + i) as f32 * 0.2).cos())
                     .collect();
                 seq.write(0, p, &k, &v);
@@ -616,11 +788,50 @@ mod tests {
             .map(|i| (i as f32 * 0.09).cos())
             .collect();
         let together = attend(0, heads, &q, &rows);
-        for (r, row) in rows.iter().enumerate() {
-            let part = r * heads * hd..(r + 1) * heads * hd;
-            let alone = attend(0, heads, &q[part.clone()], std::slice::from_ref(row));
-            assert_eq!(alone, together[part], "row {r}");
+        let alone = (rows.iter().enumerate())
+            .map(|(r, row)| {
+                let part = r * heads * hd..(r + 1) * heads * hd;
+                attend(0, heads, &q[part], std::slice::from_ref(row))
+            })
+            .collect();
+        (together, alone)
+    }
+
+    /// Grouped heads: with enough rows one item serves every query head of a KV head; each row
+    /// still gets exactly what it gets alone (one item per query head), with either precision,
+    /// on head sizes that do and do not fill the kernels' lanes.
+    #[test]
+    fn grouped_head_attention_equals_each_row_alone() {
+        for precision in [KvPrecision::F32, KvPrecision::F16] {
+            for hd in [4, 16] {
+                let (together, alone) = four_rows(precision, hd);
+                for (r, alone) in alone.iter().enumerate() {
+                    let part = &together[r * alone.len()..(r + 1) * alone.len()];
+                    assert_eq!(alone, part, "{precision:?}, head size {hd}, row {r}");
+                }
+            }
         }
+    }
+
+    /// An f16 cache holds twice the blocks of an f32 one in the same budget, and attends within
+    /// f16 rounding of it.
+    #[test]
+    fn an_f16_cache_is_half_the_bytes_and_close_to_f32() {
+        let shape = shape();
+        let blocks = |precision| {
+            let mut pool = KvPool::host(shape, 4 * shape.block_bytes(), precision);
+            (0..64)
+                .take_while(|_| pool.reserve(BLOCK_POSITIONS).is_some())
+                .count()
+        };
+        assert_eq!(blocks(KvPrecision::F32), 4);
+        assert_eq!(blocks(KvPrecision::F16), 8);
+        let (exact, _) = four_rows(KvPrecision::F32, 16);
+        let (half, _) = four_rows(KvPrecision::F16, 16);
+        let worst = (exact.iter().zip(&half))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst > 0.0 && worst < 5e-3, "largest difference {worst}");
     }
 
     /// The AVX-512 kernels compute what the portable ones do, to the bit, on a head size that
@@ -637,6 +848,10 @@ mod tests {
             kernels.block_scores(&mut fast, &q, &keys, 0.125);
             lanes::Kernels::Portable.block_scores(&mut portable, &q, &keys, 0.125);
             assert_eq!(fast, portable, "scores, head size {hd}");
+            let half_keys: Vec<f16> = keys.iter().map(|&x| f16::from_f32(x)).collect();
+            kernels.block_scores(&mut fast, &q, &half_keys, 0.125);
+            lanes::Kernels::Portable.block_scores(&mut portable, &q, &half_keys, 0.125);
+            assert_eq!(fast, portable, "f16 scores, head size {hd}");
             let blocks: Vec<Vec<f32>> = (0..3)
                 .map(|b| {
                     (0..hd * BLOCK_POSITIONS)
@@ -654,6 +869,14 @@ mod tests {
                     fast, portable,
                     "values, head size {hd}, {positions} positions"
                 );
+                let half: Vec<Vec<f16>> = (blocks.iter())
+                    .map(|b| b.iter().map(|&x| f16::from_f32(x)).collect())
+                    .collect();
+                let half: Vec<&[f16]> = half.iter().map(Vec::as_slice).collect();
+                let (mut fast_half, mut portable_half) = (vec![0f32; hd], vec![0f32; hd]);
+                kernels.weighted_values(&mut fast_half, &weights, &half);
+                lanes::Kernels::Portable.weighted_values(&mut portable_half, &weights, &half);
+                assert_eq!(fast_half, portable_half, "f16 values, head size {hd}");
                 let want: Vec<f32> = (0..hd)
                     .map(|d| {
                         (0..positions)

@@ -196,7 +196,6 @@ impl Engine {
     /// Starts the loop on its own thread.
     pub fn start(model: Arc<TextModel>, limits: EngineLimits) -> Self {
         let pool = model.model.kv_pool(limits.kv_cache_bytes);
-        let block_positions = super::kv::BLOCK_POSITIONS;
         let shared = Arc::new(Shared {
             waiting: Mutex::new(Waiting::default()),
             wake: Condvar::new(),
@@ -206,8 +205,7 @@ impl Engine {
             }),
             stop: AtomicBool::new(false),
             limits,
-            cache_positions: limits.kv_cache_bytes / pool.shape().block_bytes().max(1)
-                * block_positions,
+            cache_positions: pool.positions(),
             context: model.model.context_length(),
         });
         let looping = Loop {
