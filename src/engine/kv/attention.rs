@@ -52,14 +52,14 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
 }
 
 /// The query heads `qs` (adjacent, `head_dim` each, sharing `kv_head`) of one row of [`attend`],
-/// whose cache's blocks are `blocks`, into `out`: scaled scores a block of positions at a time, a
-/// softmax per head, then the values weighted by it. Each head's sums run in one fixed order,
+/// whose cache's blocks are `cache_blocks`, into `out`: scaled scores a block of positions at a
+/// time, a softmax per head, then the values weighted by it. Each head's sums run in one fixed order,
 /// whatever other heads share the call and whichever kernel ([`lanes`]) this CPU runs.
 fn attend_rows<T: lanes::Value>(
     out: &mut [f32],
     qs: &[f32],
     row: &QueryRow<'_>,
-    blocks_of: &[Box<[T]>],
+    cache_blocks: &[Box<[T]>],
     layer: usize,
     kv_head: usize,
 ) {
@@ -67,7 +67,7 @@ fn attend_rows<T: lanes::Value>(
     let hd = shape.head_dim;
     let run = |values: bool, block: usize| {
         let at = shape.run(layer, values, kv_head);
-        &blocks_of[block][at..at + BLOCK_POSITIONS * hd]
+        &cache_blocks[block][at..at + BLOCK_POSITIONS * hd]
     };
     let positions = row.position + 1;
     let blocks = positions.div_ceil(BLOCK_POSITIONS);
@@ -87,10 +87,18 @@ fn attend_rows<T: lanes::Value>(
     }
     let values: Vec<&[T]> = (0..blocks).map(|block| run(true, block)).collect();
     Lines::of(values[0]).fetch_all();
-    for (s, o) in scores.chunks_exact_mut(width).zip(out.chunks_exact_mut(hd)) {
-        let weights = &mut s[..positions];
-        host::softmax(weights);
-        kernels.weighted_values(o, weights, &values);
+    softmax_heads(&mut scores, width, positions);
+    for (s, o) in scores.chunks_exact(width).zip(out.chunks_exact_mut(hd)) {
+        kernels.weighted_values(o, &s[..positions], &values);
+    }
+}
+
+host::wide_fn! {
+    /// The softmax of each head's first `positions` scores (`width` scores per head).
+    fn softmax_heads(scores: &mut [f32], width: usize, positions: usize) {
+        for s in scores.chunks_exact_mut(width) {
+            host::softmax(&mut s[..positions]);
+        }
     }
 }
 
