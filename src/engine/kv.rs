@@ -31,15 +31,14 @@
 
 use std::sync::Arc;
 
+use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use super::error::{EngineError, Result};
+
 mod attention;
 pub use attention::{QueryRow, attend};
-
-use candle_core::{DType, Device, Tensor};
-
-use super::error::{EngineError, Result};
 
 /// Positions per block.
 pub const BLOCK_POSITIONS: usize = 16;
@@ -438,7 +437,8 @@ impl KvPool {
 mod tests {
     use super::*;
 
-    fn shape() -> KvShape {
+    /// Two layers of one KV head of four values.
+    pub(super) fn shape() -> KvShape {
         KvShape {
             layers: 2,
             kv_heads: 1,

@@ -647,6 +647,17 @@ mod tests {
         Arc::new(MergedDelta { modules })
     }
 
+    /// The tiny f32 model, [`delta`] loaded for it, and a KV budget of eight blocks.
+    fn tiny_with_delta() -> (Llama, Arc<LoadedDelta>, usize) {
+        let model = tiny();
+        let delta = model
+            .registry()
+            .load_delta(&delta(), &Device::Cpu)
+            .expect("delta");
+        let budget = 8 * model.kv_shape().block_bytes();
+        (model, delta, budget)
+    }
+
     /// A bf16 model (weights, activations, delta and KV cache in bf16) stays close to the f32
     /// one: within 3% of the logits' range on a prefill step of three sequences.
     #[test]
@@ -676,12 +687,7 @@ mod tests {
     /// sequences.
     #[test]
     fn an_f16_cache_follows_the_f32_cache() {
-        let model = tiny();
-        let delta = model
-            .registry()
-            .load_delta(&delta(), &Device::Cpu)
-            .expect("delta");
-        let budget = 8 * model.kv_shape().block_bytes();
+        let (model, delta, budget) = tiny_with_delta();
         let want = run(&model, model.kv_pool(budget), &delta);
         let half = KvPool::host(model.kv_shape(), budget, KvPrecision::F16);
         let got = run(&model, half, &delta);
@@ -696,13 +702,7 @@ mod tests {
     /// The device path (tensor KV cache, tensor-op attention) gives what the host path gives.
     #[test]
     fn tensor_cache_attention_matches_the_host_path() {
-        let model = tiny();
-        let delta = delta();
-        let delta = model
-            .registry()
-            .load_delta(&delta, &Device::Cpu)
-            .expect("delta");
-        let budget = 8 * model.kv_shape().block_bytes();
+        let (model, delta, budget) = tiny_with_delta();
         let host = run(&model, model.kv_pool(budget), &delta);
         let pool = KvPool::on_device(model.kv_shape(), budget, &Device::Cpu, DType::F32);
         let tensors = run(&model, pool, &delta);
@@ -715,12 +715,7 @@ mod tests {
     /// again (in another order) read only their own positions: the same logits, to the bit.
     #[test]
     fn reused_slab_blocks_give_the_same_results() {
-        let model = tiny();
-        let delta = model
-            .registry()
-            .load_delta(&delta(), &Device::Cpu)
-            .expect("delta");
-        let budget = 8 * model.kv_shape().block_bytes();
+        let (model, delta, budget) = tiny_with_delta();
         let mut pool = KvPool::on_device(model.kv_shape(), budget, &Device::Cpu, DType::F32);
         let first = run_in(&model, &mut pool, &delta);
         let again = run_in(&model, &mut pool, &delta);

@@ -243,6 +243,21 @@ mod lanes {
             *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_set1_ps(x), v));
         }
 
+        /// `acc[i mod 4] += xs[i] · v(i)` for every `i` of `xs`, in order.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn add_products(acc: &mut [__m512; 4], xs: &[f32], v: impl Fn(usize) -> __m512) {
+            let (quads, rest) = xs.as_chunks::<4>();
+            for (i, quad) in quads.iter().enumerate() {
+                for k in 0..4 {
+                    add_product(&mut acc[k], quad[k], v(i * 4 + k));
+                }
+            }
+            for (k, &x) in rest.iter().enumerate() {
+                add_product(&mut acc[k], x, v(quads.len() * 4 + k));
+            }
+        }
+
         /// `(acc[0] + acc[1]) + (acc[2] + acc[3])`.
         #[target_feature(enable = "avx512f")]
         #[inline]
@@ -259,16 +274,9 @@ mod lanes {
         pub unsafe fn block_scores<T: Value>(out: &mut [f32], q: &[f32], keys: &[T], scale: f32) {
             let mut acc = [_mm512_setzero_ps(); 4];
             // SAFETY: `d < q.len()`: a row of `keys` (the caller's guarantee).
-            let key = |d: usize| unsafe { load(keys.as_ptr().add(d * LANES)) };
-            let (quads, rest) = q.as_chunks::<4>();
-            for (i, quad) in quads.iter().enumerate() {
-                for k in 0..4 {
-                    add_product(&mut acc[k], quad[k], key(i * 4 + k));
-                }
-            }
-            for (k, &x) in rest.iter().enumerate() {
-                add_product(&mut acc[k], x, key(quads.len() * 4 + k));
-            }
+            add_products(&mut acc, q, |d| unsafe {
+                load(keys.as_ptr().add(d * LANES))
+            });
             let scores = _mm512_mul_ps(pairwise(&acc), _mm512_set1_ps(scale));
             // SAFETY: `out` has `LANES` values.
             unsafe { _mm512_storeu_ps(out.as_mut_ptr(), scores) };
@@ -287,16 +295,7 @@ mod lanes {
                 for (block, w) in weights.chunks(LANES).enumerate() {
                     let base = values[block].as_ptr();
                     // SAFETY: `slot < LANES` rows of `hd` values, `c + LANES ≤ hd`.
-                    let row = |slot: usize| unsafe { load(base.add(slot * hd + c)) };
-                    let (quads, rest) = w.as_chunks::<4>();
-                    for (i, quad) in quads.iter().enumerate() {
-                        for k in 0..4 {
-                            add_product(&mut acc[k], quad[k], row(i * 4 + k));
-                        }
-                    }
-                    for (k, &x) in rest.iter().enumerate() {
-                        add_product(&mut acc[k], x, row(quads.len() * 4 + k));
-                    }
+                    add_products(&mut acc, w, |slot| unsafe { load(base.add(slot * hd + c)) });
                 }
                 // SAFETY: `c + LANES ≤ hd = out.len()`.
                 unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c), pairwise(&acc)) };
@@ -309,16 +308,9 @@ mod lanes {
 mod tests {
     use half::f16;
 
+    use super::super::tests::shape;
     use super::super::{KvPool, KvPrecision, KvShape, SeqCache};
     use super::*;
-
-    fn shape() -> KvShape {
-        KvShape {
-            layers: 2,
-            kv_heads: 1,
-            head_dim: 4,
-        }
-    }
 
     /// Attention of four rows (six query heads over two KV heads of `hd` values, each row at its
     /// own position over its own sequence of 20) with a cache of `precision`: all four rows
