@@ -8,10 +8,11 @@
 //! `0.125 + 4·d` bytes per entry at density `d` instead of 4, and every kept value exact (f32).
 //!
 //! A product walks a group's inputs in order. On AVX-512 each input's weights are put in their
-//! sixteen output lanes of one register by one permutation, whose indices come from a 256-entry
-//! table per mask byte (`vexpandps`, the instruction made for this, costs more on some CPUs),
-//! and multiplied with up to four input rows' values at that input while they sit there: one
-//! multiply-add per row, into sixteen outputs at once, with no horizontal sums. Each row sums
+//! sixteen output lanes of one register by one permutation, whose indices each lane counts from
+//! the mask's set bits below it (`vpopcntd`; a 256-entry table per mask byte on CPUs without it;
+//! `vexpandps`, the instruction made for this, costs more on some CPUs), and multiplied with up
+//! to four input rows' values at that input while they sit there: one multiply-add per row,
+//! into sixteen outputs at once, with no horizontal sums. Each row sums
 //! its even inputs and its odd inputs in two chains, in input order, and adds the two at the end
 //! ([`reference_sums`] is the same order without SIMD), so a row's result does not depend on
 //! which other rows are in the product.

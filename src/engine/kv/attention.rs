@@ -39,13 +39,14 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
     } else {
         1
     };
+    let kernels = lanes::Kernels::detect();
     host::par_chunks(&mut out, per * hd, |i, group_out| {
         let (row, h0) = (&rows[i * per / heads], i * per % heads);
         let kv_head = h0 / n_rep;
         let qs = &q[i * per * hd..(i + 1) * per * hd];
         match &row.cache.blocks {
-            Blocks::F32(blocks) => attend_rows(group_out, qs, row, blocks, layer, kv_head),
-            Blocks::F16(blocks) => attend_rows(group_out, qs, row, blocks, layer, kv_head),
+            Blocks::F32(blocks) => attend_rows(kernels, group_out, qs, row, blocks, layer, kv_head),
+            Blocks::F16(blocks) => attend_rows(kernels, group_out, qs, row, blocks, layer, kv_head),
         }
     });
     out
@@ -53,9 +54,10 @@ pub fn attend(layer: usize, heads: usize, q: &[f32], rows: &[QueryRow<'_>]) -> V
 
 /// The query heads `qs` (adjacent, `head_dim` each, sharing `kv_head`) of one row of [`attend`],
 /// whose cache's blocks are `cache_blocks`, into `out`: scaled scores a block of positions at a
-/// time, a softmax per head, then the values weighted by it. Each head's sums run in one fixed order,
-/// whatever other heads share the call and whichever kernel ([`lanes`]) this CPU runs.
+/// time, a softmax per head, then the values weighted by it. Each head's sums run in one fixed
+/// order, whatever other heads share the call and whichever `kernels` this CPU runs.
 fn attend_rows<T: lanes::Value>(
+    kernels: lanes::Kernels,
     out: &mut [f32],
     qs: &[f32],
     row: &QueryRow<'_>,
@@ -73,7 +75,6 @@ fn attend_rows<T: lanes::Value>(
     let blocks = positions.div_ceil(BLOCK_POSITIONS);
     let width = blocks * BLOCK_POSITIONS;
     let scale = 1.0 / (hd as f32).sqrt();
-    let kernels = lanes::Kernels::detect();
     let mut scores = vec![0f32; qs.len() / hd * width];
     for block in 0..blocks {
         if block + 1 < blocks {
