@@ -17,6 +17,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::host::{self, Scatter};
+use super::low_rank::{self, LowRankPanels};
 use super::masked::{self, MaskedMatrix};
 
 /// Outputs of a `ΔW` job: about sixteen jobs per matrix, so two workers stay balanced.
@@ -24,8 +25,8 @@ const TILES: usize = 16;
 
 /// What one delta adds to its rows.
 pub enum DeltaWork<'a> {
-    /// `(x · aᵀ) · bᵀ`, with `a_t: in_dim × rank` and `b_t: rank × out_dim`, row-major.
-    LowRank { a_t: &'a [f32], b_t: &'a [f32] },
+    /// `(x · aᵀ) · bᵀ` with the factors packed.
+    LowRank(&'a LowRankPanels),
     /// `x · ΔWᵀ` with `ΔW` packed.
     Masked(&'a MaskedMatrix),
     /// `x · ΔWᵀ` with `ΔW: out_dim × in_dim` row-major.
@@ -89,9 +90,9 @@ impl<'a> DeltaPass<'a> {
         // Low-rank jobs first, largest first, so the last jobs the workers pick up are short.
         let mut low_rank: Vec<(usize, usize)> = (deltas.iter().enumerate())
             .filter_map(|(i, d)| match d.work {
-                DeltaWork::LowRank { a_t, b_t } => {
-                    let blocks = d.rows.len().div_ceil(host::LOW_RANK_ROWS);
-                    Some((i, blocks * (a_t.len() + b_t.len())))
+                DeltaWork::LowRank(p) => {
+                    let blocks = d.rows.len().div_ceil(low_rank::ROWS);
+                    Some((i, blocks * p.values_read()))
                 }
                 _ => None,
             })
@@ -103,7 +104,7 @@ impl<'a> DeltaPass<'a> {
             n: out_dims[deltas[delta].target],
         }));
         for (i, d) in deltas.iter().enumerate() {
-            if matches!(d.work, DeltaWork::LowRank { .. }) {
+            if matches!(d.work, DeltaWork::LowRank(_)) {
                 continue;
             }
             let out_dim = out_dims[d.target];
@@ -177,8 +178,8 @@ impl<'a> DeltaPass<'a> {
             );
         };
         // SAFETY: `fill` writes every position or panics: each delta's rows are written in full
-        // by its jobs (a low-rank job clears its rows first, the tiles of a `ΔW` cover its
-        // outputs), and every job runs (checked above).
+        // by its jobs (a low-rank job writes all of its rows' outputs, the tiles of a `ΔW` cover
+        // its outputs), and every job runs (checked above).
         self.updates = unsafe { host::scattered(&lens, fill) };
         result.expect("the schedule ran")
     }
@@ -227,10 +228,7 @@ impl DeltaRows<'_> {
             return false;
         }
         match self.work {
-            DeltaWork::LowRank { a_t, b_t } => {
-                let rank = a_t.len() / in_dim;
-                a_t.len() == rank * in_dim && b_t.len() == rank * out_dim
-            }
+            DeltaWork::LowRank(p) => p.shape() == (out_dim, in_dim),
             DeltaWork::Masked(m) => m.shape() == (out_dim, in_dim),
             DeltaWork::Dense(w) => w.len() == out_dim * in_dim,
         }
@@ -252,20 +250,18 @@ unsafe fn run_job(
 ) {
     let out_dim = at.out_dim;
     match d.work {
-        DeltaWork::LowRank { a_t, b_t } => {
-            let rank = a_t.len() / in_dim;
-            for (b, block) in d.rows.chunks(host::LOW_RANK_ROWS).enumerate() {
-                let first = at.slot + b * host::LOW_RANK_ROWS;
+        DeltaWork::LowRank(p) => {
+            for (b, block) in d.rows.chunks(low_rank::ROWS).enumerate() {
+                let first = at.slot + b * low_rank::ROWS;
                 // SAFETY: these rows of the update belong to this delta alone, whose one job
                 // this is (the caller's guarantee).
                 let mut dst: Vec<&mut [f32]> = (0..block.len())
                     .map(|k| unsafe { scatter.slice_mut(d.target, (first + k) * out_dim, out_dim) })
                     .collect();
-                dst.iter_mut().for_each(|row| row.fill(0.0));
                 let xs: Vec<&[f32]> = (block.iter())
                     .map(|&r| &x[r as usize * in_dim..(r as usize + 1) * in_dim])
                     .collect();
-                host::low_rank_rows(&mut dst, &xs, a_t, b_t, rank);
+                p.products(&xs, &mut dst);
             }
         }
         DeltaWork::Masked(_) | DeltaWork::Dense(_) => {
@@ -285,7 +281,7 @@ unsafe fn run_job(
                         );
                     }
                 }
-                DeltaWork::LowRank { .. } => unreachable!("handled above"),
+                DeltaWork::LowRank(_) => unreachable!("handled above"),
             }
             for (k, values) in acc.chunks_exact(n).enumerate() {
                 // SAFETY: outputs `first..first + n` of this delta's rows belong to this job.
@@ -331,7 +327,8 @@ mod tests {
         let (rows, in_dim) = (6, 48);
         let out_dims = vec![36, 20];
         let x = values(rows * in_dim, 1);
-        let (a_t, b_t) = (values(in_dim * rank, 2), values(rank * out_dims[0], 3));
+        let (a, b) = (values(rank * in_dim, 2), values(out_dims[0] * rank, 3));
+        let factors = LowRankPanels::pack(&a, &b, rank, in_dim, out_dims[0]).expect("shapes");
         let mut sparse = values(out_dims[0] * in_dim, 4);
         sparse.iter_mut().step_by(3).for_each(|v| *v = 0.0);
         sparse.iter_mut().skip(1).step_by(3).for_each(|v| *v = 0.0);
@@ -343,10 +340,7 @@ mod tests {
                 DeltaRows {
                     target: 0,
                     rows: &low_rows,
-                    work: DeltaWork::LowRank {
-                        a_t: &a_t,
-                        b_t: &b_t,
-                    },
+                    work: DeltaWork::LowRank(&factors),
                 },
                 DeltaRows {
                     target: 0,
@@ -373,13 +367,11 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
 
-        // ΔW of the low-rank delta: (aᵀ · bᵀ)ᵀ, out × in.
+        // ΔW of the low-rank delta: b · a, out × in.
         let low: Vec<f32> = (0..out_dims[0] * in_dim)
             .map(|k| {
                 let (o, i) = (k / in_dim, k % in_dim);
-                (0..rank)
-                    .map(|j| a_t[i * rank + j] * b_t[j * out_dims[0] + o])
-                    .sum()
+                (0..rank).map(|j| b[o * rank + j] * a[j * in_dim + i]).sum()
             })
             .collect();
         for r in 0..rows {
@@ -440,8 +432,9 @@ mod tests {
         let (rows, in_dim, rank) = (7, 48, 27);
         let out_dims = [40, 19];
         let x = values(rows * in_dim, 1);
-        let a_t = values(in_dim * rank, 2);
-        let b_t: Vec<Vec<f32>> = out_dims.iter().map(|&o| values(rank * o, 3 + o)).collect();
+        let a = values(rank * in_dim, 2);
+        let factors = LowRankPanels::pack(&a, &values(out_dims[0] * rank, 3), rank, in_dim, 40)
+            .expect("shapes");
         let mut sparse = values(out_dims[1] * in_dim, 4);
         sparse.iter_mut().step_by(2).for_each(|v| *v = 0.0);
         let masked = MaskedMatrix::pack(&sparse, out_dims[1], in_dim).expect("sparse enough");
@@ -453,10 +446,7 @@ mod tests {
                 deltas.push(DeltaRows {
                     target: 0,
                     rows,
-                    work: DeltaWork::LowRank {
-                        a_t: &a_t,
-                        b_t: &b_t[0],
-                    },
+                    work: DeltaWork::LowRank(&factors),
                 });
                 deltas.push(DeltaRows {
                     target: 1,
@@ -500,7 +490,9 @@ mod tests {
     #[test]
     fn misfitting_deltas_are_left_out() {
         let x = values(2 * 8, 1);
-        let (a_t, b_t) = (values(8 * 2, 2), values(2 * 5, 3));
+        // Factors of a 5 × 8 delta, for a target 4 wide.
+        let factors =
+            LowRankPanels::pack(&values(2 * 8, 2), &values(5 * 2, 3), 2, 8, 5).expect("shapes");
         let (outside, w) = ([7u32], values(32, 4));
         let pass = DeltaPass::new(
             &x,
@@ -510,10 +502,7 @@ mod tests {
                 DeltaRows {
                     target: 0,
                     rows: &[0],
-                    work: DeltaWork::LowRank {
-                        a_t: &a_t,
-                        b_t: &b_t,
-                    },
+                    work: DeltaWork::LowRank(&factors),
                 },
                 DeltaRows {
                     target: 0,

@@ -1,10 +1,12 @@
 //! Host-side kernels of the serving step on the CPU: the parts of a batched forward that are too
-//! small or too irregular for one tensor op each (per-group low-rank deltas, per-row attention
-//! over paged caches).
+//! small or too irregular for one tensor op each (per-group dense deltas, per-row attention,
+//! softmax), and the worker pool and buffers they share.
 //!
 //! They run on candle's own worker pool, the one its matmuls use, so a step never has two thread
 //! pools competing for the same cores (on a 2-core machine a second spinning pool halves the
 //! speed of both).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Storage, Tensor};
 
@@ -82,24 +84,43 @@ pub enum Either {
     Second(usize),
 }
 
-/// The items of two lists of `first` and `second` items, each list in its order, merged so that
-/// each list's items are spread evenly over the whole (each item placed where its list's share
-/// puts it; the first list on ties).
-pub fn interleaved(first: usize, second: usize) -> Vec<Either> {
-    let (mut i, mut j) = (0, 0);
-    let mut order = Vec::with_capacity(first + second);
-    while i < first || j < second {
-        // Compare the next items' places, (2i + 1) / 2·first against (2j + 1) / 2·second.
-        let take_first = j == second || (i < first && (2 * i + 1) * second <= (2 * j + 1) * first);
-        if take_first {
-            order.push(Either::First(i));
-            i += 1;
-        } else {
-            order.push(Either::Second(j));
-            j += 1;
+/// Runs `f` on every item of two lists, of `first` and `second` items, over the pool, each list
+/// in its order. About a quarter of the threads (one of two) take the second list's items first
+/// and the others the first list's; a thread whose list is done goes on with the other's. Meant
+/// for a compute-bound first list and a second list bound by memory (the base product's groups
+/// and the deltas streaming beside them): a streaming thread draws most of the machine's memory
+/// bandwidth on its own, so one thread streams while the others compute, instead of every thread
+/// waiting on memory at once.
+pub fn par_lists(first: usize, second: usize, f: impl Fn(Either) + Sync) {
+    let threads = threads();
+    // The first list in runs of adjacent items, about eight per thread (adjacent groups are
+    // adjacent weights: one run is one stream for the hardware prefetcher); the second list's
+    // items, long streams each, one at a time.
+    let run = first.div_ceil(threads * 8).max(1);
+    let next = [AtomicUsize::new(0), AtomicUsize::new(0)];
+    let take = |second_list: bool| loop {
+        let (cursor, len, step) = match second_list {
+            false => (&next[0], first, run),
+            true => (&next[1], second, 1),
+        };
+        let start = cursor.fetch_add(step, Ordering::Relaxed);
+        if start >= len {
+            break;
         }
-    }
-    order
+        for i in start..len.min(start + step) {
+            f(if second_list {
+                Either::Second(i)
+            } else {
+                Either::First(i)
+            });
+        }
+    };
+    let streaming = threads.div_ceil(4);
+    par_for(threads, |role| {
+        let streams = role < streaming;
+        take(streams);
+        take(!streams);
+    });
 }
 
 /// Runs `f(i, chunk)` for every `width`-long chunk of `out` (the last may be shorter), spread
@@ -249,140 +270,6 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
 }
 
-/// Rows of a low-rank delta handled together by one pass over its factors.
-pub const LOW_RANK_ROWS: usize = 4;
-
-/// Lines of a factor asked for before its first use (4 KiB); the rest follow as the work goes.
-/// Streaming the 40 MB of factors of seven sets took 13% longer with 1 KiB.
-const LEAD_LINES: usize = 64;
-
-wide_fn! {
-    /// `dst_r += (x_r · aᵀ) · bᵀ` for up to [`LOW_RANK_ROWS`] rows, reading the factors once for
-    /// all of them (`a_t: in_dim × rank`, `b_t: rank × out_dim`, row-major). Each row's sums run
-    /// in the same order whatever rows share its block.
-    pub fn low_rank_rows(dst: &mut [&mut [f32]], x: &[&[f32]], a_t: &[f32], b_t: &[f32], rank: usize) {
-        match dst.len() {
-            4 => low_rank_block::<4>(dst, x, a_t, b_t, rank),
-            3 => low_rank_block::<3>(dst, x, a_t, b_t, rank),
-            2 => low_rank_block::<2>(dst, x, a_t, b_t, rank),
-            1 => low_rank_block::<1>(dst, x, a_t, b_t, rank),
-            n => unreachable!("a block of {n} rows"),
-        }
-    }
-}
-
-/// [`low_rank_rows`] for exactly `R` rows. The hidden values `h_r = x_r · aᵀ` come first (see
-/// [`hidden_columns`]); then sixteen outputs of each row at a time stay in a register while
-/// every `h_rj · b_j` is added to them in order of `j` (as `rank` successive axpys would, with one
-/// load and store of the outputs instead of `rank`).
-#[inline(always)]
-fn low_rank_block<const R: usize>(
-    dst: &mut [&mut [f32]],
-    x: &[&[f32]],
-    a_t: &[f32],
-    b_t: &[f32],
-    rank: usize,
-) {
-    const LANES: usize = 16;
-    let dst: &mut [&mut [f32]; R] = dst.try_into().expect("block size");
-    let x: &[&[f32]; R] = x.try_into().expect("block size");
-    let mut h = vec![0f32; R * rank];
-    // The factors are a few kilobytes each: ask for the start of `aᵀ` now and for the rest of it
-    // and all of `bᵀ` along the first pass over `aᵀ` (see `prefetch`).
-    let a_lines = Lines::of(a_t);
-    a_lines.first(LEAD_LINES).fetch_all();
-    let mut ahead = [a_lines.after_byte(LEAD_LINES * 64), Lines::of(b_t)];
-    let mut c = 0;
-    while c < rank {
-        c += match rank - c {
-            16.. => hidden_columns::<16, R>(x, a_t, rank, c, &mut h, &ahead),
-            8.. => hidden_columns::<8, R>(x, a_t, rank, c, &mut h, &ahead),
-            _ => hidden_columns::<1, R>(x, a_t, rank, c, &mut h, &ahead),
-        };
-        ahead = [Lines::NONE; 2];
-    }
-    let out_dim = dst[0].len();
-    let mut o = 0;
-    while o + LANES <= out_dim {
-        let mut acc = [[0f32; LANES]; R];
-        for r in 0..R {
-            acc[r].copy_from_slice(&dst[r][o..o + LANES]);
-        }
-        for j in 0..rank {
-            let b = &b_t[j * out_dim + o..j * out_dim + o + LANES];
-            for r in 0..R {
-                let hj = h[r * rank + j];
-                for l in 0..LANES {
-                    acc[r][l] += hj * b[l];
-                }
-            }
-        }
-        for r in 0..R {
-            dst[r][o..o + LANES].copy_from_slice(&acc[r]);
-        }
-        o += LANES;
-    }
-    for r in 0..R {
-        for j in 0..rank {
-            let b = &b_t[j * out_dim + o..(j + 1) * out_dim];
-            axpy(&mut dst[r][o..], h[r * rank + j], b);
-        }
-    }
-}
-
-/// Columns `c..c + W` of `h_r = x_r · aᵀ` for the `R` rows, `a_t: in_dim × rank` row-major,
-/// written to `h[r · rank + c..]`; returns `W`. The sums stay in registers across the whole
-/// input: each `h_rj` sums the input in four interleaved chains (inputs `i ≡ 0, 1, 2, 3 mod 4`),
-/// added in a fixed order at the end, so there are four independent multiply-adds per step
-/// instead of one long dependent chain, and each loaded piece of `aᵀ` serves all `R` rows. Each
-/// step asks for its share of the lines of `ahead`.
-#[inline(always)]
-fn hidden_columns<const W: usize, const R: usize>(
-    x: &[&[f32]; R],
-    a_t: &[f32],
-    rank: usize,
-    c: usize,
-    h: &mut [f32],
-    ahead: &[Lines],
-) -> usize {
-    const CHAINS: usize = 4;
-    let in_dim = x[0].len();
-    let full = in_dim - in_dim % CHAINS;
-    let steps = full / CHAINS;
-    let mut acc = [[[0f32; W]; CHAINS]; R];
-    for (step, rows) in a_t[..full * rank].chunks_exact(CHAINS * rank).enumerate() {
-        for lines in ahead {
-            lines.fetch(step, steps);
-        }
-        let i0 = step * CHAINS;
-        for k in 0..CHAINS {
-            let a = &rows[k * rank + c..k * rank + c + W];
-            for r in 0..R {
-                let xv = x[r][i0 + k];
-                for j in 0..W {
-                    acc[r][k][j] += xv * a[j];
-                }
-            }
-        }
-    }
-    for k in 0..in_dim - full {
-        let a = &a_t[(full + k) * rank + c..(full + k) * rank + c + W];
-        for r in 0..R {
-            let xv = x[r][full + k];
-            for j in 0..W {
-                acc[r][k][j] += xv * a[j];
-            }
-        }
-    }
-    for r in 0..R {
-        for j in 0..W {
-            let s = &acc[r];
-            h[r * rank + c + j] = (s[0][j] + s[1][j]) + (s[2][j] + s[3][j]);
-        }
-    }
-    W
-}
-
 wide_fn! {
     /// `acc[k · stride] = x_r · w` for the `k`-th row `r` of `rows`, `x: (·, w.len())`, with
     /// [`dot`].
@@ -466,7 +353,7 @@ fn sum_lanes(x: &[f32]) -> f32 {
 
 /// The sum of sixteen lanes by halves: `a[i] + a[i + 8]`, then `+ 4`, `+ 2`, `+ 1`.
 #[inline(always)]
-fn halves(mut a: [f32; LANES]) -> f32 {
+pub fn halves(mut a: [f32; LANES]) -> f32 {
     for i in 0..8 {
         a[i] += a[i + 8];
     }
@@ -481,7 +368,7 @@ fn halves(mut a: [f32; LANES]) -> f32 {
 
 /// The AVX-512 paths of [`dot_lanes`] and [`sum_lanes`], in their order of additions.
 #[cfg(target_arch = "x86_64")]
-mod lanes_avx512 {
+pub mod lanes_avx512 {
     use std::arch::x86_64::*;
 
     use super::LANES;
@@ -521,7 +408,7 @@ mod lanes_avx512 {
     /// `super::halves` on a register.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn halves(v: __m512) -> f32 {
+    pub fn halves(v: __m512) -> f32 {
         let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         let eight = _mm256_add_ps(_mm512_castps512_ps256(v), high);
         let four = _mm_add_ps(
@@ -913,23 +800,23 @@ mod tests {
         }
     }
 
+    /// Every item of both lists runs once, whatever their lengths, and each list's items are
+    /// taken in order by each thread.
     #[test]
-    fn interleaving_keeps_each_lists_order_and_spreads_the_shorter() {
-        use Either::{First as F, Second as S};
-        assert_eq!(
-            interleaved(6, 2),
-            [F(0), F(1), S(0), F(2), F(3), F(4), S(1), F(5)]
-        );
-        for (a, b) in [(0, 3), (4, 0), (7, 5), (1, 9)] {
-            let (mut firsts, mut seconds) = (Vec::new(), Vec::new());
-            for e in interleaved(a, b) {
-                match e {
-                    F(i) => firsts.push(i),
-                    S(j) => seconds.push(j),
-                }
-            }
-            assert_eq!(firsts, (0..a).collect::<Vec<_>>(), "{a}, {b}");
-            assert_eq!(seconds, (0..b).collect::<Vec<_>>(), "{a}, {b}");
+    fn two_lists_run_every_item_once() {
+        use std::sync::Mutex;
+        for (a, b) in [(0, 3), (4, 0), (7, 5), (1, 9), (60, 12), (0, 0)] {
+            let seen = Mutex::new(Vec::new());
+            par_lists(a, b, |e| seen.lock().expect("lock").push(e));
+            let mut seen = seen.into_inner().expect("lock");
+            seen.sort_by_key(|e| match e {
+                Either::First(i) => (0, *i),
+                Either::Second(j) => (1, *j),
+            });
+            let want: Vec<Either> = ((0..a).map(Either::First))
+                .chain((0..b).map(Either::Second))
+                .collect();
+            assert_eq!(seen, want, "{a}, {b}");
         }
         assert_eq!(part_of(&[2, 0, 3], 2), (2, 0));
         assert_eq!(part_of(&[2, 0, 3], 1), (0, 1));

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::delta_pass::{DeltaPass, DeltaRows, DeltaWork};
 use super::error::{EngineError, Result};
 use super::host;
+use super::low_rank::LowRankPanels;
 use super::masked::MaskedMatrix;
 use super::panels::PanelMatrix;
 use super::qmatmul::{self, PackedMatrix};
@@ -35,6 +36,8 @@ enum LayerDelta {
     Dense { w: Tensor },
     /// `ΔW: O × I` with most entries zero, packed in host memory (f32 CPU models only).
     Masked(MaskedMatrix),
+    /// `a: k × I` and `b: O × k` packed in host memory (f32 CPU models only).
+    Factors(LowRankPanels),
 }
 
 /// A [`MergedDelta`] ready to apply: one optional tensor pair per linear layer of one model.
@@ -250,10 +253,19 @@ fn transposed(m: &Matrix, device: &Device, dtype: Option<DType>) -> Result<Tenso
 
 fn layer_delta(d: &ModuleDelta, device: &Device, dtype: Option<DType>) -> Result<LayerDelta> {
     Ok(match d {
-        ModuleDelta::LowRank { b, a } => LayerDelta::LowRank {
-            a_t: transposed(a, device, dtype)?,
-            b_t: transposed(b, device, dtype)?,
-        },
+        ModuleDelta::LowRank { b, a } => {
+            let ((rank, in_dim), out_dim) = (a.shape(), b.rows());
+            let packed = (device.is_cpu() && dtype.is_none())
+                .then(|| LowRankPanels::pack(a.as_slice(), b.as_slice(), rank, in_dim, out_dim))
+                .flatten();
+            match packed {
+                Some(p) => LayerDelta::Factors(p),
+                None => LayerDelta::LowRank {
+                    a_t: transposed(a, device, dtype)?,
+                    b_t: transposed(b, device, dtype)?,
+                },
+            }
+        }
         ModuleDelta::Dense(w) => {
             let (rows, cols) = w.shape();
             let packed = (device.is_cpu() && dtype.is_none())
@@ -617,10 +629,9 @@ impl LoraLinear {
             .collect();
         let out_dims: Vec<usize> = layers.iter().map(|l| l.out_dim).collect();
         let tensors: Vec<&Tensor> = (groups.iter().flatten())
-            .flat_map(|g| match g.layer {
-                LayerDelta::LowRank { a_t, b_t } => vec![a_t, b_t],
-                LayerDelta::Dense { w } => vec![w],
-                LayerDelta::Masked(_) => Vec::new(),
+            .filter_map(|g| match g.layer {
+                LayerDelta::Dense { w } => Some(w),
+                _ => None,
             })
             .collect();
         let mut base = Some(base);
@@ -742,6 +753,13 @@ impl LayerDelta {
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             LayerDelta::LowRank { a_t, b_t } => x.matmul(a_t)?.matmul(b_t)?,
+            LayerDelta::Factors(p) => {
+                let ((out_dim, in_dim), rank) = (p.shape(), p.rank());
+                let (a, b) = p.factors();
+                let a = Tensor::from_vec(a, (rank, in_dim), x.device())?;
+                let b = Tensor::from_vec(b, (out_dim, rank), x.device())?;
+                x.matmul(&a.t()?)?.matmul(&b.t()?)?
+            }
             LayerDelta::Dense { w } => x.matmul(&w.t()?)?,
             LayerDelta::Masked(m) => {
                 let w = Tensor::from_vec(m.to_dense(), m.shape(), x.device())?;
@@ -760,10 +778,10 @@ struct DeltaGroup<'r, 'd> {
 }
 
 /// The deltas of `groups` (one list per target) split into those a [`DeltaPass`] takes and
-/// those left for tensor ops. With `slices` (the values of the groups' tensors in order: `aᵀ`
-/// and `bᵀ` of each low-rank delta, `ΔW` of each dense one) every delta that fits goes to the
-/// pass; without them only the packed ones do. A delta that does not fit goes through tensor
-/// ops, which check shapes.
+/// those left for tensor ops. The packed ones (factors, sparse `ΔW`) go to the pass; dense
+/// `ΔW`s go too when `slices` holds their values, in order. Factors kept as tensors (on a GPU,
+/// in bf16, or with gradients) and a delta that does not fit go through tensor ops, which check
+/// shapes.
 fn split_deltas<'a, 'd: 'a>(
     groups: &[Vec<DeltaGroup<'a, 'd>>],
     slices: Option<&[&'a [f32]]>,
@@ -779,9 +797,8 @@ fn split_deltas<'a, 'd: 'a>(
         for g in layer_groups {
             let delta = match g.layer {
                 LayerDelta::Masked(m) => Some(DeltaWork::Masked(m)),
-                LayerDelta::LowRank { .. } => next()
-                    .zip(next())
-                    .map(|(a_t, b_t)| DeltaWork::LowRank { a_t, b_t }),
+                LayerDelta::Factors(p) => Some(DeltaWork::LowRank(p)),
+                LayerDelta::LowRank { .. } => None,
                 LayerDelta::Dense { .. } => next().map(DeltaWork::Dense),
             }
             .map(|work| DeltaRows {

@@ -21,6 +21,7 @@ mod host;
 mod kv;
 mod linear;
 mod llama;
+mod low_rank;
 mod masked;
 mod models;
 mod ops;

@@ -1,13 +1,13 @@
 //! Software prefetching for the kernels of a batched step that read many short streams.
 //!
-//! A decode step applies each distinct delta to its own few rows: every low-rank factor and every
-//! cached key row is read once, in pieces of a few hundred bytes to a few kilobytes. Such streams
-//! end before the hardware prefetcher gets ahead of them, so a kernel that only loads waits for
+//! A decode step's attention reads each sequence's cached keys and values once, in pieces of a
+//! few hundred bytes to a few kilobytes (a block's run of one head, one position's row). Such
+//! streams end before the hardware prefetcher gets ahead of them, so a kernel that only loads waits for
 //! memory at the start of each piece and draws a third of the bandwidth the machine has. The
 //! kernels instead name the lines they will read next ([`Lines`]) and ask for a share of them at
 //! each step of the work in hand, so the memory system always has the next piece in flight while
-//! the current one is computed. (The longer streams of the packed ΔW and quantized weight kernels
-//! are asked for a fixed distance ahead, in those kernels.)
+//! the current one is computed. (The longer streams of the packed low-rank factors, packed ΔW and
+//! quantized weight kernels are asked for a fixed distance ahead, in those kernels.)
 
 /// A run of cache lines to ask for.
 #[derive(Debug, Clone, Copy)]
@@ -37,23 +37,6 @@ impl Lines {
         Lines {
             start: start.wrapping_sub(lead),
             count: (lead + bytes).div_ceil(LINE),
-        }
-    }
-
-    /// The lines from byte `offset` on (none when `offset` is past the end).
-    pub fn after_byte(self, offset: usize) -> Lines {
-        let skip = (offset / LINE).min(self.count);
-        Lines {
-            start: self.start.wrapping_add(skip * LINE),
-            count: self.count - skip,
-        }
-    }
-
-    /// The first `count` lines at most.
-    pub fn first(self, count: usize) -> Lines {
-        Lines {
-            count: self.count.min(count),
-            ..self
         }
     }
 
@@ -115,10 +98,6 @@ mod tests {
             }
             assert!(seen.iter().all(|&n| n == 1), "{parts} parts: {seen:?}");
         }
-        assert_eq!(lines.after_byte(64 * 3 + 1).count, 8);
-        assert_eq!(lines.after_byte(64 * 20).count, 0);
-        assert_eq!(lines.first(4).count, 4);
-        assert_eq!(Lines::NONE.first(4).count, 0);
         // Asking never faults, in range or not.
         lines.fetch(3, 4);
         Lines::of(&data[..0]).fetch_all();

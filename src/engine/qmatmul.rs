@@ -206,9 +206,10 @@ impl PackedMatrix {
 
     /// `x · Wᵀ` for several matrices that read the same input (q, k and v; gate and up), and
     /// `extra` more jobs: the input is quantized once, and all the matrices' groups share one
-    /// pass over the worker pool with `run_extra(j)` for every `j < extra`, each once, spread
-    /// among them (see `delta_pass`: deltas streaming from memory beside the compute-bound
-    /// groups). Every matrix must have `x`'s width as its input size.
+    /// pass over the worker pool with `run_extra(j)` for every `j < extra`, each once, run by
+    /// one thread while the others compute the groups ([`host::par_lists`]; see `delta_pass`:
+    /// deltas streaming from memory beside the compute-bound groups). Every matrix must have
+    /// `x`'s width as its input size.
     pub fn matmul_with(
         ms: &[&PackedMatrix],
         x: &[f32],
@@ -231,14 +232,14 @@ impl PackedMatrix {
         // every group writes its lanes of every activation row.
         unsafe {
             host::scattered(&lens, |scatter| {
-                let order = host::interleaved(counts.iter().sum(), extra);
-                host::par_for(order.len(), |i| match order[i] {
+                let run = |item: host::Either| match item {
                     host::Either::First(item) => {
                         let (which, group) = host::part_of(&counts, item);
                         Self::fill_group(ms[which], which, group, &acts, rows, vnni, scatter);
                     }
                     host::Either::Second(j) => run_extra(j),
-                });
+                };
+                host::par_lists(counts.iter().sum(), extra, run);
             })
         }
     }
