@@ -194,16 +194,8 @@ impl<'a> DeltaPass<'a> {
     pub fn add_to(&self, sums: &mut [&mut [f32]]) {
         for (d, &slot) in self.deltas.iter().zip(&self.slots) {
             let out_dim = self.out_dims[d.target];
-            let update = &self.updates[d.target];
-            for (k, &r) in d.rows.iter().enumerate() {
-                let from = (slot + k) * out_dim;
-                let at = r as usize * out_dim;
-                host::axpy(
-                    &mut sums[d.target][at..at + out_dim],
-                    1.0,
-                    &update[from..from + out_dim],
-                );
-            }
+            let update = &self.updates[d.target][slot * out_dim..];
+            host::add_rows(sums[d.target], update, d.rows, out_dim);
         }
     }
 }

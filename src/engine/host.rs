@@ -271,6 +271,25 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 wide_fn! {
+    /// `y += x` (the same sums as `axpy(y, 1.0, x)`, on the widest vectors the CPU has).
+    pub fn add_assign(y: &mut [f32], x: &[f32]) {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+    }
+}
+
+wide_fn! {
+    /// `sums[r] += update[k]` for the `k`-th row `r` of `rows`, rows of `width` values.
+    pub fn add_rows(sums: &mut [f32], update: &[f32], rows: &[u32], width: usize) {
+        for (k, &r) in rows.iter().enumerate() {
+            let at = r as usize * width;
+            (sums[at..at + width].iter_mut())
+                .zip(&update[k * width..(k + 1) * width])
+                .for_each(|(y, x)| *y += x);
+        }
+    }
+}
+
+wide_fn! {
     /// `acc[k · stride] = x_r · w` for the `k`-th row `r` of `rows`, `x: (·, w.len())`, with
     /// [`dot`].
     pub fn dot_rows(acc: &mut [f32], stride: usize, x: &[f32], rows: &[u32], w: &[f32]) {

@@ -662,7 +662,7 @@ impl LoraLinear {
         match &self.bias {
             Some(b) => host::with_slice(b, |b| {
                 y.chunks_exact_mut(self.out_dim)
-                    .for_each(|row| host::axpy(row, 1.0, b));
+                    .for_each(|row| host::add_assign(row, b));
             })
             .is_some(),
             None => true,

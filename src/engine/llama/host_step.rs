@@ -31,7 +31,7 @@ impl Block {
         let rows = seqs.iter().map(|s| s.tokens.len()).sum();
         let h = ops::rms_norm_rows(x, &self.input_norm, ctx.eps, ctx.device)?;
         let attended = self.attn.step_host(&h, rows, layer, ctx, seqs)?;
-        host::axpy(x, 1.0, &attended);
+        host::add_assign(x, &attended);
         let h = ops::rms_norm_rows(x, &self.post_norm, ctx.eps, ctx.device)?;
         let [gate, up] = outputs(
             LoraLinear::forward_host(&[&self.gate, &self.up], &h, rows, ctx.deltas, ctx.device)?,
@@ -42,7 +42,7 @@ impl Block {
             LoraLinear::forward_host(&[&self.down], &gated, rows, ctx.deltas, ctx.device)?,
             "down",
         )?;
-        host::axpy(x, 1.0, &down);
+        host::add_assign(x, &down);
         Ok(())
     }
 }
