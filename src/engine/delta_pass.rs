@@ -285,13 +285,8 @@ unsafe fn run_job(
 
 #[cfg(test)]
 mod tests {
+    use super::super::low_rank::tests::values;
     use super::*;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i + seed * 7919) as f32) * 0.37).sin())
-            .collect()
-    }
 
     /// `x_r · Mᵀ` for a row-major `m: out × in`, in f64.
     fn reference(x: &[f32], r: usize, m: &[f32], in_dim: usize, out_dim: usize) -> Vec<f64> {

@@ -394,10 +394,11 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
+    /// `n` values in [-1, 1] that differ with `seed` (also the delta pass's test data).
+    pub(in crate::engine) fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
             .map(|i| (((i + seed * 7919) as f32) * 0.37).sin())
             .collect()
