@@ -172,8 +172,9 @@ impl LinearRegistry {
         }
     }
 
-    /// Bytes a conversion of `delta` holds: f32 tensors of the same factors or dense matrix (a
-    /// bf16 model's hold half; the budget counts f32).
+    /// Bytes a conversion of `delta` holds: f32 values of the same factors or dense matrix (packed
+    /// factors pad their widths to sixteen values, a few percent more; a bf16 model's hold half;
+    /// the budget counts f32).
     pub fn converted_bytes(delta: &MergedDelta) -> usize {
         delta.bytes()
     }

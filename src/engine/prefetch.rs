@@ -2,12 +2,13 @@
 //!
 //! A decode step's attention reads each sequence's cached keys and values once, in pieces of a
 //! few hundred bytes to a few kilobytes (a block's run of one head, one position's row). Such
-//! streams end before the hardware prefetcher gets ahead of them, so a kernel that only loads waits for
-//! memory at the start of each piece and draws a third of the bandwidth the machine has. The
-//! kernels instead name the lines they will read next ([`Lines`]) and ask for a share of them at
-//! each step of the work in hand, so the memory system always has the next piece in flight while
-//! the current one is computed. (The longer streams of the packed low-rank factors, packed ΔW and
-//! quantized weight kernels are asked for a fixed distance ahead, in those kernels.)
+//! streams end before the hardware prefetcher gets ahead of them, so a kernel that only loads
+//! waits for memory at the start of each piece and draws a third of the bandwidth the machine
+//! has. The kernels instead name the lines they will read next ([`Lines`]) and ask for a share of
+//! them at each step of the work in hand, so the memory system always has the next piece in
+//! flight while the current one is computed. (The longer streams of the packed low-rank factors,
+//! packed ΔW and quantized weight kernels are asked for a fixed distance ahead, in those
+//! kernels.)
 
 /// A run of cache lines to ask for.
 #[derive(Debug, Clone, Copy)]
