@@ -916,6 +916,43 @@ mod tests {
         Tensor::from_vec(x.to_vec(), (x.len() / IN, IN), &Device::Cpu).expect("x")
     }
 
+    /// A low-rank delta on an f32 CPU model is packed for the host, and its tensor fallback
+    /// (for rows the host pass does not take) gives the host pass's products within f32
+    /// rounding; on a bf16 model it stays tensors.
+    #[test]
+    fn packed_factors_apply_as_tensors_too() {
+        let rank = 3;
+        let a = Matrix::from_vec(rank, IN, values(rank * IN, 3)).expect("a");
+        let b = Matrix::from_vec(OUT, rank, values(OUT * rank, 4)).expect("b");
+        let d = ModuleDelta::LowRank { b, a };
+        let packed = layer_delta(&d, &Device::Cpu, None).expect("convert");
+        let LayerDelta::Factors(p) = &packed else {
+            panic!("an f32 CPU low-rank delta is packed");
+        };
+        assert!(matches!(
+            layer_delta(&d, &Device::Cpu, Some(DType::BF16)).expect("convert"),
+            LayerDelta::LowRank { .. }
+        ));
+        let x = values(2 * IN, 5);
+        let by_tensors = packed.apply(&rows(&x)).expect("apply");
+        let by_tensors = (by_tensors.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values");
+        let mut on_host = vec![vec![0f32; OUT]; 2];
+        let xs: Vec<&[f32]> = x.chunks_exact(IN).collect();
+        p.products(
+            &xs,
+            &mut on_host
+                .iter_mut()
+                .map(Vec::as_mut_slice)
+                .collect::<Vec<_>>(),
+        );
+        for (t, h) in by_tensors.iter().zip(on_host.concat()) {
+            assert!((t - h).abs() < 1e-5 * (1.0 + h.abs()), "{t} vs {h}");
+        }
+        assert!(by_tensors.iter().any(|v| v.abs() > 1e-3));
+    }
+
     /// `x·Wᵀ + b` with the bias added once, whichever kernel runs the quantized weight (8-bit
     /// activations: within 0.05 of the exact product here).
     #[test]
