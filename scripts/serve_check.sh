@@ -29,14 +29,15 @@ for _ in $(seq 1 300); do
 done
 curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null
 
-# The README's quick-start requests.
-curl -fsS "http://127.0.0.1:$PORT/v1/models" | grep -q '"shout"'
+# The README's quick-start requests. `grep` reads all of curl's output (no `-q`): exiting at the
+# first match would fail curl's write of the rest, and with it the pipeline.
+curl -fsS "http://127.0.0.1:$PORT/v1/models" | grep '"shout"' >/dev/null
 curl -fsS "http://127.0.0.1:$PORT/v1/completions" -H 'content-type: application/json' \
     -d '{"model": "shout+shout-half", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}' \
-    | grep -q '"text_completion"'
+    | grep '"text_completion"' >/dev/null
 curl -fsS -D - "http://127.0.0.1:$PORT/v1/chat/completions" -H 'content-type: application/json' \
     -d '{"model": "shout", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8, "temperature": 0}' \
-    | grep -qi '^x-knots-merge: adapter=shout'
+    | grep -i '^x-knots-merge: adapter=shout' >/dev/null
 
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet openai
 python3 tests/openai_client.py "http://127.0.0.1:$PORT/v1"
