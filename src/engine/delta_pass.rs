@@ -195,7 +195,10 @@ impl<'a> DeltaPass<'a> {
         for (d, &slot) in self.deltas.iter().zip(&self.slots) {
             let out_dim = self.out_dims[d.target];
             let update = &self.updates[d.target][slot * out_dim..];
-            host::add_rows(sums[d.target], update, d.rows, out_dim);
+            for (u, &r) in update.chunks_exact(out_dim).zip(d.rows) {
+                let at = r as usize * out_dim;
+                host::add_assign(&mut sums[d.target][at..at + out_dim], u);
+            }
         }
     }
 }

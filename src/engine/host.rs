@@ -278,18 +278,6 @@ wide_fn! {
 }
 
 wide_fn! {
-    /// `sums[r] += update[k]` for the `k`-th row `r` of `rows`, rows of `width` values.
-    pub fn add_rows(sums: &mut [f32], update: &[f32], rows: &[u32], width: usize) {
-        for (k, &r) in rows.iter().enumerate() {
-            let at = r as usize * width;
-            (sums[at..at + width].iter_mut())
-                .zip(&update[k * width..(k + 1) * width])
-                .for_each(|(y, x)| *y += x);
-        }
-    }
-}
-
-wide_fn! {
     /// `acc[k · stride] = x_r · w` for the `k`-th row `r` of `rows`, `x: (·, w.len())`, with
     /// [`dot`].
     pub fn dot_rows(acc: &mut [f32], stride: usize, x: &[f32], rows: &[u32], w: &[f32]) {

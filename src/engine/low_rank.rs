@@ -72,7 +72,7 @@ impl LowRankPanels {
             let group = &mut panel[g * in_pad..(g + rows) * in_pad];
             for (i, &v) in a[g * in_dim..(g + rows) * in_dim].iter().enumerate() {
                 let (jj, col) = (i / in_dim, i % in_dim);
-                group[((col / LANES) * rows + jj) * LANES + col % LANES] = v;
+                group[a_at(rows, jj, col)] = v;
             }
         }
         let b_panel = &mut panel[b_at..];
@@ -81,7 +81,7 @@ impl LowRankPanels {
             let tile = &mut b_panel[o * rank..];
             for j in 0..rank {
                 for k in 0..width {
-                    tile[j * vectors * LANES + k] = b[(o + k) * rank + j];
+                    tile[tile_at(vectors, j, k)] = b[(o + k) * rank + j];
                 }
             }
         }
@@ -121,7 +121,7 @@ impl LowRankPanels {
                 .enumerate()
             {
                 let (jj, col) = (i / self.in_dim, i % self.in_dim);
-                *v = group[((col / LANES) * rows + jj) * LANES + col % LANES];
+                *v = group[a_at(rows, jj, col)];
             }
         }
         let mut b = vec![0f32; self.out_dim * rank];
@@ -130,7 +130,7 @@ impl LowRankPanels {
             let tile = &self.panel()[self.b_at + o * rank..];
             for j in 0..rank {
                 for k in 0..width {
-                    b[(o + k) * rank + j] = tile[j * vectors * LANES + k];
+                    b[(o + k) * rank + j] = tile[tile_at(vectors, j, k)];
                 }
             }
         }
@@ -177,6 +177,18 @@ fn padded_outputs(out_dim: usize) -> usize {
     tiles(out_dim).map(|(_, w)| padded(w)).sum()
 }
 
+/// Where row `jj` of a group of `rows` rows of `a` keeps its column `col`, from the group's start:
+/// sixteen columns of each row in turn.
+fn a_at(rows: usize, jj: usize, col: usize) -> usize {
+    ((col / LANES) * rows + jj) * LANES + col % LANES
+}
+
+/// Where a tile of `vectors` vectors of outputs keeps hidden index `j`'s value for its output
+/// `k`, from the tile's start: each hidden index's outputs in turn.
+fn tile_at(vectors: usize, j: usize, k: usize) -> usize {
+    j * vectors * LANES + k
+}
+
 /// `a`'s row groups: `(first row, rows)`, [`GROUP`] rows each but the last.
 fn groups(rank: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..rank)
@@ -208,7 +220,7 @@ fn reference(p: &LowRankPanels, xs: &[&[f32]], out: &mut [&mut [f32]]) {
                     for c in 0..in_pad / LANES {
                         for (l, lane) in lanes.iter_mut().enumerate() {
                             let xv = x.get(c * LANES + l).copied().unwrap_or(0.0);
-                            *lane = xv.mul_add(group[(c * rows + jj) * LANES + l], *lane);
+                            *lane = xv.mul_add(group[a_at(rows, jj, c * LANES + l)], *lane);
                         }
                     }
                     *h = host::halves(lanes);
@@ -223,7 +235,7 @@ fn reference(p: &LowRankPanels, xs: &[&[f32]], out: &mut [&mut [f32]]) {
         for (h, out) in h.iter().zip(out.iter_mut()) {
             for (k, y) in out[o..o + width].iter_mut().enumerate() {
                 *y = (0..rank).fold(0.0, |acc, j| {
-                    h[j].mul_add(tile[j * vectors * LANES + k], acc)
+                    h[j].mul_add(tile[tile_at(vectors, j, k)], acc)
                 });
             }
         }
