@@ -8,6 +8,10 @@ Measures, in this order (the anchors last, while the server is idle):
           eight adapter sets (client i uses set i % 8; one is a dense TIES merge), once over the
           same sets with that one replaced by a low-rank merge, and once with every client on
           the base model: completion tokens/s, TTFT and inter-token latency p50/p99, errors
+  paired  the three sweep groups in turn at --paired-clients clients, --paired-rounds times,
+          --paired-duration seconds each: the ratios of sets to base within each round, whose
+          runs are seconds apart (the sweep's are minutes apart, and a shared machine's speed
+          drifts over minutes); the median round is reported
   embed   all-MiniLM-L6-v2 through /v1/embeddings, batches of 32 (base64, the openai clients'
           default), at 1 and 8 clients
   anchors llama_cpp.Llama on the same GGUF (single-stream decode tokens/s) and
@@ -255,14 +259,14 @@ def client_loop(base_url: str, model: str, index: int, deadline: float, max_toke
     return streams
 
 
-def sweep_row(group: str, clients: int, window: float, deadline: float, streams: list[Stream]) -> dict:
+def sweep_row(bench: str, group: str, clients: int, window: float, deadline: float, streams: list[Stream]) -> dict:
     finished = [s for s in streams if s.ok and s.done <= deadline]
     ttft = [s.ttft for s in streams if s.ttft is not None and s.chunks[0] <= deadline]
     gaps = [g for s in streams for g in s.gaps()]
     errors = [s for s in streams if s.error]
     chunks_in_window = sum(1 for s in streams for t in s.chunks if t <= deadline)
     return {
-        "bench": "sweep",
+        "bench": bench,
         "group": group,
         "clients": clients,
         "window_s": round(window, 2),
@@ -279,7 +283,8 @@ def sweep_row(group: str, clients: int, window: float, deadline: float, streams:
     }
 
 
-def run_level(base_url: str, group: str, models: list[str], clients: int, duration: float, max_tokens: int) -> dict:
+def run_level(base_url: str, group: str, models: list[str], clients: int, duration: float, max_tokens: int,
+              bench: str = "sweep", **extra) -> dict:
     start = time.perf_counter()
     deadline = start + duration
     with ThreadPoolExecutor(clients) as pool:
@@ -287,15 +292,26 @@ def run_level(base_url: str, group: str, models: list[str], clients: int, durati
             pool.submit(client_loop, base_url, models[i % len(models)], i, deadline, max_tokens) for i in range(clients)
         ]
         streams = [s for f in futures for s in f.result()]
-    return emit(sweep_row(group, clients, duration, deadline, streams))
+    return emit(sweep_row(bench, group, clients, duration, deadline, streams) | extra)
+
+
+SWEEP_GROUPS = (("adapter sets", ADAPTER_SETS), ("low-rank sets", LOW_RANK_SETS), ("base", [BASE_MODEL]))
 
 
 def bench_sweep(base_url: str, levels: list[int], duration: float, max_tokens: int) -> None:
     warm(base_url, ADAPTER_SETS + LOW_RANK_SETS + [BASE_MODEL])
-    groups = (("adapter sets", ADAPTER_SETS), ("low-rank sets", LOW_RANK_SETS), ("base", [BASE_MODEL]))
-    for group, models in groups:
+    for group, models in SWEEP_GROUPS:
         for clients in levels:
             run_level(base_url, group, models, clients, duration, max_tokens)
+
+
+def bench_paired(base_url: str, clients: int, rounds: int, duration: float, max_tokens: int) -> None:
+    """Every sweep group at `clients` clients in turn, `rounds` times (rows tagged with the round);
+    each round starts one group later than the one before, so no group always goes first."""
+    for n in range(rounds):
+        turn = n % len(SWEEP_GROUPS)
+        for group, models in SWEEP_GROUPS[turn:] + SWEEP_GROUPS[:turn]:
+            run_level(base_url, group, models, clients, duration, max_tokens, bench="paired", round=n + 1)
 
 
 # ---------------------------------------------------------------- (c) embeddings
@@ -491,6 +507,22 @@ def ratio(a, b) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def paired_ratios(rows: list[dict]) -> list[list]:
+    """Per round, each group's streamed tokens/s over the base's; the median round of each."""
+    rounds: dict[int, dict[str, float]] = {}
+    for r in rows:
+        rounds.setdefault(r["round"], {})[r["group"]] = r["chunks_s"]
+    clients = rows[0]["clients"] if rows else None
+    out = []
+    for group in ("adapter sets", "low-rank sets"):
+        values = [ratio(g.get(group), g.get("base")) for g in rounds.values()]
+        values = [v for v in values if v is not None]
+        if values:
+            label = f"{clients} clients, paired rounds: {group} / base (median of {', '.join(map(str, values))})"
+            out.append([label, percentile(values, 0.5)])
+    return out
+
+
 def summary(results: list[dict]) -> str:
     by = lambda bench: [r for r in results if r["bench"] == bench]
     parts = []
@@ -507,6 +539,10 @@ def summary(results: list[dict]) -> str:
              "ITL p99 ms", "errors", "merges"],
             [[r["group"], r["clients"], r["tok_s"], r["chunks_s"], r["requests"], r["ttft_p50_ms"], r["ttft_p99_ms"],
               r["itl_p50_ms"], r["itl_p99_ms"], r["errors"], r["merges"]] for r in by("sweep")]))
+    if by("paired"):
+        parts.append("### Paired rounds (the sweep groups in turn)\n\n" + table(
+            ["round", "group", "clients", "completed tok/s", "streamed tok/s", "errors"],
+            [[r["round"], r["group"], r["clients"], r["tok_s"], r["chunks_s"], r["errors"]] for r in by("paired")]))
     if by("embed"):
         parts.append("### Embeddings (/v1/embeddings, all-MiniLM-L6-v2, batch 32)\n\n" + table(
             ["clients", "sentences/s", "requests", "latency p50 ms", "latency p99 ms", "errors"],
@@ -529,6 +565,7 @@ def summary(results: list[dict]) -> str:
         ["knots / llama.cpp decode", ratio(base_tps, anchors.get("llama.cpp", {}).get("decode_tok_s"))],
         ["knots (1 client) / sentence-transformers", ratio(embed_1, anchors.get("sentence-transformers", {}).get("sentences_s"))],
     ]
+    ratios += paired_ratios(by("paired"))
     ratios = [r for r in ratios if r[1] is not None]
     if ratios:
         parts.append("### Ratios\n\n" + table(["ratio", "value"], ratios))
@@ -554,6 +591,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--levels", default="1,4,16,32", help="concurrent clients per sweep level")
     ap.add_argument("--embed-levels", default="1,8", help="concurrent clients per embedding level")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of sweep requests")
+    ap.add_argument("--paired-clients", type=int, default=16, help="concurrent clients of the paired rounds")
+    ap.add_argument("--paired-rounds", type=int, default=3, help="paired rounds (0: none)")
+    ap.add_argument("--paired-duration", type=float, default=10.0, help="seconds per group and paired round")
     ap.add_argument("--decode-tokens", type=int, default=128, help="max_tokens of the single-stream decode")
     ap.add_argument("--decode-rounds", type=int, default=5,
                     help="single-stream requests per target, base and adapter alternating (the median is reported)")
@@ -577,6 +617,7 @@ def main() -> int:
             return 1
         bench_decode(base_url, a.decode_tokens, a.decode_rounds)
         bench_sweep(base_url, [int(x) for x in a.levels.split(",")], a.duration, a.max_tokens)
+        bench_paired(base_url, a.paired_clients, a.paired_rounds, a.paired_duration, a.max_tokens)
         bench_embed(base_url, sentences, [int(x) for x in a.embed_levels.split(",")], a.embed_duration)
     if not a.skip_anchors:
         if a.gguf and a.gguf.is_file():
