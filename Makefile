@@ -88,8 +88,9 @@ fuzz:
 	@exit $$(cat target/fuzz.rc)
 
 # The serving benchmark: a release server on the default models and the committed adapters under
-# load (1-32 clients over 8 adapter sets, and the base alone), MiniLM embeddings, and the
-# llama.cpp / sentence-transformers anchors (pip install llama-cpp-python sentence-transformers).
+# load (1-32 clients over 8 adapter sets, and the base alone; then the groups in turn at 16 clients,
+# three paired rounds), MiniLM embeddings, and the llama.cpp / sentence-transformers anchors
+# (pip install llama-cpp-python sentence-transformers).
 bench-serve: models
 	$(CARGO) build --release --bin knots
 	scripts/bench_serve.sh --out target/bench-serve.json
