@@ -201,12 +201,9 @@ mod avx512 {
     /// stream, and the hardware prefetcher alone falls far behind it.
     const AHEAD: usize = 1024;
 
-    /// Whether this CPU has AVX-512F and POPCNT (detected once).
+    /// Whether this CPU has AVX-512F and POPCNT (the standard library caches the detection).
     pub fn available() -> bool {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("popcnt")
-        })
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("popcnt")
     }
 
     /// One input's sixteen weights in their lanes, from `values[*at..]` (`*at` moves past
