@@ -9,8 +9,11 @@
 //! | Q4_0 | 4-bit nibble | `d` | `-8·d` |
 //! | Q8_0 | signed byte + 128 | `d` | `-128·d` |
 //!
-//! so the weights keep their exact values (no re-quantization) and 4-bit types keep their 4-bit
-//! size in memory. Each activation row is quantized per block to signed bytes `x ≈ e·p` (as
+//! so the weights keep their exact values (no re-quantization) and their size in memory: `d` and
+//! `m` stay the half floats the file holds, and an offset that is a fixed multiple of `d` (Q4_0,
+//! Q8_0) is not stored at all. A decode step streams every weight once per token, so each byte
+//! kept here is a byte of memory traffic per token: f32 scales and offsets made Q4_1 20% and Q8_0
+//! 18% larger than in the file. Each activation row is quantized per block to signed bytes `x ≈ e·p` (as
 //! llama.cpp's Q8 activations), and a block contributes `Σ w·x = d·e·Σ q·p + m·e·Σ p`.
 //!
 //! Weight rows are stored interleaved in groups of sixteen: one 512-bit register holds four
@@ -92,10 +95,18 @@ pub struct PackedMatrix {
     width: Width,
     /// `[group][block][lane-interleaved bytes]`, `GROUP · block_bytes` per group and block.
     qs: Vec<u8>,
-    /// `[group][block][lane]`.
-    scale: Vec<f32>,
-    /// `[group][block][lane]`.
-    offset: Vec<f32>,
+    /// `d`, `[group][block][lane]`.
+    scale: Vec<f16>,
+    offset: Offsets,
+}
+
+/// The offsets `m` of a [`PackedMatrix`]'s blocks.
+#[derive(Debug, Clone)]
+enum Offsets {
+    /// `m = k·d` for every block (Q4_0: `k = −8`; Q8_0: `k = −128`), so none is stored.
+    Scaled(f32),
+    /// `m` per block and row, `[group][block][lane]` as the scales (Q4_1).
+    Stored(Vec<f16>),
 }
 
 impl PackedMatrix {
@@ -120,28 +131,33 @@ impl PackedMatrix {
         }
         let groups = rows.div_ceil(GROUP);
         let bb = width.block_bytes();
+        let lanes = groups * blocks * GROUP;
         let mut m = Self {
             rows,
             cols,
             blocks,
             width,
-            qs: vec![0; groups * blocks * GROUP * bb],
-            scale: vec![0.0; groups * blocks * GROUP],
-            offset: vec![0.0; groups * blocks * GROUP],
+            qs: vec![0; lanes * bb],
+            scale: vec![f16::ZERO; lanes],
+            offset: match dtype {
+                GgmlDType::Q4_0 => Offsets::Scaled(-8.0),
+                GgmlDType::Q4_1 => Offsets::Stored(vec![f16::ZERO; lanes]),
+                _ => Offsets::Scaled(-128.0),
+            },
         };
-        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
         for (i, src) in data.chunks_exact(src_bytes).enumerate() {
             let (row, block) = (i / blocks, i % blocks);
             let (group, lane) = (row / GROUP, row % GROUP);
             let at = (group * blocks + block) * GROUP;
-            let d = half(&src[0..2]);
-            let (offset, qs) = match dtype {
-                GgmlDType::Q4_0 => (-8.0 * d, &src[2..]),
-                GgmlDType::Q4_1 => (half(&src[2..4]), &src[4..]),
-                _ => (-128.0 * d, &src[2..]),
+            m.scale[at + lane] = half(&src[0..2]);
+            let qs = match &mut m.offset {
+                Offsets::Stored(offset) => {
+                    offset[at + lane] = half(&src[2..4]);
+                    &src[4..]
+                }
+                Offsets::Scaled(_) => &src[2..],
             };
-            m.scale[at + lane] = d;
-            m.offset[at + lane] = offset;
             // Four bytes per lane per register: byte `4s + i` of the block goes to register `s`.
             let dst = &mut m.qs[at * bb..(at + GROUP) * bb];
             for (j, &byte) in qs.iter().enumerate() {
@@ -157,7 +173,11 @@ impl PackedMatrix {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 4 * (self.scale.len() + self.offset.len())
+        let offsets = match &self.offset {
+            Offsets::Stored(m) => m.len(),
+            Offsets::Scaled(_) => 0,
+        };
+        self.qs.len() + 2 * (self.scale.len() + offsets)
     }
 
     fn groups(&self) -> usize {
@@ -182,7 +202,12 @@ impl PackedMatrix {
     /// Scale and offset of block `b` of row `r`.
     fn affine(&self, r: usize, b: usize) -> (f32, f32) {
         let at = ((r / GROUP) * self.blocks + b) * GROUP + r % GROUP;
-        (self.scale[at], self.offset[at])
+        let d = self.scale[at].to_f32();
+        let m = match &self.offset {
+            Offsets::Scaled(k) => k * d,
+            Offsets::Stored(m) => m[at].to_f32(),
+        };
+        (d, m)
     }
 
     /// Row `r`'s weights as f32 (for checks).
@@ -407,8 +432,15 @@ impl PackedMatrix {
                     }
                 }
             }
-            let d = unsafe { _mm512_loadu_ps(self.scale.as_ptr().add(at)) };
-            let m = unsafe { _mm512_loadu_ps(self.offset.as_ptr().add(at)) };
+            let half = |v: &[f16]| {
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(v.as_ptr().add(at).cast()) })
+            };
+            let d = half(&self.scale);
+            let m = match &self.offset {
+                // `k·d` rounds as the scalar path's `k * d` does (one f32 product).
+                Offsets::Scaled(k) => _mm512_mul_ps(d, _mm512_set1_ps(*k)),
+                Offsets::Stored(m) => half(m),
+            };
             for t in 0..N {
                 let e = _mm512_set1_ps(unsafe { *scales[t].add(b) });
                 let scaled = _mm512_fmadd_ps(
@@ -448,7 +480,9 @@ impl PackedMatrix {
             }
             let lanes = at + blocks * GROUP;
             _mm_prefetch::<_MM_HINT_T0>(self.scale.as_ptr().wrapping_add(lanes).cast());
-            _mm_prefetch::<_MM_HINT_T0>(self.offset.as_ptr().wrapping_add(lanes).cast());
+            if let Offsets::Stored(m) = &self.offset {
+                _mm_prefetch::<_MM_HINT_T0>(m.as_ptr().wrapping_add(lanes).cast());
+            }
         }
     }
 }
@@ -678,6 +712,22 @@ mod tests {
         let mut q = [0i8; BLOCK];
         quantize_block(&x[..BLOCK], &mut q);
         assert_eq!(q[..6], [127, 3, -3, 1, -1, -127]);
+    }
+
+    /// A packed matrix holds what the file holds, no more: half-float scales, and offsets only
+    /// where they are not a fixed multiple of the scale (rows padded to a whole group aside).
+    #[test]
+    fn packed_matrices_are_the_size_of_the_file() {
+        for (dtype, bytes) in [
+            (GgmlDType::Q4_0, 18),
+            (GgmlDType::Q4_1, 20),
+            (GgmlDType::Q8_0, 34),
+        ] {
+            let q = QTensor::quantize(&weights(48, 96), dtype).expect("quantize");
+            let packed = PackedMatrix::from_qtensor(&q).expect("pack");
+            assert_eq!(packed.bytes(), q.data().expect("data").len(), "{dtype:?}");
+            assert_eq!(packed.bytes(), 48 * 3 * bytes, "{dtype:?}");
+        }
     }
 
     #[test]
