@@ -13,8 +13,10 @@
 //! `m` stay the half floats the file holds, and an offset that is a fixed multiple of `d` (Q4_0,
 //! Q8_0) is not stored at all. A decode step streams every weight once per token, so each byte
 //! kept here is a byte of memory traffic per token: f32 scales and offsets made Q4_1 20% and Q8_0
-//! 18% larger than in the file. Each activation row is quantized per block to signed bytes `x ≈ e·p` (as
-//! llama.cpp's Q8 activations), and a block contributes `Σ w·x = d·e·Σ q·p + m·e·Σ p`.
+//! 18% larger than in the file.
+//!
+//! Each activation row is quantized per block to signed bytes `x ≈ e·p` (as llama.cpp's Q8
+//! activations), and a block contributes `Σ w·x = d·e·Σ q·p + m·e·Σ p`.
 //!
 //! Weight rows are stored interleaved in groups of sixteen: one 512-bit register holds four
 //! consecutive inputs of sixteen rows, one row per 32-bit lane. A block is then eight `vpdpbusd`
