@@ -16,8 +16,9 @@
 //! SIMD), so a row's result does not depend on which other rows are in the product.
 //!
 //! Measured on random matrices of the serving benchmark's dense TIES set's shapes (q, k, v and o
-//! of 30 layers, 36% nonzero, 41.5 MB; two rows): the expanding load and four chains run at 37 GB/s from memory and 1.0 ms from cache, against 29 GB/s and
-//! 1.26 ms for the per-lane permutation with its indices counted from the mask and two chains.
+//! of 30 layers, 36% nonzero, 41.5 MB; two rows): the expanding load and four chains run at
+//! 37 GB/s from memory and 1.0 ms from cache, against 29 GB/s and 1.26 ms for the per-lane
+//! permutation with its indices counted from the mask and two chains.
 //! Without asking for the values ahead, the stream from memory falls to 10 GB/s.
 
 /// Outputs per group (one per lane of a 512-bit register).

@@ -120,10 +120,12 @@ impl PackedMatrix {
             return Err(bad(format!("{cols} inputs is not a multiple of {BLOCK}")));
         }
         let dtype = q.dtype();
-        let (width, src_bytes) = match dtype {
-            GgmlDType::Q4_0 => (Width::Nibbles, 18),
-            GgmlDType::Q4_1 => (Width::Nibbles, 20),
-            GgmlDType::Q8_0 => (Width::Bytes, 34),
+        // Bytes per block in the file, and the offset as a multiple of the scale where it is one
+        // (`None`: stored after the scale).
+        let (width, src_bytes, offset_per_scale) = match dtype {
+            GgmlDType::Q4_0 => (Width::Nibbles, 18, Some(-8.0)),
+            GgmlDType::Q4_1 => (Width::Nibbles, 20, None),
+            GgmlDType::Q8_0 => (Width::Bytes, 34, Some(-128.0)),
             other => return Err(bad(format!("no packed kernel for {other:?}"))),
         };
         let data = q.data()?;
@@ -141,10 +143,9 @@ impl PackedMatrix {
             width,
             qs: vec![0; lanes * bb],
             scale: vec![f16::ZERO; lanes],
-            offset: match dtype {
-                GgmlDType::Q4_0 => Offsets::Scaled(-8.0),
-                GgmlDType::Q4_1 => Offsets::Stored(vec![f16::ZERO; lanes]),
-                _ => Offsets::Scaled(-128.0),
+            offset: match offset_per_scale {
+                Some(k) => Offsets::Scaled(k),
+                None => Offsets::Stored(vec![f16::ZERO; lanes]),
             },
         };
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
