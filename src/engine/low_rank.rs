@@ -20,7 +20,7 @@
 //! lines a fixed distance ahead of the one it reads ([`AHEAD`]); the kernel then streams at the
 //! machine's memory bandwidth instead of waiting at the start of each short row.
 //!
-//! The AVX-512 kernel and [`reference`] compute the same sums in the same order (fused
+//! The AVX-512 and AVX2 kernels and [`reference`] compute the same sums in the same order (fused
 //! multiply-adds from zero, the sixteen lanes of a hidden value summed by halves), so a row's
 //! result is the same bits whatever other rows share its block and on either path.
 
@@ -153,10 +153,12 @@ impl LowRankPanels {
             self.in_dim,
             self.out_dim
         );
+        // SAFETY (both): the CPU has the kernel's features; the rows' lengths are checked above.
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F; the rows' lengths are checked above.
             return unsafe { avx512::products(self, xs, out) };
+        } else if avx2::available() {
+            return unsafe { avx2::products(self, xs, out) };
         }
         reference(self, xs, out);
     }
@@ -399,6 +401,186 @@ mod avx512 {
                         n => (1u16 << n) - 1,
                     };
                     _mm512_mask_storeu_ps(out[k].add(o + v * LANES), mask, *acc);
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 kernel of [`LowRankPanels::products`], with the AVX-512 kernel's sums to the bit: a
+/// sixteen-lane vector is two registers of eight, and with half the registers, the batch rows
+/// take turns over each group of `a` and each tile of `b` (the turns after the first find them
+/// in cache).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{AHEAD, GROUP, LANES, LowRankPanels, groups, padded, tiles};
+
+    /// Lanes of a 256-bit register.
+    const HALF: usize = LANES / 2;
+
+    /// Whether this CPU has AVX2 and FMA.
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// Asks for the line holding `at`.
+    #[inline(always)]
+    fn ask(at: *const f32) {
+        // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
+    }
+
+    /// A load mask of the first `n` (at most eight, at least zero) lanes.
+    #[inline(always)]
+    fn first(n: usize) -> __m256i {
+        // SAFETY: AVX2 is enabled in every caller (the functions below).
+        unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n.min(HALF) as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        }
+    }
+
+    /// `super::host::halves` of a sixteen-lane sum held as its low and high eight lanes.
+    #[inline(always)]
+    fn halves(low: __m256, high: __m256) -> f32 {
+        // SAFETY: AVX is enabled in every caller (the functions below).
+        unsafe {
+            let eight = _mm256_add_ps(low, high);
+            let four = _mm_add_ps(
+                _mm256_castps256_ps128(eight),
+                _mm256_extractf128_ps::<1>(eight),
+            );
+            let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+            _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+        }
+    }
+
+    /// [`super::LowRankPanels::products`] on AVX2.
+    ///
+    /// # Safety
+    /// [`available`]; `xs` and `out` hold 1 to [`super::ROWS`] rows of `p`'s input and output
+    /// widths.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn products(p: &LowRankPanels, xs: &[&[f32]], out: &mut [&mut [f32]]) {
+        let panel = p.panel();
+        let at = panel.as_ptr();
+        (0..AHEAD)
+            .step_by(LANES)
+            .for_each(|k| ask(at.wrapping_add(k)));
+        let (in_dim, rank) = (p.in_dim, p.rank);
+        let in_pad = padded(in_dim);
+        let mut h = vec![0f32; xs.len() * rank];
+        for (g, size) in groups(rank) {
+            for (k, x) in xs.iter().enumerate() {
+                // SAFETY: group `g` of `a`'s panel is `size × in_pad` values from `g · in_pad`;
+                // `x` is `in_dim` long (the caller's guarantee).
+                let sums = unsafe {
+                    let a = at.add(g * in_pad);
+                    match size {
+                        4 => hidden::<4>(x, a, in_dim, k == 0),
+                        3 => hidden::<3>(x, a, in_dim, k == 0),
+                        2 => hidden::<2>(x, a, in_dim, k == 0),
+                        _ => hidden::<1>(x, a, in_dim, k == 0),
+                    }
+                };
+                h[k * rank + g..k * rank + g + size].copy_from_slice(&sums[..size]);
+            }
+        }
+        for (o, width) in tiles(p.out_dim) {
+            for (k, out) in out.iter_mut().enumerate() {
+                let h = &h[k * rank..(k + 1) * rank];
+                // SAFETY: the tile is `rank × width` values rounded up to whole vectors, from
+                // `b_at + o · rank`; the outputs `o..o + width` are inside every row.
+                unsafe {
+                    let b = at.add(p.b_at + o * rank);
+                    let out = &mut out[o..o + width];
+                    match width.div_ceil(LANES) {
+                        4 => tile::<4>(out, b, h, k == 0),
+                        3 => tile::<3>(out, b, h, k == 0),
+                        2 => tile::<2>(out, b, h, k == 0),
+                        _ => tile::<1>(out, b, h, k == 0),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The hidden values of `G` rows of `a` (one group, at `a`) for one input row `x`: each a
+    /// sixteen-lane sum over the padded inputs (lanes past `x`'s end read as zero), folded by
+    /// halves. `ahead`: ask for the lines ahead (the first row's turn).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `a` holds `G` rows of `in_dim` padded to whole sixteen-lane vectors.
+    #[inline(always)]
+    unsafe fn hidden<const G: usize>(
+        x: &[f32],
+        a: *const f32,
+        in_dim: usize,
+        ahead: bool,
+    ) -> [f32; GROUP] {
+        // SAFETY: the caller's guarantees; the masked loads read only `x`'s values.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; G];
+            for c in 0..in_dim.div_ceil(LANES) {
+                let xv: [__m256; 2] = std::array::from_fn(|half| {
+                    let from = c * LANES + half * HALF;
+                    let lanes = first(in_dim.saturating_sub(from));
+                    _mm256_maskload_ps(x.as_ptr().wrapping_add(from), lanes)
+                });
+                for (jj, acc) in acc.iter_mut().enumerate() {
+                    let line = a.add((c * G + jj) * LANES);
+                    if ahead {
+                        ask(line.wrapping_add(AHEAD));
+                    }
+                    for (half, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm256_loadu_ps(line.add(half * HALF));
+                        *acc = _mm256_fmadd_ps(xv[half], av, *acc);
+                    }
+                }
+            }
+            std::array::from_fn(|jj| {
+                if jj < G {
+                    halves(acc[jj][0], acc[jj][1])
+                } else {
+                    0.0
+                }
+            })
+        }
+    }
+
+    /// One row's outputs `out` (at most `V` vectors) from the tile at `b` and the row's hidden
+    /// values `h`. `ahead`: ask for the lines ahead (the first row's turn).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `b` holds `h.len() · V` sixteen-lane vectors, and `V` vectors cover
+    /// `out`.
+    #[inline(always)]
+    unsafe fn tile<const V: usize>(out: &mut [f32], b: *const f32, h: &[f32], ahead: bool) {
+        // SAFETY: the caller's guarantees; the masked stores write only `out`'s values.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; V];
+            for (j, &hj) in h.iter().enumerate() {
+                let row = b.add(j * V * LANES);
+                let hv = _mm256_set1_ps(hj);
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    if ahead {
+                        ask(row.wrapping_add(v * LANES + AHEAD));
+                    }
+                    for (half, acc) in acc.iter_mut().enumerate() {
+                        let bv = _mm256_loadu_ps(row.add(v * LANES + half * HALF));
+                        *acc = _mm256_fmadd_ps(hv, bv, *acc);
+                    }
+                }
+            }
+            for (v, acc) in acc.iter().enumerate() {
+                for (half, acc) in acc.iter().enumerate() {
+                    let from = v * LANES + half * HALF;
+                    let lanes = first(out.len().saturating_sub(from));
+                    _mm256_maskstore_ps(out.as_mut_ptr().wrapping_add(from), lanes, *acc);
                 }
             }
         }

@@ -150,11 +150,13 @@ const CHAINS: usize = 4;
 /// One group's sums for up to [`ROWS`] input rows (each `masks.len()` long): `sums[k][l]` is row
 /// `k` dotted with the group's output `l`.
 fn group_sums(masks: &[u16], values: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+    // SAFETY (both): the CPU has what the kernel needs; `values` holds the masks' set bits (as
+    // `pack` built them); every row is `masks.len()` long.
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
-        // SAFETY: the CPU has what the kernel needs; `values` holds the masks' set bits (as
-        // `pack` built them); every row is `masks.len()` long.
         return unsafe { avx512::group_sums(masks, values, xs) };
+    } else if avx2::available() {
+        return unsafe { avx2::group_sums(masks, values, xs) };
     }
     reference_sums(masks, values, xs)
 }
@@ -295,6 +297,171 @@ mod avx512 {
                 _ => sums::<4>(m, v, xs),
             }
         }
+    }
+}
+
+/// The AVX2 kernel of [`group_sums`]: a group's sixteen lanes as two halves of eight, each a
+/// pass over the group's inputs (the second finds the values in cache), for two rows at a time
+/// (four chains of eight lanes per row fill half the sixteen registers).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{CHAINS, GROUP, ROWS};
+
+    /// Lanes of a 256-bit register.
+    const HALF: usize = GROUP / 2;
+    /// Rows of one pass.
+    const PAIR: usize = 2;
+    /// Values asked for ahead of the ones being unpacked (4 KiB), as the AVX-512 kernel does.
+    const AHEAD: usize = 1024;
+
+    /// Whether this CPU has AVX2, FMA and POPCNT.
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("popcnt")
+    }
+
+    /// For each eight-bit mask, the loaded value each lane takes: lane `l` with its bit set the
+    /// one after the set bits below `l`, lanes with their bit clear lane 7, which holds a zero
+    /// whenever a bit is clear (fewer than eight values are loaded then).
+    static SPREAD: [[u8; HALF]; 256] = spread();
+
+    const fn spread() -> [[u8; HALF]; 256] {
+        let mut table = [[7u8; HALF]; 256];
+        let mut bits = 0;
+        while bits < 256 {
+            let (mut lane, mut taken) = (0, 0);
+            while lane < HALF {
+                if bits & (1 << lane) != 0 {
+                    table[bits][lane] = taken;
+                    taken += 1;
+                }
+                lane += 1;
+            }
+            bits += 1;
+        }
+        table
+    }
+
+    /// Eight lanes' weights from the mask bits `bits` (eight of them) and the values from `at`
+    /// on: a masked load of as many values as bits are set (the rest zero), then a permutation
+    /// that spreads them to their lanes.
+    ///
+    /// # Safety
+    /// AVX2 and POPCNT; `at` holds `bits.count_ones()` values.
+    #[inline(always)]
+    unsafe fn unpack(bits: usize, at: *const f32) -> __m256 {
+        // SAFETY: the caller's guarantees; the masked load reads only the loaded lanes, and
+        // `SPREAD`'s rows are eight bytes.
+        unsafe {
+            let taken = _mm256_set1_epi32(bits.count_ones() as i32);
+            let load = _mm256_cmpgt_epi32(taken, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let w = _mm256_maskload_ps(at, load);
+            let lanes = _mm_loadl_epi64(SPREAD.get_unchecked(bits).as_ptr().cast());
+            _mm256_permutevar8x32_ps(w, _mm256_cvtepu8_epi32(lanes))
+        }
+    }
+
+    /// Input `i`'s weights of half `h`, from the group's values at `*at` (the values after the
+    /// low half's ones when `h = 1`); `*at` moves past all of the input's values.
+    ///
+    /// # Safety
+    /// AVX2 and POPCNT; `i < masks.len()`; `values[*at..]` holds input `i`'s set bits.
+    #[inline(always)]
+    unsafe fn weights(masks: &[u16], values: &[f32], at: &mut usize, i: usize, h: usize) -> __m256 {
+        // SAFETY: the caller's guarantees.
+        unsafe {
+            let mask = *masks.get_unchecked(i) as usize;
+            let skip = if h == 1 {
+                (mask & 0xFF).count_ones() as usize
+            } else {
+                0
+            };
+            let w = unpack((mask >> (HALF * h)) & 0xFF, values.as_ptr().add(*at + skip));
+            *at += mask.count_ones() as usize;
+            w
+        }
+    }
+
+    /// Half `h` (lanes `8h .. 8h + 8`) of [`super::reference_sums`] for exactly `R` rows.
+    ///
+    /// # Safety
+    /// [`available`]; `values` holds the masks' set bits; `x` holds `R` rows of `masks.len()`
+    /// values.
+    #[target_feature(enable = "avx2,fma,popcnt")]
+    unsafe fn half_sums<const R: usize>(
+        masks: &[u16],
+        values: &[f32],
+        x: [*const f32; R],
+        h: usize,
+    ) -> [__m256; R] {
+        let cols = masks.len();
+        let mut chains = [[_mm256_setzero_ps(); R]; CHAINS];
+        let mut at = 0;
+        let mut i = 0;
+        while i + CHAINS <= cols {
+            if h == 0 {
+                // A prefetch never faults, whatever the address.
+                let ahead = values.as_ptr().wrapping_add(at + AHEAD);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
+            }
+            // SAFETY: inputs `i..i + CHAINS` exist; the group's values hold their set bits.
+            let w: [__m256; CHAINS] =
+                std::array::from_fn(|c| unsafe { weights(masks, values, &mut at, i + c, h) });
+            for (c, chain) in chains.iter_mut().enumerate() {
+                for k in 0..R {
+                    // SAFETY: input `i + c` is within every row.
+                    let xv = _mm256_set1_ps(unsafe { *x[k].add(i + c) });
+                    chain[k] = _mm256_fmadd_ps(w[c], xv, chain[k]);
+                }
+            }
+            i += CHAINS;
+        }
+        for (c, i) in (i..cols).enumerate() {
+            // SAFETY: as above, for the last inputs.
+            let w = unsafe { weights(masks, values, &mut at, i, h) };
+            for k in 0..R {
+                // SAFETY: as above, for the last inputs.
+                let xv = _mm256_set1_ps(unsafe { *x[k].add(i) });
+                chains[c][k] = _mm256_fmadd_ps(w, xv, chains[c][k]);
+            }
+        }
+        std::array::from_fn(|k| {
+            let [c0, c1, c2, c3] = chains.map(|chain| chain[k]);
+            _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3))
+        })
+    }
+
+    /// [`super::group_sums`] for 1 to [`ROWS`] rows, two at a time.
+    ///
+    /// # Safety
+    /// [`available`]; `values` holds the masks' set bits; `xs` holds 1 to [`ROWS`] rows of
+    /// `masks.len()` values.
+    pub unsafe fn group_sums(m: &[u16], v: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+        assert!(xs.len() <= ROWS && xs.iter().all(|x| x.len() == m.len()));
+        let mut sums = [[0f32; GROUP]; ROWS];
+        for (p, pair) in xs.chunks(PAIR).enumerate() {
+            for h in 0..2 {
+                // SAFETY: the caller's guarantees.
+                let got: [__m256; PAIR] = unsafe {
+                    if let [a, b] = pair {
+                        half_sums::<2>(m, v, [a.as_ptr(), b.as_ptr()], h)
+                    } else {
+                        let [s] = half_sums::<1>(m, v, [pair[0].as_ptr()], h);
+                        [s, s]
+                    }
+                };
+                for (k, got) in got.iter().take(pair.len()).enumerate() {
+                    let lanes = &mut sums[p * PAIR + k][HALF * h..HALF * (h + 1)];
+                    // SAFETY: eight floats.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *got) };
+                }
+            }
+        }
+        sums
     }
 }
 

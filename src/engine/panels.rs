@@ -236,6 +236,12 @@ unsafe fn tile(
         unsafe { avx512::tile(lhs, m, panel, init, out, dst.cols, width) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: as above, with AVX2 and FMA.
+        unsafe { avx2::tile(lhs, m, panel, init, out, dst.cols, width) };
+        return;
+    }
     let mut acc = [*init; MR];
     for (i, row) in lhs.chunks_exact(k.max(1)).take(m).enumerate() {
         for (&a, w) in row.iter().zip(panel.chunks_exact(NR)) {
@@ -334,6 +340,110 @@ mod avx512 {
     /// The first `n` (at most 16) lanes.
     fn mask(n: usize) -> __mmask16 {
         if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
+    }
+}
+
+/// The AVX-512 kernel's sums on AVX2: with sixteen registers of eight lanes, a tile is taken
+/// as up to six rows × half a panel (sixteen outputs, two registers) at a time, each output still
+/// one fused multiply-add chain in input order after its initial value.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// Rows of one kernel call.
+    const ROWS: usize = 6;
+    /// Outputs of one kernel call: half a panel.
+    const HALF: usize = NR / 2;
+
+    /// Whether this CPU has AVX2 and FMA.
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// See `super::avx512::tile`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `lhs: m × k`, `panel: k × NR`; `out` addresses `m` rows of `width ≤ NR`
+    /// writable values, `stride` apart.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile(
+        lhs: &[f32],
+        m: usize,
+        panel: &[f32],
+        init: &[f32; NR],
+        out: *mut f32,
+        stride: usize,
+        width: usize,
+    ) {
+        let k = panel.len() / NR;
+        assert!(lhs.len() >= m * k && m <= MR && width <= NR);
+        for r in (0..m).step_by(ROWS) {
+            for h in (0..width).step_by(HALF) {
+                let n = (width - h).min(HALF);
+                // SAFETY: rows `r..` of `lhs` and `out`, outputs `h..h + n` of the panel and
+                // the tile (the caller's guarantees).
+                unsafe {
+                    let (a, b, o) = (
+                        lhs.as_ptr().add(r * k),
+                        panel.as_ptr().add(h),
+                        out.add(r * stride + h),
+                    );
+                    let init = init.as_ptr().add(h);
+                    match (m - r).min(ROWS) {
+                        6 => kernel::<6>(a, k, b, init, o, stride, n),
+                        5 => kernel::<5>(a, k, b, init, o, stride, n),
+                        4 => kernel::<4>(a, k, b, init, o, stride, n),
+                        3 => kernel::<3>(a, k, b, init, o, stride, n),
+                        2 => kernel::<2>(a, k, b, init, o, stride, n),
+                        _ => kernel::<1>(a, k, b, init, o, stride, n),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `M` rows × sixteen outputs of a panel (`panel` at the first, rows `NR` apart): 2·`M`
+    /// accumulators from `init`, written for the first `width` outputs.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn kernel<const M: usize>(
+        lhs: *const f32,
+        k: usize,
+        panel: *const f32,
+        init: *const f32,
+        out: *mut f32,
+        stride: usize,
+        width: usize,
+    ) {
+        // SAFETY (all): the caller's guarantees; sixteen initial values, `k` panel rows of
+        // `NR`, `M` activation rows of `k`, and `M` output rows of `width` values.
+        unsafe {
+            let start = [_mm256_loadu_ps(init), _mm256_loadu_ps(init.add(8))];
+            let mut acc = [start; M];
+            for p in 0..k {
+                let b0 = _mm256_loadu_ps(panel.add(p * NR));
+                let b1 = _mm256_loadu_ps(panel.add(p * NR + 8));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm256_set1_ps(*lhs.add(i * k + p));
+                    acc[0] = _mm256_fmadd_ps(a, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
+                }
+            }
+            let lanes = |n: usize| {
+                _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(n.min(8) as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                )
+            };
+            let (low, high) = (lanes(width), lanes(width.saturating_sub(8)));
+            for (i, acc) in acc.iter().enumerate() {
+                let row = out.add(i * stride);
+                _mm256_maskstore_ps(row, low, acc[0]);
+                _mm256_maskstore_ps(row.add(8), high, acc[1]);
+            }
+        }
     }
 }
 

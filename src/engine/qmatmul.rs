@@ -1,4 +1,4 @@
-//! Quantized matrix products for GGUF base weights on x86 CPUs with AVX-512 VNNI.
+//! Quantized matrix products for GGUF base weights on x86 CPUs with AVX-512 VNNI or AVX2.
 //!
 //! A [`PackedMatrix`] holds an `O × I` weight in blocks of 32 inputs. Every supported GGUF type
 //! is the same affine form per block, `w = d·q + m` with unsigned bytes `q`:
@@ -26,6 +26,10 @@
 //! activation rows while they sit in registers, so a batched decode step of many sequences costs
 //! little more memory traffic than one sequence. The kernel asks for the weights a few kilobytes
 //! ahead of the block in hand, which the hardware prefetcher alone does not do early enough.
+//!
+//! CPUs with AVX2 but not AVX-512 VNNI run the same layout as two halves of eight rows, with
+//! `vpmaddubsw` and `vpmaddwd` in place of `vpdpbusd` ([`PackedMatrix::group_avx2`]), to the same
+//! integer sums and the same results.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -45,19 +49,37 @@ const SPLIT: usize = 4;
 /// [`PackedMatrix::fetch_ahead`]): 4 KiB, about one group of a 576-input matrix.
 const AHEAD_BYTES: usize = 4096;
 
-/// Whether this CPU runs the packed kernels (AVX-512 with VNNI); other CPUs keep candle's
-/// quantized matmul.
-pub fn available() -> bool {
+/// Which packed kernel this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512 with VNNI: sixteen rows per register, `vpdpbusd` for four products at once.
+    Vnni,
+    /// AVX2 with FMA and F16C: each sixteen rows as two eight-row halves, and the products by
+    /// `vpmaddubsw` and `vpmaddwd` (see [`PackedMatrix::group_avx2`]).
+    Avx2,
+    /// Neither: no packed kernel ([`available`] is false and candle's quantized matmul runs).
+    None,
+}
+
+/// The packed kernel for this CPU (the standard library caches the feature detection).
+pub fn kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+            return Kernel::Vnni;
+        }
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            return Kernel::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Kernel::None
+}
+
+/// Whether this CPU runs the packed kernels (AVX-512 with VNNI, or AVX2 with FMA and F16C);
+/// other CPUs keep candle's quantized matmul.
+pub fn available() -> bool {
+    kernel() != Kernel::None
 }
 
 /// Whether [`PackedMatrix::from_qtensor`] takes this block type as it is.
@@ -115,11 +137,15 @@ impl PackedMatrix {
     /// Packs a Q4_0, Q4_1 or Q8_0 tensor of shape `(O, I)`.
     pub fn from_qtensor(q: &QTensor) -> Result<Self> {
         let (rows, cols) = q.shape().dims2()?;
+        Self::from_blocks(q.dtype(), rows, cols, &q.data()?)
+    }
+
+    /// Packs `rows × cols` weights given as the file's blocks of type `dtype`, row by row.
+    fn from_blocks(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let bad = |message: String| EngineError::Unsupported { message };
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Err(bad(format!("{cols} inputs is not a multiple of {BLOCK}")));
         }
-        let dtype = q.dtype();
         // Bytes per block in the file, and the offset as a multiple of the scale where it is one
         // (`None`: stored after the scale).
         let (width, src_bytes, offset_per_scale) = match dtype {
@@ -128,7 +154,6 @@ impl PackedMatrix {
             GgmlDType::Q8_0 => (Width::Bytes, 34, Some(-128.0)),
             other => return Err(bad(format!("no packed kernel for {other:?}"))),
         };
-        let data = q.data()?;
         let blocks = cols / BLOCK;
         if data.len() != rows * blocks * src_bytes {
             return Err(bad(format!("{dtype:?} data of {} bytes", data.len())));
@@ -255,7 +280,7 @@ impl PackedMatrix {
         // own columns of its matrix's output.
         let counts: Vec<usize> = ms.iter().map(|m| m.groups()).collect();
         let lens: Vec<usize> = ms.iter().map(|m| rows * m.rows).collect();
-        let vnni = available();
+        let kernel = kernel();
         // SAFETY: the groups of a matrix cover its rows (the last one its remaining lanes), and
         // every group writes its lanes of every activation row.
         unsafe {
@@ -263,7 +288,7 @@ impl PackedMatrix {
                 let run = |item: host::Either| match item {
                     host::Either::First(item) => {
                         let (which, group) = host::part_of(&counts, item);
-                        Self::fill_group(ms[which], which, group, &acts, rows, vnni, scatter);
+                        Self::fill_group(ms[which], which, group, &acts, rows, kernel, scatter);
                     }
                     host::Either::Second(j) => run_extra(j),
                 };
@@ -280,7 +305,7 @@ impl PackedMatrix {
         group: usize,
         acts: &Activations,
         rows: usize,
-        vnni: bool,
+        kernel: Kernel,
         scatter: &host::Scatter<'_>,
     ) {
         let lanes = GROUP.min(m.rows - group * GROUP);
@@ -288,7 +313,7 @@ impl PackedMatrix {
         let mut t0 = 0;
         while t0 < rows {
             let n = (rows - t0).min(8);
-            m.group_product(group, acts, t0, &mut tile[..n], vnni);
+            m.group_product(group, acts, t0, &mut tile[..n], kernel);
             for (t, values) in tile[..n].iter().enumerate() {
                 let at = (t0 + t) * m.rows + group * GROUP;
                 // SAFETY: the rows of `group` belong to this item alone, so these columns of
@@ -306,22 +331,24 @@ impl PackedMatrix {
     }
 
     /// `out[t][lane]` = row `group·GROUP + lane` · activation row `t0 + t`, for `out.len()` (at
-    /// most eight) activation rows; `vnni` is [`available`].
+    /// most eight) activation rows, on `kernel` ([`kernel`]).
     fn group_product(
         &self,
         group: usize,
         acts: &Activations,
         t0: usize,
         out: &mut [[f32; GROUP]],
-        vnni: bool,
+        kernel: Kernel,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if vnni {
-            // Fixed tile sizes let the compiler keep every accumulator in a register.
+        if kernel != Kernel::None {
+            // Fixed tile sizes let the compiler keep every accumulator in a register (AVX2 has
+            // half as many registers, of half the width: four rows at most).
+            let widest = if kernel == Kernel::Vnni { 8 } else { 4 };
             let mut t = 0;
             while t < out.len() {
-                let n = match out.len() - t {
-                    8.. => 8,
+                let n = match (out.len() - t).min(widest) {
+                    8 => 8,
                     4..=7 => 4,
                     2 | 3 => 2,
                     _ => 1,
@@ -330,26 +357,30 @@ impl PackedMatrix {
                 // The group's first tile asks for the weights ahead; the others find its own
                 // in cache.
                 let ahead = t0 + t == 0;
-                // SAFETY: the CPU has the features the kernel is compiled for (`available`),
-                // `group` is a group of `self`, and activation rows `t0 + t .. + n` exist.
+                let t1 = t0 + t;
+                // SAFETY: the CPU has the features the kernel is compiled for (`kernel`),
+                // `group` is a group of `self`, and activation rows `t1 .. t1 + n` exist.
                 unsafe {
-                    match n {
-                        8 => self.group_vnni::<8>(group, acts, t0 + t, o, ahead),
-                        4 => self.group_vnni::<4>(group, acts, t0 + t, o, ahead),
-                        2 => self.group_vnni::<2>(group, acts, t0 + t, o, ahead),
-                        _ => self.group_vnni::<1>(group, acts, t0 + t, o, ahead),
+                    match (kernel, n) {
+                        (Kernel::Vnni, 8) => self.group_vnni::<8>(group, acts, t1, o, ahead),
+                        (Kernel::Vnni, 4) => self.group_vnni::<4>(group, acts, t1, o, ahead),
+                        (Kernel::Vnni, 2) => self.group_vnni::<2>(group, acts, t1, o, ahead),
+                        (Kernel::Vnni, _) => self.group_vnni::<1>(group, acts, t1, o, ahead),
+                        (_, 4) => self.group_avx2::<4>(group, acts, t1, o, ahead),
+                        (_, 2) => self.group_avx2::<2>(group, acts, t1, o, ahead),
+                        _ => self.group_avx2::<1>(group, acts, t1, o, ahead),
                     }
                 }
                 t += n;
             }
             return;
         }
-        let _ = vnni;
+        let _ = kernel;
         self.group_scalar(group, acts, t0, out);
     }
 
-    /// [`Self::group_product`] without SIMD (CPUs without VNNI, and the kernel's reference in
-    /// tests).
+    /// [`Self::group_product`] without SIMD (CPUs without a packed kernel, and the kernels'
+    /// reference in tests).
     fn group_scalar(&self, group: usize, acts: &Activations, t0: usize, out: &mut [[f32; GROUP]]) {
         for (t, values) in out.iter_mut().enumerate() {
             let x = acts.row(t0 + t);
@@ -461,6 +492,128 @@ impl PackedMatrix {
         }
     }
 
+    /// [`Self::group_product`] for exactly `N` activation rows on AVX2, with the VNNI kernel's
+    /// results to the bit.
+    ///
+    /// A 256-bit register holds four inputs of eight rows, so a group is two halves, each
+    /// taken over all blocks in turn (the second finds the group's weights in cache). Without
+    /// `vpdpbusd`, `vpmaddubsw` multiplies unsigned weight bytes by signed activation bytes and
+    /// adds adjacent pairs into 16 bits, and `vpmaddwd` by ones adds those pairs into the
+    /// 32-bit sums. 4-bit weights are at most 15 and activations at most 127 in magnitude, so a
+    /// whole block's sixteen pairs per lane sum in 16 bits without saturating (16·15·127 <
+    /// 2¹⁵), and one `vpmaddwd` per block and row suffices. Byte weights (`q` up to 255) would
+    /// saturate the pairs: they are taken as `q − 128`, multiplied as `|q − 128|` by the
+    /// activations with that sign, and `128·Σp` is added back, so every block's integer sum is
+    /// the VNNI kernel's, and the floating-point steps after it are the same operations.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_avx2<const N: usize>(
+        &self,
+        group: usize,
+        acts: &Activations,
+        t0: usize,
+        out: &mut [[f32; GROUP]],
+        ahead: bool,
+    ) {
+        use std::arch::x86_64::*;
+        let bb = self.width.block_bytes();
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(i8::MIN);
+        // Rows `t0 ..` of the activations, each `blocks` blocks after the one before: one base
+        // pointer per array keeps the row pointers out of the few general registers.
+        let blocks = self.blocks;
+        let row = acts.row(t0);
+        let words: *const i32 = row.qs.as_ptr().cast();
+        let (scales, sums, scaled_sums) = (
+            row.scale.as_ptr(),
+            row.sum.as_ptr(),
+            row.scaled_sum.as_ptr(),
+        );
+        assert!(
+            acts.scale.len() >= (t0 + N) * blocks,
+            "activation rows {t0}+{N}"
+        );
+        // SAFETY (all loads): as in `group_vnni`; activation rows `t0 .. t0 + N` exist, each
+        // `blocks · QUADS` words and `blocks` scales and sums; half `h` of a block's 64-byte step
+        // is its bytes `32h .. 32h + 32`, and of its `GROUP` scales and offsets the
+        // `8h .. 8h + 8`th.
+        let row_words: [*const i32; N] =
+            std::array::from_fn(|t| words.wrapping_add(t * blocks * QUADS));
+        let word = |t: usize, b: usize, s: usize| unsafe {
+            _mm256_set1_epi32(row_words[t].add(b * QUADS + s).read_unaligned())
+        };
+        let at_row = |p: *const f32, t: usize, b: usize| unsafe { *p.add(t * blocks + b) };
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..self.blocks {
+                let at = (group * self.blocks + b) * GROUP;
+                let q = self.qs[at * bb..(at + GROUP) * bb].as_ptr();
+                if ahead && h == 0 {
+                    // SAFETY: a prefetch never faults, whatever the address.
+                    unsafe { self.fetch_ahead(at, q) };
+                }
+                let load = |s: usize| unsafe { _mm256_loadu_si256(q.add(s * 64 + h * 32).cast()) };
+                let mut dp = [_mm256_setzero_si256(); N];
+                match self.width {
+                    Width::Nibbles => {
+                        let mut pairs = [_mm256_setzero_si256(); N];
+                        for s in 0..QUADS / 2 {
+                            let v = load(s);
+                            let lo = _mm256_and_si256(v, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                            for (t, pairs) in pairs.iter_mut().enumerate() {
+                                let p = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, word(t, b, s)),
+                                    _mm256_maddubs_epi16(hi, word(t, b, s + QUADS / 2)),
+                                );
+                                *pairs = _mm256_add_epi16(*pairs, p);
+                            }
+                        }
+                        for (dp, pairs) in dp.iter_mut().zip(pairs) {
+                            *dp = _mm256_madd_epi16(pairs, ones);
+                        }
+                    }
+                    Width::Bytes => {
+                        for s in 0..QUADS {
+                            let w = _mm256_xor_si256(load(s), flip);
+                            let magnitude = _mm256_abs_epi8(w);
+                            for (t, dp) in dp.iter_mut().enumerate() {
+                                let signed = _mm256_sign_epi8(word(t, b, s), w);
+                                let p = _mm256_maddubs_epi16(magnitude, signed);
+                                *dp = _mm256_add_epi32(*dp, _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                        for (t, dp) in dp.iter_mut().enumerate() {
+                            // SAFETY: as above.
+                            let sum = unsafe { *sums.add(t * blocks + b) };
+                            *dp = _mm256_add_epi32(*dp, _mm256_set1_epi32(128 * sum));
+                        }
+                    }
+                }
+                let half = |v: &[f16]| {
+                    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.as_ptr().add(at + 8 * h).cast()) })
+                };
+                let d = half(&self.scale);
+                let m = match &self.offset {
+                    Offsets::Scaled(k) => _mm256_mul_ps(d, _mm256_set1_ps(*k)),
+                    Offsets::Stored(m) => half(m),
+                };
+                for t in 0..N {
+                    let e = _mm256_set1_ps(at_row(scales, t, b));
+                    let scaled =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp[t]), _mm256_mul_ps(d, e), acc[t]);
+                    let sum = _mm256_set1_ps(at_row(scaled_sums, t, b));
+                    acc[t] = _mm256_fmadd_ps(m, sum, scaled);
+                }
+            }
+            for (t, o) in out.iter_mut().enumerate().take(N) {
+                // SAFETY: `o` holds `GROUP` floats, of which these are the `h`th eight.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * h), acc[t]) };
+            }
+        }
+    }
+
     /// Asks for the lines of the block [`AHEAD_BYTES`] of bytes after block `at` (whose bytes
     /// start at `q`), and for its scales and offsets: the next groups' weights, in the order the
     /// worker will most likely read them (its share of a pass is a run of adjacent groups). The
@@ -490,11 +643,13 @@ impl PackedMatrix {
     }
 }
 
-/// Activation rows quantized per block: `x ≈ scale · qs`, with `scaled_sum = scale · Σ qs`.
+/// Activation rows quantized per block: `x ≈ scale · qs`, with `sum = Σ qs` and
+/// `scaled_sum = scale · sum`.
 struct Activations {
     blocks: usize,
     qs: Vec<i8>,
     scale: Vec<f32>,
+    sum: Vec<i32>,
     scaled_sum: Vec<f32>,
 }
 
@@ -502,6 +657,7 @@ struct Activations {
 struct ActRow<'a> {
     qs: &'a [i8],
     scale: &'a [f32],
+    sum: &'a [i32],
     scaled_sum: &'a [f32],
 }
 
@@ -513,23 +669,27 @@ impl Activations {
             blocks,
             qs: vec![0; rows * blocks * BLOCK],
             scale: vec![0.0; rows * blocks],
+            sum: vec![0; rows * blocks],
             scaled_sum: vec![0.0; rows * blocks],
         };
-        let simd = available();
+        let simd = kernel();
         let values = x[..rows * cols].chunks_exact(BLOCK);
         for (at, (chunk, qs)) in values.zip(a.qs.chunks_exact_mut(BLOCK)).enumerate() {
             let (d, sum) = quantize_block_on(simd, chunk, qs);
             a.scale[at] = d;
+            a.sum[at] = sum;
             a.scaled_sum[at] = d * sum as f32;
         }
         a
     }
 
+    #[inline]
     fn row(&self, r: usize) -> ActRow<'_> {
         let blocks = r * self.blocks..(r + 1) * self.blocks;
         ActRow {
             qs: &self.qs[blocks.start * BLOCK..blocks.end * BLOCK],
             scale: &self.scale[blocks.clone()],
+            sum: &self.sum[blocks.clone()],
             scaled_sum: &self.scaled_sum[blocks],
         }
     }
@@ -550,15 +710,61 @@ fn quantize_block(v: &[f32], qs: &mut [i8]) -> (f32, i32) {
     (d, sum)
 }
 
-/// [`quantize_block`], in vector registers when `simd` ([`available`]).
-fn quantize_block_on(simd: bool, v: &[f32], qs: &mut [i8]) -> (f32, i32) {
+/// [`quantize_block`], in vector registers when `kernel` has them.
+fn quantize_block_on(kernel: Kernel, v: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    // SAFETY (both): the CPU has the kernel's features (`kernel`); the blocks hold `BLOCK`
+    // values.
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: the CPU has AVX-512 (`available`); the blocks hold `BLOCK` values.
-        return unsafe { quantize_block_avx512(v, qs) };
+    match kernel {
+        Kernel::Vnni => return unsafe { quantize_block_avx512(v, qs) },
+        Kernel::Avx2 => return unsafe { quantize_block_avx2(v, qs) },
+        Kernel::None => {}
     }
-    let _ = simd;
+    let _ = kernel;
     quantize_block(v, qs)
+}
+
+/// [`quantize_block`] in four 256-bit registers, with the same result.
+///
+/// # Safety
+/// The CPU must have AVX2; `v` and `qs` must hold [`BLOCK`] values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(v: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(v.len() == BLOCK && qs.len() == BLOCK);
+    // SAFETY: `v` holds 32 floats (four registers).
+    let x: [__m256; 4] = std::array::from_fn(|k| unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * k)) });
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = x.map(|x| _mm256_andnot_ps(sign, x));
+    let max = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+    let max = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps(max, 1));
+    let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+    let amax = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps(max, max, 1)));
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let half = _mm256_set1_ps(0.5);
+    let q = x.map(|x| {
+        let y = _mm256_mul_ps(x, inv);
+        let signed_half = _mm256_or_ps(_mm256_and_ps(y, sign), half);
+        _mm256_cvttps_epi32(_mm256_add_ps(y, signed_half))
+    });
+    // Packing interleaves the 128-bit lanes; the permutation puts the bytes back in order.
+    let bytes = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `qs` holds 32 bytes.
+    unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes) };
+    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let sum = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256(sum, 1),
+    );
+    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01));
+    (d, _mm_cvtsi128_si32(sum))
 }
 
 /// [`quantize_block`] in two 512-bit registers, with the same result.
@@ -667,6 +873,61 @@ mod tests {
         }
     }
 
+    /// The largest products the kernels meet do not saturate their integer sums: 4-bit weights
+    /// of 15 and byte weights of −128 and 127 (`q` of 0 and 255) against activations of ±127,
+    /// with every sign pattern, give the scalar kernel's result.
+    #[test]
+    fn extreme_weights_and_activations_do_not_saturate() {
+        let (rows, cols) = (20, 64);
+        let d = f16::from_f32(0.01).to_le_bytes();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let mut data = Vec::new();
+            for r in 0..rows * cols / BLOCK {
+                data.extend_from_slice(&d);
+                match dtype {
+                    GgmlDType::Q8_0 => {
+                        data.extend(
+                            (0..BLOCK).map(|i| if (r + i / 3) % 2 == 0 { 0x80 } else { 0x7F }),
+                        );
+                    }
+                    GgmlDType::Q4_1 => {
+                        data.extend_from_slice(&d);
+                        data.extend([0xFF; BLOCK / 2]);
+                    }
+                    _ => data.extend([0xFF; BLOCK / 2]),
+                }
+            }
+            let m = PackedMatrix::from_blocks(dtype, rows, cols, &data).expect("pack");
+            for n in [1, 2, 5] {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| {
+                        if (i / (1 + i % 5)) % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        }
+                    })
+                    .collect();
+                let acts = Activations::quantize(&x, n, cols);
+                assert!(acts.qs.iter().all(|q| q.abs() == 127));
+                let got = m.matmul(&x, n);
+                let mut want = vec![[0f32; GROUP]; n];
+                for g in 0..m.groups() {
+                    m.group_scalar(g, &acts, 0, &mut want);
+                    for (t, want) in want.iter().enumerate() {
+                        for (lane, &w) in want.iter().enumerate().take(rows - g * GROUP) {
+                            let v = got[t * rows + g * GROUP + lane];
+                            assert!(
+                                (v - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{dtype:?} {v} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Matrices sharing an input give what each gives alone.
     #[test]
     fn shared_input_products_equal_separate_ones() {
@@ -708,8 +969,7 @@ mod tests {
             let v: Vec<f32> = v.iter().map(|a| a * factor).collect();
             let (mut q1, mut q2) = ([0i8; BLOCK], [0i8; BLOCK]);
             let plain = quantize_block(&v, &mut q1);
-            // SAFETY: `available` checked AVX-512; both blocks are BLOCK long.
-            let wide = unsafe { quantize_block_avx512(&v, &mut q2) };
+            let wide = quantize_block_on(kernel(), &v, &mut q2);
             assert_eq!((plain, q1), (wide, q2), "block {i}");
         }
         let mut q = [0i8; BLOCK];

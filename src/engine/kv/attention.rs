@@ -143,14 +143,22 @@ mod lanes {
     pub enum Kernels {
         Portable,
         #[cfg(target_arch = "x86_64")]
+        Avx2,
+        #[cfg(target_arch = "x86_64")]
         Avx512,
     }
 
     impl Kernels {
         pub fn detect() -> Self {
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Kernels::Avx512;
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx512f") {
+                    return Kernels::Avx512;
+                }
+                if has!("avx2") && has!("f16c") {
+                    return Kernels::Avx2;
+                }
             }
             Kernels::Portable
         }
@@ -165,6 +173,9 @@ mod lanes {
                 // SAFETY: the CPU has AVX-512F; the lengths are checked above.
                 #[cfg(target_arch = "x86_64")]
                 Kernels::Avx512 => unsafe { avx512::block_scores(out, q, keys, scale) },
+                // SAFETY: the CPU has AVX2 and F16C; the lengths are checked above.
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx2 => unsafe { avx2::block_scores(out, q, keys, scale) },
             }
         }
 
@@ -180,6 +191,11 @@ mod lanes {
                 #[cfg(target_arch = "x86_64")]
                 Kernels::Avx512 if hd.is_multiple_of(LANES) => unsafe {
                     avx512::weighted_values(out, weights, values)
+                },
+                // SAFETY: as above, with AVX2 and F16C.
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx2 if hd.is_multiple_of(LANES) => unsafe {
+                    avx2::weighted_values(out, weights, values)
                 },
                 _ => portable_values(out, weights, values),
             }
@@ -210,6 +226,102 @@ mod lanes {
             }
             for (l, o) in o.iter_mut().enumerate() {
                 *o = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+            }
+        }
+    }
+
+    /// The AVX-512 kernels' sums on AVX2: a sixteen-lane vector is two registers of eight, and
+    /// every lane sees the same products and sums in the same order.
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        use super::{LANES, Value};
+
+        /// Sixteen lanes as two registers.
+        type Wide = [__m256; 2];
+
+        /// Sixteen values from `p` on, widened to f32.
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and F16C; sixteen values from `p` on are readable.
+        #[target_feature(enable = "avx2,f16c")]
+        #[inline]
+        unsafe fn load<T: Value>(p: *const T) -> Wide {
+            // SAFETY: the caller's guarantee.
+            std::array::from_fn(|h| unsafe {
+                if T::HALF {
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<u16>().add(8 * h).cast()))
+                } else {
+                    _mm256_loadu_ps(p.cast::<f32>().add(8 * h))
+                }
+            })
+        }
+
+        /// `acc[i mod 4] += xs[i] · v(i)` for every `i` of `xs`, in order, one product then
+        /// one sum (none fused).
+        #[target_feature(enable = "avx2,f16c")]
+        #[inline]
+        fn add_products(acc: &mut [Wide; 4], xs: &[f32], v: impl Fn(usize) -> Wide) {
+            for (i, &x) in xs.iter().enumerate() {
+                let (x, v) = (_mm256_set1_ps(x), v(i));
+                for (a, v) in acc[i % 4].iter_mut().zip(v) {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(x, v));
+                }
+            }
+        }
+
+        /// `(acc[0] + acc[1]) + (acc[2] + acc[3])`.
+        #[target_feature(enable = "avx2,f16c")]
+        #[inline]
+        fn pairwise(acc: &[Wide; 4]) -> Wide {
+            std::array::from_fn(|h| {
+                let (a, b) = (
+                    _mm256_add_ps(acc[0][h], acc[1][h]),
+                    _mm256_add_ps(acc[2][h], acc[3][h]),
+                );
+                _mm256_add_ps(a, b)
+            })
+        }
+
+        /// See [`super::Kernels::block_scores`].
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and F16C; `out` has [`LANES`] values and `keys` at least `q.len()`
+        /// rows of them.
+        #[target_feature(enable = "avx2,f16c")]
+        pub unsafe fn block_scores<T: Value>(out: &mut [f32], q: &[f32], keys: &[T], scale: f32) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            // SAFETY: `d < q.len()`: a row of `keys` (the caller's guarantee).
+            add_products(&mut acc, q, |d| unsafe {
+                load(keys.as_ptr().add(d * LANES))
+            });
+            for (h, sum) in pairwise(&acc).into_iter().enumerate() {
+                let scores = _mm256_mul_ps(sum, _mm256_set1_ps(scale));
+                // SAFETY: `out` has `LANES` values.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), scores) };
+            }
+        }
+
+        /// See [`super::Kernels::weighted_values`].
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and F16C; `out.len()` is a multiple of [`LANES`], and `values` has
+        /// a block of [`LANES`] rows of `out.len()` values for every [`LANES`] weights.
+        #[target_feature(enable = "avx2,f16c")]
+        pub unsafe fn weighted_values<T: Value>(out: &mut [f32], weights: &[f32], values: &[&[T]]) {
+            let hd = out.len();
+            for c in (0..hd).step_by(LANES) {
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                for (block, w) in weights.chunks(LANES).enumerate() {
+                    let base = values[block].as_ptr();
+                    // SAFETY: `slot < LANES` rows of `hd` values, `c + LANES ≤ hd`.
+                    add_products(&mut acc, w, |slot| unsafe { load(base.add(slot * hd + c)) });
+                }
+                for (h, sum) in pairwise(&acc).into_iter().enumerate() {
+                    // SAFETY: `c + LANES ≤ hd = out.len()`.
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * h), sum) };
+                }
             }
         }
     }
