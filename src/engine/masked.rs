@@ -323,19 +323,26 @@ mod avx2 {
             && is_x86_feature_detected!("popcnt")
     }
 
+    /// Eight 32-bit lanes, aligned for one 256-bit load.
+    #[repr(C, align(32))]
+    struct Lanes([i32; HALF]);
+
     /// For each eight-bit mask, the loaded value each lane takes: lane `l` with its bit set the
     /// one after the set bits below `l`, lanes with their bit clear lane 7, which holds a zero
     /// whenever a bit is clear (fewer than eight values are loaded then).
-    static SPREAD: [[u8; HALF]; 256] = spread();
+    static SPREAD: [Lanes; 256] = spread();
 
-    const fn spread() -> [[u8; HALF]; 256] {
-        let mut table = [[7u8; HALF]; 256];
+    /// For each count `n` of values, the load mask of the first `n` lanes.
+    static FIRST: [Lanes; HALF + 1] = first();
+
+    const fn spread() -> [Lanes; 256] {
+        let mut table = [const { Lanes([7; HALF]) }; 256];
         let mut bits = 0;
         while bits < 256 {
             let (mut lane, mut taken) = (0, 0);
             while lane < HALF {
                 if bits & (1 << lane) != 0 {
-                    table[bits][lane] = taken;
+                    table[bits].0[lane] = taken;
                     taken += 1;
                 }
                 lane += 1;
@@ -345,22 +352,35 @@ mod avx2 {
         table
     }
 
+    const fn first() -> [Lanes; HALF + 1] {
+        let mut table = [const { Lanes([0; HALF]) }; HALF + 1];
+        let mut n = 0;
+        while n <= HALF {
+            let mut lane = 0;
+            while lane < n {
+                table[n].0[lane] = -1;
+                lane += 1;
+            }
+            n += 1;
+        }
+        table
+    }
+
     /// Eight lanes' weights from the mask bits `bits` (eight of them) and the values from `at`
     /// on: a masked load of as many values as bits are set (the rest zero), then a permutation
-    /// that spreads them to their lanes.
+    /// that spreads them to their lanes, both controls read from tables.
     ///
     /// # Safety
-    /// AVX2 and POPCNT; `at` holds `bits.count_ones()` values.
+    /// AVX2 and POPCNT; `bits < 256`; `at` holds `bits.count_ones()` values.
     #[inline(always)]
     unsafe fn unpack(bits: usize, at: *const f32) -> __m256 {
-        // SAFETY: the caller's guarantees; the masked load reads only the loaded lanes, and
-        // `SPREAD`'s rows are eight bytes.
+        // SAFETY: the caller's guarantees; the masked load reads only the loaded lanes; the
+        // tables' rows are aligned eight-lane rows, `bits` and its count index them.
         unsafe {
-            let taken = _mm256_set1_epi32(bits.count_ones() as i32);
-            let load = _mm256_cmpgt_epi32(taken, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let w = _mm256_maskload_ps(at, load);
-            let lanes = _mm_loadl_epi64(SPREAD.get_unchecked(bits).as_ptr().cast());
-            _mm256_permutevar8x32_ps(w, _mm256_cvtepu8_epi32(lanes))
+            let first = FIRST.get_unchecked(bits.count_ones() as usize);
+            let w = _mm256_maskload_ps(at, _mm256_load_si256(first.0.as_ptr().cast()));
+            let spread = SPREAD.get_unchecked(bits);
+            _mm256_permutevar8x32_ps(w, _mm256_load_si256(spread.0.as_ptr().cast()))
         }
     }
 
