@@ -11,7 +11,9 @@
 //! the panel's two vectors, broadcasts one activation of each of the `MR` rows and issues two
 //! fused multiply-adds per row. Each output is one chain of multiply-adds in input order, so a
 //! row's result does not depend on which other rows share the call (a batch gives every text the
-//! bits it gets alone). CPUs without AVX-512 use a portable loop with the same layout.
+//! bits it gets alone). CPUs with AVX2 but not AVX-512 run a copy with the same sums, six rows ×
+//! half a panel at a time (half as many registers, of half the width); others a portable loop
+//! with the same layout.
 //!
 //! A call splits its output into blocks of rows × panels and spreads them over candle's worker
 //! pool (the one every other kernel of a step uses).
