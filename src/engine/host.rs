@@ -427,6 +427,41 @@ pub mod lanes_avx512 {
     }
 }
 
+/// Helpers of the AVX2 kernels (`low_rank`, `panels`): a sixteen-lane vector there is two
+/// registers of eight.
+#[cfg(target_arch = "x86_64")]
+pub mod lanes_avx2 {
+    use std::arch::x86_64::*;
+
+    /// The mask of the first `n` lanes of eight (all of them from `n = 8` on), for masked loads
+    /// and stores.
+    #[inline(always)]
+    pub fn first(n: usize) -> __m256i {
+        // SAFETY: inlined into AVX2 kernels only, which have the feature.
+        unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n.min(8) as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        }
+    }
+
+    /// `super::halves` of a sixteen-lane sum held as its low and high eight lanes.
+    #[inline(always)]
+    pub fn halves(low: __m256, high: __m256) -> f32 {
+        // SAFETY: inlined into AVX2 kernels only, which have the feature.
+        unsafe {
+            let eight = _mm256_add_ps(low, high);
+            let four = _mm_add_ps(
+                _mm256_castps256_ps128(eight),
+                _mm256_extractf128_ps::<1>(eight),
+            );
+            let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+            _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+        }
+    }
+}
+
 /// `e^x` in plain arithmetic, so the loops calling it vectorize (libm's `expf` is a call per
 /// value): `e^x = 2^n·e^r` with `n = round(x·log₂e)` and `|r| ≤ ln2/2`, `e^r` by its Taylor
 /// polynomial to degree 7 (truncation below 1e-8 relative, so within a few f32 ulps). Inputs

@@ -415,6 +415,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::host::lanes_avx2::{first, halves};
     use super::{AHEAD, GROUP, LANES, LowRankPanels, groups, padded, tiles};
 
     /// Lanes of a 256-bit register.
@@ -430,33 +431,6 @@ mod avx2 {
     fn ask(at: *const f32) {
         // SAFETY: a prefetch is a hint; it never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
-    }
-
-    /// A load mask of the first `n` (at most eight, at least zero) lanes.
-    #[inline(always)]
-    fn first(n: usize) -> __m256i {
-        // SAFETY: AVX2 is enabled in every caller (the functions below).
-        unsafe {
-            _mm256_cmpgt_epi32(
-                _mm256_set1_epi32(n.min(HALF) as i32),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            )
-        }
-    }
-
-    /// `super::host::halves` of a sixteen-lane sum held as its low and high eight lanes.
-    #[inline(always)]
-    fn halves(low: __m256, high: __m256) -> f32 {
-        // SAFETY: AVX is enabled in every caller (the functions below).
-        unsafe {
-            let eight = _mm256_add_ps(low, high);
-            let four = _mm_add_ps(
-                _mm256_castps256_ps128(eight),
-                _mm256_extractf128_ps::<1>(eight),
-            );
-            let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-            _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
-        }
     }
 
     /// [`super::LowRankPanels::products`] on AVX2.

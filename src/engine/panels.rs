@@ -352,6 +352,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::host::lanes_avx2::first;
     use super::{MR, NR};
 
     /// Rows of one kernel call.
@@ -433,13 +434,7 @@ mod avx2 {
                     acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
                 }
             }
-            let lanes = |n: usize| {
-                _mm256_cmpgt_epi32(
-                    _mm256_set1_epi32(n.min(8) as i32),
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                )
-            };
-            let (low, high) = (lanes(width), lanes(width.saturating_sub(8)));
+            let (low, high) = (first(width), first(width.saturating_sub(8)));
             for (i, acc) in acc.iter().enumerate() {
                 let row = out.add(i * stride);
                 _mm256_maskstore_ps(row, low, acc[0]);
