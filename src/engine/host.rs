@@ -634,11 +634,24 @@ wide_fn! {
 /// `v / √(mean(v²) + eps) · w`, as candle's `rms_norm` writes it, with the sum of squares in
 /// sixteen lanes ([`dot_lanes`]) instead of one long chain.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    if !weight.is_empty() {
-        rms_norm_into(&mut out, x, weight, eps);
-    }
+    let mut out = Vec::new();
+    rms_norm_to(&mut out, x, weight, eps);
     out
+}
+
+/// [`rms_norm`] into `out`, which takes `x`'s length; a buffer of that length already is used as
+/// it is (a step's layers normalize into one buffer rather than allocating and zeroing their
+/// own).
+pub fn rms_norm_to(out: &mut Vec<f32>, x: &[f32], weight: &[f32], eps: f32) {
+    if out.len() != x.len() {
+        out.clear();
+        out.resize(x.len(), 0.0);
+    }
+    if weight.is_empty() {
+        out.fill(0.0);
+    } else {
+        rms_norm_into(out, x, weight, eps);
+    }
 }
 
 wide_fn! {
@@ -693,19 +706,26 @@ wide_fn! {
 /// `silu(gate) · up` element-wise (SwiGLU), spread over the pool; `silu(v) = v / (1 + e^(−v))`
 /// with [`exp`], so the loop vectorizes (within a few ulps of candle's `silu`).
 pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    const CHUNK: usize = 2048;
-    let mut out = vec![0f32; gate.len().min(up.len())];
-    par_chunks(&mut out, CHUNK, |i, chunk| {
-        silu_mul_into(chunk, &gate[i * CHUNK..], &up[i * CHUNK..])
-    });
+    let mut out = gate[..gate.len().min(up.len())].to_vec();
+    silu_mul_in_place(&mut out, up);
     out
 }
 
+/// [`silu_mul`] into `gate` itself (the first `up.len()` values, where `up` is shorter): a
+/// decode step's gate projection is not needed after it, so no buffer is allocated and zeroed.
+pub fn silu_mul_in_place(gate: &mut [f32], up: &[f32]) {
+    const CHUNK: usize = 2048;
+    let n = gate.len().min(up.len());
+    par_chunks(&mut gate[..n], CHUNK, |i, chunk| {
+        silu_mul_into(chunk, &up[i * CHUNK..])
+    });
+}
+
 wide_fn! {
-    /// [`silu_mul`] of the first `out.len()` values, into `out`.
-    fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
-        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + exp(-g)) * u;
+    /// [`silu_mul`] of the first `gate.len()` values, in place.
+    fn silu_mul_into(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + exp(-*g)) * u;
         }
     }
 }

@@ -507,8 +507,9 @@ impl Llama {
         } else {
             let hidden = x.dim(1)?;
             let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut normed = Vec::new();
             for (layer, block) in self.blocks.iter().enumerate() {
-                block.step_host(&mut values, layer, &ctx, seqs)?;
+                block.step_host(&mut values, &mut normed, layer, &ctx, seqs)?;
             }
             x = Tensor::from_vec(values, (rows, hidden), &self.device)?;
         }

@@ -48,17 +48,24 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, grad: bool) -> Result<Ten
     })
 }
 
-/// [`rms_norm`] of host rows `x: (·, weight.len())`, through a tensor on `device` where the host
-/// cannot (a weight on a GPU).
-pub fn rms_norm_rows(x: &[f32], weight: &Tensor, eps: f32, device: &Device) -> Result<Vec<f32>> {
+/// [`rms_norm`] of host rows `x: (·, weight.len())` into `out` (see [`host::rms_norm_to`]),
+/// through a tensor on `device` where the host cannot (a weight on a GPU).
+pub fn rms_norm_rows_to(
+    out: &mut Vec<f32>,
+    x: &[f32],
+    weight: &Tensor,
+    eps: f32,
+    device: &Device,
+) -> Result<()> {
     let width = weight.elem_count();
-    if let Some(y) = host::with_slice(weight, |w| host::rms_norm(x, w, eps)) {
-        return Ok(y);
+    if host::with_slice(weight, |w| host::rms_norm_to(out, x, w, eps)).is_some() {
+        return Ok(());
     }
     let t = Tensor::from_slice(x, (x.len() / width.max(1), width), device)?;
-    Ok(rms_norm(&t, weight, eps, false)?
+    *out = rms_norm(&t, weight, eps, false)?
         .flatten_all()?
-        .to_vec1::<f32>()?)
+        .to_vec1::<f32>()?;
+    Ok(())
 }
 
 /// Rotary embedding of `x: (batch, heads, seq, head_dim)` (non-interleaved halves).

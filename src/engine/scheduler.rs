@@ -16,9 +16,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
+
 use super::device::bind_to_thread;
 use super::error::{EngineError, Result};
 use super::generate::{Decoder, FinishReason, check_prompt};
+use super::host;
 use super::kv::{KvPool, SeqCache};
 use super::linear::LoadedDelta;
 use super::llama::StepSeq;
@@ -439,9 +442,34 @@ impl Loop {
         }
         let logits = self.forward(&plan)?;
         telemetry::step_tokens(plan.iter().map(|(_, n)| n).sum());
-        let mut row = 0;
+        // Host logits are read where the step left them (a copy of a batch's rows is megabytes
+        // per step); other devices' are copied to the host once.
+        let vocab = logits.dim(1)?;
+        let ended = match host::with_slice(&logits, |all| self.sample_rows(&plan, all, vocab)) {
+            Some(ended) => ended?,
+            None => {
+                let all = logits.flatten_all()?.to_vec1::<f32>()?;
+                self.sample_rows(&plan, &all, vocab)?
+            }
+        };
+        for (i, outcome) in ended.into_iter().rev() {
+            self.finish(i, outcome);
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of every planned sequence that has one this step, from its row
+    /// of `logits` (`vocab` values per row, one row per such sequence in plan order); returns
+    /// the sequences that ended, in ascending order.
+    fn sample_rows(
+        &mut self,
+        plan: &[(usize, usize)],
+        logits: &[f32],
+        vocab: usize,
+    ) -> Result<Vec<(usize, Outcome)>> {
+        let mut rows = logits.chunks_exact(vocab.max(1));
         let mut ended = Vec::new();
-        for &(i, n) in &plan {
+        for &(i, n) in plan {
             let r = &mut self.running[i];
             if r.next.is_none() {
                 r.prefilled += n;
@@ -449,24 +477,20 @@ impl Loop {
                     continue;
                 }
             }
-            let scores = logits
-                .get(row)
+            let scores = rows
+                .next()
                 .ok_or(EngineError::EmptyInput { what: "logits" })?;
-            row += 1;
             if let Some(outcome) = self.sample(i, scores)? {
                 ended.push((i, outcome));
             }
         }
-        ended.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-        for (i, outcome) in ended {
-            self.finish(i, outcome);
-        }
-        Ok(())
+        ended.sort_by_key(|(i, _)| *i);
+        Ok(ended)
     }
 
     /// Runs the planned `(sequence, tokens)` and returns one logits row per sequence that
     /// samples this step.
-    fn forward(&mut self, plan: &[(usize, usize)]) -> Result<Vec<Vec<f32>>> {
+    fn forward(&mut self, plan: &[(usize, usize)]) -> Result<Tensor> {
         let mut picked: Vec<Option<&mut Running>> = self.running.iter_mut().map(Some).collect();
         let mut seqs = Vec::with_capacity(plan.len());
         for &(i, n) in plan {
@@ -494,8 +518,7 @@ impl Loop {
                 logits,
             });
         }
-        let logits = self.model.model.step(&mut seqs)?;
-        Ok(logits.to_vec2::<f32>()?)
+        self.model.model.step(&mut seqs)
     }
 
     /// Samples sequence `i`'s next token and streams its text; `Some` when it ends.

@@ -20,26 +20,28 @@ fn outputs<const N: usize>(ys: Vec<Vec<f32>>, what: &'static str) -> Result<[Vec
 }
 
 impl Block {
-    /// One layer of the step on `x: (rows, hidden)`, in place.
+    /// One layer of the step on `x: (rows, hidden)`, in place; `h` is the step's buffer for the
+    /// normalized rows (its contents on entry do not matter).
     pub(super) fn step_host(
         &self,
         x: &mut [f32],
+        h: &mut Vec<f32>,
         layer: usize,
         ctx: &BatchCtx<'_>,
         seqs: &mut [StepSeq<'_>],
     ) -> Result<()> {
         let rows = seqs.iter().map(|s| s.tokens.len()).sum();
-        let h = ops::rms_norm_rows(x, &self.input_norm, ctx.eps, ctx.device)?;
-        let attended = self.attn.step_host(&h, rows, layer, ctx, seqs)?;
+        ops::rms_norm_rows_to(h, x, &self.input_norm, ctx.eps, ctx.device)?;
+        let attended = self.attn.step_host(h, rows, layer, ctx, seqs)?;
         host::add_assign(x, &attended);
-        let h = ops::rms_norm_rows(x, &self.post_norm, ctx.eps, ctx.device)?;
-        let [gate, up] = outputs(
-            LoraLinear::forward_host(&[&self.gate, &self.up], &h, rows, ctx.deltas, ctx.device)?,
+        ops::rms_norm_rows_to(h, x, &self.post_norm, ctx.eps, ctx.device)?;
+        let [mut gate, up] = outputs(
+            LoraLinear::forward_host(&[&self.gate, &self.up], h, rows, ctx.deltas, ctx.device)?,
             "gate, up",
         )?;
-        let gated = host::silu_mul(&gate, &up);
+        host::silu_mul_in_place(&mut gate, &up);
         let [down] = outputs(
-            LoraLinear::forward_host(&[&self.down], &gated, rows, ctx.deltas, ctx.device)?,
+            LoraLinear::forward_host(&[&self.down], &gate, rows, ctx.deltas, ctx.device)?,
             "down",
         )?;
         host::add_assign(x, &down);
