@@ -93,9 +93,9 @@ pub enum Either {
 /// waiting on memory at once.
 pub fn par_lists(first: usize, second: usize, f: impl Fn(Either) + Sync) {
     let threads = threads();
-    // The first list in runs of adjacent items (adjacent groups are adjacent weights: one run is
-    // one stream for the hardware prefetcher); the second list's items, long streams each, one
-    // at a time.
+    // The first list in runs of adjacent items, about an eighth of a thread's share each and
+    // shorter near the list's end (adjacent groups are adjacent weights: one run is one stream
+    // for the hardware prefetcher); the second list's items, long streams each, one at a time.
     let run = first.div_ceil(threads * 8).max(1);
     let next = [AtomicUsize::new(0), AtomicUsize::new(0)];
     let take = |second_list: bool| {
