@@ -4,7 +4,8 @@
 //! 16 concurrent sequences on the quantized base, alone and over 8 adapters. Needs `make models`.
 //! Run: `cargo bench --bench engine` (`-- batched` runs only the engine part, and
 //! `-- batched NAME` one run of it: `base 1`, `base 16`, `adapter 1`, `adapters 16`, and the
-//! serving benchmark's two mixes `sets 16` and `low-rank 16`; `-- peak` measures this CPU's int8
+//! serving benchmark's two mixes `sets 16` and `low-rank 16`; `-- pair A B [ROUNDS]` alternates
+//! two of them in rounds and reports the median ratio; `-- peak` measures this CPU's int8
 //! multiply-add peak, which bounds the quantized projections).
 
 use std::collections::BTreeMap;
@@ -116,9 +117,18 @@ impl Sink for Counting {
     }
 }
 
-/// Aggregate decode tokens/s of `clients` closed-loop clients, each sending 64-token greedy
-/// requests for `secs` seconds, client `i` with `deltas[i % len]` (none when empty).
-fn run_engine(model: &Arc<TextModel>, name: &str, clients: usize, deltas: &[Arc<LoadedDelta>]) {
+/// A load for the engine in process: `clients` closed-loop clients, client `i` with
+/// `deltas[i % len]` (none when empty).
+struct Mix {
+    label: &'static str,
+    clients: usize,
+    deltas: Vec<Arc<LoadedDelta>>,
+}
+
+/// Aggregate decode tokens/s of `mix`'s clients, each sending 64-token greedy requests for
+/// `secs` seconds after one warm-up round; printed and returned.
+fn run_engine(model: &Arc<TextModel>, mix: &Mix, secs: f64) -> f64 {
+    let (name, clients, deltas) = (mix.label, mix.clients, &mix.deltas);
     let engine = Engine::start(model.clone(), EngineLimits::default());
     let prompts: Vec<Vec<u32>> = [
         "The history of the city of Paris begins",
@@ -154,7 +164,6 @@ fn run_engine(model: &Arc<TextModel>, name: &str, clients: usize, deltas: &[Arc<
     (0..clients).for_each(|i| submit(i, 0));
     (0..clients).for_each(|_| rx.recv().expect("done"));
     tokens.store(0, Ordering::Relaxed);
-    let secs = 20.0;
     let started = Instant::now();
     let cpu_started = process_cpu_seconds();
     let mut sent = 0;
@@ -175,6 +184,7 @@ fn run_engine(model: &Arc<TextModel>, name: &str, clients: usize, deltas: &[Arc<
         "engine {name:<30} {clients:>2} clients: {rate:>6.1} tok/s ({per_cpu:.1} tok/s per {threads} CPU-seconds/s)"
     );
     (0..clients).for_each(|_| rx.recv().expect("done"));
+    rate
 }
 
 /// CPU time this process has used, all threads together.
@@ -220,47 +230,97 @@ fn serving_sets(models: &Path, low_rank: bool) -> Vec<Arc<MergedDelta>> {
 /// The serving engine on the quantized base: 1 and 16 clients, base alone, with one adapter, over
 /// 8 adapters and over the serving benchmark's two mixes of 8 sets. `only` picks one run by name
 /// ("base 1", "base 16", "adapter 1", "adapters 16", "sets 16", "low-rank 16").
-fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
-    let model = Arc::new(
+/// The in-process mixes, by name: `base 1`, `base 16`, `adapter 1`, `adapters 16`, and the
+/// serving benchmark's `sets 16` and `low-rank 16`.
+const MIXES: [&str; 6] = [
+    "base 1",
+    "base 16",
+    "adapter 1",
+    "adapters 16",
+    "sets 16",
+    "low-rank 16",
+];
+
+/// The mix called `name` (one of [`MIXES`]) on `model`, its deltas loaded.
+fn mix(model: &TextModel, models: &Path, shout: &LoraAdapter, name: &str) -> Mix {
+    let load = |d: MergedDelta| model.load_delta(&Arc::new(d)).expect("delta");
+    let serving = |low_rank: bool| -> Vec<Arc<LoadedDelta>> {
+        (serving_sets(models, low_rank).iter())
+            .map(|d| model.load_delta(d).expect("delta"))
+            .collect()
+    };
+    let (label, clients, deltas) = match name {
+        "base 1" => ("base", 1, Vec::new()),
+        "base 16" => ("base", 16, Vec::new()),
+        "adapter 1" => ("one adapter (shout)", 1, vec![load(shout.delta())]),
+        "adapters 16" => (
+            "8 rank-16 adapters",
+            16,
+            eight_adapters(shout)
+                .iter()
+                .map(|a| load(a.delta()))
+                .collect(),
+        ),
+        "sets 16" => ("8 sets (one dense TIES)", 16, serving(false)),
+        "low-rank 16" => ("8 low-rank sets", 16, serving(true)),
+        other => panic!("no mix {other:?}; the mixes: {MIXES:?}"),
+    };
+    Mix {
+        label,
+        clients,
+        deltas,
+    }
+}
+
+/// SmolLM2 with its quantized weights as the server loads them.
+fn serving_model(models: &Path) -> Arc<TextModel> {
+    Arc::new(
         TextModel::load_as(
             &resolve("smollm2-135m-instruct", models).expect("model"),
             &Device::Cpu,
             WeightFormat::Native,
         )
         .expect("load"),
-    );
-    let deltas: Vec<Arc<LoadedDelta>> = eight_adapters(shout)
-        .iter()
-        .map(|a| model.load_delta(&Arc::new(a.delta())).expect("delta"))
-        .collect();
-    let wanted = |name: &str| only.is_none_or(|o| o == name);
-    if wanted("base 1") {
-        run_engine(&model, "base", 1, &[]);
+    )
+}
+
+/// Every mix, or only the one called `only`, for 20 s each.
+fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
+    let model = serving_model(models);
+    for name in MIXES.iter().filter(|&&n| only.is_none_or(|o| o == n)) {
+        run_engine(&model, &mix(&model, models, shout, name), 20.0);
     }
-    if wanted("base 16") {
-        run_engine(&model, "base", 16, &[]);
-    }
-    if wanted("adapter 1") {
-        let one = model.load_delta(&Arc::new(shout.delta())).expect("delta");
-        run_engine(&model, "one adapter (shout)", 1, &[one]);
-    }
-    if wanted("adapters 16") {
-        run_engine(&model, "8 rank-16 adapters", 16, &deltas);
-    }
-    for (name, low_rank) in [("sets 16", false), ("low-rank 16", true)] {
-        if wanted(name) {
-            let sets: Vec<Arc<LoadedDelta>> = serving_sets(models, low_rank)
-                .iter()
-                .map(|d| model.load_delta(d).expect("delta"))
-                .collect();
-            let label = if low_rank {
-                "8 low-rank sets"
+}
+
+/// Mixes `a` and `b` alternating for `rounds` rounds of 8 s each (`a b`, then `b a`, ...), and
+/// the median of the rounds' ratios `a / b`: on a machine whose speed drifts between runs, the
+/// ratio of neighbouring runs is steadier than either rate.
+fn pair(models: &Path, shout: &LoraAdapter, a: &str, b: &str, rounds: usize) {
+    let model = serving_model(models);
+    let (ma, mb) = (mix(&model, models, shout, a), mix(&model, models, shout, b));
+    let mut ratios: Vec<f64> = (0..rounds)
+        .map(|round| {
+            let (ra, rb) = if round % 2 == 0 {
+                let ra = run_engine(&model, &ma, 8.0);
+                (ra, run_engine(&model, &mb, 8.0))
             } else {
-                "8 sets (one dense TIES)"
+                let rb = run_engine(&model, &mb, 8.0);
+                (run_engine(&model, &ma, 8.0), rb)
             };
-            run_engine(&model, label, 16, &sets);
-        }
-    }
+            ra / rb
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "{a} / {b}: median {:.3} of {} rounds ({})",
+        ratios[ratios.len() / 2],
+        ratios.len(),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 /// Independent chains per thread: enough to cover the multiply's latency, so the loop runs at
@@ -363,6 +423,13 @@ fn main() {
     let shout = LoraAdapter::load(&shout_dir).expect("shout");
     if let Some(at) = args.iter().position(|a| a == "batched") {
         return batched(&models, &shout, args.get(at + 1).map(String::as_str));
+    }
+    if let Some(at) = args.iter().position(|a| a == "pair") {
+        let (Some(a), Some(b)) = (args.get(at + 1), args.get(at + 2)) else {
+            panic!("pair needs two mixes, of {MIXES:?}, and optionally a round count");
+        };
+        let rounds = args.get(at + 3).map_or(5, |r| r.parse().expect("rounds"));
+        return pair(&models, &shout, a, b, rounds.max(1));
     }
     let text = TextModel::load(
         &resolve("smollm2-135m-instruct", &models).expect("model"),
