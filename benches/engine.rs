@@ -227,9 +227,6 @@ fn serving_sets(models: &Path, low_rank: bool) -> Vec<Arc<MergedDelta>> {
     ]
 }
 
-/// The serving engine on the quantized base: 1 and 16 clients, base alone, with one adapter, over
-/// 8 adapters and over the serving benchmark's two mixes of 8 sets. `only` picks one run by name
-/// ("base 1", "base 16", "adapter 1", "adapters 16", "sets 16", "low-rank 16").
 /// The in-process mixes, by name: `base 1`, `base 16`, `adapter 1`, `adapters 16`, and the
 /// serving benchmark's `sets 16` and `low-rank 16`.
 const MIXES: [&str; 6] = [
@@ -284,7 +281,9 @@ fn serving_model(models: &Path) -> Arc<TextModel> {
     )
 }
 
-/// Every mix, or only the one called `only`, for 20 s each.
+/// The serving engine on the quantized base, every mix or only the one called `only`, for 20 s
+/// each: 1 and 16 clients on the base alone, with one adapter, over 8 adapters, and over the
+/// serving benchmark's two mixes of 8 sets.
 fn batched(models: &Path, shout: &LoraAdapter, only: Option<&str>) {
     let model = serving_model(models);
     for name in MIXES.iter().filter(|&&n| only.is_none_or(|o| o == n)) {
@@ -411,6 +410,8 @@ fn peak() {
             );
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("peak: measured on x86-64 CPUs only");
 }
 
 fn main() {
