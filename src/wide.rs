@@ -4,8 +4,8 @@
 /// Defines a function whose body is compiled three times, for baseline x86-64, for AVX2 and for
 /// AVX-512, and runs the widest copy this CPU has, so the loops in the body (and the
 /// `#[inline(always)]` helpers it calls) use 256- or 512-bit vectors while the crate itself
-/// targets baseline x86-64. Results are the same either way: the kernels fix their summation order and
-/// no multiply-add is fused. Write the body with plain loops and `#[inline(always)]` helpers: a
+/// targets baseline x86-64. Results are the same either way: the kernels fix their summation
+/// order and no multiply-add is fused. Write the body with plain loops and `#[inline(always)]` helpers: a
 /// closure is a function of its own, compiled for the baseline unless the compiler inlines it.
 macro_rules! wide_fn {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {

@@ -207,8 +207,8 @@ fn tiles(out_dim: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// [`LowRankPanels::products`] without SIMD, and the order of its sums: each hidden value
 /// `h_kj` is sixteen lanes of fused multiply-adds from zero over `a`'s row `j` (lane `l` takes
-/// inputs `l`, `l + 16`, … with zeros past the end), folded by [`host::halves`]; each output is a fused
-/// multiply-add chain from zero over `j` in order.
+/// inputs `l`, `l + 16`, … with zeros past the end), folded by [`host::halves`]; each output is
+/// a fused multiply-add chain from zero over `j` in order.
 fn reference(p: &LowRankPanels, xs: &[&[f32]], out: &mut [&mut [f32]]) {
     let (in_pad, rank) = (padded(p.in_dim), p.rank);
     let panel = p.panel();
