@@ -14,7 +14,8 @@ Measures, in this order (the anchors last, while the server is idle):
           drifts over minutes); the median round is reported
   embed   all-MiniLM-L6-v2 through /v1/embeddings, batches of 32 (base64, the openai clients'
           default), at 1 and 8 clients
-  anchors llama_cpp.Llama on the same GGUF (single-stream decode tokens/s) and
+  anchors llama_cpp.Llama on the same GGUF (single-stream decode tokens/s; batched decode of
+          as many sequences as each sweep level above 1, one llama_decode per step), and
           SentenceTransformer on the same MiniLM folder (sentences/s), 2 threads each;
           each is skipped with a message when its package is missing
 
@@ -448,6 +449,68 @@ def anchor_llama_cpp(gguf: Path, max_tokens: int, threads: int, extra_bufts: boo
     })
 
 
+def anchor_llama_cpp_batched(gguf: Path, levels: list[int], steps: int, threads: int, extra_bufts: bool = False) -> None:
+    """llama.cpp's own batched decode on the same GGUF: `S` sequences, each the sweep's first
+    prompt, prefilled in one batch, then `steps` greedy steps of one token per sequence in one
+    `llama_decode` each, with every sequence's logits (as a knots step). Steady decode only,
+    with no arrivals or prefills between steps, so it is an upper bound on what llama.cpp's
+    batching gives a server. The rate is over the steps after the first four."""
+    try:
+        import llama_cpp
+        import numpy as np
+        from llama_cpp._utils import suppress_stdout_stderr as quiet
+    except ImportError:
+        note("llama_cpp not installed: skipping the llama.cpp batched anchor")
+        return
+    llm = load_llama(llama_cpp, gguf, threads, extra_bufts)
+    vocab = llama_cpp.llama_n_vocab(llama_cpp.llama_model_get_vocab(llm.model))
+    prompt = llm.tokenize(SWEEP_PROMPTS[0].encode())
+    for seqs in levels:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = seqs * 256 * math.ceil((len(prompt) + steps + 16) / 256)  # whole cells per sequence
+        params.n_batch = params.n_ubatch = max(512, seqs * len(prompt))
+        params.n_seq_max = seqs
+        params.n_threads = params.n_threads_batch = threads
+        with quiet(disable=False):  # a context logs its set-up whatever the log level
+            ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        batch = llama_cpp.llama_batch_init(params.n_batch, 0, seqs)
+        try:
+            def decode(tokens: list[tuple[int, int, int, bool]]) -> np.ndarray:
+                """One `llama_decode` of (token, position, sequence, logits?) rows; the logits
+                rows asked for, in order."""
+                for i, (token, pos, seq, logits) in enumerate(tokens):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+                    batch.seq_id[i][0], batch.logits[i] = seq, logits
+                batch.n_tokens = len(tokens)
+                if llama_cpp.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError(f"llama_decode failed at {seqs} sequences")
+                outputs = sum(1 for t in tokens if t[3])
+                return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(outputs, vocab))
+
+            logits = decode([(t, i, s, i == len(prompt) - 1) for s in range(seqs) for i, t in enumerate(prompt)])
+            started = None
+            for step in range(steps):
+                if step == 4:
+                    started = time.perf_counter()
+                nxt = logits.argmax(axis=1)
+                logits = decode([(int(nxt[s]), len(prompt) + step, s, True) for s in range(seqs)])
+            span = time.perf_counter() - started
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            with quiet(disable=False):
+                llama_cpp.llama_free(ctx)
+        emit({
+            "bench": "anchor",
+            "anchor": f"llama.cpp, {seqs} sequences",
+            "version": llama_cpp.__version__,
+            "threads": threads,
+            "extra_bufts": extra_bufts,
+            "sequences": seqs,
+            "steps": steps - 4,
+            "decode_tok_s": round(seqs * (steps - 4) / span, 2),
+        })
+
+
 def generate_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
     """Greedy decoding; the arrival time of each generated token (EOS excluded)."""
     times = []
@@ -557,12 +620,16 @@ def summary(results: list[dict]) -> str:
     embed_1 = next((r["sentences_s"] for r in by("embed") if r["clients"] == 1), None)
     # Streamed tokens/s: requests still running at the window's end count too.
     sweep = {(r["group"], r["clients"]): r["chunks_s"] for r in by("sweep")}
+    llama_16 = anchors.get("llama.cpp, 16 sequences", {}).get("decode_tok_s")
     ratios = [
         ["adapter / base decode", ratio(decode.get(DECODE_ADAPTER, {}).get("decode_tok_s"), base_tps)],
         ["16 clients over 8 sets / single stream", ratio(sweep.get(("adapter sets", 16)), base_tps)],
         ["16 clients: sets / base", ratio(sweep.get(("adapter sets", 16)), sweep.get(("base", 16)))],
         ["16 clients: low-rank sets / base", ratio(sweep.get(("low-rank sets", 16)), sweep.get(("base", 16)))],
         ["knots / llama.cpp decode", ratio(base_tps, anchors.get("llama.cpp", {}).get("decode_tok_s"))],
+        ["llama.cpp: 16 sequences / single stream", ratio(llama_16, anchors.get("llama.cpp", {}).get("decode_tok_s"))],
+        ["16 clients over 8 sets / llama.cpp 16 sequences", ratio(sweep.get(("adapter sets", 16)), llama_16)],
+        ["16 clients, base / llama.cpp 16 sequences", ratio(sweep.get(("base", 16)), llama_16)],
         ["knots (1 client) / sentence-transformers", ratio(embed_1, anchors.get("sentence-transformers", {}).get("sentences_s"))],
     ]
     ratios += paired_ratios(by("paired"))
@@ -622,6 +689,8 @@ def main() -> int:
     if not a.skip_anchors:
         if a.gguf and a.gguf.is_file():
             anchor_llama_cpp(a.gguf, a.decode_tokens, a.threads, a.llama_extra_bufts)
+            levels = [int(x) for x in a.levels.split(",") if int(x) > 1]
+            anchor_llama_cpp_batched(a.gguf, levels, a.max_tokens, a.threads, a.llama_extra_bufts)
         else:
             note(f"no GGUF at {a.gguf}: skipping the llama.cpp anchor")
         anchor_sentence_transformers(a.minilm_dir, sentences, a.threads)
