@@ -3,8 +3,9 @@
 //!
 //! With [`WeightFormat::Native`] the projection weights keep their quantized blocks (types without
 //! a fast kernel on the device are re-quantized to Q8_0, whose error is below the source's; on
-//! CPUs with the packed kernels of `qmatmul` that includes Q4_1); embeddings and norms are
-//! dequantized to f32. With [`WeightFormat::F32`] everything is f32.
+//! CPUs with the packed kernels of `qmatmul` that includes Q4_1); norms are dequantized to f32,
+//! and so is the embedding table unless it is tied to the output head and that head is packed:
+//! the head's blocks then serve the lookups too. With [`WeightFormat::F32`] everything is f32.
 //!
 //! llama.cpp's converter permutes the rows of `q_proj` and `k_proj` for its rotary layout; this
 //! undoes it so adapters trained on the Hugging Face layout apply unchanged: within each head,
@@ -198,8 +199,10 @@ impl GgufFile {
                 && let Some(kept) = keep_quantized(&q, heads, device)?
             {
                 let as_name = if embedding { "lm_head.weight" } else { &hf };
+                // A packed head serves the embedding lookups too (`Llama`'s `Embeddings`).
+                let packed = qmatmul::packs_tensor(&kept);
                 store.insert_quantized(as_name, Arc::new(kept));
-                if projection {
+                if projection || packed {
                     continue;
                 }
             }

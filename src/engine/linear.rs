@@ -93,7 +93,7 @@ impl LinearRegistry {
     ) -> Result<LoraLinear> {
         let name = format!("{path}.weight");
         let weight = match store.get_quantized(&name, &[shape.0, shape.1])? {
-            Some(q) if q.device().is_cpu() && qmatmul::available() && qmatmul::packs(q.dtype()) => {
+            Some(q) if qmatmul::packs_tensor(&q) => {
                 BaseWeight::Packed(Arc::new(PackedMatrix::from_qtensor(&q)?))
             }
             Some(q) => BaseWeight::Quantized(QMatMul::from_arc(q)?),
@@ -720,6 +720,14 @@ impl LoraLinear {
                 Tensor::from_vec(y, (rows, self.out_dim), x.device())?
             }
         })
+    }
+
+    /// The base weight's packed blocks, when it is kept that way.
+    pub fn packed(&self) -> Option<&Arc<PackedMatrix>> {
+        match &self.weight {
+            BaseWeight::Packed(p) => Some(p),
+            _ => None,
+        }
     }
 
     /// Whether the base weight is kept quantized.

@@ -9,6 +9,8 @@
 //! [`Llama::step`] is the serving engine's batched forward over many sequences, each with its own
 //! delta and paged cache (see `kv`).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -18,6 +20,7 @@ use super::kv::{KvPool, KvPrecision, KvShape, SeqCache};
 use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups};
 use super::ops;
 use super::paged::{Heads, PagedStep};
+use super::qmatmul::PackedMatrix;
 use super::rope::{Rope, RopeScaling, RowAngles, causal_mask, rope_rows};
 use super::weights::WeightStore;
 
@@ -291,14 +294,57 @@ impl Step<'_> {
     }
 }
 
+/// The token embedding table: f32 rows, or the packed blocks of the tied output head, whose
+/// rows are dequantized as tokens look them up. A GGUF file's quantized table then takes its
+/// size in the file once, for both uses, instead of a second copy in f32 (49,152 × 576 floats,
+/// 113 MB, for SmolLM2-135M); the rows equal the f32 table's (see [`PackedMatrix::row_into`]).
+#[derive(Debug)]
+enum Embeddings {
+    Dense(Tensor),
+    Packed(Arc<PackedMatrix>),
+}
+
+impl Embeddings {
+    /// The rows of `ids`, `(ids.len(), hidden)`.
+    fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embeddings::Dense(t) => Ok(t.index_select(&Tensor::new(ids, device)?, 0)?),
+            Embeddings::Packed(p) => {
+                let (vocab, hidden) = p.shape();
+                let mut values = vec![0f32; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(values.chunks_exact_mut(hidden)) {
+                    if id as usize >= vocab {
+                        return Err(EngineError::InvalidParam {
+                            name: "prompt",
+                            message: format!("token {id} is past the vocabulary of {vocab}"),
+                        });
+                    }
+                    p.row_into(id as usize, row);
+                }
+                Ok(Tensor::from_vec(values, (ids.len(), hidden), device)?)
+            }
+        }
+    }
+
+    /// The element type of the hidden states.
+    fn dtype(&self) -> DType {
+        match self {
+            Embeddings::Dense(t) => t.dtype(),
+            Embeddings::Packed(_) => DType::F32,
+        }
+    }
+}
+
 /// A Llama-layout causal language model.
 #[derive(Debug)]
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Tensor,
+    embed: Embeddings,
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: LoraLinear,
+    /// Whether `lm_head` is the f32 table itself (tied, and not kept quantized).
+    shares_table: bool,
     rope: Rope,
     registry: LinearRegistry,
     device: Device,
@@ -310,12 +356,24 @@ impl Llama {
         cfg.validate()?;
         let device = store.device().clone();
         let (hid, hd) = (cfg.hidden_size, cfg.head_dim());
-        let embed = store.get("model.embed_tokens.weight", &[cfg.vocab_size, hid])?;
-        if cfg.tie_word_embeddings || !store.contains("lm_head.weight") {
+        // A GGUF file's tied table may be kept only as the head's packed blocks (see `gguf`).
+        let table = "model.embed_tokens.weight";
+        let dense = match store.contains(table) {
+            true => Some(store.get(table, &[cfg.vocab_size, hid])?),
+            false => None,
+        };
+        let shares_table = dense.is_some()
+            && (cfg.tie_word_embeddings || !store.contains("lm_head.weight"))
+            && store
+                .get_quantized("lm_head.weight", &[cfg.vocab_size, hid])?
+                .is_none();
+        if let Some(embed) = &dense
+            && (cfg.tie_word_embeddings || !store.contains("lm_head.weight"))
+        {
             store.insert("lm_head.weight", embed.clone());
         }
         let mut reg = LinearRegistry::default();
-        reg.set_dtype(embed.dtype());
+        reg.set_dtype(dense.as_ref().map_or(DType::F32, Tensor::dtype));
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -341,6 +399,15 @@ impl Llama {
             });
         }
         let lm_head = reg.linear(&store, "lm_head", (cfg.vocab_size, hid), false)?;
+        let embed = match (dense, lm_head.packed()) {
+            (Some(t), _) => Embeddings::Dense(t),
+            (None, Some(p)) if cfg.tie_word_embeddings => Embeddings::Packed(p.clone()),
+            (None, _) => {
+                return Err(EngineError::MissingWeight {
+                    name: table.to_string(),
+                });
+            }
+        };
         let rope = Rope::new(
             hd,
             cfg.rope_theta(),
@@ -353,6 +420,7 @@ impl Llama {
             embed,
             blocks,
             lm_head,
+            shares_table,
             rope,
             registry: reg,
             device,
@@ -371,6 +439,29 @@ impl Llama {
     /// The linear layers, for resolving and converting deltas.
     pub fn registry(&self) -> &LinearRegistry {
         &self.registry
+    }
+
+    /// Bytes the model's weights hold in memory: every projection as it is kept (packed,
+    /// quantized or f32), the embedding table (once where the head is the table or serves it),
+    /// and the norms.
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let table = match &self.embed {
+            Embeddings::Dense(t) if !self.shares_table => bytes(t),
+            _ => 0,
+        };
+        let blocks: usize = (self.blocks.iter())
+            .map(|b| {
+                let a = &b.attn;
+                [&a.q, &a.k, &a.v, &a.o, &b.gate, &b.up, &b.down]
+                    .iter()
+                    .map(|l| l.weight_bytes())
+                    .sum::<usize>()
+                    + bytes(&b.input_norm)
+                    + bytes(&b.post_norm)
+            })
+            .sum();
+        table + blocks + self.lm_head.weight_bytes() + bytes(&self.norm)
     }
 
     /// Maximum number of positions (prompt plus generated tokens).
@@ -397,8 +488,7 @@ impl Llama {
             });
         }
         cache.layers.resize(self.blocks.len(), None);
-        let input = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed.index_select(&input, 0)?.unsqueeze(0)?;
+        let mut x = self.embed.rows(ids, &self.device)?.unsqueeze(0)?;
         let mut step = Step {
             delta,
             rope: &self.rope,
@@ -497,9 +587,7 @@ impl Llama {
             eps: self.cfg.rms_norm_eps as f32,
             device: &self.device,
         };
-        let mut x = self
-            .embed
-            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        let mut x = self.embed.rows(&ids, &self.device)?;
         if ctx.paged.is_some() {
             for (layer, block) in self.blocks.iter().enumerate() {
                 x = block.step(&x, layer, &ctx)?;
@@ -550,8 +638,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::engine::qmatmul;
     use crate::matrix::Matrix;
     use crate::merge::{MergedDelta, ModuleDelta};
+    use candle_core::quantized::{GgmlDType, QTensor};
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -565,6 +655,14 @@ mod tests {
     }
 
     fn tiny_as(dtype: DType) -> Llama {
+        let (cfg, tensors) = tiny_parts();
+        let mut store = WeightStore::new(tensors, Device::Cpu);
+        store.cast(dtype).expect("cast");
+        Llama::new(cfg, store).expect("model")
+    }
+
+    /// [`tiny`]'s configuration and f32 weights.
+    fn tiny_parts() -> (LlamaConfig, HashMap<String, Tensor>) {
         let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
             "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
@@ -597,9 +695,65 @@ mod tests {
             add(format!("{p}.input_layernorm.weight"), &[32]);
             add(format!("{p}.post_attention_layernorm.weight"), &[32]);
         }
-        let mut store = WeightStore::new(tensors, Device::Cpu);
-        store.cast(dtype).expect("cast");
-        Llama::new(cfg, store).expect("model")
+        (cfg, tensors)
+    }
+
+    /// An f32 model's weight bytes are its parameters' (the tied table counted once).
+    #[test]
+    fn weight_bytes_count_a_tied_table_once() {
+        let layer = 32 * 32 * 2 + 16 * 32 * 2 + 48 * 32 * 3 + 2 * 32;
+        let parameters = 40 * 32 + 32 + 2 * layer;
+        assert_eq!(tiny().weight_bytes(), 4 * parameters);
+    }
+
+    /// A tied table kept only as the packed head's blocks (as a GGUF file's on a CPU with the
+    /// packed kernels) gives the same logits, to the bit, as the same blocks dequantized into an
+    /// f32 table beside the packed head; without a packed kernel the model asks for the table.
+    #[test]
+    fn a_packed_tied_head_serves_the_embedding_lookups() {
+        let (cfg, mut tensors) = tiny_parts();
+        let table = tensors.remove("model.embed_tokens.weight").expect("table");
+        let q = Arc::new(QTensor::quantize(&table, GgmlDType::Q8_0).expect("quantize"));
+        let dequantized = q.dequantize(&Device::Cpu).expect("dequantize");
+        let model = |table: Option<&Tensor>| {
+            let mut store = WeightStore::new(tensors.clone(), Device::Cpu);
+            if let Some(t) = table {
+                store.insert("model.embed_tokens.weight", t.clone());
+            }
+            store.insert_quantized("lm_head.weight", q.clone());
+            Llama::new(cfg.clone(), store)
+        };
+        let without = model(None);
+        if !qmatmul::packs_tensor(&q) {
+            let err = without.expect_err("no table to look up");
+            assert!(matches!(err, EngineError::MissingWeight { .. }), "{err}");
+            return;
+        }
+        let (with, without) = (
+            model(Some(&dequantized)).expect("model"),
+            without.expect("model"),
+        );
+        assert!(matches!(with.embed, Embeddings::Dense(_)));
+        assert!(matches!(without.embed, Embeddings::Packed(_)));
+        let delta = (with.registry())
+            .load_delta(&delta(), &Device::Cpu)
+            .expect("delta");
+        let budget = 8 * with.kv_shape().block_bytes();
+        let want = run(&with, with.kv_pool(budget), &delta);
+        let got = run(&without, without.kv_pool(budget), &delta);
+        assert_eq!(want, got);
+        let table = 40 * 32 * 4;
+        assert_eq!(with.weight_bytes(), without.weight_bytes() + table);
+        let packed_head = without.lm_head.weight_bytes();
+        assert!(
+            packed_head > 0 && packed_head < table / 3,
+            "{packed_head} bytes"
+        );
+        let past = without
+            .embed
+            .rows(&[3, 40], &Device::Cpu)
+            .expect_err("past the vocabulary");
+        assert!(matches!(past, EngineError::InvalidParam { .. }), "{past}");
     }
 
     /// Logits of three sequences (two adapter sets and the base) over a prefill step and three

@@ -87,6 +87,12 @@ pub fn packs(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
 }
 
+/// Whether `q` becomes a [`PackedMatrix`] when loaded: a host tensor of a type [`packs`] takes,
+/// on a CPU with a packed kernel.
+pub fn packs_tensor(q: &QTensor) -> bool {
+    q.device().is_cpu() && available() && packs(q.dtype())
+}
+
 /// How the unsigned bytes of a block are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Width {
@@ -238,15 +244,44 @@ impl PackedMatrix {
         (d, m)
     }
 
-    /// Row `r`'s weights as f32 (for checks).
-    #[cfg(test)]
-    fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.cols);
-        for b in 0..self.blocks {
+    /// `(O, I)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Row `r`'s weights as f32 into `out` (`I` values): `d·q + m`, which for every packed type
+    /// is exactly the value the file's own dequantization gives (`d·q` and `m` are exact in f32,
+    /// and so is their sum where `m` is a multiple of `d`), so a table looked up here equals the
+    /// dequantized table.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        assert!(
+            r < self.rows && out.len() == self.cols,
+            "row {r} into {}",
+            out.len()
+        );
+        let bb = self.width.block_bytes();
+        let lane = r % GROUP;
+        for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
             let (d, m) = self.affine(r, b);
-            out.extend((0..BLOCK).map(|i| d * self.unsigned(r, b, i) as f32 + m));
+            let at = ((r / GROUP) * self.blocks + b) * GROUP * bb + lane * 4;
+            // Byte `4s + i` of the block's lane is at `at + s·GROUP·4 + i`.
+            let byte = |j: usize| self.qs[at + (j / 4) * GROUP * 4 + j % 4];
+            match self.width {
+                Width::Bytes => {
+                    for (j, v) in out.iter_mut().enumerate() {
+                        *v = d * byte(j) as f32 + m;
+                    }
+                }
+                Width::Nibbles => {
+                    let (low, high) = out.split_at_mut(BLOCK / 2);
+                    for (j, (lo, hi)) in low.iter_mut().zip(high).enumerate() {
+                        let q = byte(j);
+                        *lo = d * (q & 0x0F) as f32 + m;
+                        *hi = d * (q >> 4) as f32 + m;
+                    }
+                }
+            }
         }
-        out
     }
 
     /// `x: (rows, I)` row-major to `(rows, O)` row-major, `x · Wᵀ`.
@@ -836,10 +871,9 @@ mod tests {
             let w = q.dequantize(&Device::Cpu).expect("dequantize");
             let w = w.to_vec2::<f32>().expect("values");
             for (r, row) in w.iter().enumerate() {
-                let mine = packed.dequantize_row(r);
-                for (a, b) in mine.iter().zip(row) {
-                    assert!((a - b).abs() < 1e-6, "{dtype:?} row {r}: {a} vs {b}");
-                }
+                let mut mine = vec![f32::NAN; k];
+                packed.row_into(r, &mut mine);
+                assert_eq!(&mine, row, "{dtype:?} row {r}");
             }
             for m in [1, 3, 4, 9, 17, 23] {
                 let x = inputs(m, k);

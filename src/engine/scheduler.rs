@@ -98,6 +98,8 @@ pub struct EngineStats {
     pub running_labels: Vec<String>,
     pub waiting_labels: Vec<String>,
     pub max_batch: usize,
+    /// Bytes the base model's weights hold in memory, where known.
+    pub weight_bytes: Option<usize>,
 }
 
 /// Jobs waiting for admission, one queue per tenant, taken in turn.
@@ -573,6 +575,7 @@ impl Loop {
             running_labels: distinct(self.running.iter().map(|r| r.job.label.clone())),
             waiting_labels: Vec::new(),
             max_batch: self.shared.limits.max_batch,
+            weight_bytes: None,
         };
         *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
     }

@@ -180,6 +180,11 @@ fn describe() {
         "knots_engine_kv_cache_usage_ratio",
         "Reserved share of a base model's KV cache, 0 to 1."
     );
+    describe_gauge!(
+        "knots_engine_weight_bytes",
+        Unit::Bytes,
+        "Bytes a generation model's weights hold in memory, as kept (packed, quantized or f32)."
+    );
     describe_histogram!(
         telemetry::STEP_TOKENS,
         "Tokens run per engine step (decode tokens plus prefill chunks)."
@@ -275,6 +280,9 @@ pub fn render(engines: &[(String, EngineStats)], inflight: &InFlight, compat: Co
         gauge!("knots_engine_waiting_requests", &base).set(stats.waiting as f64);
         gauge!("knots_engine_running_requests", &base).set(stats.running as f64);
         gauge!("knots_engine_kv_cache_usage_ratio", &base).set(stats.kv_usage);
+        if let Some(bytes) = stats.weight_bytes {
+            gauge!("knots_engine_weight_bytes", &base).set(bytes as f64);
+        }
     }
     let mut running = inflight.sets(Phase::Running);
     let mut waiting = inflight.sets(Phase::Waiting);

@@ -323,6 +323,11 @@ async fn every_route_on_the_real_models() {
     ] {
         assert!(metrics.contains(family), "{family} missing");
     }
+    let weights = (metrics.lines())
+        .find_map(|l| l.strip_prefix("knots_engine_weight_bytes{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .expect("a weight-bytes series");
+    assert!(weights > 1e6, "{weights} bytes of weights");
     let (st, _) = api.get("/health", "").await;
     assert_eq!(st, 200);
     let (st, _) = api.get("/ready", "").await;
