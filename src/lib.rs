@@ -5,6 +5,7 @@
 //! applies inside its linear layers.
 
 pub mod adapters;
+pub mod allocator;
 pub mod cli;
 pub mod engine;
 pub mod eval;

@@ -93,6 +93,8 @@ pub async fn build_state(config: ServeConfig) -> anyhow::Result<AppState> {
         if let Some(spec) = &merge_device {
             backend.set_merge_device(spec)?;
         }
+        // The files' read buffers and the f32 copies packing went through are not needed again.
+        crate::allocator::return_free_pages();
         Ok::<_, crate::engine::EngineError>(backend)
     })
     .await??;

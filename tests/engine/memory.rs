@@ -3,7 +3,8 @@
 //! random weights over four methods (dense TIES and DARE-TIES, low-rank KnOTS-TIES and task
 //! arithmetic), so the merge cache evicts over and over. Resident growth after warm-up must stay
 //! within 1.25× the merge and alignment cache budgets together: every copy of a merged delta
-//! (host and converted) counts against the budget, and eviction frees all of them.
+//! (host and converted) counts against the budget, and eviction frees all of them. Before any
+//! request, the process holds little beyond its weights.
 
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -14,6 +15,21 @@ use super::process::{ServerProcess, client, get_json};
 
 const MERGE_BUDGET: u64 = 300 << 20;
 const ALIGNMENT_BUDGET: u64 = 32 << 20;
+
+/// What a started server may hold beyond its weights (the binary, the tokenizer, the adapters,
+/// thread stacks). An f32 copy of the tied embedding table (113 MB), or the load's freed buffers
+/// left with the allocator (65 MB), does not fit.
+const STARTUP_EXTRA: u64 = 144 << 20;
+
+/// The base model's `knots_engine_weight_bytes`.
+async fn weight_bytes(client: &reqwest::Client, url: &str) -> u64 {
+    let r = client.get(format!("{url}/metrics")).send().await.unwrap();
+    let text = r.text().await.unwrap();
+    (text.lines())
+        .find_map(|l| l.strip_prefix("knots_engine_weight_bytes{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no weight-bytes series in {text}")) as u64
+}
 
 async fn complete(client: &reqwest::Client, url: &str, model: &str) {
     let body = json!({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0});
@@ -46,6 +62,13 @@ async fn resident_memory_stays_within_the_cache_budgets() {
     .to_vec();
     let server = ServerProcess::start(&args).await;
     let (url, client) = (server.url.clone(), client());
+    let started = server.resident_bytes();
+    let weights = weight_bytes(&client, &url).await;
+    eprintln!("resident after start-up {started} bytes, of which weights {weights}");
+    assert!(
+        started < weights + STARTUP_EXTRA,
+        "{started} bytes resident after start-up, for {weights} bytes of weights"
+    );
 
     let names = ["sentiment-lm", "news-lm", "language-lm", "shout"];
     let methods = ["ties", "dare-ties", "knots-ties", "ta"];
