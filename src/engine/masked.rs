@@ -25,7 +25,13 @@
 //! load of as many values as the half's mask has bits, then a permutation that spreads them to
 //! their lanes, both controls read from small tables. On the same matrices on a Zen 3 (one
 //! thread, two rows), that takes 6.5 ms, against 9.0 with the controls computed in registers:
-//! the AVX2 copy is bound by its unpacking, not by memory.
+//! the AVX2 copy is bound by its unpacking, not by memory. A register holds one half, so the
+//! kernel makes one pass per half; on CPUs without AVX-512 a group's values are therefore kept
+//! as two streams ([`Layout::Halves`]), every input's low-half values and then every input's
+//! high-half values, so that each pass reads one stream and moves along it by its own half's
+//! bit count. With one stream the second pass also had to count the first half's bits of every
+//! input to find its values: a 3,072 × 4,096 matrix at 36% nonzero took 3.0 ms on two rows,
+//! against 2.2 ms with two streams (Zen 3, one thread, the same bits).
 
 /// Outputs per group (one per lane of a 512-bit register).
 pub const GROUP: usize = 16;
@@ -33,6 +39,27 @@ pub const GROUP: usize = 16;
 /// Above this fraction of nonzero entries the packed form saves too little to pay for its
 /// unpacking; the matrix stays dense.
 pub const MAX_DENSITY: f64 = 0.75;
+
+/// How a group's nonzero values are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Input by input, lane by lane: one stream (the AVX-512 kernel's expanding loads).
+    Whole,
+    /// Input by input, lanes 0–7; then input by input, lanes 8–15: a stream per eight-lane
+    /// half (the AVX2 kernel's passes).
+    Halves,
+}
+
+impl Layout {
+    /// The layout this CPU's kernel reads.
+    fn native() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if !avx512::available() && avx2::available() {
+            return Layout::Halves;
+        }
+        Layout::Whole
+    }
+}
 
 /// A `rows × cols` matrix as per-group masks and packed nonzero values.
 #[derive(Debug, Clone)]
@@ -43,14 +70,30 @@ pub struct MaskedMatrix {
     masks: Vec<u16>,
     /// Where each group's values start in `values` (`groups + 1` entries).
     starts: Vec<usize>,
-    /// The nonzero values, group by group, input by input, lane by lane.
+    /// With [`Layout::Halves`], where each group's high-half stream starts in `values`.
+    highs: Vec<usize>,
+    /// The nonzero values, group by group, in `layout`'s order.
     values: Vec<f32>,
+    layout: Layout,
+}
+
+/// One group of a [`MaskedMatrix`]: its masks, its values, and with [`Layout::Halves`] where
+/// its high-half stream starts among them.
+#[derive(Clone, Copy)]
+struct Group<'a> {
+    masks: &'a [u16],
+    values: &'a [f32],
+    high: Option<usize>,
 }
 
 impl MaskedMatrix {
     /// Packs `w: rows × cols` (row-major), or `None` when more than [`MAX_DENSITY`] of it is
     /// nonzero (or the shape does not match).
     pub fn pack(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        Self::pack_as(w, rows, cols, Layout::native())
+    }
+
+    fn pack_as(w: &[f32], rows: usize, cols: usize, layout: Layout) -> Option<Self> {
         if w.len() != rows * cols || cols == 0 {
             return None;
         }
@@ -61,20 +104,30 @@ impl MaskedMatrix {
         let groups = rows.div_ceil(GROUP);
         let mut masks = Vec::with_capacity(groups * cols);
         let mut starts = Vec::with_capacity(groups + 1);
+        let mut highs = Vec::new();
         let mut values = Vec::with_capacity(nonzero);
+        // Each stream's lanes, `from..to`.
+        let streams: &[(usize, usize)] = match layout {
+            Layout::Whole => &[(0, GROUP)],
+            Layout::Halves => &[(0, HALF), (HALF, GROUP)],
+        };
         for g in 0..groups {
             starts.push(values.len());
-            let lanes = g * GROUP..((g + 1) * GROUP).min(rows);
-            for i in 0..cols {
-                let mut mask = 0u16;
-                for (l, r) in lanes.clone().enumerate() {
-                    let v = w[r * cols + i];
-                    if v != 0.0 {
-                        mask |= 1 << l;
-                        values.push(v);
-                    }
+            let lanes = (rows - g * GROUP).min(GROUP);
+            let at = |l: usize, i: usize| w[(g * GROUP + l) * cols + i];
+            masks.extend((0..cols).map(|i| {
+                (0..lanes)
+                    .filter(|&l| at(l, i) != 0.0)
+                    .fold(0u16, |mask, l| mask | (1 << l))
+            }));
+            for (s, &(from, to)) in streams.iter().enumerate() {
+                if s == 1 {
+                    highs.push(values.len());
                 }
-                masks.push(mask);
+                for i in 0..cols {
+                    let stream = from.min(lanes)..to.min(lanes);
+                    values.extend(stream.map(|l| at(l, i)).filter(|v| *v != 0.0));
+                }
             }
         }
         starts.push(values.len());
@@ -83,7 +136,9 @@ impl MaskedMatrix {
             cols,
             masks,
             starts,
+            highs,
             values,
+            layout,
         })
     }
 
@@ -96,10 +151,10 @@ impl MaskedMatrix {
     pub fn to_dense(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         for g in 0..self.rows.div_ceil(GROUP) {
-            let (masks, values) = self.group(g);
-            let mut at = 0;
-            for (i, &mask) in masks.iter().enumerate() {
-                for (l, w) in unpack_scalar(mask, values, &mut at).into_iter().enumerate() {
+            let group = self.group(g);
+            let mut reader = Reader::new(group);
+            for (i, &mask) in group.masks.iter().enumerate() {
+                for (l, w) in reader.next(mask).into_iter().enumerate() {
                     if let Some(v) = out.get_mut((g * GROUP + l) * self.cols + i) {
                         *v = w;
                     }
@@ -122,13 +177,13 @@ impl MaskedMatrix {
             .map(|&r| &x[r as usize * self.cols..(r as usize + 1) * self.cols])
             .collect();
         for g in first / GROUP..(first + n).div_ceil(GROUP) {
-            let (masks, values) = self.group(g);
+            let group = self.group(g);
             // This group's outputs that are wanted, as lanes and as columns of `acc`.
             let lanes =
                 first.max(g * GROUP) - g * GROUP..(first + n).min((g + 1) * GROUP) - g * GROUP;
             let column = g * GROUP + lanes.start - first;
             for (b, block) in xs.chunks(ROWS).enumerate() {
-                let sums = group_sums(masks, values, block);
+                let sums = group_sums(group, block);
                 for (k, lane_sums) in sums.iter().take(block.len()).enumerate() {
                     let at = (b * ROWS + k) * n + column;
                     acc[at..at + lanes.len()].copy_from_slice(&lane_sums[lanes.clone()]);
@@ -137,14 +192,19 @@ impl MaskedMatrix {
         }
     }
 
-    /// Group `g`'s masks and packed values.
-    fn group(&self, g: usize) -> (&[u16], &[f32]) {
-        (
-            &self.masks[g * self.cols..(g + 1) * self.cols],
-            &self.values[self.starts[g]..self.starts[g + 1]],
-        )
+    /// Group `g`.
+    fn group(&self, g: usize) -> Group<'_> {
+        let start = self.starts[g];
+        Group {
+            masks: &self.masks[g * self.cols..(g + 1) * self.cols],
+            values: &self.values[start..self.starts[g + 1]],
+            high: (self.layout == Layout::Halves).then(|| self.highs[g] - start),
+        }
     }
 }
+
+/// Lanes of a 256-bit register: half a group.
+const HALF: usize = GROUP / 2;
 
 /// Input rows multiplied side by side.
 const ROWS: usize = 4;
@@ -155,27 +215,32 @@ const CHAINS: usize = 4;
 
 /// One group's sums for up to [`ROWS`] input rows (each `masks.len()` long): `sums[k][l]` is row
 /// `k` dotted with the group's output `l`.
-fn group_sums(masks: &[u16], values: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
-    // SAFETY (both): the CPU has what the kernel needs; `values` holds the masks' set bits (as
-    // `pack` built them); every row is `masks.len()` long.
+fn group_sums(group: Group<'_>, xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+    // SAFETY (both): the CPU has what the kernel needs; the values hold the masks' set bits in
+    // the kernel's layout (as `pack` built them); every row is `masks.len()` long.
     #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        return unsafe { avx512::group_sums(masks, values, xs) };
-    } else if avx2::available() {
-        return unsafe { avx2::group_sums(masks, values, xs) };
+    match group.high {
+        None if avx512::available() => {
+            return unsafe { avx512::group_sums(group.masks, group.values, xs) };
+        }
+        Some(high) if avx2::available() => {
+            let (low, high) = group.values.split_at(high);
+            return unsafe { avx2::group_sums(group.masks, [low, high], xs) };
+        }
+        _ => {}
     }
-    reference_sums(masks, values, xs)
+    reference_sums(group, xs)
 }
 
 /// [`group_sums`] without SIMD, and the order of its sums: each row's inputs `i` in chain
 /// `i % CHAINS` of fused multiply-adds, each chain in input order from zero, then
 /// `(c0 + c1) + (c2 + c3)`. Every input is multiplied, zeros included, as the vector kernel
 /// does.
-fn reference_sums(masks: &[u16], values: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+fn reference_sums(group: Group<'_>, xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
     let mut chains = [[[0f32; GROUP]; CHAINS]; ROWS];
-    let mut at = 0;
-    for (i, &mask) in masks.iter().enumerate() {
-        let w = unpack_scalar(mask, values, &mut at);
+    let mut reader = Reader::new(group);
+    for (i, &mask) in group.masks.iter().enumerate() {
+        let w = reader.next(mask);
         for (chain, x) in chains.iter_mut().zip(xs) {
             let sum = &mut chain[i % CHAINS];
             for (s, w) in sum.iter_mut().zip(w) {
@@ -186,17 +251,31 @@ fn reference_sums(masks: &[u16], values: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]
     chains.map(|[c0, c1, c2, c3]| std::array::from_fn(|l| (c0[l] + c1[l]) + (c2[l] + c3[l])))
 }
 
-/// One input's sixteen weights of a group: mask bit `l` takes the next value from
-/// `values[*at..]` (`*at` moves past the ones taken).
-fn unpack_scalar(mask: u16, values: &[f32], at: &mut usize) -> [f32; GROUP] {
-    std::array::from_fn(|l| {
-        if mask & (1 << l) != 0 {
-            *at += 1;
-            values[*at - 1]
-        } else {
-            0.0
+/// A group's inputs in order, without SIMD: where the next value of each stream is.
+struct Reader<'a> {
+    group: Group<'a>,
+    at: [usize; 2],
+}
+
+impl<'a> Reader<'a> {
+    fn new(group: Group<'a>) -> Self {
+        Self {
+            group,
+            at: [0, group.high.unwrap_or(0)],
         }
-    })
+    }
+
+    /// The next input's sixteen weights: mask bit `l` takes the next value of lane `l`'s stream.
+    fn next(&mut self, mask: u16) -> [f32; GROUP] {
+        std::array::from_fn(|l| {
+            if mask & (1 << l) == 0 {
+                return 0.0;
+            }
+            let stream = usize::from(self.group.high.is_some() && l >= HALF);
+            self.at[stream] += 1;
+            self.group.values[self.at[stream] - 1]
+        })
+    }
 }
 
 /// The AVX-512 kernel of [`group_sums`].
@@ -306,17 +385,15 @@ mod avx512 {
     }
 }
 
-/// The AVX2 kernel of [`group_sums`]: a group's sixteen lanes as two halves of eight, each a
-/// pass over the group's inputs (the second finds the values in cache), for two rows at a time
-/// (four chains of eight lanes per row fill half the sixteen registers).
+/// The AVX2 kernel of [`group_sums`] for [`Layout::Halves`]: a group's sixteen lanes as two
+/// halves of eight, each a pass over the group's inputs reading its own stream of values, for two
+/// rows at a time (four chains of eight lanes per row fill half the sixteen registers).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{CHAINS, GROUP, ROWS};
+    use super::{CHAINS, GROUP, HALF, ROWS};
 
-    /// Lanes of a 256-bit register.
-    const HALF: usize = GROUP / 2;
     /// Rows of one pass.
     const PAIR: usize = 2;
     /// Values asked for ahead of the ones being unpacked (4 KiB), as the AVX-512 kernel does.
@@ -372,50 +449,33 @@ mod avx2 {
         table
     }
 
-    /// Eight lanes' weights from the mask bits `bits` (eight of them) and the values from `at`
+    /// Eight lanes' weights from the mask bits `bits` (eight of them) and the values from `*at`
     /// on: a masked load of as many values as bits are set (the rest zero), then a permutation
-    /// that spreads them to their lanes, both controls read from tables.
+    /// that spreads them to their lanes, both controls read from tables; `*at` moves past the
+    /// values taken.
     ///
     /// # Safety
-    /// AVX2 and POPCNT; `bits < 256`; `at` holds `bits.count_ones()` values.
+    /// AVX2 and POPCNT; `*at` holds `bits.count_ones()` values.
     #[inline(always)]
-    unsafe fn unpack(bits: usize, at: *const f32) -> __m256 {
+    unsafe fn unpack(bits: u8, at: &mut *const f32) -> __m256 {
+        let taken = bits.count_ones() as usize;
         // SAFETY: the caller's guarantees; the masked load reads only the loaded lanes; the
         // tables' rows are aligned eight-lane rows, `bits` and its count index them.
         unsafe {
-            let first = FIRST.get_unchecked(bits.count_ones() as usize);
-            let w = _mm256_maskload_ps(at, _mm256_load_si256(first.0.as_ptr().cast()));
-            let spread = SPREAD.get_unchecked(bits);
+            let first = FIRST.get_unchecked(taken);
+            let w = _mm256_maskload_ps(*at, _mm256_load_si256(first.0.as_ptr().cast()));
+            *at = at.add(taken);
+            let spread = SPREAD.get_unchecked(bits as usize);
             _mm256_permutevar8x32_ps(w, _mm256_load_si256(spread.0.as_ptr().cast()))
         }
     }
 
-    /// Input `i`'s weights of half `h`, from the group's values at `*at` (the values after the
-    /// low half's ones when `h = 1`); `*at` moves past all of the input's values.
+    /// Half `h` (lanes `8h .. 8h + 8`) of [`super::reference_sums`] for exactly `R` rows, from
+    /// the half's stream `values`.
     ///
     /// # Safety
-    /// AVX2 and POPCNT; `i < masks.len()`; `values[*at..]` holds input `i`'s set bits.
-    #[inline(always)]
-    unsafe fn weights(masks: &[u16], values: &[f32], at: &mut usize, i: usize, h: usize) -> __m256 {
-        // SAFETY: the caller's guarantees.
-        unsafe {
-            let mask = *masks.get_unchecked(i) as usize;
-            let skip = if h == 1 {
-                (mask & 0xFF).count_ones() as usize
-            } else {
-                0
-            };
-            let w = unpack((mask >> (HALF * h)) & 0xFF, values.as_ptr().add(*at + skip));
-            *at += mask.count_ones() as usize;
-            w
-        }
-    }
-
-    /// Half `h` (lanes `8h .. 8h + 8`) of [`super::reference_sums`] for exactly `R` rows.
-    ///
-    /// # Safety
-    /// [`available`]; `values` holds the masks' set bits; `x` holds `R` rows of `masks.len()`
-    /// values.
+    /// [`available`]; `values` holds the set bits of half `h` of every mask; `x` holds `R` rows
+    /// of `masks.len()` values.
     #[target_feature(enable = "avx2,fma,popcnt")]
     unsafe fn half_sums<const R: usize>(
         masks: &[u16],
@@ -424,19 +484,19 @@ mod avx2 {
         h: usize,
     ) -> [__m256; R] {
         let cols = masks.len();
+        // Byte `h` of each mask is half `h`'s bits (x86 is little-endian).
+        let bits = |i: usize| unsafe { *masks.as_ptr().cast::<u8>().add(2 * i + h) };
         let mut chains = [[_mm256_setzero_ps(); R]; CHAINS];
-        let mut at = 0;
+        let mut at = values.as_ptr();
         let mut i = 0;
         while i + CHAINS <= cols {
-            if h == 0 {
-                // A prefetch never faults, whatever the address.
-                let ahead = values.as_ptr().wrapping_add(at + AHEAD);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
-            }
-            // SAFETY: inputs `i..i + CHAINS` exist; the group's values hold their set bits.
+            // A prefetch never faults, whatever the address.
+            let ahead = at.wrapping_add(AHEAD);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
+            // SAFETY: inputs `i..i + CHAINS` exist; the stream holds their set bits.
             let w: [__m256; CHAINS] =
-                std::array::from_fn(|c| unsafe { weights(masks, values, &mut at, i + c, h) });
+                std::array::from_fn(|c| unsafe { unpack(bits(i + c), &mut at) });
             for (c, chain) in chains.iter_mut().enumerate() {
                 for k in 0..R {
                     // SAFETY: input `i + c` is within every row.
@@ -448,7 +508,7 @@ mod avx2 {
         }
         for (c, i) in (i..cols).enumerate() {
             // SAFETY: as above, for the last inputs.
-            let w = unsafe { weights(masks, values, &mut at, i, h) };
+            let w = unsafe { unpack(bits(i), &mut at) };
             for k in 0..R {
                 // SAFETY: as above, for the last inputs.
                 let xv = _mm256_set1_ps(unsafe { *x[k].add(i) });
@@ -461,16 +521,20 @@ mod avx2 {
         })
     }
 
-    /// [`super::group_sums`] for 1 to [`ROWS`] rows, two at a time.
+    /// [`super::group_sums`] for 1 to [`ROWS`] rows, two at a time, from the group's two streams.
     ///
     /// # Safety
-    /// [`available`]; `values` holds the masks' set bits; `xs` holds 1 to [`ROWS`] rows of
-    /// `masks.len()` values.
-    pub unsafe fn group_sums(m: &[u16], v: &[f32], xs: &[&[f32]]) -> [[f32; GROUP]; ROWS] {
+    /// [`available`]; `streams[h]` holds the set bits of half `h` of every mask; `xs` holds 1 to
+    /// [`ROWS`] rows of `masks.len()` values.
+    pub unsafe fn group_sums(
+        m: &[u16],
+        streams: [&[f32]; 2],
+        xs: &[&[f32]],
+    ) -> [[f32; GROUP]; ROWS] {
         assert!(xs.len() <= ROWS && xs.iter().all(|x| x.len() == m.len()));
         let mut sums = [[0f32; GROUP]; ROWS];
         for (p, pair) in xs.chunks(PAIR).enumerate() {
-            for h in 0..2 {
+            for (h, v) in streams.into_iter().enumerate() {
                 // SAFETY: the caller's guarantees.
                 let got: [__m256; PAIR] = unsafe {
                     if let [a, b] = pair {
@@ -508,20 +572,27 @@ mod tests {
             .collect()
     }
 
+    const LAYOUTS: [Layout; 2] = [Layout::Whole, Layout::Halves];
+
     #[test]
     fn packing_keeps_every_value_and_position() {
         for (rows, cols) in [(5, 16), (17, 37), (33, 64)] {
             let w = sparse(rows, cols);
-            let m = MaskedMatrix::pack(&w, rows, cols).expect("sparse enough");
-            assert_eq!(m.to_dense(), w, "{rows} × {cols}");
-            let values = m.values.len();
-            assert_eq!(values, w.iter().filter(|v| **v != 0.0).count());
-            let packed_bytes = m.masks.len() * 2 + m.starts.len() * 8 + values * 4;
-            assert!(
-                packed_bytes < w.len() * 4 * 6 / 10,
-                "{rows} × {cols}: {packed_bytes} bytes"
-            );
+            for layout in LAYOUTS {
+                let m = MaskedMatrix::pack_as(&w, rows, cols, layout).expect("sparse enough");
+                assert_eq!(m.to_dense(), w, "{rows} × {cols}, {layout:?}");
+                let values = m.values.len();
+                assert_eq!(values, w.iter().filter(|v| **v != 0.0).count());
+                let offsets = m.starts.len() + m.highs.len();
+                let packed_bytes = m.masks.len() * 2 + offsets * 8 + values * 4;
+                assert!(
+                    packed_bytes < w.len() * 4 * 6 / 10,
+                    "{rows} × {cols}: {packed_bytes} bytes"
+                );
+            }
         }
+        let native = MaskedMatrix::pack(&sparse(5, 16), 5, 16).expect("sparse enough");
+        assert_eq!(native.layout, Layout::native());
     }
 
     #[test]
@@ -543,7 +614,8 @@ mod tests {
     /// (fewer than one register block holds, and more); any range of outputs, inside a group or
     /// across groups. One row of the matrix is full, one empty, the rest sparse, and the last
     /// group is short; the input count is not a multiple of the chains, so the first chains
-    /// take the last inputs.
+    /// take the last inputs. Both layouts give the same bits (on this CPU, one of them through
+    /// its kernel, the other through the reference).
     #[test]
     fn products_follow_one_order_whatever_the_batch() {
         let (out_dim, in_dim) = (40, 47);
@@ -553,42 +625,46 @@ mod tests {
             .enumerate()
             .for_each(|(i, v)| *v = 0.5 - i as f32 * 0.01);
         w[in_dim..2 * in_dim].fill(0.0);
-        let m = MaskedMatrix::pack(&w, out_dim, in_dim).expect("sparse enough");
         let x: Vec<f32> = (0..8 * in_dim).map(|i| (i as f32 * 0.11).cos()).collect();
-        let alone = |r: u32| {
-            let mut y = vec![f32::NAN; out_dim];
-            m.products(0, out_dim, &x, &[r], &mut y);
-            y
-        };
-        for rows in [&[3u32, 0, 2][..], &[5], &[7, 0, 2, 6, 5, 1]] {
-            for (first, n) in [(0, out_dim), (1, 13), (14, 20), (32, 8)] {
-                let mut packed = vec![f32::NAN; rows.len() * n];
-                m.products(first, n, &x, rows, &mut packed);
-                for (k, &r) in rows.iter().enumerate() {
-                    let got = &packed[k * n..(k + 1) * n];
-                    assert_eq!(got, &alone(r)[first..first + n], "row {r} of {rows:?}");
-                    for (j, &v) in got.iter().enumerate() {
-                        let want = exact(&x, r as usize, &w, first + j, in_dim);
-                        assert!(
-                            (v as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{v} vs {want}"
-                        );
+        let mut results = Vec::new();
+        for layout in LAYOUTS {
+            let m = MaskedMatrix::pack_as(&w, out_dim, in_dim, layout).expect("sparse enough");
+            let alone = |r: u32| {
+                let mut y = vec![f32::NAN; out_dim];
+                m.products(0, out_dim, &x, &[r], &mut y);
+                y
+            };
+            for rows in [&[3u32, 0, 2][..], &[5], &[7, 0, 2, 6, 5, 1]] {
+                for (first, n) in [(0, out_dim), (1, 13), (14, 20), (32, 8)] {
+                    let mut packed = vec![f32::NAN; rows.len() * n];
+                    m.products(first, n, &x, rows, &mut packed);
+                    for (k, &r) in rows.iter().enumerate() {
+                        let got = &packed[k * n..(k + 1) * n];
+                        assert_eq!(got, &alone(r)[first..first + n], "row {r} of {rows:?}");
+                        for (j, &v) in got.iter().enumerate() {
+                            let want = exact(&x, r as usize, &w, first + j, in_dim);
+                            assert!(
+                                (v as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{v} vs {want}"
+                            );
+                        }
                     }
                 }
             }
+            let xs: Vec<&[f32]> = [6usize, 1]
+                .iter()
+                .map(|&r| &x[r * in_dim..(r + 1) * in_dim])
+                .collect();
+            for g in 0..out_dim.div_ceil(GROUP) {
+                let want = reference_sums(m.group(g), &xs);
+                let got = group_sums(m.group(g), &xs);
+                assert_eq!(got[..2], want[..2], "group {g}, {layout:?}");
+            }
+            let y = alone(0);
+            assert!(y[0] != 0.0 && y[1] == 0.0, "the full row and the empty one");
+            assert!(y.iter().filter(|v| **v != 0.0).count() > out_dim / 2);
+            results.push((0..8).map(alone).collect::<Vec<_>>());
         }
-        let xs: Vec<&[f32]> = [6usize, 1]
-            .iter()
-            .map(|&r| &x[r * in_dim..(r + 1) * in_dim])
-            .collect();
-        for g in 0..out_dim.div_ceil(GROUP) {
-            let (masks, values) = m.group(g);
-            let want = reference_sums(masks, values, &xs);
-            let got = group_sums(masks, values, &xs);
-            assert_eq!(got[..2], want[..2], "group {g}");
-        }
-        let y = alone(0);
-        assert!(y[0] != 0.0 && y[1] == 0.0, "the full row and the empty one");
-        assert!(y.iter().filter(|v| **v != 0.0).count() > out_dim / 2);
+        assert_eq!(results[0], results[1], "the same bits in either layout");
     }
 }
