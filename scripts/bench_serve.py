@@ -454,7 +454,8 @@ def anchor_llama_cpp_batched(gguf: Path, levels: list[int], steps: int, threads:
     prompt, prefilled in one batch, then `steps` greedy steps of one token per sequence in one
     `llama_decode` each, with every sequence's logits (as a knots step). Steady decode only,
     with no arrivals or prefills between steps, so it is an upper bound on what llama.cpp's
-    batching gives a server. The rate is over the steps after the first four."""
+    batching gives a server. The rate is over the steps after the first four (half, for fewer
+    than eight)."""
     try:
         import llama_cpp
         import numpy as np
@@ -463,6 +464,7 @@ def anchor_llama_cpp_batched(gguf: Path, levels: list[int], steps: int, threads:
         note("llama_cpp not installed: skipping the llama.cpp batched anchor")
         return
     llm = load_llama(llama_cpp, gguf, threads, extra_bufts)
+    warm = min(4, steps // 2)  # steps before the timed ones
     vocab = llama_cpp.llama_n_vocab(llama_cpp.llama_model_get_vocab(llm.model))
     prompt = llm.tokenize(SWEEP_PROMPTS[0].encode())
     for seqs in levels:
@@ -488,9 +490,9 @@ def anchor_llama_cpp_batched(gguf: Path, levels: list[int], steps: int, threads:
                 return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(outputs, vocab))
 
             logits = decode([(t, i, s, i == len(prompt) - 1) for s in range(seqs) for i, t in enumerate(prompt)])
-            started = None
+            started = time.perf_counter()
             for step in range(steps):
-                if step == 4:
+                if step == warm:
                     started = time.perf_counter()
                 nxt = logits.argmax(axis=1)
                 logits = decode([(int(nxt[s]), len(prompt) + step, s, True) for s in range(seqs)])
@@ -506,8 +508,8 @@ def anchor_llama_cpp_batched(gguf: Path, levels: list[int], steps: int, threads:
             "threads": threads,
             "extra_bufts": extra_bufts,
             "sequences": seqs,
-            "steps": steps - 4,
-            "decode_tok_s": round(seqs * (steps - 4) / span, 2),
+            "steps": steps - warm,
+            "decode_tok_s": round(seqs * (steps - warm) / span, 2),
         })
 
 

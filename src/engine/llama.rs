@@ -362,13 +362,14 @@ impl Llama {
             true => Some(store.get(table, &[cfg.vocab_size, hid])?),
             false => None,
         };
+        let head_is_table = cfg.tie_word_embeddings || !store.contains("lm_head.weight");
         let shares_table = dense.is_some()
-            && (cfg.tie_word_embeddings || !store.contains("lm_head.weight"))
+            && head_is_table
             && store
                 .get_quantized("lm_head.weight", &[cfg.vocab_size, hid])?
                 .is_none();
         if let Some(embed) = &dense
-            && (cfg.tie_word_embeddings || !store.contains("lm_head.weight"))
+            && head_is_table
         {
             store.insert("lm_head.weight", embed.clone());
         }
