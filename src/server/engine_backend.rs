@@ -27,8 +27,6 @@ use crate::merge::MergedDelta;
 struct Generator {
     model: Arc<TextModel>,
     engine: Engine,
-    /// The model's [`engine::Llama::weight_bytes`] at load.
-    weight_bytes: usize,
 }
 
 /// An encoder model, the engine loop that batches its requests, and its label-text heads.
@@ -87,20 +85,17 @@ impl EngineBackend {
             } else {
                 let model = Arc::new(TextModel::load_as(&path, &device, options.format)?);
                 let engine = Engine::start(model.clone(), options.limits);
-                let weight_bytes = model.model.weight_bytes();
-                let generator = Generator {
-                    model,
-                    engine,
-                    weight_bytes,
-                };
-                (BaseKind::Generator, Model::Generator(generator))
+                (
+                    BaseKind::Generator,
+                    Model::Generator(Generator { model, engine }),
+                )
             };
             let context_length = match &model {
                 Model::Generator(g) => g.model.model.context_length(),
                 Model::Encoder(e) => e.encoder.max_tokens,
             };
             let weight_bytes = match &model {
-                Model::Generator(g) => Some(g.weight_bytes),
+                Model::Generator(g) => g.engine.stats().weight_bytes,
                 Model::Encoder(_) => None,
             };
             tracing::info!(%id, ?kind, context_length, weight_bytes, "loaded base model");
@@ -332,13 +327,7 @@ impl Backend for EngineBackend {
         self.models
             .iter()
             .map(|(info, m)| match m {
-                Model::Generator(g) => (
-                    info.id.clone(),
-                    EngineStats {
-                        weight_bytes: Some(g.weight_bytes),
-                        ..g.engine.stats()
-                    },
-                ),
+                Model::Generator(g) => (info.id.clone(), g.engine.stats()),
                 Model::Encoder(e) => (
                     info.id.clone(),
                     EngineStats {
