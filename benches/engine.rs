@@ -272,7 +272,7 @@ fn mix(model: &TextModel, models: &Path, shout: &LoraAdapter, name: &str) -> Mix
 /// SmolLM2 with its quantized weights as the server loads them.
 fn serving_model(models: &Path) -> Arc<TextModel> {
     Arc::new(
-        TextModel::load_as(
+        TextModel::load_serving(
             &resolve("smollm2-135m-instruct", models).expect("model"),
             &Device::Cpu,
             WeightFormat::Native,
@@ -460,7 +460,7 @@ fn main() {
         Some(Arc::new(merged)),
     );
 
-    let encoder = Encoder::load(
+    let encoder = Encoder::load_serving(
         &resolve("all-minilm-l6-v2", &models).expect("model"),
         &Device::Cpu,
     )

@@ -103,7 +103,7 @@ pub struct GenerateArgs {
 pub fn run_generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let (path, device) = args.model.resolve()?;
     let (_, delta) = args.model.delta()?;
-    let model = TextModel::load(&path, &device)?;
+    let model = TextModel::load_serving(&path, &device, WeightFormat::F32)?;
     let loaded = delta.map(|d| model.load_delta(&d)).transpose()?;
     let prompt = if args.chat {
         model.encode_chat(&[Message::user(args.prompt.clone())])?
@@ -178,7 +178,7 @@ pub struct LogitsArgs {
 pub fn run_logits(args: &LogitsArgs) -> anyhow::Result<()> {
     let (path, device) = args.model.resolve()?;
     let (_, delta) = args.model.delta()?;
-    let model = TextModel::load_as(&path, &device, args.dtype)?;
+    let model = TextModel::load_serving(&path, &device, args.dtype)?;
     let loaded = delta.map(|d| model.load_delta(&d)).transpose()?;
     let prompt = match &args.prompt {
         Some(text) => model.encode_plain(text)?,
@@ -240,7 +240,7 @@ pub struct EmbedArgs {
 pub fn run_embed(args: &EmbedArgs) -> anyhow::Result<()> {
     let (path, device) = args.model.resolve()?;
     let (_, delta) = args.model.delta()?;
-    let encoder = Encoder::load(&path, &device)?;
+    let encoder = Encoder::load_serving(&path, &device)?;
     let loaded = delta.map(|d| encoder.load_delta(&d)).transpose()?;
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let rows = encoder.embed(&texts, loaded.as_deref())?.to_vec2::<f32>()?;
@@ -289,7 +289,7 @@ fn parse_task_labels(spec: &str) -> anyhow::Result<(String, Vec<String>)> {
 pub fn run_classify(args: &ClassifyArgs) -> anyhow::Result<()> {
     let (path, device) = args.model.resolve()?;
     let (adapters, delta) = args.model.delta()?;
-    let encoder = Encoder::load(&path, &device)?;
+    let encoder = Encoder::load_serving(&path, &device)?;
     let loaded = delta.map(|d| encoder.load_delta(&d)).transpose()?;
     let names: Vec<(String, Vec<String>)> = args
         .head_labels

@@ -9,7 +9,7 @@ use super::error::{EngineError, Result};
 use super::host;
 use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear};
 use super::ops;
-use super::weights::WeightStore;
+use super::weights::{WeightStore, tensor_bytes};
 
 /// Masked attention logits; large enough to vanish under softmax, finite so no row is NaN.
 const MASKED: f64 = -1e9;
@@ -47,6 +47,10 @@ impl Norm {
             gamma: store.get(&format!("{path}.weight"), &[dim])?,
             beta: store.get(&format!("{path}.bias"), &[dim])?,
         })
+    }
+
+    fn bytes(&self) -> usize {
+        tensor_bytes(&self.gamma) + tensor_bytes(&self.beta)
     }
 
     fn forward(&self, x: &Tensor, eps: f32, grad: bool) -> Result<Tensor> {
@@ -199,6 +203,33 @@ impl Bert {
 
     pub fn registry(&self) -> &LinearRegistry {
         &self.registry
+    }
+
+    /// Bytes the encoder's weights hold in memory now: the embedding tables, every projection
+    /// as it is kept (with the column panels the first products pack) and the norms.
+    pub fn weight_bytes(&self) -> usize {
+        let tables = [&self.word, &self.position, &self.token_type];
+        let layers: usize = (self.layers.iter())
+            .map(|l| {
+                [
+                    &l.query,
+                    &l.key,
+                    &l.value,
+                    &l.attn_out,
+                    &l.intermediate,
+                    &l.output,
+                ]
+                .iter()
+                .map(|p| p.weight_bytes())
+                .sum::<usize>()
+                    + l.attn_norm.bytes()
+                    + l.out_norm.bytes()
+            })
+            .sum();
+        tables.into_iter().map(tensor_bytes).sum::<usize>()
+            + self.emb_norm.bytes()
+            + layers
+            + self.pooler.as_ref().map_or(0, LoraLinear::weight_bytes)
     }
 
     /// Pads `seqs` (with id 0) into one batch.

@@ -52,6 +52,7 @@ struct Shared {
 
 /// The engine loop of one encoder model.
 pub struct EncoderEngine {
+    encoder: Arc<Encoder>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -64,12 +65,16 @@ impl EncoderEngine {
             stop: AtomicBool::new(false),
             max_queue,
         });
-        let loop_shared = shared.clone();
+        let (looping, loop_shared) = (encoder.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("knots-encoder".into())
-            .spawn(move || run(&encoder, &loop_shared))
+            .spawn(move || run(&looping, &loop_shared))
             .ok();
-        Self { shared, thread }
+        Self {
+            encoder,
+            shared,
+            thread,
+        }
     }
 
     /// Queues a job; its result arrives on the returned channel.
@@ -91,6 +96,11 @@ impl EncoderEngine {
         drop(queue);
         self.shared.wake.notify_one();
         Ok(rx)
+    }
+
+    /// Bytes the encoder's weights hold in memory now ([`crate::engine::Bert::weight_bytes`]).
+    pub fn weight_bytes(&self) -> usize {
+        self.encoder.model.weight_bytes()
     }
 
     /// Jobs waiting for their turn.

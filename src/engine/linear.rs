@@ -23,7 +23,7 @@ use super::low_rank::LowRankPanels;
 use super::masked::MaskedMatrix;
 use super::panels::PanelMatrix;
 use super::qmatmul::{self, PackedMatrix};
-use super::weights::WeightStore;
+use super::weights::{WeightStore, tensor_bytes};
 use crate::matrix::Matrix;
 use crate::merge::{MergedDelta, ModuleDelta};
 
@@ -97,10 +97,7 @@ impl LinearRegistry {
                 BaseWeight::Packed(Arc::new(PackedMatrix::from_qtensor(&q)?))
             }
             Some(q) => BaseWeight::Quantized(QMatMul::from_arc(q)?),
-            None => BaseWeight::Dense {
-                w: store.get(&name, &[shape.0, shape.1])?,
-                panels: Arc::default(),
-            },
+            None => dense_weight(store.get(&name, &[shape.0, shape.1])?, store.serving()),
         };
         let bias = if bias {
             Some(store.get(&format!("{path}.bias"), &[shape.0])?)
@@ -282,15 +279,36 @@ fn layer_delta(d: &ModuleDelta, device: &Device, dtype: Option<DType>) -> Result
     })
 }
 
+/// An f32 weight as a [`BaseWeight`]: only its panels when the model is built for serving and
+/// the weight is f32 in host memory, else the tensor (with panels packed at its first product).
+fn dense_weight(w: Tensor, serving: bool) -> BaseWeight {
+    let packed = serving
+        .then(|| {
+            let (outputs, inputs) = w.dims2().ok()?;
+            host::with_slice(&w, |values| PanelMatrix::pack(values, outputs, inputs))
+        })
+        .flatten();
+    match packed {
+        Some(panels) => BaseWeight::Panels(Arc::new(panels)),
+        None => BaseWeight::Dense {
+            w,
+            panels: Arc::default(),
+        },
+    }
+}
+
 /// The shared base weight of a linear layer.
 #[derive(Debug, Clone)]
 enum BaseWeight {
     /// `O × I` f32, and the same values in column panels for host products, packed at the first
-    /// one (a model that only trains never packs; a serving one holds both).
+    /// one (a model that only trains never packs them).
     Dense {
         w: Tensor,
         panels: Arc<OnceLock<Option<PanelMatrix>>>,
     },
+    /// `O × I` f32 in host memory kept only as column panels, packed at load: a model built for
+    /// serving ([`WeightStore::set_serving`]), whose base products need no gradients.
+    Panels(Arc<PanelMatrix>),
     /// Quantized blocks (`O × I`), multiplied by candle's quantized matmul.
     Quantized(QMatMul),
     /// Quantized blocks (`O × I`) for the packed CPU kernels (see `qmatmul`).
@@ -439,6 +457,17 @@ impl LoraLinear {
         deltas: Deltas<'_>,
     ) -> Result<Vec<Tensor>> {
         let grad = deltas.need_gradients();
+        if grad
+            && layers
+                .iter()
+                .any(|l| matches!(l.weight, BaseWeight::Panels(_)))
+        {
+            return Err(EngineError::Unsupported {
+                message: "gradients through a model built for serving, whose f32 weights are kept \
+                          only as panels: load it for training"
+                    .into(),
+            });
+        }
         if !grad {
             let x = x.contiguous()?;
             let (rows, k) = x.dims2()?;
@@ -507,8 +536,10 @@ impl LoraLinear {
     /// The f32 weight in column panels, packed at the first call; `None` for other weights or
     /// one not in host memory.
     fn panels(&self) -> Option<&PanelMatrix> {
-        let BaseWeight::Dense { w, panels } = &self.weight else {
-            return None;
+        let (w, panels) = match &self.weight {
+            BaseWeight::Dense { w, panels } => (w, panels),
+            BaseWeight::Panels(p) => return Some(p),
+            _ => return None,
         };
         panels
             .get_or_init(|| {
@@ -705,7 +736,7 @@ impl LoraLinear {
         Ok(match &self.weight {
             BaseWeight::Dense { w, .. } => x.matmul(&w.t()?)?,
             BaseWeight::Quantized(q) => q.forward(&x.contiguous()?)?,
-            BaseWeight::Packed(_) => {
+            BaseWeight::Packed(_) | BaseWeight::Panels(_) => {
                 let x = x.contiguous()?;
                 let (rows, k) = x.dims2()?;
                 let (y, _) = host::with_slice(&x, |xs| {
@@ -730,6 +761,14 @@ impl LoraLinear {
         }
     }
 
+    /// The base weight's column panels, when it is kept only that way.
+    pub fn panels_only(&self) -> Option<&Arc<PanelMatrix>> {
+        match &self.weight {
+            BaseWeight::Panels(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Whether the base weight is kept quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(
@@ -738,11 +777,12 @@ impl LoraLinear {
         )
     }
 
-    /// Bytes the base weight occupies.
+    /// Bytes the layer's weights occupy: the base weight as it is kept (with its column panels
+    /// once a product has packed them) and the bias.
     pub fn weight_bytes(&self) -> usize {
-        match &self.weight {
+        let weight = match &self.weight {
             BaseWeight::Dense { w, panels } => {
-                w.elem_count() * w.dtype().size_in_bytes()
+                tensor_bytes(w)
                     + panels
                         .get()
                         .and_then(Option::as_ref)
@@ -750,10 +790,10 @@ impl LoraLinear {
             }
             BaseWeight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             BaseWeight::Packed(p) => p.bytes(),
-            BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
-                w.elem_count() * w.dtype().size_in_bytes()
-            }
-        }
+            BaseWeight::Panels(p) => p.bytes(),
+            BaseWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => tensor_bytes(w),
+        };
+        weight + self.bias.as_ref().map_or(0, tensor_bytes)
     }
 }
 

@@ -20,9 +20,10 @@ use super::kv::{KvPool, KvPrecision, KvShape, SeqCache};
 use super::linear::{Deltas, LinearRegistry, LoadedDelta, LoraLinear, needs_gradients, row_groups};
 use super::ops;
 use super::paged::{Heads, PagedStep};
+use super::panels::PanelMatrix;
 use super::qmatmul::PackedMatrix;
 use super::rope::{Rope, RopeScaling, RowAngles, causal_mask, rope_rows};
-use super::weights::WeightStore;
+use super::weights::{WeightStore, tensor_bytes};
 
 mod host_step;
 
@@ -301,7 +302,10 @@ impl Step<'_> {
 #[derive(Debug)]
 enum Embeddings {
     Dense(Tensor),
+    /// The rows of a tied head's packed blocks.
     Packed(Arc<PackedMatrix>),
+    /// The rows of a tied head's column panels (an f32 model built for serving).
+    Panels(Arc<PanelMatrix>),
 }
 
 impl Embeddings {
@@ -309,20 +313,8 @@ impl Embeddings {
     fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
             Embeddings::Dense(t) => Ok(t.index_select(&Tensor::new(ids, device)?, 0)?),
-            Embeddings::Packed(p) => {
-                let (vocab, hidden) = p.shape();
-                let mut values = vec![0f32; ids.len() * hidden];
-                for (&id, row) in ids.iter().zip(values.chunks_exact_mut(hidden)) {
-                    if id as usize >= vocab {
-                        return Err(EngineError::InvalidParam {
-                            name: "prompt",
-                            message: format!("token {id} is past the vocabulary of {vocab}"),
-                        });
-                    }
-                    p.row_into(id as usize, row);
-                }
-                Ok(Tensor::from_vec(values, (ids.len(), hidden), device)?)
-            }
+            Embeddings::Packed(p) => gather(ids, p.shape(), |r, out| p.row_into(r, out), device),
+            Embeddings::Panels(p) => gather(ids, p.shape(), |r, out| p.row_into(r, out), device),
         }
     }
 
@@ -330,9 +322,29 @@ impl Embeddings {
     fn dtype(&self) -> DType {
         match self {
             Embeddings::Dense(t) => t.dtype(),
-            Embeddings::Packed(_) => DType::F32,
+            Embeddings::Packed(_) | Embeddings::Panels(_) => DType::F32,
         }
     }
+}
+
+/// The rows of `ids` from a `vocab × hidden` table that writes row `r` with `row_into`.
+fn gather(
+    ids: &[u32],
+    (vocab, hidden): (usize, usize),
+    row_into: impl Fn(usize, &mut [f32]),
+    device: &Device,
+) -> Result<Tensor> {
+    let mut values = vec![0f32; ids.len() * hidden];
+    for (&id, row) in ids.iter().zip(values.chunks_exact_mut(hidden)) {
+        if id as usize >= vocab {
+            return Err(EngineError::InvalidParam {
+                name: "prompt",
+                message: format!("token {id} is past the vocabulary of {vocab}"),
+            });
+        }
+        row_into(id as usize, row);
+    }
+    Ok(Tensor::from_vec(values, (ids.len(), hidden), device)?)
 }
 
 /// A Llama-layout causal language model.
@@ -400,10 +412,13 @@ impl Llama {
             });
         }
         let lm_head = reg.linear(&store, "lm_head", (cfg.vocab_size, hid), false)?;
-        let embed = match (dense, lm_head.packed()) {
-            (Some(t), _) => Embeddings::Dense(t),
-            (None, Some(p)) if cfg.tie_word_embeddings => Embeddings::Packed(p.clone()),
-            (None, _) => {
+        // A head kept only as panels (built for serving) that is the table serves the lookups,
+        // and the table's own copy goes with the store.
+        let embed = match (dense, lm_head.packed(), lm_head.panels_only()) {
+            (Some(_), _, Some(p)) if head_is_table => Embeddings::Panels(p.clone()),
+            (Some(t), _, _) => Embeddings::Dense(t),
+            (None, Some(p), _) if cfg.tie_word_embeddings => Embeddings::Packed(p.clone()),
+            (None, _, _) => {
                 return Err(EngineError::MissingWeight {
                     name: table.to_string(),
                 });
@@ -442,13 +457,12 @@ impl Llama {
         &self.registry
     }
 
-    /// Bytes the model's weights hold in memory: every projection as it is kept (packed,
-    /// quantized or f32), the embedding table (once where the head is the table or serves it),
-    /// and the norms.
+    /// Bytes the model's weights hold in memory now: every projection as it is kept (packed,
+    /// quantized or f32, with the column panels the first products pack), the embedding table
+    /// (once where the head is the table or serves it), and the norms.
     pub fn weight_bytes(&self) -> usize {
-        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let table = match &self.embed {
-            Embeddings::Dense(t) if !self.shares_table => bytes(t),
+            Embeddings::Dense(t) if !self.shares_table => tensor_bytes(t),
             _ => 0,
         };
         let blocks: usize = (self.blocks.iter())
@@ -458,11 +472,11 @@ impl Llama {
                     .iter()
                     .map(|l| l.weight_bytes())
                     .sum::<usize>()
-                    + bytes(&b.input_norm)
-                    + bytes(&b.post_norm)
+                    + tensor_bytes(&b.input_norm)
+                    + tensor_bytes(&b.post_norm)
             })
             .sum();
-        table + blocks + self.lm_head.weight_bytes() + bytes(&self.norm)
+        table + blocks + self.lm_head.weight_bytes() + tensor_bytes(&self.norm)
     }
 
     /// Maximum number of positions (prompt plus generated tokens).
@@ -699,12 +713,63 @@ mod tests {
         (cfg, tensors)
     }
 
-    /// An f32 model's weight bytes are its parameters' (the tied table counted once).
+    /// An f32 model's weight bytes are its parameters' (the tied table counted once), and after
+    /// its first products also the column panels they packed: one more copy of every
+    /// projection and of the head, each padded to whole panels of 32 outputs.
     #[test]
-    fn weight_bytes_count_a_tied_table_once() {
+    fn weight_bytes_count_a_tied_table_once_and_the_packed_panels() {
         let layer = 32 * 32 * 2 + 16 * 32 * 2 + 48 * 32 * 3 + 2 * 32;
         let parameters = 40 * 32 + 32 + 2 * layer;
-        assert_eq!(tiny().weight_bytes(), 4 * parameters);
+        let (model, delta, budget) = tiny_with_delta();
+        assert_eq!(model.weight_bytes(), 4 * parameters);
+        run(&model, model.kv_pool(budget), &delta);
+        // Outputs padded to panels of 32: q, o 32; k, v 32; gate, up 64; down 32; head 64.
+        let panels = 2 * (32 * 32 * 4 + 64 * 32 * 2 + 32 * 48) + 64 * 32;
+        assert_eq!(model.weight_bytes(), 4 * (parameters + panels));
+    }
+
+    /// An f32 model built for serving keeps only the column panels (the tied table's lookups
+    /// served by the head's), gives the logits of the model built for any use to the bit, and
+    /// refuses gradients, which need the row-major weights.
+    #[test]
+    fn a_model_built_for_serving_keeps_only_panels() {
+        let (cfg, tensors) = tiny_parts();
+        let build = |serving: bool| {
+            let mut store = WeightStore::new(tensors.clone(), Device::Cpu);
+            if serving {
+                store.set_serving();
+            }
+            let model = Llama::new(cfg.clone(), store).expect("model");
+            let delta = (model.registry())
+                .load_delta(&delta(), &Device::Cpu)
+                .expect("delta");
+            (model, delta)
+        };
+        let ((any, any_delta), (serving, serving_delta)) = (build(false), build(true));
+        assert!(matches!(serving.embed, Embeddings::Panels(_)));
+        let budget = 8 * any.kv_shape().block_bytes();
+        let want = run(&any, any.kv_pool(budget), &any_delta);
+        assert_eq!(run(&serving, serving.kv_pool(budget), &serving_delta), want);
+        // The panels of the test above, and the norms.
+        let panels = 2 * (32 * 32 * 4 + 64 * 32 * 2 + 32 * 48) + 64 * 32;
+        assert_eq!(serving.weight_bytes(), 4 * (panels + 32 + 2 * 2 * 32));
+
+        let zeros = |shape| Tensor::zeros(shape, DType::F32, &Device::Cpu).expect("zeros");
+        let factors = [(
+            "model.layers.0.self_attn.q_proj".to_string(),
+            zeros((2, 32)),
+            zeros((32, 2)),
+        )];
+        let trainable = (serving.registry())
+            .trainable_delta(&factors, 1.0)
+            .expect("trainable delta");
+        let refused = serving
+            .forward(&[1, 2], &mut KvCache::default(), Some(&trainable))
+            .expect_err("gradients need the row-major weights");
+        assert!(
+            matches!(&refused, EngineError::Unsupported { message } if message.contains("serving")),
+            "{refused}"
+        );
     }
 
     /// A tied table kept only as the packed head's blocks (as a GGUF file's on a CPU with the

@@ -60,6 +60,21 @@ impl TextModel {
 
     /// Loads with the projection weights held as `format` says.
     pub fn load_as(path: &ModelPath, device: &Device, format: WeightFormat) -> Result<Self> {
+        Self::load_with(path, device, format, false)
+    }
+
+    /// [`Self::load_as`] for serving only: f32 host weights are kept only as column panels (see
+    /// [`WeightStore::set_serving`]), half the memory of a model that can also train.
+    pub fn load_serving(path: &ModelPath, device: &Device, format: WeightFormat) -> Result<Self> {
+        Self::load_with(path, device, format, true)
+    }
+
+    fn load_with(
+        path: &ModelPath,
+        device: &Device,
+        format: WeightFormat,
+        serving: bool,
+    ) -> Result<Self> {
         let dtype = match format {
             WeightFormat::Bf16 => Some(candle_core::DType::BF16),
             WeightFormat::Native | WeightFormat::F32 => None,
@@ -70,8 +85,8 @@ impl TextModel {
             format
         };
         match path {
-            ModelPath::Gguf(file) => Self::from_gguf(file, device, format, dtype),
-            ModelPath::HfDir(dir) => Self::from_dir(dir, device, dtype),
+            ModelPath::Gguf(file) => Self::from_gguf(file, device, format, dtype, serving),
+            ModelPath::HfDir(dir) => Self::from_dir(dir, device, dtype, serving),
         }
     }
 
@@ -80,13 +95,12 @@ impl TextModel {
         device: &Device,
         format: WeightFormat,
         dtype: Option<candle_core::DType>,
+        serving: bool,
     ) -> Result<Self> {
         let gguf = GgufFile::open(file)?;
         let cfg = gguf.llama_config()?;
         let mut store = gguf.load_weights(&cfg, device, format)?;
-        if let Some(dtype) = dtype {
-            store.cast(dtype)?;
-        }
+        prepare(&mut store, dtype, serving)?;
         let tokenizer = TextTokenizer::from_gguf(&gguf)?;
         let source = gguf.meta_str("tokenizer.chat_template").unwrap_or(CHATML);
         let chat = ChatTemplate::new(
@@ -101,7 +115,12 @@ impl TextModel {
         })
     }
 
-    fn from_dir(dir: &Path, device: &Device, dtype: Option<candle_core::DType>) -> Result<Self> {
+    fn from_dir(
+        dir: &Path,
+        device: &Device,
+        dtype: Option<candle_core::DType>,
+        serving: bool,
+    ) -> Result<Self> {
         let cfg: LlamaConfig = read_json(&dir.join("config.json"), "config.json")?;
         let mut eos =
             read_json::<GenerationIds>(&dir.join("config.json"), "config.json")?.eos_token_id;
@@ -133,9 +152,7 @@ impl TextModel {
             tokenizer.eos_token.clone(),
         )?;
         let mut store = WeightStore::from_safetensors_dir(dir, device)?;
-        if let Some(dtype) = dtype {
-            store.cast(dtype)?;
-        }
+        prepare(&mut store, dtype, serving)?;
         Ok(Self {
             model: Llama::new(cfg, store)?,
             tokenizer,
@@ -182,13 +199,24 @@ struct SentenceConfig {
 
 impl Encoder {
     pub fn load(path: &ModelPath, device: &Device) -> Result<Self> {
+        Self::load_with(path, device, false)
+    }
+
+    /// [`Self::load`] for serving only: the projections' f32 weights are kept only as column
+    /// panels (see [`WeightStore::set_serving`]).
+    pub fn load_serving(path: &ModelPath, device: &Device) -> Result<Self> {
+        Self::load_with(path, device, true)
+    }
+
+    fn load_with(path: &ModelPath, device: &Device, serving: bool) -> Result<Self> {
         let ModelPath::HfDir(dir) = path else {
             return Err(EngineError::Unsupported {
                 message: "encoders load from a Hugging Face directory, not GGUF".into(),
             });
         };
         let cfg: BertConfig = read_json(&dir.join("config.json"), "config.json")?;
-        let store = WeightStore::from_safetensors_dir(dir, device)?;
+        let mut store = WeightStore::from_safetensors_dir(dir, device)?;
+        prepare(&mut store, None, serving)?;
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), Vec::new())?;
         let st_path = dir.join("sentence_bert_config.json");
         let st_max = if st_path.is_file() {
@@ -257,4 +285,19 @@ impl Encoder {
     pub fn release_unused(&self) {
         self.model.registry().release_unused();
     }
+}
+
+/// Casts `store` to `dtype` when one is asked for, and marks it for serving when `serving`.
+fn prepare(
+    store: &mut WeightStore,
+    dtype: Option<candle_core::DType>,
+    serving: bool,
+) -> Result<()> {
+    if let Some(dtype) = dtype {
+        store.cast(dtype)?;
+    }
+    if serving {
+        store.set_serving();
+    }
+    Ok(())
 }

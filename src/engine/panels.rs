@@ -1,4 +1,5 @@
-//! f32 matrix products `x · Wᵀ` against a weight packed once, at load, into column panels.
+//! f32 matrix products `x · Wᵀ` against a weight packed once, at its first product, into column
+//! panels.
 //!
 //! A general matrix-multiply library packs its right-hand operand into cache-sized panels on
 //! every call; for a model's weights, which never change, that is the same work each time (a
@@ -63,6 +64,15 @@ impl PanelMatrix {
     /// `(outputs, inputs)`.
     pub fn shape(&self) -> (usize, usize) {
         (self.outputs, self.inputs)
+    }
+
+    /// Row `r` of the weight (output `r`'s weights over every input) into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let (panel, lane) = (r / NR, r % NR);
+        let panel = &self.values[panel * self.inputs * NR..][..self.inputs * NR];
+        for (v, at) in out.iter_mut().zip(panel.iter().skip(lane).step_by(NR)) {
+            *v = *at;
+        }
     }
 
     /// Bytes of the packed values.

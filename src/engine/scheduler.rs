@@ -183,8 +183,6 @@ struct Shared {
     /// Positions the whole KV budget holds, to refuse jobs that can never fit.
     cache_positions: usize,
     context: usize,
-    /// The model's [`crate::engine::Llama::weight_bytes`] at start.
-    weight_bytes: usize,
 }
 
 impl Shared {
@@ -203,20 +201,18 @@ impl Engine {
     /// Starts the loop on its own thread.
     pub fn start(model: Arc<TextModel>, limits: EngineLimits) -> Self {
         let pool = model.model.kv_pool(limits.kv_cache_bytes);
-        let weight_bytes = model.model.weight_bytes();
         let shared = Arc::new(Shared {
             waiting: Mutex::new(Waiting::default()),
             wake: Condvar::new(),
             stats: Mutex::new(EngineStats {
                 max_batch: limits.max_batch,
-                weight_bytes: Some(weight_bytes),
+                weight_bytes: Some(model.model.weight_bytes()),
                 ..Default::default()
             }),
             stop: AtomicBool::new(false),
             limits,
             cache_positions: pool.positions(),
             context: model.model.context_length(),
-            weight_bytes,
         });
         let looping = Loop {
             model,
@@ -580,7 +576,8 @@ impl Loop {
             running_labels: distinct(self.running.iter().map(|r| r.job.label.clone())),
             waiting_labels: Vec::new(),
             max_batch: self.shared.limits.max_batch,
-            weight_bytes: Some(self.shared.weight_bytes),
+            // Counted again at every step: the first products pack f32 weights into panels.
+            weight_bytes: Some(self.model.model.weight_bytes()),
         };
         *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
     }

@@ -19,6 +19,8 @@ pub struct WeightStore {
     tensors: HashMap<String, Tensor>,
     quantized: HashMap<String, Arc<QTensor>>,
     device: Device,
+    /// Whether the model is built for serving only (see [`Self::set_serving`]).
+    serving: bool,
 }
 
 impl WeightStore {
@@ -27,7 +29,20 @@ impl WeightStore {
             tensors,
             quantized: HashMap::new(),
             device,
+            serving: false,
         }
+    }
+
+    /// Builds the model from this store for serving only: linear layers keep an f32 host weight
+    /// only as column panels, packed at load (see `panels`), without the row-major copy that
+    /// tensor ops and gradients need. Quantized, bf16 and device weights are kept as they are.
+    pub fn set_serving(&mut self) {
+        self.serving = true;
+    }
+
+    /// Whether [`Self::set_serving`] was called.
+    pub fn serving(&self) -> bool {
+        self.serving
     }
 
     /// Adds a quantized weight; linear layers prefer it to an f32 tensor of the same name.
@@ -183,4 +198,9 @@ impl std::str::FromStr for WeightFormat {
             }),
         }
     }
+}
+
+/// Bytes a tensor's values occupy.
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
 }

@@ -74,7 +74,7 @@ impl EngineBackend {
             let id = entry.map_or_else(|| base_id(spec), |m| m.id.clone());
             let aliases: Vec<String> = entry.and_then(|m| m.hf_repo.clone()).into_iter().collect();
             let (kind, model) = if is_encoder(&path) {
-                let encoder = Arc::new(Encoder::load(&path, &device)?);
+                let encoder = Arc::new(Encoder::load_serving(&path, &device)?);
                 let engine = EncoderEngine::start(encoder.clone(), options.limits.max_queue);
                 let server = EncoderServer {
                     encoder,
@@ -83,7 +83,7 @@ impl EngineBackend {
                 };
                 (BaseKind::Encoder, Model::Encoder(server))
             } else {
-                let model = Arc::new(TextModel::load_as(&path, &device, options.format)?);
+                let model = Arc::new(TextModel::load_serving(&path, &device, options.format)?);
                 let engine = Engine::start(model.clone(), options.limits);
                 (
                     BaseKind::Generator,
@@ -96,7 +96,7 @@ impl EngineBackend {
             };
             let weight_bytes = match &model {
                 Model::Generator(g) => g.engine.stats().weight_bytes,
-                Model::Encoder(_) => None,
+                Model::Encoder(e) => Some(e.engine.weight_bytes()),
             };
             tracing::info!(%id, ?kind, context_length, weight_bytes, "loaded base model");
             models.push((
@@ -332,6 +332,7 @@ impl Backend for EngineBackend {
                     info.id.clone(),
                     EngineStats {
                         waiting: e.engine.waiting(),
+                        weight_bytes: Some(e.engine.weight_bytes()),
                         ..EngineStats::default()
                     },
                 ),

@@ -183,7 +183,7 @@ fn describe() {
     describe_gauge!(
         "knots_engine_weight_bytes",
         Unit::Bytes,
-        "Bytes a generation model's weights hold in memory, as kept (packed, quantized or f32)."
+        "Bytes a base model's weights hold in memory as kept (packed, quantized, or f32 and panels)."
     );
     describe_histogram!(
         telemetry::STEP_TOKENS,
