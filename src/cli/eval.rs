@@ -13,7 +13,7 @@ use super::progress::Bar;
 use crate::adapters::LoraAdapter;
 use candle_core::Device;
 
-use crate::engine::{self, Encoder, TextModel, parse_device};
+use crate::engine::{self, Encoder, TextModel, WeightFormat, parse_device};
 use crate::eval::{
     Bench, BenchSettings, LabelWordBench, LabelWordReport, LabelWordSettings, LabelWordTask,
     Report, TaskData, TaskDef, svg,
@@ -210,7 +210,7 @@ fn encoder_bench(
         .iter()
         .map(|d| d.classes.iter().map(|c| c.label_text.clone()).collect())
         .collect();
-    let encoder = Encoder::load(
+    let encoder = Encoder::load_serving(
         &engine::resolve(&args.model, &engine::models_dir())?,
         device,
     )?;
@@ -257,9 +257,10 @@ fn label_words(
             adapter,
         })
         .collect();
-    let model = TextModel::load(
+    let model = TextModel::load_serving(
         &engine::resolve(&args.lm_model, &engine::models_dir())?,
         device,
+        WeightFormat::F32,
     )?;
     let settings = if args.suite.quick {
         LabelWordSettings::quick(methods.to_vec())

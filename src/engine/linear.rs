@@ -533,8 +533,8 @@ impl LoraLinear {
         .inspect(|_| pass.run_alone())
     }
 
-    /// The f32 weight in column panels, packed at the first call; `None` for other weights or
-    /// one not in host memory.
+    /// The f32 weight in column panels: packed at load for a model built for serving, else at
+    /// the first call; `None` for other weights or one not in host memory.
     fn panels(&self) -> Option<&PanelMatrix> {
         let (w, panels) = match &self.weight {
             BaseWeight::Dense { w, panels } => (w, panels),
