@@ -4,7 +4,8 @@
 //! arithmetic), so the merge cache evicts over and over. Resident growth after warm-up must stay
 //! within 1.25× the merge and alignment cache budgets together: every copy of a merged delta
 //! (host and converted) counts against the budget, and eviction frees all of them. Before any
-//! request, the process holds little beyond its weights.
+//! request, the process holds little beyond its weights; with `--dtype f32` it holds each weight
+//! once, after its first request too.
 
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -102,5 +103,35 @@ async fn resident_memory_stays_within_the_cache_budgets() {
     assert!(
         growth as f64 <= 1.25 * budget as f64,
         "resident memory grew by {growth} bytes, more than 1.25× the budgets of {budget}"
+    );
+}
+
+/// A server on f32 weights holds each of them once: its panels, packed at load, and not also
+/// the row-major tensor (538 MB more for SmolLM2 once the first products had packed the panels
+/// beside it).
+#[tokio::test]
+async fn an_f32_server_holds_each_weight_once() {
+    let args: Vec<String> = [
+        "--model",
+        "smollm2-135m-instruct",
+        "--dtype",
+        "f32",
+        "--state-db",
+        ":memory:",
+        "--kv-cache-bytes",
+        &(64u64 << 20).to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let server = ServerProcess::start(&args).await;
+    let (url, client) = (server.url.clone(), client());
+    complete(&client, &url, "smollm2-135m-instruct").await;
+    let resident = server.resident_bytes();
+    let weights = weight_bytes(&client, &url).await;
+    eprintln!("resident after a request {resident} bytes, of which f32 weights {weights}");
+    assert!(weights > 500_000_000, "{weights} bytes of f32 weights");
+    assert!(
+        resident < weights + STARTUP_EXTRA,
+        "{resident} bytes resident after a request, for {weights} bytes of weights"
     );
 }
