@@ -206,7 +206,8 @@ impl Bert {
     }
 
     /// Bytes the encoder's weights hold in memory now: the embedding tables, every projection
-    /// as it is kept (with the column panels the first products pack) and the norms.
+    /// as it is kept (only its panels when built for serving; else the tensor, and the panels
+    /// once its first products have packed them) and the norms.
     pub fn weight_bytes(&self) -> usize {
         let tables = [&self.word, &self.position, &self.token_type];
         let layers: usize = (self.layers.iter())

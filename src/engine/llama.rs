@@ -458,8 +458,9 @@ impl Llama {
     }
 
     /// Bytes the model's weights hold in memory now: every projection as it is kept (packed,
-    /// quantized or f32, with the column panels the first products pack), the embedding table
-    /// (once where the head is the table or serves it), and the norms.
+    /// quantized, only f32 panels when built for serving, or the f32 tensor and the panels once
+    /// its first products have packed them), the embedding table (once where the head is the
+    /// table or serves it), and the norms.
     pub fn weight_bytes(&self) -> usize {
         let table = match &self.embed {
             Embeddings::Dense(t) if !self.shares_table => tensor_bytes(t),

@@ -1,5 +1,5 @@
-//! f32 matrix products `x · Wᵀ` against a weight packed once, at its first product, into column
-//! panels.
+//! f32 matrix products `x · Wᵀ` against a weight packed once into column panels: at load for a
+//! model built for serving, else at its first product.
 //!
 //! A general matrix-multiply library packs its right-hand operand into cache-sized panels on
 //! every call; for a model's weights, which never change, that is the same work each time (a

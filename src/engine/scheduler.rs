@@ -576,7 +576,8 @@ impl Loop {
             running_labels: distinct(self.running.iter().map(|r| r.job.label.clone())),
             waiting_labels: Vec::new(),
             max_batch: self.shared.limits.max_batch,
-            // Counted again at every step: the first products pack f32 weights into panels.
+            // Counted at every step: a model loaded for any use packs its f32 panels at its first
+            // products.
             weight_bytes: Some(self.model.model.weight_bytes()),
         };
         *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
