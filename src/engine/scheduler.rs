@@ -193,6 +193,7 @@ impl Shared {
 
 /// The engine loop of one generation model.
 pub struct Engine {
+    model: Arc<TextModel>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -206,7 +207,6 @@ impl Engine {
             wake: Condvar::new(),
             stats: Mutex::new(EngineStats {
                 max_batch: limits.max_batch,
-                weight_bytes: Some(model.model.weight_bytes()),
                 ..Default::default()
             }),
             stop: AtomicBool::new(false),
@@ -215,7 +215,7 @@ impl Engine {
             context: model.model.context_length(),
         });
         let looping = Loop {
-            model,
+            model: model.clone(),
             pool,
             running: Vec::new(),
             shared: shared.clone(),
@@ -224,7 +224,11 @@ impl Engine {
             .name("knots-engine".into())
             .spawn(move || looping.run())
             .ok();
-        Self { shared, thread }
+        Self {
+            model,
+            shared,
+            thread,
+        }
     }
 
     /// Queues a job. Fails at once, without queueing, when the queue is full, the engine has
@@ -264,6 +268,9 @@ impl Engine {
         let waiting = self.shared.waiting();
         stats.waiting = waiting.len;
         stats.waiting_labels = waiting.labels();
+        // Counted when read, off the step loop: a model loaded for any use packs its f32 panels
+        // at its first products.
+        stats.weight_bytes = Some(self.model.model.weight_bytes());
         stats
     }
 }
@@ -576,9 +583,7 @@ impl Loop {
             running_labels: distinct(self.running.iter().map(|r| r.job.label.clone())),
             waiting_labels: Vec::new(),
             max_batch: self.shared.limits.max_batch,
-            // Counted at every step: a model loaded for any use packs its f32 panels at its first
-            // products.
-            weight_bytes: Some(self.model.model.weight_bytes()),
+            weight_bytes: None,
         };
         *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
     }

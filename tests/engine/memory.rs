@@ -32,6 +32,30 @@ async fn weight_bytes(client: &reqwest::Client, url: &str) -> u64 {
         .unwrap_or_else(|| panic!("no weight-bytes series in {text}")) as u64
 }
 
+/// A `knots serve` process on SmolLM2, with no durable state and a 64 MiB KV cache, and `extra`.
+async fn start_smollm2(extra: &[&str]) -> ServerProcess {
+    let kv = (64u64 << 20).to_string();
+    let base = ["--model", "smollm2-135m-instruct", "--state-db", ":memory:"];
+    let args: Vec<String> = (base.iter().chain(["--kv-cache-bytes", kv.as_str()].iter()))
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect();
+    ServerProcess::start(&args).await
+}
+
+/// Asserts that `server` holds less than its weights plus [`STARTUP_EXTRA`] (`when`: after
+/// what); returns its weight bytes.
+async fn assert_little_beyond_weights(server: &ServerProcess, when: &str) -> u64 {
+    let resident = server.resident_bytes();
+    let weights = weight_bytes(&client(), &server.url).await;
+    eprintln!("resident {when} {resident} bytes, of which weights {weights}");
+    assert!(
+        resident < weights + STARTUP_EXTRA,
+        "{resident} bytes resident {when}, for {weights} bytes of weights"
+    );
+    weights
+}
+
 async fn complete(client: &reqwest::Client, url: &str, model: &str) {
     let body = json!({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0});
     let r = client
@@ -45,31 +69,19 @@ async fn complete(client: &reqwest::Client, url: &str, model: &str) {
 
 #[tokio::test]
 async fn resident_memory_stays_within_the_cache_budgets() {
-    let args: Vec<String> = [
-        "--model",
-        "smollm2-135m-instruct",
+    let merge_budget = MERGE_BUDGET.to_string();
+    let alignment_budget = ALIGNMENT_BUDGET.to_string();
+    let server = start_smollm2(&[
         "--adapters",
         "models/adapters",
-        "--state-db",
-        ":memory:",
         "--merge-cache-bytes",
-        &MERGE_BUDGET.to_string(),
+        &merge_budget,
         "--alignment-cache-bytes",
-        &ALIGNMENT_BUDGET.to_string(),
-        "--kv-cache-bytes",
-        &(64u64 << 20).to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let server = ServerProcess::start(&args).await;
+        &alignment_budget,
+    ])
+    .await;
     let (url, client) = (server.url.clone(), client());
-    let started = server.resident_bytes();
-    let weights = weight_bytes(&client, &url).await;
-    eprintln!("resident after start-up {started} bytes, of which weights {weights}");
-    assert!(
-        started < weights + STARTUP_EXTRA,
-        "{started} bytes resident after start-up, for {weights} bytes of weights"
-    );
+    assert_little_beyond_weights(&server, "after start-up").await;
 
     let names = ["sentiment-lm", "news-lm", "language-lm", "shout"];
     let methods = ["ties", "dare-ties", "knots-ties", "ta"];
@@ -111,27 +123,8 @@ async fn resident_memory_stays_within_the_cache_budgets() {
 /// beside it).
 #[tokio::test]
 async fn an_f32_server_holds_each_weight_once() {
-    let args: Vec<String> = [
-        "--model",
-        "smollm2-135m-instruct",
-        "--dtype",
-        "f32",
-        "--state-db",
-        ":memory:",
-        "--kv-cache-bytes",
-        &(64u64 << 20).to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let server = ServerProcess::start(&args).await;
-    let (url, client) = (server.url.clone(), client());
-    complete(&client, &url, "smollm2-135m-instruct").await;
-    let resident = server.resident_bytes();
-    let weights = weight_bytes(&client, &url).await;
-    eprintln!("resident after a request {resident} bytes, of which f32 weights {weights}");
+    let server = start_smollm2(&["--dtype", "f32"]).await;
+    complete(&client(), &server.url, "smollm2-135m-instruct").await;
+    let weights = assert_little_beyond_weights(&server, "after a request").await;
     assert!(weights > 500_000_000, "{weights} bytes of f32 weights");
-    assert!(
-        resident < weights + STARTUP_EXTRA,
-        "{resident} bytes resident after a request, for {weights} bytes of weights"
-    );
 }
